@@ -1,5 +1,27 @@
-"""parscale: parallel scaling (ParScale, arXiv 2505.10475) for transformers causal LMs."""
+"""parscale: parallel scaling (ParScale, arXiv 2505.10475) for transformers causal LMs.
+
+The public names are imported lazily, so `parscale fit` and `parscale cost` start without
+paying for importing torch and transformers.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from parscale.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "__version__"]
+
+_LAZY = {
+    "ParScaleConfig": "parscale.config",
+    "ParScaleForCausalLM": "parscale.model",
+    "to_parscale": "parscale.model",
+}
+
+__all__ = ["UserError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'parscale' has no attribute {name!r}")

@@ -1,0 +1,90 @@
+"""`ParScaleConfig`: the three numbers that turn a causal LM into a ParScale model.
+
+Kept separate from the backbone's transformers config on purpose: the backbone config
+describes the shared weights, this one describes the streams wrapped around them, and
+it round-trips through JSON on its own (adapters and training runs store it alone).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from parscale.errors import UserError
+
+
+def _check_int(name: str, value: Any, minimum: int, fix: str) -> None:
+    # bool is an int subclass in Python; `n_streams=True` is a mistake, not P = 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__}); {fix}")
+    if value < minimum:
+        raise UserError(f"{name} must be >= {minimum}, got {value}; {fix}")
+
+
+@dataclass(frozen=True)
+class ParScaleConfig:
+    """The parallel-scaling hyper-parameters.
+
+    Args:
+        n_streams: P, the number of parallel input streams (1 = the plain model).
+        n_prefix_tokens: learnable key/value prefix slots per stream and attention layer.
+        attn_smooth: eps in `w*(1-eps) + eps/P`, which keeps every stream's aggregation
+            weight at least eps/P so that no stream stops receiving gradient.
+
+    >>> ParScaleConfig(n_streams=4).n_prefix_tokens
+    48
+    """
+
+    n_streams: int
+    n_prefix_tokens: int = 48
+    attn_smooth: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check_int("n_streams", self.n_streams, 1, "use n_streams=1 for the plain model or e.g. 2, 4, 8")
+        _check_int("n_prefix_tokens", self.n_prefix_tokens, 1, "the released models use 48")
+        eps = self.attn_smooth
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise UserError(f"attn_smooth must be a number in [0, 1), got {eps!r}; the default is 0.01")
+        if not 0.0 <= float(eps) < 1.0:
+            raise UserError(
+                f"attn_smooth must be in [0, 1), got {eps}; 0 disables smoothing, "
+                "the default is 0.01 and the released models use 0.1"
+            )
+        object.__setattr__(self, "attn_smooth", float(eps))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ParScaleConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown ParScaleConfig field(s) {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        """Write atomically, so a crash never leaves a half-written config behind."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.to_dict(), handle, indent=2)
+                handle.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "ParScaleConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not valid JSON ({err}); rewrite it with ParScaleConfig.to_json_file") from err
+        if not isinstance(data, dict):
+            raise UserError(f"{path} must hold a JSON object with n_streams, n_prefix_tokens, attn_smooth")
+        return cls.from_dict(data)

@@ -1,0 +1,209 @@
+"""Hardware profiles for the cost model: built-ins, user JSON files and `cpu-local`.
+
+The built-ins are datasheet numbers (dense fp16/bf16 tensor-core peak, HBM bandwidth)
+with the efficiencies llm-analysis recommends (0.7 of peak FLOP/s, 0.9 of bandwidth),
+which the paper's cost script uses. `cpu-local` is measured on the spot by a short
+micro-benchmark (copy bandwidth, float32 matmul rate); since those are already achieved
+rates, its FLOP/s efficiency is 1 and its memory efficiency is the fraction of the copy
+bandwidth that a float32 matrix-vector product reaches. The measurement is cached as JSON so it runs once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from parscale.errors import UserError
+
+log = logging.getLogger(__name__)
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Peak rates, the fractions of them reached in practice, and the memory capacity."""
+
+    name: str
+    peak_flops: float  # FLOP/s
+    bandwidth: float  # bytes/s
+    memory_bytes: float
+    flops_efficiency: float = 0.7
+    memory_efficiency: float = 0.9
+
+    def __post_init__(self) -> None:
+        for name in ("peak_flops", "bandwidth", "memory_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise UserError(f"hardware {self.name!r}: {name} must be a positive number, got {value!r}")
+        for name in ("flops_efficiency", "memory_efficiency"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise UserError(f"hardware {self.name!r}: {name} must be in (0, 1], got {value!r}")
+
+    def with_efficiencies(self, flops: float | None, memory: float | None) -> "Hardware":
+        """A copy with the efficiencies overridden where given."""
+        data = asdict(self)
+        if flops is not None:
+            data["flops_efficiency"] = flops
+        if memory is not None:
+            data["memory_efficiency"] = memory
+        return Hardware(**data)
+
+
+BUILTIN: dict[str, Hardware] = {
+    "a100-80gb": Hardware("a100-80gb", 312e12, 2039 * GB, 80 * 2**30),
+    "h100-sxm": Hardware("h100-sxm", 989e12, 3350 * GB, 80 * 2**30),
+    "h200": Hardware("h200", 989e12, 4800 * GB, 141 * 2**30),
+}
+# The names the authors' script (llm-analysis) uses for the same parts.
+ALIASES = {"a100-sxm-80gb": "a100-80gb", "h100-sxm-80gb": "h100-sxm", "h200-sxm-141gb": "h200"}
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/parscale`, else `~/.cache/parscale`."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "parscale"
+
+
+def _atomic_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _best_seconds(fn: Any, repeats: int) -> float:
+    fn()  # warm-up: first-touch page faults and kernel selection are not the rate
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_cpu(size_mb: int = 256, matmul_n: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """Copy bandwidth (read + write bytes / s), float32 matmul rate (2n^3 / s), and the
+    rate at which a matrix-vector product streams its matrix (bytes / s).
+
+    Decode steps are matrix-vector products, and on CPUs these stream weights well below
+    the copy bandwidth; that fraction becomes the profile's memory efficiency.
+    Uses torch, so the rates are those that torch's own kernels reach on this machine.
+    """
+    import torch
+
+    numel = size_mb * 2**20 // 4
+    src, dst = torch.ones(numel), torch.empty(numel)
+    copy_s = _best_seconds(lambda: dst.copy_(src), repeats)
+    del src, dst
+    a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
+    mm_s = _best_seconds(lambda: torch.mm(a, b), repeats)
+    rows = size_mb * 2**20 // 4 // 4096
+    matrix, vector = torch.randn(rows, 4096), torch.randn(1, 4096)
+    gemv_s = _best_seconds(lambda: torch.nn.functional.linear(vector, matrix), repeats)
+    return {
+        "bandwidth": 2 * numel * 4 / copy_s,
+        "peak_flops": 2 * matmul_n**3 / mm_s,
+        "gemv_bandwidth": rows * 4096 * 4 / gemv_s,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _fingerprint() -> dict[str, Any]:
+    import torch
+
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+
+
+def cpu_local(cache_dir: Path | None = None, refresh: bool = False) -> Hardware:
+    """The measured profile of this CPU, cached (keyed by CPU count and torch threads)."""
+    path = (cache_dir or default_cache_dir()) / "hardware-cpu-local.json"
+    fingerprint = _fingerprint()
+    if path.is_file() and not refresh:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("fingerprint") == fingerprint:
+                return _cpu_profile(data)
+        except (OSError, ValueError):
+            log.info("ignoring unreadable cache %s", path)
+    log.info("measuring cpu-local (copy bandwidth, float32 matmul rate)...")
+    data = {**measure_cpu(), "fingerprint": fingerprint}
+    _atomic_json(path, data)
+    return _cpu_profile(data)
+
+
+def measured_cpu_profile() -> Hardware:
+    """Measure `cpu-local` now, without the cache (for runs that pair each measurement
+    with a fresh profile because other processes share the CPU)."""
+    return _cpu_profile(measure_cpu())
+
+
+def _cpu_profile(data: dict[str, Any]) -> Hardware:
+    try:
+        import psutil  # optional; only for the capacity shown in reports
+
+        capacity = float(psutil.virtual_memory().total)
+    except ImportError:
+        capacity = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    bandwidth = float(data["bandwidth"])
+    memory_efficiency = min(1.0, float(data.get("gemv_bandwidth", bandwidth)) / bandwidth)
+    return Hardware("cpu-local", float(data["peak_flops"]), bandwidth, capacity, 1.0, memory_efficiency)
+
+
+def load_profile_file(path: Path) -> Hardware:
+    """A user profile: JSON with `peak_tflops`, `bandwidth_gbs`, `memory_gib`, and
+    optionally `name`, `flops_efficiency`, `memory_efficiency`."""
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"hardware profile {path}: not valid JSON ({err})") from err
+    need = ("peak_tflops", "bandwidth_gbs", "memory_gib")
+    missing = [k for k in need if k not in data]
+    if not isinstance(data, dict) or missing:
+        raise UserError(f"hardware profile {path}: missing key(s) {missing}; it needs {list(need)}")
+    allowed = set(need) | {"name", "flops_efficiency", "memory_efficiency"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise UserError(f"hardware profile {path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    try:
+        return Hardware(
+            name=str(data.get("name", path.stem)),
+            peak_flops=float(data["peak_tflops"]) * 1e12,
+            bandwidth=float(data["bandwidth_gbs"]) * GB,
+            memory_bytes=float(data["memory_gib"]) * 2**30,
+            flops_efficiency=float(data.get("flops_efficiency", 0.7)),
+            memory_efficiency=float(data.get("memory_efficiency", 0.9)),
+        )
+    except (TypeError, ValueError) as err:
+        raise UserError(f"hardware profile {path}: values must be numbers ({err})") from err
+
+
+def resolve(name: str, cache_dir: Path | None = None) -> Hardware:
+    """A built-in name, `cpu-local`, or the path of a JSON profile."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key in BUILTIN:
+        return BUILTIN[key]
+    if key == "cpu-local":
+        return cpu_local(cache_dir)
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"hardware profile file {name} does not exist")
+        return load_profile_file(path)
+    choices = ", ".join([*BUILTIN, "cpu-local", "FILE.json"])
+    raise UserError(f"unknown hardware profile {name!r}; choose one of: {choices}")
+
+
+def profile_dict(hw: Hardware) -> dict[str, Any]:
+    return {f.name: getattr(hw, f.name) for f in fields(hw)}

@@ -1,0 +1,109 @@
+"""The prefix bank and the attention hook that prepends it.
+
+Each attention module of a P > 1 model owns `prefix_k` and `prefix_v`, both
+`[P, n_kv_heads, n_prefix_tokens, head_dim]` (the released checkpoints' names and shapes).
+Instead of forking every modeling file, we register one attention function in transformers'
+`AttentionInterface`: it receives keys/values that are already rotary-embedded and joined
+with the cache, prepends the (never rotated) prefix of each row's stream, widens the mask
+by the prefix columns, and hands over to the stock sdpa function, which handles GQA.
+
+The matching mask function is registered too: without one, transformers skips mask
+creation for unknown attention names (padding silently ignored), and the stock sdpa mask
+may return `None` so that sdpa's `is_causal` shortcut drops real keys once the prefix makes
+kv longer than q. Ours always materialises the mask.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_IMPLEMENTATION = "parscale_sdpa"  # contains "sdpa" so transformers' sdpa dispatch checks pass
+
+
+def expand_prefix(prefix: torch.Tensor, batch: int) -> torch.Tensor:
+    """`[P, kv, T, d] -> [(P b), kv, T, d]`, stream-major like the replicated batch (row n*B + b)."""
+    return prefix.repeat_interleave(batch, dim=0)
+
+
+def widen_mask(mask: torch.Tensor | None, n_prefix: int, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """Prepend `n_prefix` always-visible key columns to a 4D sdpa/eager mask.
+
+    A `None` mask means plain causal attention: for one query it stays `None` (it sees every
+    key), for several we build the bottom-right aligned causal mask over the real keys.
+    """
+    if mask is None:
+        if q_len == 1:
+            return None
+        # query i (of the last q_len positions) sees real keys up to kv_len - q_len + i
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(diagonal=kv_len - q_len)[None, None]  # 1 1 q kv
+    rows = mask.shape[0]
+    if mask.dtype == torch.bool:
+        visible = torch.ones(rows, 1, mask.shape[2], n_prefix, dtype=torch.bool, device=mask.device)
+    else:  # additive float mask: 0 = visible
+        visible = torch.zeros(rows, 1, mask.shape[2], n_prefix, dtype=mask.dtype, device=mask.device)
+    return torch.cat([visible, mask.expand(rows, 1, mask.shape[2], -1)], dim=-1)  # rows 1 q (T+kv)
+
+
+def parscale_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention over `[prefix of the row's stream ; real keys]`; registered as `parscale_sdpa`."""
+    prefix_k = getattr(module, "prefix_k", None)
+    if prefix_k is None:  # a layer without prefixes (P = 1) is plain sdpa
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    n_streams, n_prefix = prefix_k.shape[0], prefix_k.shape[2]
+    rows, q_len, kv_len = key.shape[0], query.shape[2], key.shape[2]
+    if rows % n_streams:
+        raise ValueError(f"attention got {rows} rows, not a multiple of the {n_streams} streams")
+    batch = rows // n_streams
+    key = torch.cat([expand_prefix(prefix_k, batch).to(key.dtype), key], dim=2)  # rows kv (T+L) d
+    value = torch.cat([expand_prefix(module.prefix_v, batch).to(value.dtype), value], dim=2)
+    mask = widen_mask(attention_mask, n_prefix, q_len, kv_len)
+    if mask is not None:
+        mask = mask.to(query.device)
+    kwargs["is_causal"] = False  # causality is in the mask; the prefix makes kv longer than q
+    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+def parscale_sdpa_mask(*args, **kwargs) -> torch.Tensor:
+    """The stock sdpa mask, but never `None`: `parscale_attention` widens it."""
+    kwargs["allow_is_causal_skip"] = False
+    kwargs.pop("allow_is_bidirectional_skip", None)
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_attention() -> str:
+    """Register the attention and mask functions (idempotent) and return their name."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, parscale_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, parscale_sdpa_mask)
+    return ATTN_IMPLEMENTATION
+
+
+def add_prefixes(attention: nn.Module, n_streams: int, n_kv_heads: int, n_prefix: int, head_dim: int) -> None:
+    """Give one attention module zero-filled `prefix_k`/`prefix_v`; initialise them afterwards."""
+    ref = next(attention.parameters())
+    shape = (n_streams, n_kv_heads, n_prefix, head_dim)
+    attention.prefix_k = nn.Parameter(torch.zeros(shape, dtype=ref.dtype, device=ref.device))
+    attention.prefix_v = nn.Parameter(torch.zeros(shape, dtype=ref.dtype, device=ref.device))
+
+
+def init_prefixes_normal(attentions: list[nn.Module], generator: torch.Generator, std: float = 0.02) -> None:
+    """Draw every prefix from N(0, std) with `generator` (CPU), independent of the backbone's RNG.
+
+    Non-zero draws matter: identical (e.g. zero) prefixes give identical streams, which get
+    identical gradients and never diverge.
+    """
+    with torch.no_grad():
+        for attention in attentions:
+            for param in (attention.prefix_k, attention.prefix_v):
+                draw = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
+                param.copy_(draw.to(param.dtype))
+

@@ -1,0 +1,201 @@
+"""`TrainConfig`: every hyperparameter of a run in one validated dataclass.
+
+The resolved config is written as `RUN_DIR/config.yaml` and is the single source of the run:
+`--resume` reads it back, so a resumed run cannot silently change its model or data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from parscale.errors import UserError
+from parscale.train.schedule import SCHEDULES
+
+TRAIN_MODES = ("full", "streams")
+DTYPES = ("auto", "float32", "bfloat16")
+# Options a resumed run may change; anything else would make it a different run.
+RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "keep_last", "device", "eval_tokens",
+                       "lr", "grad_clip")
+
+
+def _data_config_cls():
+    from parscale.data import DataConfig
+
+    return DataConfig
+
+
+def _default_data():
+    return _data_config_cls()()
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the mini-study's settings that trained well on CPU."""
+
+    out: str = ""                       # run directory (checkpoints, metrics, final model)
+    # --- model: exactly one of preset / model_config / init_from (preset 'tiny' if none)
+    preset: str | None = None           # a name from parscale.train.presets.PRESETS
+    model_config: str | None = None     # a transformers config.json (file or directory)
+    init_from: str | None = None        # a trained causal-LM directory to convert (two-stage)
+    P: int = 1                          # number of parallel streams
+    prefix_tokens: int = 48             # learnable key/value prefix length per stream and layer
+    attn_smooth: float = 0.01           # aggregation smoothing (the paper's epsilon)
+    train: str = "full"                 # full: all weights learn | streams: backbone frozen
+    # --- data
+    data: Any = field(default_factory=_default_data)   # a parscale.data.DataConfig
+    cache_dir: str | None = None        # where tokenized data is cached (None: RUN_DIR/data)
+    seq_len: int = 128
+    batch_size: int = 8                 # global sequences per update (over ranks and accumulation)
+    grad_accum: int = 1                 # micro-batches per update
+    # --- optimisation
+    steps: int = 640
+    lr: float = 3e-3
+    warmup_steps: int | None = None     # None: 5% of steps
+    schedule: str = "cosine"            # cosine | wsd
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1           # on >=2-D weights only (never prefixes, norms, biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0              # 0 disables clipping
+    # --- evaluation and checkpoints
+    eval_every: int = 100               # 0: only at the end
+    eval_tokens: int | None = None      # held-out tokens per evaluation (None: all kept by data)
+    save_every: int = 100               # 0: only at the end
+    keep_last: int = 2
+    # --- execution
+    seed: int = 0
+    device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"                 # auto: bf16 autocast on GPU, float32 on CPU
+    fsdp: bool = False                  # shard the model with FSDP under torchrun
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = _data_config_cls().from_dict(self.data)
+        for name in ("model_config", "init_from", "cache_dir"):  # the run means the same from any cwd
+            if getattr(self, name):
+                setattr(self, name, os.path.abspath(os.path.expanduser(getattr(self, name))))
+        sources = [n for n in ("preset", "model_config", "init_from") if getattr(self, n)]
+        if len(sources) > 1:
+            raise UserError(f"give only one of --preset, --model-config, --init-from (got {sources})")
+        if not sources:
+            self.preset = "tiny"
+        if self.preset is not None:
+            from parscale.train.presets import PRESETS
+
+            if self.preset not in PRESETS:
+                raise UserError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        if not self.out:
+            raise UserError("no run directory: give --out RUN_DIR")
+        self._check_choices()
+        self._check_ranges()
+        if self.init_from and self.data.tokenizer is None:
+            # Two-stage training keeps the trained model's vocabulary: its tokenizer.
+            self.data = dataclasses.replace(self.data, tokenizer=self.init_from)
+        if self.warmup_steps is None:
+            self.warmup_steps = max(1, round(0.05 * self.steps))
+
+    def _check_choices(self) -> None:
+        if self.train not in TRAIN_MODES:
+            raise UserError(f"--train must be one of {TRAIN_MODES}, got {self.train!r}")
+        if self.train == "streams" and not self.init_from:
+            raise UserError("--train streams freezes the backbone, so it needs a trained one: "
+                            "add --init-from DIR (or use --train full)")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise UserError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+
+    def _check_ranges(self) -> None:
+        checks = [
+            (self.P >= 1, "--P must be at least 1"),
+            (self.prefix_tokens >= 1 or self.P == 1, "--prefix-tokens must be at least 1 when P > 1"),
+            (0.0 <= self.attn_smooth < 1.0, "--attn-smooth must be in [0, 1)"),
+            (self.seq_len >= 2, "--seq-len must be at least 2 (one input and one target token)"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
+            (self.batch_size % self.grad_accum == 0,
+             f"--batch-size {self.batch_size} must be divisible by --grad-accum {self.grad_accum}"),
+            (self.steps >= 1, "--steps must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (self.warmup_steps is None or 0 <= self.warmup_steps <= self.steps,
+             "--warmup-steps must be between 0 and --steps"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "--min-lr-ratio must be in [0, 1]"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "--beta1/--beta2 must be in [0, 1)"),
+            (self.grad_clip >= 0, "--grad-clip must be >= 0 (0 disables clipping)"),
+            (self.eval_every >= 0 and self.save_every >= 0, "--eval-every/--save-every must be >= 0"),
+            (self.eval_tokens is None or self.eval_tokens >= self.seq_len,
+             "--eval-tokens must be at least --seq-len"),
+            (self.keep_last >= 1, "--keep-last must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["data"] = self.data.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise UserError(f"unknown config option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**fields)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A run config file as a dict (validated later, together with the flags)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} does not exist")
+    try:
+        fields = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(fields, dict):
+        raise UserError(f"config file {str(path)!r} must hold a mapping of option: value")
+    return fields
+
+
+def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config atomically (temp file in the same folder, then replace)."""
+    from parscale.train.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def merge_for_resume(saved: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The saved run config with the few options a resumed run may change.
+
+    Any other option that differs is refused, naming it: a resumed run with another P,
+    model or data is a different run, and must start in a new directory."""
+    merged = dict(saved)
+    for key, value in overrides.items():
+        if key in ("out",):
+            continue
+        if key == "data":
+            if value != saved.get("data"):
+                raise UserError("cannot resume with different data options; drop the --data-* "
+                                "flags or start a new run with another --out")
+            continue
+        if key in RESUMABLE_OVERRIDES:
+            merged[key] = value
+        elif saved.get(key) != value:
+            raise UserError(f"cannot resume with a different {key}: the run has {key}="
+                            f"{saved.get(key)!r} and you gave {value!r}; drop that flag, or "
+                            "start a new run with another --out")
+    return merged

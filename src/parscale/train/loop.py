@@ -1,0 +1,314 @@
+"""The training loop, top to bottom: setup, then one update per step, eval, checkpoint.
+
+    cfg = TrainConfig(out="runs/tiny-p2", preset="tiny", P=2, steps=300)
+    train(cfg)                 # or train(cfg, resume=True) to continue from the last checkpoint
+
+Every update `step` (0-based) reads the global batch `batch_at(step)` and the rate
+`lr_at(step)`, both pure functions of the step: with the model, optimizer and RNG state
+restored from a checkpoint, a resumed run repeats an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from parscale.data import batch_at, check_data, check_seq_len, evaluate_loss, prepare_data
+from parscale.errors import UserError
+from parscale.train import checkpoint as ckpt_io
+from parscale.train import convert, distributed
+from parscale.train.config import TrainConfig, dump_yaml
+from parscale.train.logs import MetricsLog, plot_losses
+from parscale.train.presets import build_hf_config, load_config_json, preset_dict
+from parscale.train.schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+
+# Fault injection for the resume tests: SIGKILL this process in the middle of the given
+# update (after its backward pass, before the optimizer step).
+KILL_STEP_ENV = "PARSCALE_KILL_DURING_STEP"
+
+
+class NonFiniteLoss(UserError):
+    """The loss or gradient became NaN/inf: the run stops before applying that update."""
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run (or continue) the training run `cfg` describes; returns the final model's directory."""
+    env = distributed.init_distributed(cfg.device)
+    try:
+        return _run(cfg, env, resume)
+    finally:
+        distributed.shutdown(env)
+
+
+def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool) -> Path:
+    run_dir = cfg.run_dir
+    _check_batch_split(cfg, env)
+    if env.is_main:
+        _prepare_run_dir(cfg, resume)
+    distributed.barrier(env)
+    _seed_everything(cfg.seed)
+    data = _load_data(cfg, env)
+    ckpt = ckpt_io.latest_checkpoint(run_dir) if resume else None
+    model, base_val = _setup_model(cfg, data, ckpt, env)
+    check_seq_len(cfg.seq_len, model.config)
+    check_data(data, cfg.seq_len, cfg.batch_size // cfg.grad_accum)
+    if env.is_main:  # every check passed: this file now marks the directory as a run
+        dump_yaml(cfg, run_dir / "config.yaml")
+    model.to(env.device)
+    wrapped = distributed.wrap_model(model, env, cfg.fsdp)
+    optimizer = torch.optim.AdamW(convert.param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=env.is_main)
+    start = 0
+    if ckpt is not None:
+        optim_state, trainer = ckpt_io.load_checkpoint_state(ckpt)
+        distributed.load_optimizer_state(model, optimizer, optim_state)
+        start = int(trainer["step"])
+        log.info("resuming from %s (step %d)", ckpt.name, start)
+    if env.is_main:
+        metrics.truncate_after(start)
+    if start == 0 and cfg.init_from:
+        _log_step0(cfg, model, wrapped, data, env, metrics, base_val)
+    _loop(cfg, env, model, wrapped, optimizer, data, metrics, start)
+    return _save_final(cfg, env, model, optimizer, data)
+
+
+# ---------------------------------------------------------------- setup
+def _check_batch_split(cfg: TrainConfig, env: distributed.DistEnv) -> None:
+    per_update = cfg.grad_accum * env.world_size
+    if cfg.batch_size % per_update:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by --grad-accum x processes "
+                        f"= {cfg.grad_accum} x {env.world_size}; use a multiple of {per_update}")
+
+
+def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> None:
+    run_dir = cfg.run_dir
+    if not resume and (run_dir / "config.yaml").exists():
+        raise UserError(f"{str(run_dir)!r} already holds a run; continue it with --resume {run_dir}, "
+                        "or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_io.clean_temp(run_dir)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load_data(cfg: TrainConfig, env: distributed.DistEnv):
+    """Rank 0 builds (or reuses) the cache first; the others then read it."""
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else cfg.run_dir / "data"
+    data = prepare_data(cfg.data, cache_dir=cache) if env.is_main else None
+    distributed.barrier(env)
+    return data if data is not None else prepare_data(cfg.data, cache_dir=cache)
+
+
+def _hf_config(cfg: TrainConfig, vocab_size: int):
+    fields = preset_dict(cfg.preset) if cfg.preset else load_config_json(cfg.model_config)
+    return build_hf_config(fields, vocab_size=vocab_size)
+
+
+def _setup_model(cfg: TrainConfig, data, ckpt: Path | None, env: distributed.DistEnv):
+    """(model, P=1 held-out loss or None): built, converted, or loaded from a checkpoint."""
+    base_val = None
+    if ckpt is not None:
+        model = convert.load_trained(ckpt / "model")
+        _check_resumed_model(cfg, model, data.vocab_size)
+    elif cfg.init_from:
+        base = convert.load_base_model(cfg.init_from)
+        if base.config.vocab_size < data.vocab_size:
+            raise UserError(f"the tokenizer has {data.vocab_size} tokens but the model in "
+                            f"--init-from has only {base.config.vocab_size} embeddings")
+        base_val = _evaluate(cfg, base.to(env.device), data, env)
+        model = convert.wrap_streams(base, cfg.P, cfg.prefix_tokens, cfg.attn_smooth, cfg.seed)
+    else:
+        model = convert.model_from_scratch(_hf_config(cfg, data.vocab_size), cfg.P,
+                                           cfg.prefix_tokens, cfg.attn_smooth, cfg.seed)
+    convert.set_train_mode(model, cfg.train)
+    if env.is_main:
+        report = convert.trainable_report(model)
+        if cfg.train == "streams":
+            print(report, flush=True)  # the PEFT-style report, on stdout as PEFT prints it
+        else:
+            log.info("%s", report)
+    return model, base_val
+
+
+def _check_resumed_model(cfg: TrainConfig, model, vocab_size: int) -> None:
+    """A checkpoint must hold the model the run config describes (P and architecture)."""
+    if convert.n_streams(model) != cfg.P:
+        raise UserError(f"the checkpoint holds a P={convert.n_streams(model)} model but the run config "
+                        f"says P={cfg.P}; resume with the run's own config.yaml")
+    if cfg.init_from:
+        return
+    want = _hf_config(cfg, vocab_size).to_dict()
+    have = model.config.to_dict()
+    keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")
+    diff = [k for k in keys if k in want and want.get(k) != have.get(k)]
+    if diff:
+        raise UserError(f"the checkpoint's model differs from the run config in {diff}; "
+                        "resume with the run's own config.yaml, or start a new run with another --out")
+
+
+# ---------------------------------------------------------------- one update, eval
+def _autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on GPU (or when asked for); plain float32 otherwise."""
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _evaluate(cfg: TrainConfig, model, data, env: distributed.DistEnv) -> float:
+    with _autocast(cfg, env.device):
+        return evaluate_loss(model, data.val, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                             max_tokens=cfg.eval_tokens, device=env.device)
+
+
+def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple[float, float, float]:
+    """One optimizer update (with accumulation); returns (global train loss, grad norm, lr)."""
+    lr = lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+               schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    micro = cfg.batch_size // cfg.grad_accum
+    loss_sum = 0.0
+    for m in range(cfg.grad_accum):
+        x = batch_at(data.train, step=step * cfg.grad_accum + m, batch_size=micro, seq_len=cfg.seq_len,
+                     seed=cfg.seed, rank=env.rank, world_size=env.world_size).to(env.device)
+        last = m == cfg.grad_accum - 1
+        sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+        with sync, _autocast(cfg, env.device):
+            loss = wrapped(input_ids=x, labels=x).loss  # labels = inputs; the model shifts them
+            (loss / cfg.grad_accum).backward()
+        loss_sum += loss.item()
+    train_loss = distributed.mean_over_ranks(loss_sum / cfg.grad_accum, env)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not (math.isfinite(train_loss) and math.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        what = "loss" if not math.isfinite(train_loss) else "gradient norm"
+        value = train_loss if what == "loss" else norm
+        last_ckpt = ckpt_io.latest_checkpoint(cfg.run_dir)
+        keep = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+        raise NonFiniteLoss(f"the training {what} became {value} at step {step + 1}; the run stopped "
+                            f"without applying that update and {keep}. Lower --lr (now {cfg.lr}) or "
+                            "--grad-clip, or lengthen --warmup-steps, and start again")
+    if os.environ.get(KILL_STEP_ENV) == str(step + 1):
+        log.warning("%s=%d: killing the process mid-step (test fault injection)", KILL_STEP_ENV, step + 1)
+        os.kill(os.getpid(), signal.SIGKILL)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return train_loss, norm, lr
+
+
+def _log_step0(cfg, model, wrapped, data, env, metrics: MetricsLog, base_val) -> None:
+    """Two-stage runs: the converted model's losses before any update."""
+    with torch.no_grad(), _autocast(cfg, env.device):
+        x = batch_at(data.train, step=0, batch_size=cfg.batch_size // cfg.grad_accum, seq_len=cfg.seq_len,
+                     seed=cfg.seed, rank=env.rank, world_size=env.world_size).to(env.device)
+        train_loss = distributed.mean_over_ranks(float(wrapped(input_ids=x, labels=x).loss), env)
+    val = _evaluate(cfg, model, data, env)
+    record = {"step": 0, "tokens": 0, "train_loss": train_loss, "lr": 0.0, "tokens_per_s": 0.0,
+              "val_loss": val, "base_val_loss": base_val}
+    if base_val:
+        record["val_loss_change"] = val / base_val - 1.0
+        log.info("held-out loss: P=1 model %.4f, converted P=%d model %.4f (%+.2f%%) before training",
+                 base_val, cfg.P, val, 100 * record["val_loss_change"])
+    metrics.write(record)
+
+
+# ---------------------------------------------------------------- the loop
+def _due(step: int, every: int, total: int) -> bool:
+    return step == total or (every > 0 and step % every == 0)
+
+
+def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: MetricsLog, start: int) -> None:
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not env.is_main, dynamic_ncols=True)
+    model.train()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        train_loss, norm, lr = _update(cfg, env, wrapped, optimizer, data, step)
+        done = step + 1
+        tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+        record = {"step": done, "tokens": done * tokens_per_step, "train_loss": train_loss, "lr": lr,
+                  "grad_norm": norm, "tokens_per_s": tok_s}
+        if _due(done, cfg.eval_every, cfg.steps):
+            record["val_loss"] = _evaluate(cfg, model, data, env)
+            model.train()
+        metrics.write(record)
+        if "val_loss" in record and env.is_main:
+            plot_losses(metrics.read(), cfg.run_dir / "loss.png", title=_title(cfg))
+        if _due(done, cfg.save_every, cfg.steps):
+            _save(cfg, env, model, optimizer, done)
+        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}",
+                        **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+        bar.update(1)
+    bar.close()
+
+
+def _title(cfg: TrainConfig) -> str:
+    source = cfg.preset or Path(cfg.model_config or cfg.init_from).name
+    return f"{source}, P={cfg.P}, train={cfg.train}"
+
+
+def _savable(cfg: TrainConfig, env, model):
+    """The model to write: itself, or under FSDP an unsharded copy (gathering is a collective)."""
+    if not (cfg.fsdp and env.distributed):
+        return model
+    state = distributed.full_model_state(model)
+    return convert.unsharded_replica(model, state) if env.is_main else None
+
+
+def _save(cfg: TrainConfig, env, model, optimizer, step: int) -> None:
+    """Gather (collectives under FSDP), then rank 0 writes the checkpoint atomically."""
+    to_write = _savable(cfg, env, model)
+    optim_state = distributed.full_optimizer_state(model, optimizer)
+    if env.is_main:
+        trainer = {"tokens": step * cfg.batch_size * cfg.seq_len, "P": cfg.P,
+                   "world_size": env.world_size}
+        path = ckpt_io.save_checkpoint(cfg.run_dir, step, to_write, optim_state, trainer, cfg.keep_last)
+        log.info("saved %s", path.name)
+    distributed.barrier(env)
+
+
+def _save_final(cfg: TrainConfig, env, model, optimizer, data) -> Path:
+    """`RUN_DIR/final/`: the model (safetensors) with its tokenizer, replaced atomically."""
+    final = cfg.run_dir / "final"
+    if not (cfg.run_dir / ckpt_io.ckpt_name(cfg.steps)).is_dir():
+        _save(cfg, env, model, optimizer, cfg.steps)  # e.g. a resumed run that had already ended
+    to_write = _savable(cfg, env, model)
+    if env.is_main:
+        tmp = Path(tempfile.mkdtemp(prefix=ckpt_io.TMP_PREFIX, dir=cfg.run_dir))
+        to_write.save_pretrained(tmp)
+        data.tokenizer.save_pretrained(tmp)
+        old = cfg.run_dir / f"{ckpt_io.TMP_PREFIX}old-final"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        records = MetricsLog(cfg.run_dir / "metrics.jsonl").read()
+        if records:
+            plot_losses(records, cfg.run_dir / "loss.png", title=_title(cfg))
+        log.info("final model: %s", final)
+    distributed.barrier(env)
+    return final

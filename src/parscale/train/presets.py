@@ -1,0 +1,101 @@
+"""Qwen2-style architectures by name, so a run can say `--preset tiny` instead of a config file.
+
+`tiny` is the architecture of the project's mini-study (d=128, 4 layers, 4 query / 2 KV heads,
+FFN 352): its learning rate and budget are measured to train in a few minutes on two CPU
+cores, which is what a first run and the tests need. `small` is the next step up (about 5.6M
+non-embedding parameters). The `paper-*` presets are the six sizes of the ParScale paper's
+scaling-law runs (36 layers, 16 heads, 2 KV heads), named by their non-embedding parameter
+count. The vocabulary of a model trained from scratch follows the tokenizer, so the
+vocab size given here (the paper's 151936) is replaced by the run's tokenizer size.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from parscale.errors import UserError
+
+_SMALL_MODELS = {
+    # name: (hidden, intermediate, layers, heads, kv_heads, max_positions)
+    "tiny": (128, 352, 4, 4, 2, 1024),
+    "small": (256, 704, 8, 8, 2, 2048),
+}
+_PAPER_SIZES = {
+    "paper-0.5b": (896, 4864),
+    "paper-0.7b": (1024, 5504),
+    "paper-1.1b": (1280, 6912),
+    "paper-1.6b": (1536, 8320),
+    "paper-2.8b": (2048, 11008),
+    "paper-4.4b": (2560, 13824),
+}
+PAPER_VOCAB = 151936
+PRESETS = tuple(_SMALL_MODELS) + tuple(_PAPER_SIZES)
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The Qwen2 config fields of a preset (vocab_size is the paper's; callers override it)."""
+    if name in _SMALL_MODELS:
+        hidden, inter, layers, heads, kv, max_pos = _SMALL_MODELS[name]
+        rope_theta = 10000.0
+    elif name in _PAPER_SIZES:
+        (hidden, inter), layers, heads, kv, max_pos = _PAPER_SIZES[name], 36, 16, 2, 4096
+        rope_theta = 1000000.0
+    else:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)} "
+                        "(or give a transformers config JSON with --model-config)")
+    return {
+        "model_type": "qwen2", "vocab_size": PAPER_VOCAB, "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "max_position_embeddings": max_pos,
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        "tie_word_embeddings": True, "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": False,
+    }
+
+
+def load_config_json(path: str | Path) -> dict[str, Any]:
+    """A transformers config.json (a file, or a directory holding one) as a dict."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise UserError(f"model config {str(path)!r} does not exist; give a transformers "
+                        "config.json file or a directory holding one")
+    try:
+        fields = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"model config {str(path)!r} is not valid JSON: {err}") from err
+    if "model_type" not in fields:
+        raise UserError(f"model config {str(path)!r} has no 'model_type'; add e.g. "
+                        '"model_type": "qwen2"')
+    return fields
+
+
+def build_hf_config(fields: dict[str, Any], vocab_size: int | None = None):
+    """A transformers config from a dict of fields, with the vocabulary set to the tokenizer's."""
+    from transformers import AutoConfig
+
+    fields = dict(fields)
+    model_type = fields.pop("model_type")
+    for key in ("architectures", "transformers_version", "_name_or_path"):
+        fields.pop(key, None)
+    if vocab_size is not None:
+        fields["vocab_size"] = int(vocab_size)
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except ValueError as err:
+        raise UserError(f"cannot build a model config of type {model_type!r}: {err}") from err
+
+
+def count_parameters(hf_config, non_embedding: bool = True) -> int:
+    """Parameter count of a from-scratch model of this config, built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    total = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        total -= model.get_input_embeddings().weight.numel()
+    return total

@@ -1,0 +1,47 @@
+"""Tiny random causal LMs shared by the test files (CPU, float32, built in-process).
+
+`tiny_factory(family, seed=0, **overrides)` returns a fresh eval-mode model; `tiny_qwen2`
+is the most common case. Families: qwen2, llama, mistral, gemma.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+_COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=None,
+)
+TINY_CONFIGS = {
+    "qwen2": (Qwen2Config, dict(tie_word_embeddings=True)),
+    "llama": (LlamaConfig, dict(tie_word_embeddings=False)),
+    "mistral": (MistralConfig, dict(tie_word_embeddings=False, sliding_window=None)),
+    "gemma": (GemmaConfig, dict(head_dim=8)),
+}
+
+
+def build_tiny(family: str = "qwen2", seed: int = 0, **overrides):
+    config_cls, extra = TINY_CONFIGS[family]
+    config = config_cls(**{**_COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_factory():
+    return build_tiny
+
+
+@pytest.fixture
+def tiny_qwen2():
+    return build_tiny("qwen2")
