@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[test]" $(TORCH)
 	touch $(STAMP)
 
+demo: $(STAMP)
+	$(BIN)/parscale demo --out runs/demo
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 

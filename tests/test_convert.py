@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _train_helpers import micro_setup, read_metrics
+from _trainkit import micro_setup, read_metrics, train_in_process
 from transformers import AutoModelForCausalLM
 
 from parscale.config import ParScaleConfig
 from parscale.data import DataConfig, evaluate_loss, prepare_data
 from parscale.model import ParScaleForCausalLM, to_parscale
-from parscale.train import TrainConfig, train
+from parscale.train import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def trained_p1(tmp_path_factory):
     """A P=1 micro model trained for 40 steps, as `parscale train` saves it."""
     root = tmp_path_factory.mktemp("convert")
     opts = micro_setup(root)
-    final = train(TrainConfig(out=str(root / "p1"), P=1, steps=40, **{**opts, "eval_every": 0, "save_every": 0}))
+    final = train_in_process(out=str(root / "p1"), P=1, steps=40, **{**opts, "eval_every": 0, "save_every": 0})
     data = prepare_data(DataConfig.from_dict(opts["data"]), cache_dir=opts["cache_dir"])
     return root, opts, final, data
 
@@ -48,9 +48,10 @@ def _stream_states(model, x, P):
 
 def test_conversion_keeps_the_loss_within_2_percent_and_breaks_symmetry(trained_p1):
     root, opts, final, data = trained_p1
-    cfg = TrainConfig(out=str(root / "p2-full"), init_from=str(final), P=2, steps=2,
-                      **{**opts, "model_config": None, "eval_every": 0, "save_every": 0})
-    train(cfg)
+    fields = dict(out=str(root / "p2-full"), init_from=str(final), P=2, steps=2,
+                  **{**opts, "model_config": None, "eval_every": 0, "save_every": 0})
+    cfg = TrainConfig(**fields)
+    train_in_process(**fields)
     step0 = read_metrics(cfg.run_dir)[0]
     assert step0["step"] == 0 and "val_loss" in step0 and "train_loss" in step0
     # the P=1 loss, recomputed independently on the stock transformers model
@@ -84,9 +85,10 @@ def test_conversion_keeps_the_loss_within_2_percent_and_breaks_symmetry(trained_
 
 def test_streams_mode_freezes_the_backbone_and_trains_the_prefixes(trained_p1, capsys):
     root, opts, final, data = trained_p1
-    cfg = TrainConfig(out=str(root / "p2-streams"), init_from=str(final), P=2, steps=4, train="streams",
-                      **{**opts, "model_config": None, "lr": 1e-2, "eval_every": 0, "save_every": 0})
-    out_dir = train(cfg)
+    fields = dict(out=str(root / "p2-streams"), init_from=str(final), P=2, steps=4, train="streams",
+                  **{**opts, "model_config": None, "lr": 1e-2, "eval_every": 0, "save_every": 0})
+    cfg = TrainConfig(**fields)
+    out_dir = train_in_process(**fields)
     assert "trainable params:" in capsys.readouterr().out  # the PEFT-style report
     before = to_parscale(_plain(final), ParScaleConfig(n_streams=2), seed=cfg.seed)
     after = ParScaleForCausalLM.from_pretrained(out_dir)

@@ -112,6 +112,14 @@ def test_toy_latency_memory_bound_by_hand():
     assert decode_times(TOY, TOY_WORK, hw)[0] == pytest.approx(step0)
 
 
+def test_layer_overhead_is_paid_per_layer_and_forward():
+    base = Hardware("h", 1e12, 1e11, 1e12, 1.0, 1.0)
+    slow = replace(base, layer_overhead_s=1e-3)
+    work = Workload(n_streams=4, output_length=7)
+    extra = estimate(PRESETS["0.5B"], work, slow).latency_s - estimate(PRESETS["0.5B"], work, base).latency_s
+    assert extra == pytest.approx(36 * (1 + 7) * 1e-3)  # 36 layers x (prefill + 7 steps)
+
+
 # ------------------------------------------------------------------ behaviour
 @pytest.mark.parametrize("field,values", [("n_streams", [1, 2, 4, 8]), ("batch_size", [1, 2, 4, 8]),
                                           ("input_length", [16, 64, 256]), ("output_length", [16, 64, 256])])
@@ -200,6 +208,19 @@ def test_law_reference_uses_the_multiplier_and_widens_off_ladder_models():
     lo, hi = next((a, b) for a, b in zip(widths, widths[1:]) if non_embedding_params(b) > row["params_equivalent"])
     assert non_embedding_params(lo) <= row["params_equivalent"] <= non_embedding_params(hi)
     assert cmp.costs(lo, 1, 1).memory_gib <= row["memory_gib_param"] <= cmp.costs(hi, 1, 1).memory_gib
+
+
+def test_law_reference_fits_the_paper_rows():
+    seen = {}
+
+    def fake_fit(name):
+        seen["name"] = name
+        return Law(E=0.6, A=1.2, alpha=0.25, k=0.39)
+
+    ref = parse_reference("law:paper-stack", law_fitter=fake_fit)
+    assert seen["name"] == "paper-stack" and ref.law.k == 0.39 and ref.observed is None
+    with pytest.raises(UserError, match="unknown reference"):
+        parse_reference("observed:my-data")
 
 
 # ------------------------------------------------------------------ hardware

@@ -1,6 +1,7 @@
 """Data: corpus discovery and splits, user files, the tokenizer, packing, the cache, batches, loss."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -111,11 +112,17 @@ def test_stdlib_subset_end_to_end(tmp_path, monkeypatch):
     root = corpus.stdlib_root()
     subset = [p for p in corpus.stdlib_files() if p.relative_to(root).parts[0] in ("json", "email")]
     monkeypatch.setattr(corpus, "stdlib_files", lambda root=None: subset)
+    seen = []
+    import parscale.data as data_mod
+
+    real_train_bpe = data_mod.train_bpe
+    monkeypatch.setattr(data_mod, "train_bpe", lambda docs, size: seen.append(list(docs)) or real_train_bpe(docs, size))
     cfg = DataConfig(vocab_size=600, val_fraction=0.1, val_tokens=None)
     train_docs, val_docs = split_documents(cfg)
     texts = {p.read_text(encoding="utf-8") for p in subset} - {""}  # empty files are skipped
     assert set(train_docs) | set(val_docs) == texts and not set(train_docs) & set(val_docs)
     data = prepare_data(cfg, tmp_path / "cache")
+    assert seen == [train_docs]  # the BPE saw the training split only
     assert decode_docs(data.tokenizer, data.train) == train_docs
     assert decode_docs(data.tokenizer, data.val) == val_docs
     assert data.vocab_size == len(data.tokenizer) == 600
@@ -131,6 +138,14 @@ def test_text_files_one_document_each_with_auto_split(tmp_path):
     assert sorted(train + val) == sorted(DOCS)  # whole documents, line breaks kept, nothing mixed
     assert val and train and not set(train) & set(val)
     assert data.stats["val_docs"] == len(val)
+    capped = prepare_data(dataclasses.replace(cfg, val_tokens=50), tmp_path / "cache")
+    assert capped.cache_path == data.cache_path  # the cap applies at load: the same cache entry
+    assert np.array_equal(capped.val, data.val[:50]) and np.array_equal(capped.train, data.train)
+
+
+def test_bpe_training_is_deterministic():
+    # Two runs (or two ranks) that each train the tokenizer must agree token for token.
+    assert train_bpe(DOCS, 300).backend_tokenizer.to_str() == train_bpe(DOCS, 300).backend_tokenizer.to_str()
 
 
 def test_jsonl_parquet_and_separate_validation_files(tmp_path):
@@ -150,10 +165,21 @@ def test_jsonl_parquet_and_separate_validation_files(tmp_path):
     assert decode_docs(data.tokenizer, data.val) == DOCS[36:]
 
 
+def test_compressed_files_are_read_by_their_inner_kind(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as fh:
+        fh.write("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:3]))
+    with gzip.open(tmp_path / "b.py.gz", "wt") as fh:
+        fh.write(DOCS[3])
+    assert corpus.file_kind(tmp_path / "a.jsonl.gz") == "json"
+    assert corpus.load_documents([tmp_path / "a.jsonl.gz", tmp_path / "b.py.gz"], cache_dir=tmp_path / "hf") == DOCS[:4]
+
+
 def test_jsonl_without_the_text_field_is_a_user_error(tmp_path):
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text(json.dumps({"content": "x"}) + "\n")
-    with pytest.raises(UserError, match="no field 'text'.*--text-field"):
+    with pytest.raises(UserError, match="no field 'text'.*--data-text-field"):
         prepare_data(DataConfig(source="files", files=(str(jsonl),)), tmp_path / "cache")
 
 
@@ -178,9 +204,9 @@ def test_tokenizer_is_standard_and_reused_from_cache(tmp_path, monkeypatch):
     for loaded in (AutoTokenizer.from_pretrained(tok_dir), PreTrainedTokenizerFast.from_pretrained(tok_dir)):
         assert loaded.eos_token == EOS_TOKEN and len(loaded) == len(data.tokenizer)
         assert loaded("résumé ✓ x")["input_ids"] == data.tokenizer("résumé ✓ x")["input_ids"]
-    import parscale.tokenizer as tok_mod
+    import parscale.data as data_mod
 
-    monkeypatch.setattr(tok_mod, "train_bpe", lambda *a, **k: pytest.fail("retrained a cached tokenizer"))
+    monkeypatch.setattr(data_mod, "train_bpe", lambda *a, **k: pytest.fail("retrained a cached tokenizer"))
     again = prepare_data(cfg, tmp_path / "cache")
     assert again.cache_path == data.cache_path and np.array_equal(again.train, data.train)
     # A changed file gets a fresh cache entry, never the stale one.
@@ -189,6 +215,18 @@ def test_tokenizer_is_standard_and_reused_from_cache(tmp_path, monkeypatch):
     changed = prepare_data(cfg, tmp_path / "cache")
     assert changed.cache_path != data.cache_path
     assert "changed\n" * 50 in decode_docs(changed.tokenizer, changed.train) + decode_docs(changed.tokenizer, changed.val)
+
+
+def test_an_interrupted_cache_is_rebuilt_not_read(tmp_path):
+    folder = write_texts(tmp_path / "texts")
+    cfg = DataConfig(source="files", files=(str(folder),), vocab_size=300, val_fraction=0.2)
+    data = prepare_data(cfg, tmp_path / "cache")
+    val = np.array(data.val)
+    # A kill between writing val.npy and its marker: the array is garbage, the marker missing.
+    (data.cache_path / "val.json").unlink()
+    np.save(data.cache_path / "val.npy", np.zeros(3, dtype=np.uint16))
+    again = prepare_data(cfg, tmp_path / "cache")
+    assert np.array_equal(again.val, val)
 
 
 def test_vocab_size_changes_the_cache_key(tmp_path):

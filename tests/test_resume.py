@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from _train_helpers import cli_args, micro_setup, read_metrics, run_train, train_in_process
+from _trainkit import cli_args, micro_setup, read_metrics, run_train, train_in_process
 from safetensors.torch import load_file
 
 from parscale.data import DataConfig, prepare_data

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from _train_helpers import MICRO, cli_args, micro_setup, read_metrics
+from _trainkit import MICRO, cli_args, micro_setup, read_metrics, train_in_process
 
 from parscale.cli import main as cli_main
 from parscale.errors import UserError
@@ -53,8 +51,9 @@ def test_wsd_schedule_is_flat_then_decays_linearly_to_the_floor():
 def short_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("short")
     opts = micro_setup(root)
-    cfg = TrainConfig(out=str(root / "run"), P=2, steps=24, **{**opts, "eval_every": 8, "save_every": 8})
-    final = train(cfg)
+    fields = dict(out=str(root / "run"), P=2, steps=24, **{**opts, "eval_every": 8, "save_every": 8})
+    cfg = TrainConfig(**fields)
+    final = train_in_process(**fields)
     return root, opts, cfg, final
 
 
@@ -86,11 +85,19 @@ def test_a_short_run_lowers_the_validation_loss(short_run):
     assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["ckpt-0000016", "ckpt-0000024"]
 
 
-def test_resuming_with_a_different_P_is_refused(short_run, capsys):
+def test_resuming_with_a_different_P_or_model_is_refused(short_run, capsys):
     _, _, cfg, _ = short_run
     assert cli_main(["train", "--resume", str(cfg.run_dir), "--P", "4"]) == 2
     err = capsys.readouterr().err
     assert "different P" in err and "P=2" in err
+    other = cfg.run_dir.parent / "other.json"
+    other.write_text(json.dumps({**MICRO, "hidden_size": 64}))
+    assert cli_main(["train", "--resume", str(cfg.run_dir), "--model-config", str(other)]) == 2
+    assert "different model_config" in capsys.readouterr().err
+    # a config.yaml edited by hand is caught by the checkpoint itself
+    saved = yaml.safe_load((cfg.run_dir / "config.yaml").read_text())
+    with pytest.raises(UserError, match="P=2 model but the run config says P=3"):
+        train(TrainConfig.from_dict({**saved, "P": 3}), resume=True)
 
 
 # ---------------------------------------------------------------- NaN stops the run
@@ -116,7 +123,7 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     monkeypatch.setattr(convert_mod, "model_from_scratch", poisoned)
     cfg = TrainConfig(out=str(tmp_path / "run"), P=1, steps=12, **opts)
     with pytest.raises(NonFiniteLoss, match=r"at step 6\b") as info:
-        train(cfg)
+        train_in_process(**cfg.to_dict())
     assert "ckpt-0000004" in str(info.value)
     assert latest_checkpoint(cfg.run_dir).name == "ckpt-0000004"
     assert not (cfg.run_dir / "final").exists()

@@ -36,7 +36,7 @@ def check_val(tokens: np.ndarray, seq_len: int) -> None:
     """UserError unless the validation split holds at least one full sequence."""
     if len(tokens) < seq_len:
         raise UserError(f"the validation split has {len(tokens):,} tokens, fewer than one sequence of "
-                        f"{seq_len}; give more validation data, a larger --val-fraction or a lower --seq-len")
+                        f"{seq_len}; give more validation data, a larger validation fraction or a lower --seq-len")
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -170,4 +170,4 @@ def check_vocab_size(vocab_size: int, model_config) -> None:
             break
     if limit is not None and vocab_size > limit:
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model's vocabulary holds {limit}; "
-                        f"use a tokenizer with at most {limit} tokens (--vocab-size) or a model with a larger vocab_size")
+                        f"use a tokenizer with at most {limit} tokens (--data-vocab-size) or a model with a larger vocab_size")

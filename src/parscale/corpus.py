@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 # Test suites are excluded: they are large, repetitive and full of fixtures (binary-ish
 # data, deliberately broken code), which is not the code we want the model to learn.
 _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
-_TEXT_SUFFIXES = frozenset({".txt", ".py", ".md", ".rst", ".text", ".c", ".h", ".js", ".html", ".csv", ".tex"})
 _JSON_SUFFIXES = frozenset({".json", ".jsonl", ".ndjson"})
 _PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
+_COMPRESSED_SUFFIXES = frozenset({".gz", ".bz2", ".xz", ".zst"})
 
 
 def stdlib_root() -> Path:
@@ -38,7 +38,7 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     root = stdlib_root() if root is None else Path(root)
     if not root.is_dir():
         raise UserError(f"the Python standard library directory {root} does not exist; "
-                        "give your own corpus with --data FILE...")
+                        "give your own files (--data-files in train, --data in eval)")
     picked = []
     for path in root.rglob("*.py"):
         parts = path.relative_to(root).parts
@@ -80,7 +80,7 @@ def split_keys(keys: Sequence[str], val_fraction: float, seed: int) -> list[bool
     """
     if len(keys) < 2:
         raise UserError(f"the corpus has {len(keys)} document(s); at least 2 are needed to split off "
-                        "a validation set; add documents or give validation files with --val-data")
+                        "a validation set; add documents or give validation files (--data-val-files)")
     units = [stable_unit(k, seed) for k in keys]
     is_val = [u < val_fraction for u in units]
     if not any(is_val):
@@ -109,8 +109,14 @@ def check_files(files: Sequence[str | os.PathLike], what: str = "data file") -> 
 
 
 def file_kind(path: Path) -> str:
-    """The `datasets` builder for a file: 'json', 'parquet' or 'text' (any other suffix)."""
-    suffix = path.suffix.lower()
+    """The `datasets` builder for a file: 'json', 'parquet' or 'text' (any other suffix).
+
+    A compression suffix is looked past (`notes.jsonl.gz` is JSON): `datasets` decompresses.
+    """
+    suffixes = [s.lower() for s in path.suffixes]
+    while suffixes and suffixes[-1] in _COMPRESSED_SUFFIXES:
+        suffixes.pop()
+    suffix = suffixes[-1] if suffixes else ""
     if suffix in _JSON_SUFFIXES:
         return "json"
     if suffix in _PARQUET_SUFFIXES:
@@ -161,5 +167,5 @@ def _load_group(paths: Sequence[Path], text_field: str, cache_dir: Path | None) 
         return [str(t) for t in ds["text"]]
     if text_field not in ds.column_names:
         raise UserError(f"{named} has no field {text_field!r} (its fields: {', '.join(ds.column_names)}); "
-                        "name the text field with --text-field")
+                        "name the text field (--data-text-field in train, --text-field in eval)")
     return [t for t in ds[text_field] if isinstance(t, str)]

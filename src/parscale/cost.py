@@ -1,7 +1,7 @@
 """The inference-cost model: parameter counts, memory terms and a roofline latency.
 
 Pure functions of a `ModelShape`, a `Workload` and a `Hardware` profile. Every formula
-carries a one-line derivation. The decomposition follows llm-analysis (the tool the
+carries a one-line derivation. The decomposition follows llm-analysis (the library the
 paper's own script drives) so that the numbers line up with the paper's, with its two
 known ParScale mistakes fixed: the aggregation head is charged at every decode step,
 and the prefix slots are attended to but never projected (docs/cost.md lists every
@@ -251,7 +251,7 @@ def layer_time(s: ModelShape, w: Workload, rows: int, t: int, past: Any, hw: Har
     mlp_flops = (6 if s.gated_mlp else 4) * rows * t * s.hidden * s.intermediate
     mlp = op_time(mlp_flops, mlp_params(s) * b + rows * t * s.intermediate * b, hw)
     norms = 2 * op_time(0, 2 * rows * t * s.hidden * b, hw)  # read + write, memory bound
-    return attn + mlp + norms
+    return attn + mlp + norms + hw.layer_overhead_s  # fixed eager cost (0 for GPU profiles)
 
 
 def head_time(s: ModelShape, w: Workload, t: int, hw: Hardware) -> float:

@@ -16,7 +16,6 @@ does: the cache holds P*B rows of real tokens and attention prepends the shared 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import statistics
 import sys
@@ -28,7 +27,6 @@ from typing import Any
 from parscale.cost import ModelShape, Workload, estimate
 from parscale.hardware import Hardware
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ class DataConfig:
         if self.source not in SOURCES:
             raise UserError(f"unknown data source {self.source!r}; choose one of {', '.join(SOURCES)}")
         if self.source == "files" and not self.files:
-            raise UserError("data source 'files' needs at least one file: give --data FILE...")
+            raise UserError("data source 'files' needs at least one file (--data-files in train, --data in eval)")
         if self.source == "stdlib" and (self.files or self.val_files):
             raise UserError("the stdlib corpus takes no data files; drop the files, or drop source 'stdlib' "
                             "to train on the files")
@@ -173,7 +173,7 @@ def split_documents(cfg: DataConfig, hf_cache: Path | None = None) -> tuple[list
         named = corpus.read_stdlib_documents(corpus.stdlib_files())
         if not named:
             raise UserError("no readable .py files found in the Python standard library; "
-                            "give your own corpus with --data FILE...")
+                            "give your own files (--data-files in train, --data in eval)")
         is_val = corpus.split_keys([name for name, _ in named], cfg.val_fraction, cfg.seed)
         docs = [text for _, text in named]
     else:
@@ -252,7 +252,7 @@ def _build(cfg: DataConfig, where: Path, splits: list[str]) -> None:
                                               "config": cfg.to_dict(), "format": _CACHE_FORMAT})
 
 
-def prepare_split(cfg: DataConfig, cache_dir: str | os.PathLike, split: str):
+def prepare_split(cfg: DataConfig, cache_dir: str | os.PathLike, split: str, key: str | None = None):
     """(tokens, {"docs", "tokens"}, tokenizer, cache path) of one split, building only what is missing.
 
     Evaluation with a given tokenizer needs the validation split alone: the training
@@ -260,7 +260,7 @@ def prepare_split(cfg: DataConfig, cache_dir: str | os.PathLike, split: str):
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    where = Path(cache_dir) / data_key(cfg)
+    where = Path(cache_dir) / (key or data_key(cfg))
     ready = (where / f"{split}.json").is_file() and (where / "tokenizer" / "tokenizer.json").is_file()
     if ready:
         log.info("reusing cached %s data in %s", split, where)
@@ -280,13 +280,14 @@ def prepare_data(cfg: DataConfig, cache_dir: str | os.PathLike) -> PreparedData:
     In a multi-process run, call it on rank 0 first and on the other ranks after a
     barrier: they then read the cache rather than each building it.
     """
-    where = Path(cache_dir) / data_key(cfg)
+    key = data_key(cfg)
+    where = Path(cache_dir) / key
     missing = [s for s in ("train", "val") if not (where / f"{s}.json").is_file()]
     if missing or not (where / "tokenizer" / "tokenizer.json").is_file():
         where.mkdir(parents=True, exist_ok=True)
         _build(cfg, where, missing or ["train", "val"])
-    train, train_info, tok, _ = prepare_split(cfg, cache_dir, "train")
-    val, val_info, _, _ = prepare_split(cfg, cache_dir, "val")
+    train, train_info, tok, _ = prepare_split(cfg, cache_dir, "train", key)
+    val, val_info, _, _ = prepare_split(cfg, cache_dir, "val", key)
     if len(train) == 0:
         raise UserError("the training split holds no tokens; give a corpus with text in it")
     stats = {"train_docs": train_info["docs"], "train_tokens": train_info["tokens"],

@@ -5,7 +5,8 @@ with the efficiencies llm-analysis recommends (0.7 of peak FLOP/s, 0.9 of bandwi
 which the paper's cost script uses. `cpu-local` is measured on the spot by a short
 micro-benchmark (copy bandwidth, float32 matmul rate); since those are already achieved
 rates, its FLOP/s efficiency is 1 and its memory efficiency is the fraction of the copy
-bandwidth that a float32 matrix-vector product reaches. The measurement is cached as JSON so it runs once.
+bandwidth that a float32 matrix-vector product reaches; it also carries the fixed time an
+eager decoder layer takes on this CPU, which no GPU profile needs at these sizes. The measurement is cached as JSON so it runs once.
 """
 from __future__ import annotations
 
@@ -35,12 +36,15 @@ class Hardware:
     memory_bytes: float
     flops_efficiency: float = 0.7
     memory_efficiency: float = 0.9
+    layer_overhead_s: float = 0.0  # fixed time per decoder layer and forward (eager CPU runs)
 
     def __post_init__(self) -> None:
         for name in ("peak_flops", "bandwidth", "memory_bytes"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise UserError(f"hardware {self.name!r}: {name} must be a positive number, got {value!r}")
+        if not isinstance(self.layer_overhead_s, (int, float)) or self.layer_overhead_s < 0:
+            raise UserError(f"hardware {self.name!r}: layer_overhead_s must be >= 0, got {self.layer_overhead_s!r}")
         for name in ("flops_efficiency", "memory_efficiency"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -112,12 +116,42 @@ def measure_cpu(size_mb: int = 256, matmul_n: int = 1024, repeats: int = 5) -> d
     rows = size_mb * 2**20 // 4 // 4096
     matrix, vector = torch.randn(rows, 4096), torch.randn(1, 4096)
     gemv_s = _best_seconds(lambda: torch.nn.functional.linear(vector, matrix), repeats)
+    del matrix
     return {
         "bandwidth": 2 * numel * 4 / copy_s,
         "peak_flops": 2 * matmul_n**3 / mm_s,
         "gemv_bandwidth": rows * 4096 * 4 / gemv_s,
+        "layer_overhead_s": measure_layer_overhead(repeats),
         "threads": torch.get_num_threads(),
     }
+
+
+def measure_layer_overhead(repeats: int = 5, small: int = 2, large: int = 6) -> float:
+    """Fixed cost of one eager decoder layer (module calls, dispatch, cache bookkeeping).
+
+    A decode step of a tiny Qwen2 (hidden 64, so the arithmetic is negligible) with
+    `large` layers minus one with `small` layers, per layer: what every layer costs on
+    top of its FLOPs and bytes in eager PyTorch on this CPU.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def step_seconds(layers: int) -> float:
+        config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config).eval()
+        ids = torch.zeros(1, 8, dtype=torch.long)
+        with torch.no_grad():
+            cache = model(ids, use_cache=True).past_key_values
+
+            def step() -> None:
+                model(ids[:, :1], past_key_values=cache, use_cache=True)
+                cache.crop(-1)  # drop the new token: the cache length stays fixed
+
+            return _best_seconds(step, 4 * repeats)
+
+    return max(0.0, (step_seconds(large) - step_seconds(small)) / (large - small))
 
 
 def _fingerprint() -> dict[str, Any]:
@@ -158,12 +192,13 @@ def _cpu_profile(data: dict[str, Any]) -> Hardware:
         capacity = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     bandwidth = float(data["bandwidth"])
     memory_efficiency = min(1.0, float(data.get("gemv_bandwidth", bandwidth)) / bandwidth)
-    return Hardware("cpu-local", float(data["peak_flops"]), bandwidth, capacity, 1.0, memory_efficiency)
+    return Hardware("cpu-local", float(data["peak_flops"]), bandwidth, capacity, 1.0, memory_efficiency,
+                    float(data.get("layer_overhead_s", 0.0)))
 
 
 def load_profile_file(path: Path) -> Hardware:
     """A user profile: JSON with `peak_tflops`, `bandwidth_gbs`, `memory_gib`, and
-    optionally `name`, `flops_efficiency`, `memory_efficiency`."""
+    optionally `name`, `flops_efficiency`, `memory_efficiency`, `layer_overhead_s`."""
     try:
         data = json.loads(path.read_text())
     except ValueError as err:
@@ -172,7 +207,7 @@ def load_profile_file(path: Path) -> Hardware:
     missing = [k for k in need if k not in data]
     if not isinstance(data, dict) or missing:
         raise UserError(f"hardware profile {path}: missing key(s) {missing}; it needs {list(need)}")
-    allowed = set(need) | {"name", "flops_efficiency", "memory_efficiency"}
+    allowed = set(need) | {"name", "flops_efficiency", "memory_efficiency", "layer_overhead_s"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise UserError(f"hardware profile {path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -184,6 +219,7 @@ def load_profile_file(path: Path) -> Hardware:
             memory_bytes=float(data["memory_gib"]) * 2**30,
             flops_efficiency=float(data.get("flops_efficiency", 0.7)),
             memory_efficiency=float(data.get("memory_efficiency", 0.9)),
+            layer_overhead_s=float(data.get("layer_overhead_s", 0.0)),
         )
     except (TypeError, ValueError) as err:
         raise UserError(f"hardware profile {path}: values must be numbers ({err})") from err

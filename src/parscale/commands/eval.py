@@ -151,9 +151,12 @@ def _tokens(cfg, split: str, cache_dir: Path):
 
 def evaluate(args) -> dict:
     """Run the evaluation described by parsed `args`; returns the result record."""
+    from parscale import corpus
     from parscale.batches import check_seq_len, check_vocab_size, count_predictions, evaluate_loss
 
     model_dir = Path(args.model).expanduser()
+    if not model_dir.is_dir():
+        raise UserError(f"the model directory {args.model!r} does not exist; give --model RUN_DIR/final")
     run_path, run = run_settings(model_dir)
     if run_path is not None:
         log.info("defaults from the training run's %s", run_path)
@@ -162,8 +165,8 @@ def evaluate(args) -> dict:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_tokens < 0:
         raise UserError(f"--max-tokens must be 0 (all) or more, got {args.max_tokens}")
-    if not model_dir.is_dir():
-        raise UserError(f"the model directory {args.model!r} does not exist; give --model RUN_DIR/final")
+    if args.data != ["stdlib"]:
+        corpus.check_files(args.data + args.val_files)  # a misspelt path fails before the model loads
     tok_dir = _tokenizer_dir(args)
     cfg = _data_config(args, tok_dir)
     device = _resolve_device(args.device)
@@ -186,7 +189,8 @@ def evaluate(args) -> dict:
 
 def format_table(result: dict) -> str:
     data = result["data"] if isinstance(result["data"], str) else ", ".join(result["data"])
-    rows = [("model", result["model"]), ("data", f"{data} ({result['split']} split, {result['documents']:,} documents)"),
+    docs = f"{result['documents']:,} document{'' if result['documents'] == 1 else 's'}"
+    rows = [("model", result["model"]), ("data", f"{data} ({result['split']} split, {docs})"),
             ("tokens", f"{result['tokens']:,} ({result['predictions']:,} predictions, seq_len {result['seq_len']})"),
             ("loss", f"{result['loss']:.4f} nats/token"), ("perplexity", f"{result['perplexity']:.2f}")]
     return "\n".join(f"{name:<11} {value}" for name, value in rows)

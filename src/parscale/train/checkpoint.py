@@ -175,14 +175,12 @@ def clean_temp(run_dir: Path) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint `latest` names if it is complete, else the newest complete one."""
-    run_dir = Path(run_dir)
-    pointer = run_dir / "latest"
-    if pointer.is_file():
-        named = run_dir / pointer.read_text().strip()
-        if (named / "trainer.json").is_file():
-            return named
-    found = list_checkpoints(run_dir)
+    """The newest complete checkpoint.
+
+    Every `ckpt-*` directory is complete, because it appears only by an atomic rename. The
+    `latest` file names the same checkpoint, except after a kill between the rename and
+    the pointer update; then the newer directory wins."""
+    found = list_checkpoints(Path(run_dir))
     return found[-1] if found else None
 
 

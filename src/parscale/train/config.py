@@ -75,6 +75,7 @@ class TrainConfig:
     fsdp: bool = False                  # shard the model with FSDP under torchrun
 
     def __post_init__(self) -> None:
+        self._check_types()
         if isinstance(self.data, dict):
             self.data = _data_config_cls().from_dict(self.data)
         for name in ("model_config", "init_from", "cache_dir"):  # the run means the same from any cwd
@@ -100,12 +101,27 @@ class TrainConfig:
         if self.warmup_steps is None:
             self.warmup_steps = max(1, round(0.05 * self.steps))
 
+    def _check_types(self) -> None:
+        """A YAML typo (`P: two`) gets a message naming the option, not a TypeError later."""
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), str(f.type)
+            if value is None and "None" in hint:
+                continue
+            want = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}.get(hint.split(" ")[0])
+            if want is None:
+                continue
+            if not isinstance(value, want) or (isinstance(value, bool) and bool not in want):
+                raise UserError(f"option {f.name} must be {hint.split(' ')[0]}, got {value!r}")
+
     def _check_choices(self) -> None:
         if self.train not in TRAIN_MODES:
             raise UserError(f"--train must be one of {TRAIN_MODES}, got {self.train!r}")
         if self.train == "streams" and not self.init_from:
             raise UserError("--train streams freezes the backbone, so it needs a trained one: "
                             "add --init-from DIR (or use --train full)")
+        if self.train == "streams" and self.P < 2:
+            raise UserError("--train streams trains only the stream parameters, which exist for P >= 2; "
+                            "add --P 2 (or more), or use --train full")
         if self.schedule not in SCHEDULES:
             raise UserError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.dtype not in DTYPES:
@@ -192,6 +208,8 @@ def merge_for_resume(saved: dict[str, Any], overrides: dict[str, Any]) -> dict[s
                 raise UserError("cannot resume with different data options; drop the --data-* "
                                 "flags or start a new run with another --out")
             continue
+        if key in ("model_config", "init_from", "cache_dir") and value:
+            value = os.path.abspath(os.path.expanduser(value))  # saved configs hold absolute paths
         if key in RESUMABLE_OVERRIDES:
             merged[key] = value
         elif saved.get(key) != value:

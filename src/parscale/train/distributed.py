@@ -87,6 +87,25 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     return bool(t.item() > 0)
 
 
+def main_first(fn, env: DistEnv):
+    """Run `fn` on rank 0 alone, then let the other ranks go on; a failure on rank 0 stops
+    every rank (instead of leaving them waiting at a barrier). Returns fn's result on rank 0."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as err:  # re-raised below, after telling the other ranks
+            error = err
+    failed = any_rank(error is not None, env)  # a collective: also the barrier
+    if error is not None:
+        raise error
+    if failed:
+        from parscale.errors import UserError
+
+        raise UserError("rank 0 stopped with an error (its message is above); fix it and relaunch")
+    return result
+
+
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks, found by class name so any transformers architecture works."""
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]

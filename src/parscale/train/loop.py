@@ -57,9 +57,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool) -> Path:
     run_dir = cfg.run_dir
     _check_batch_split(cfg, env)
-    if env.is_main:
-        _prepare_run_dir(cfg, resume)
-    distributed.barrier(env)
+    distributed.main_first(lambda: _prepare_run_dir(cfg, resume), env)
     _seed_everything(cfg.seed)
     data = _load_data(cfg, env)
     ckpt = ckpt_io.latest_checkpoint(run_dir) if resume else None
@@ -113,8 +111,7 @@ def _seed_everything(seed: int) -> None:
 def _load_data(cfg: TrainConfig, env: distributed.DistEnv):
     """Rank 0 builds (or reuses) the cache first; the others then read it."""
     cache = Path(cfg.cache_dir) if cfg.cache_dir else cfg.run_dir / "data"
-    data = prepare_data(cfg.data, cache_dir=cache) if env.is_main else None
-    distributed.barrier(env)
+    data = distributed.main_first(lambda: prepare_data(cfg.data, cache_dir=cache), env)
     return data if data is not None else prepare_data(cfg.data, cache_dir=cache)
 
 
@@ -245,25 +242,25 @@ def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: Metri
     tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not env.is_main, dynamic_ncols=True)
     model.train()
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        train_loss, norm, lr = _update(cfg, env, wrapped, optimizer, data, step)
-        done = step + 1
-        tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-        record = {"step": done, "tokens": done * tokens_per_step, "train_loss": train_loss, "lr": lr,
-                  "grad_norm": norm, "tokens_per_s": tok_s}
-        if _due(done, cfg.eval_every, cfg.steps):
-            record["val_loss"] = _evaluate(cfg, model, data, env)
-            model.train()
-        metrics.write(record)
-        if "val_loss" in record and env.is_main:
-            plot_losses(metrics.read(), cfg.run_dir / "loss.png", title=_title(cfg))
-        if _due(done, cfg.save_every, cfg.steps):
-            _save(cfg, env, model, optimizer, done)
-        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}",
-                        **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-        bar.update(1)
-    bar.close()
+    with bar:  # closed on errors too (a NaN stop), so no stale bar is printed at exit
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            train_loss, norm, lr = _update(cfg, env, wrapped, optimizer, data, step)
+            done = step + 1
+            tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+            record = {"step": done, "tokens": done * tokens_per_step, "train_loss": train_loss, "lr": lr,
+                      "grad_norm": norm, "tokens_per_s": tok_s}
+            if _due(done, cfg.eval_every, cfg.steps):
+                record["val_loss"] = _evaluate(cfg, model, data, env)
+                model.train()
+            metrics.write(record)
+            if "val_loss" in record and env.is_main:
+                plot_losses(metrics.read(), cfg.run_dir / "loss.png", title=_title(cfg))
+            if _due(done, cfg.save_every, cfg.steps):
+                _save(cfg, env, model, optimizer, done)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}",
+                            **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+            bar.update(1)
 
 
 def _title(cfg: TrainConfig) -> str:

@@ -48,15 +48,15 @@ def cli_args(opts: dict) -> list[str]:
                 args += [flag, *map(str, dval)] if isinstance(dval, list) else [flag, str(dval)]
         elif value is True:
             args.append("--" + key.replace("_", "-"))
-        elif value is not None:
+        elif value is not None and value is not False:
             args += ["--" + key.replace("_", "-"), str(value)]
     return args
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """One thread per process: the same arithmetic in every run, and fair to a 2-core machine."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", **extra)
-    env.pop("PARSCALE_KILL_DURING_STEP", None) if "PARSCALE_KILL_DURING_STEP" not in extra else None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARSCALE_KILL_")}  # faults only when asked
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", **extra)
     return env
 
 
