@@ -23,7 +23,8 @@ demo: $(STAMP)
 	$(BIN)/parscale demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	# One thread per worker: two workers fill the two cores without oversubscribing them.
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -88,3 +88,18 @@ def test_cli_exit_code_and_message_without_traceback(tmp_path, capsys):
     assert cli_main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "a"]) == 2
     err = capsys.readouterr().err
     assert "is not a directory" in err and "Traceback" not in err
+
+
+def test_a_trained_bpe_beside_a_qwen2_parscale_model_tokenizes_as_saved(tmp_path, tiny_factory):
+    """AutoTokenizer must keep our byte-level BPE's class even though config.json says
+    qwen2_parscale: the backbone's own tokenizer class would split text differently."""
+    from parscale.tokenizer import load_tokenizer, train_bpe
+
+    docs = ["def café(x):\n    return x  # ünïcode\n", "class A:\n    pass\n"] * 20
+    tokenizer = train_bpe(docs, 300)
+    model = to_parscale(tiny_factory("qwen2"), ParScaleConfig(2, 3), seed=0)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    loaded = load_tokenizer(tmp_path / "model")
+    text = "def café(y):\n        return  y # ü\n"
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]

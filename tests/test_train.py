@@ -169,3 +169,16 @@ def test_bad_input_is_a_clear_error_before_training(case, tmp_path, capsys):
     assert needle in err, err
     assert "Traceback" not in err
     assert not (run / "metrics.jsonl").exists()
+
+
+def test_gradient_accumulation_sees_the_same_global_batch(tmp_path):
+    # --grad-accum splits the update's batch into micro-batches; it must not change the data
+    # or the math, so 2 x 2 rows and 1 x 4 rows give the same losses to float rounding
+    # (the two half-batch gradients are summed in another order: ~1e-7 on a loss near 5).
+    opts = micro_setup(tmp_path)
+    for name, accum in (("one", 1), ("two", 2)):
+        train_in_process(out=str(tmp_path / name), P=2, steps=3, grad_accum=accum,
+                         **{**opts, "eval_every": 0, "save_every": 0})
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["train_loss"] for r in two] == pytest.approx([r["train_loss"] for r in one], abs=1e-5)
+    assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], abs=1e-5)

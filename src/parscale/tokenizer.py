@@ -49,22 +49,34 @@ def train_bpe(texts: Sequence[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
 
 
-def load_tokenizer(directory: str | os.PathLike):
-    """A local tokenizer directory through `AutoTokenizer` (local files only, no remote code)."""
+def load_tokenizer(directory: str | os.PathLike, require_eos: bool = True):
+    """A local tokenizer directory through `AutoTokenizer` (local files only, no remote code).
+
+    Packing needs an EOS token between documents (`require_eos`); generation does not.
+    AutoTokenizer also reads a model's config.json, and warns that it does not know the
+    `qwen2_parscale` model type; that warning is muted here. Passing the backbone config
+    instead would be wrong: it makes AutoTokenizer pick the backbone's tokenizer class,
+    which tokenizes our byte-level BPE differently.
+    """
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = Path(directory).expanduser()
     if not path.is_dir():
         raise UserError(f"the tokenizer directory {str(directory)!r} does not exist; give a local "
                         "directory holding tokenizer.json (nothing is downloaded)")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as err:
         raise UserError(f"cannot load a tokenizer from {path}: {err}") from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if not getattr(tok, "is_fast", False):
         raise UserError(f"the tokenizer in {path} is not a fast (tokenizers-backed) tokenizer; "
                         "save it with tokenizer.json")
-    if tok.eos_token_id is None:
+    if require_eos and tok.eos_token_id is None:
         raise UserError(f"the tokenizer in {path} has no EOS token, which separates packed documents; "
                         "set eos_token in its tokenizer_config.json")
     return tok

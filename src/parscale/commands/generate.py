@@ -61,17 +61,6 @@ def check_tokenizer_dir(directory: Path, from_flag: bool) -> None:
         raise UserError(f"no tokenizer in {directory} (looked for {', '.join(TOKENIZER_FILES)}); {fix}")
 
 
-def load_tokenizer(directory: Path, model_config):
-    """A local tokenizer only (no hub look-ups).
-
-    The backbone config is passed in because AutoTokenizer would otherwise re-read
-    config.json, whose `qwen2_parscale` model type transformers does not know.
-    """
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(directory), config=model_config, local_files_only=True)
-
-
 def generation_kwargs(args: argparse.Namespace, tokenizer) -> dict:
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams)
     if args.do_sample:
@@ -88,12 +77,13 @@ def main(argv: list[str]) -> int:
     import torch
 
     from parscale.model import ParScaleForCausalLM
+    from parscale.tokenizer import load_tokenizer
 
     tokenizer_dir = Path(args.tokenizer or args.model)
     check_tokenizer_dir(tokenizer_dir, from_flag=args.tokenizer is not None)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = ParScaleForCausalLM.from_pretrained(args.model, torch_dtype=dtype)
-    tokenizer = load_tokenizer(tokenizer_dir, model.config)
+    tokenizer = load_tokenizer(tokenizer_dir, require_eos=False)
     encoded = tokenizer(args.prompt, return_tensors="pt")
     ids = encoded["input_ids"]
     if ids.numel() == 0:

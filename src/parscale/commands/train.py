@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from parscale.errors import UserError
 
@@ -33,12 +32,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _converter(hint: str, default: Any):
-    """A string -> value converter from a dataclass field's annotation."""
-    if "tuple" in hint or "list" in hint:
-        return None  # nargs="+"
-    for key, conv in (("bool", None), ("int", int), ("float", float)):
-        if hint.startswith(key) or (key != "bool" and f"{key} |" in hint):
+def _converter(hint: str):
+    """A string -> value converter from a dataclass field's annotation (`int | None` -> int)."""
+    for key, conv in (("int", int), ("float", float)):
+        if hint.startswith(key):
             return conv
     return str
 
@@ -57,7 +54,7 @@ def _add_fields(parser, cls, prefix: str = "") -> None:
         elif "tuple" in hint:
             parser.add_argument(flag, dest=dest, nargs="+", default=argparse.SUPPRESS, help=help_)
         else:
-            parser.add_argument(flag, dest=dest, type=_none_or(_converter(hint, None)),
+            parser.add_argument(flag, dest=dest, type=_none_or(_converter(hint)),
                                 default=argparse.SUPPRESS, help=help_)
 
 

@@ -77,8 +77,8 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool) -> Path:
         distributed.load_optimizer_state(model, optimizer, optim_state)
         start = int(trainer["step"])
         log.info("resuming from %s (step %d)", ckpt.name, start)
-    if env.is_main:
-        metrics.truncate_after(start)
+    if env.is_main:  # drop what a killed run logged past its checkpoint (all of it without one)
+        metrics.truncate_after(start if ckpt is not None else -1)
     if start == 0 and cfg.init_from:
         _log_step0(cfg, model, wrapped, data, env, metrics, base_val)
     _loop(cfg, env, model, wrapped, optimizer, data, metrics, start)
