@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/parscale demo --out runs/demo
 
+# One thread per test worker: two workers fill the two cores without oversubscribing them.
 test: $(STAMP)
-	# One thread per worker: two workers fill the two cores without oversubscribing them.
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadgroup
 
 clean:

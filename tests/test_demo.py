@@ -126,10 +126,10 @@ def test_stream_models_share_the_stage1_backbone_bit_for_bit(demo):
 @pytest.mark.slow
 def test_generations_are_greedy_and_reproducible(demo):
     cfg, summary = demo
-    from transformers import AutoTokenizer
+    from parscale.tokenizer import load_tokenizer
 
     final = cfg.out_dir / "runs" / "p4-streams" / "final"
-    tok = AutoTokenizer.from_pretrained(str(final))
+    tok = load_tokenizer(final)
     model = ParScaleForCausalLM.from_pretrained(final).eval()
     ids = tok(cfg.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():  # greedy by hand: the argmax of the last logits, one token at a time

@@ -247,9 +247,10 @@ def layer_time(s: ModelShape, w: Workload, rows: int, t: int, past: Any, hw: Har
     attn_bytes = attention_params(s) * b + 3 * rows * t * s.hidden * b
     if w.kv_traffic == "exact":
         attn_bytes = attn_bytes + kv_read + kv_write
-    attn = op_time(proj + attention_core_flops(s, rows, t, past), attn_bytes, hw)
+    gemm = hw.gemm_factor(rows * t)  # measured matmul efficiency at this many rows (CPU); else 1
+    attn = op_time(proj + attention_core_flops(s, rows, t, past), attn_bytes, hw) / gemm
     mlp_flops = (6 if s.gated_mlp else 4) * rows * t * s.hidden * s.intermediate
-    mlp = op_time(mlp_flops, mlp_params(s) * b + rows * t * s.intermediate * b, hw)
+    mlp = op_time(mlp_flops, mlp_params(s) * b + rows * t * s.intermediate * b, hw) / gemm
     norms = 2 * op_time(0, 2 * rows * t * s.hidden * b, hw)  # read + write, memory bound
     return attn + mlp + norms + hw.layer_overhead_s  # fixed eager cost (0 for GPU profiles)
 
@@ -268,8 +269,8 @@ def head_time(s: ModelShape, w: Workload, t: int, hw: Hardware) -> float:
     if p > 1:  # MLP on the P*h interleaved states, softmax over P, weighted sum
         agg_flops = 2 * bt * (p * h * h + h * p) + 2 * bt * p * h
         agg_bytes = aggregation_params(s, p) * b + (2 * p * h + h) * bt * b
-        aggregate = op_time(agg_flops, agg_bytes, hw)
-    lm_head = op_time(2 * bt * s.vocab * h, s.vocab * h * b + bt * s.vocab * b, hw)
+        aggregate = op_time(agg_flops, agg_bytes, hw) / hw.gemm_factor(bt)
+    lm_head = op_time(2 * bt * s.vocab * h, s.vocab * h * b + bt * s.vocab * b, hw) / hw.gemm_factor(bt)
     return float(lookup + final_norm + aggregate + lm_head)
 
 

@@ -258,12 +258,12 @@ def backbone_check(finals: dict[str, Path]) -> dict[str, Any]:
 def generate(final: Path, prompt: str, new_tokens: int) -> dict[str, Any]:
     """Greedy completion of `prompt` by a saved model (its own tokenizer), and its parameter counts."""
     import torch
-    from transformers import AutoTokenizer
 
     from parscale.model import ParScaleForCausalLM
+    from parscale.tokenizer import load_tokenizer
 
     model = ParScaleForCausalLM.from_pretrained(final).eval()
-    tok = AutoTokenizer.from_pretrained(str(final))
+    tok = load_tokenizer(final, require_eos=False)  # the class it was saved with: the training tokenisation
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,

@@ -54,20 +54,20 @@ def runs_table(summary: dict[str, Any]) -> str:
 def backbone_table(summary: dict[str, Any]) -> str:
     b = summary["backbone"]
     rows = [[name, "yes" if r["identical"] else "no", f"{r['max_abs_diff']:.3g}"] for name, r in b["runs"].items()]
-    return _table(["run", f"backbone identical to p1-pretrain ({b['tensors']} tensors)", "max |diff|"], rows)
+    return _table(["run", f"backbone identical to p1-pretrain ({b['tensors']} tensors)", "max abs diff"], rows)
 
 
 def generations_table(summary: dict[str, Any]) -> str:
     rows = []
     for name, r in summary["runs"].items():
-        text = r["completion"].replace("\\", "\\\\").replace("|", "\\|").replace("\n", "⏎")
+        text = r["completion"].replace("\\", "\\\\").replace("|", "\\|").replace("\n", "⏎").replace("`", "'")
         rows.append([name, f"`{text}`" if text.strip() else "(empty)"])
     return _table(["run", f"greedy completion of `{summary['config']['prompt']}` (⏎ = newline)"], rows)
 
 
 def law_table(summary: dict[str, Any]) -> str:
     law = summary["law"]
-    params = _table(["E", "A (x1e9)", "alpha", "k", "R²", "max |error|", "converged"],
+    params = _table(["E", "A (x1e9)", "alpha", "k", "R²", "max abs error", "converged"],
                     [[f"{law['E']:.4f}", f"{law['A']:.4g}", f"{law['alpha']:.4f}", f"{law['k']:.4f}",
                       f"{law['r2']:.5f}", f"{100 * law['max_abs_error']:.2f}%", "yes" if law["converged"] else "no"]])
     mult = _table(["P", "k·ln P + 1"], [[p, f"{m:.3f}"] for p, m in law["multipliers"].items()])
@@ -103,8 +103,14 @@ def _conversion(runs: dict[str, Any]) -> list[str]:
         return []
     worst = max(changes, key=abs)
     verdict = "within" if abs(worst) <= CONVERSION_BOUND else "OUTSIDE"
-    return [f"Converting the P=1 model to P streams changed the held-out loss by at most {100 * worst:+.2f}% "
-            f"before any training ({verdict} the 2% bound)."]
+    out = [f"Converting the P=1 model to P streams changed the held-out loss by at most {100 * worst:+.2f}% "
+           f"before any training ({verdict} the 2% bound)."]
+    stage1 = runs["p1-pretrain"]["final_val_loss"]
+    again = [r["base_val_loss"] for r in runs.values() if r["base_val_loss"] is not None]
+    if any(abs(b - stage1) > 1e-4 for b in again):  # same model, same text: only the tokenisation can differ
+        out.append(f"WARNING: stage 2 measured the stage-1 model at {again[0]:.4f}, not its own {stage1:.4f}: "
+                   "the two stages did not tokenise the held-out text alike.")
+    return out
 
 
 def _like_for_like(runs: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -19,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from parscale.errors import UserError
 
@@ -37,6 +40,18 @@ class Hardware:
     flops_efficiency: float = 0.7
     memory_efficiency: float = 0.9
     layer_overhead_s: float = 0.0  # fixed time per decoder layer and forward (eager CPU runs)
+    gemm_efficiency: tuple[tuple[float, float], ...] = ()  # (rows, fraction of roofline) measured
+
+    def gemm_factor(self, rows: float) -> float:
+        """Fraction of the roofline a matmul with `rows` rows reaches (1 without a curve).
+
+        Interpolated in log2(rows) and clamped at the measured ends.
+        """
+        if not self.gemm_efficiency:
+            return 1.0
+        xs = [math.log2(r) for r, _ in self.gemm_efficiency]
+        ys = [e for _, e in self.gemm_efficiency]
+        return float(np.interp(math.log2(max(rows, 1)), xs, ys))
 
     def __post_init__(self) -> None:
         for name in ("peak_flops", "bandwidth", "memory_bytes"):
@@ -122,8 +137,30 @@ def measure_cpu(size_mb: int = 256, matmul_n: int = 1024, repeats: int = 5) -> d
         "peak_flops": 2 * matmul_n**3 / mm_s,
         "gemv_bandwidth": rows * 4096 * 4 / gemv_s,
         "layer_overhead_s": measure_layer_overhead(repeats),
+        "gemm_efficiency": measure_gemm_curve(2 * matmul_n**3 / mm_s, rows * 4096 * 4 / gemv_s),
         "threads": torch.get_num_threads(),
     }
+
+
+def measure_gemm_curve(peak_flops: float, stream_bandwidth: float, repeats: int = 3) -> list[list[float]]:
+    """How close a float32 linear layer with M rows gets to its roofline, M = 1 .. 128.
+
+    CPU BLAS runs matmuls with a few rows far below both the streaming rate (1 row) and the
+    square-matmul rate (many rows), which is exactly the regime of decode steps with P*B
+    rows; a plain two-number roofline cannot express that, so the profile carries the curve.
+    Measured over 24 weights of 1024 x 2816 (276 MB, more than any cache), one pass each.
+    """
+    import torch
+
+    k, n = 1024, 2816
+    weights = [torch.randn(n, k) for _ in range(24)]
+    curve = []
+    for rows in (1, 2, 4, 8, 16, 32, 64, 128):
+        x = torch.randn(rows, k)
+        seconds = _best_seconds(lambda: [torch.nn.functional.linear(x, w) for w in weights], repeats)
+        roofline = len(weights) * max(2 * rows * k * n / peak_flops, (k * n + rows * (k + n)) * 4 / stream_bandwidth)
+        curve.append([rows, min(1.0, roofline / seconds)])
+    return curve
 
 
 def measure_layer_overhead(repeats: int = 5, small: int = 2, large: int = 6) -> float:
@@ -192,8 +229,9 @@ def _cpu_profile(data: dict[str, Any]) -> Hardware:
         capacity = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     bandwidth = float(data["bandwidth"])
     memory_efficiency = min(1.0, float(data.get("gemv_bandwidth", bandwidth)) / bandwidth)
+    curve = tuple((float(r), float(e)) for r, e in data.get("gemm_efficiency", []))
     return Hardware("cpu-local", float(data["peak_flops"]), bandwidth, capacity, 1.0, memory_efficiency,
-                    float(data.get("layer_overhead_s", 0.0)))
+                    float(data.get("layer_overhead_s", 0.0)), curve)
 
 
 def load_profile_file(path: Path) -> Hardware:
