@@ -120,6 +120,19 @@ def test_layer_overhead_is_paid_per_layer_and_forward():
     assert extra == pytest.approx(36 * (1 + 7) * 1e-3)  # 36 layers x (prefill + 7 steps)
 
 
+def test_gemm_curve_divides_the_matmul_operations():
+    curve = ((1.0, 1.0), (4.0, 0.5))
+    hw = Hardware("h", 1e12, 1e11, 1e12, 1.0, 1.0, 0.0, curve)
+    assert [hw.gemm_factor(r) for r in (1, 2, 4, 64)] == pytest.approx([1.0, 0.75, 0.5, 0.5])  # log2-linear
+    plain = replace(hw, gemm_efficiency=())
+    one = Workload(n_streams=1, batch_size=1, input_length=1, output_length=1)
+    # 1 row: factor 1 everywhere, so the curve changes nothing
+    assert estimate(PRESETS["0.5B"], one, hw).decode_s == pytest.approx(estimate(PRESETS["0.5B"], one, plain).decode_s)
+    four = replace(one, batch_size=4)  # 4 rows: the matmul-bearing operations take twice as long
+    slow, fast = decode_times(PRESETS["0.5B"], four, hw)[0], decode_times(PRESETS["0.5B"], four, plain)[0]
+    assert fast < slow < 2 * fast
+
+
 # ------------------------------------------------------------------ behaviour
 @pytest.mark.parametrize("field,values", [("n_streams", [1, 2, 4, 8]), ("batch_size", [1, 2, 4, 8]),
                                           ("input_length", [16, 64, 256]), ("output_length", [16, 64, 256])])

@@ -196,3 +196,35 @@ def test_cli_reports_a_bad_scale_without_traceback(capsys):
 
     assert main(["demo", "--scale", "-1", "--out", "unused"]) == 2
     assert "--scale" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_killed_demo_resumes_to_the_same_numbers(demo, tmp_path):
+    """SIGKILL the demo mid-update in stage 1 (after a checkpoint), rerun it: the losses and the
+    final weights equal the uninterrupted demo's."""
+    import os
+    import subprocess
+    import sys
+
+    cfg, _ = demo
+    out = tmp_path / "killed"
+    script = ("import sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv[1]); "
+              "from test_demo import small_config; from parscale.demo import run_demo; "
+              "run_demo(small_config(sys.argv[2]))")
+    env = {**os.environ, "PARSCALE_KILL_DURING_STEP": "5"}  # stage 1 checkpoints at step 3
+    proc = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), str(out)], env=env,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert not (out / "runs" / PRETRAIN / "final").exists()
+    again = run_demo(small_config(out))
+    assert again["runs"][PRETRAIN]["action"] == "resumed"
+
+    def losses(root: Path, name: str) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"}
+                for r in read_metrics(root / "runs" / name / "metrics.jsonl")]
+
+    for name in RUNS:
+        assert losses(out, name) == losses(cfg.out_dir, name), name
+    a = load_file(str(out / "runs" / "p2-full" / "final" / "model.safetensors"))
+    b = load_file(str(cfg.out_dir / "runs" / "p2-full" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)

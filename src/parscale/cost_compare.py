@@ -9,70 +9,31 @@ layers and heads kept) until it has the equivalent parameter count.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 from dataclasses import dataclass, replace
-from importlib import resources
-from pathlib import Path
 from typing import Any, Callable
 
 from parscale.cost import PRESETS, CostResult, ModelShape, Workload, estimate, non_embedding_params
 from parscale.errors import UserError
 from parscale.hardware import Hardware
+from parscale.law import Law, fit, load_law
+from parscale.law_data import PAPER_DATASETS, load_points
 
 LADDER = list(PRESETS.values())
-PAPER_DATA = {"paper-stack": "paper_stack.csv", "paper-pile": "paper_pile.csv"}
-
-
-@dataclass(frozen=True)
-class Law:
-    """L(N, P) = E + (A*1e9 / (N*(k ln P + 1)))^alpha."""
-
-    E: float
-    A: float
-    alpha: float
-    k: float
-
-    def loss(self, n: float, p: int) -> float:
-        return self.E + (self.A * 1e9 / (n * (self.k * math.log(p) + 1))) ** self.alpha
-
-    def multiplier(self, p: int) -> float:
-        """P streams act like k ln P + 1 times the parameters."""
-        return self.k * math.log(p) + 1
 
 
 def load_paper_rows(name: str) -> list[tuple[int, int, float]]:
     """(params, P, loss) rows of the paper's measurements shipped as package data."""
-    if name not in PAPER_DATA:
-        raise UserError(f"unknown data set {name!r}; choose one of {sorted(PAPER_DATA)}")
-    try:
-        text = resources.files("parscale").joinpath("resources", PAPER_DATA[name]).read_text()
-    except FileNotFoundError as err:
-        raise UserError(f"package data for {name} is missing ({err}); reinstall parscale") from err
-    return [(int(float(r["params"])), int(r["P"]), float(r["loss"])) for r in csv.DictReader(io.StringIO(text))]
-
-
-def law_from_file(path: str) -> Law:
-    try:
-        data = json.loads(Path(path).read_text())
-        return Law(*(float(data[key]) for key in ("E", "A", "alpha", "k")))
-    except FileNotFoundError as err:
-        raise UserError(f"law file {path} does not exist") from err
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"law file {path} must be JSON with numbers E, A, alpha, k ({err!r})") from err
+    if name not in PAPER_DATASETS:
+        raise UserError(f"unknown data set {name!r}; choose one of {sorted(PAPER_DATASETS)}")
+    points = load_points(name)
+    return [(int(n), int(p), float(y)) for n, p, y in zip(points.params, points.streams, points.loss)]
 
 
 def fitted_law(name: str) -> Law:
     """The law fitted to one of the paper's data sets with `parscale.law.fit`."""
-    try:
-        from parscale.law import fit
-    except ImportError as err:
-        raise UserError(f"the law fit is not available ({err}); pass --law FILE.json with E, A, alpha, k") from err
-    rows = load_paper_rows(name)
-    result = fit([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
-    return Law(float(result.E), float(result.A), float(result.alpha), float(result.k))
+    points = load_points(name)
+    return fit(points.params, points.streams, points.loss).law
 
 
 @dataclass(frozen=True)
@@ -87,9 +48,9 @@ class Reference:
 def parse_reference(spec: str, law_file: str | None = None, law_fitter: Callable[[str], Law] = fitted_law) -> Reference:
     """`observed:paper-stack`, `law:paper-stack` (fitted) or, with `law_file`, that law."""
     if law_file:
-        return Reference(f"law:{law_file}", law=law_from_file(law_file))
+        return Reference(f"law:{law_file}", law=load_law(law_file))
     kind, _, data = spec.partition(":")
-    if kind not in ("observed", "law") or data not in PAPER_DATA:
+    if kind not in ("observed", "law") or data not in PAPER_DATASETS:
         raise UserError(f"unknown reference {spec!r}; use observed:paper-stack, law:paper-stack (or -pile), or --law FILE.json")
     if kind == "law":
         return Reference(spec, law=law_fitter(data))

@@ -99,7 +99,7 @@ class DemoConfig:
 
     @classmethod
     def preset(cls, out: str, quick: bool = False, scale: float = 1.0, seed: int = 0, **fields: Any) -> "DemoConfig":
-        """The default study, or `quick` (a smoke version of about a minute), every step count x `scale`."""
+        """The default study, or `quick` (a smoke version of about 1.5 minutes), every step count x `scale`."""
         if not (math.isfinite(scale) and scale > 0):
             raise UserError(f"--scale must be a positive number, got {scale}")
         base = dict(pretrain_steps=60, post_steps=20, eval_tokens=8192, new_tokens=24) if quick else {}
@@ -166,7 +166,7 @@ def _comparable(fields: dict[str, Any]) -> dict[str, Any]:
 
 def check_demo_dir(cfg: DemoConfig) -> None:
     """Record the demo config in OUT, or refuse an OUT that holds a demo with other settings."""
-    from parscale.train.checkpoint import atomic_write_text
+    from parscale.demo_report import write_text
 
     path = cfg.out_dir / DEMO_FILE
     want = json.loads(json.dumps(cfg.identity()))
@@ -179,7 +179,7 @@ def check_demo_dir(cfg: DemoConfig) -> None:
                             f"rerun with the same flags, choose another --out, or delete {cfg.out} to start over")
         return
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(want, indent=1, sort_keys=True) + "\n")
+    write_text(path, json.dumps(want, indent=1, sort_keys=True) + "\n")
 
 
 def ensure_run(tc) -> tuple[Path, str]:

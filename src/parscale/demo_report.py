@@ -77,7 +77,8 @@ def law_table(summary: dict[str, Any]) -> str:
 def cost_table(summary: dict[str, Any]) -> str:
     rows = []
     for r in summary["cost"]["rows"]:
-        rows.append([str(r["P"]), str(r["batch_size"]), f"{r['loss_parscale']:.4f}", f"{r['params_equivalent'] / 1e9:.2f}B",
+        rows.append([str(r["P"]), str(r["batch_size"]), f"{r['loss_parscale']:.4f}",
+                     f"{r['params_equivalent'] / 1e9:.2f}B",
                      f"{r['memory_increase_parscale_gib']:.3f}", f"{r['memory_increase_param_gib']:.3f}",
                      f"{1e3 * r['latency_increase_parscale_s']:.1f}", f"{1e3 * r['latency_increase_param_s']:.1f}",
                      f"{r['memory_ratio']:.1f}x", f"{r['latency_ratio']:.1f}x"])
@@ -228,12 +229,19 @@ def plot_losses(summary: dict[str, Any], path: Path) -> None:
     os.close(fd)
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a plot is meant to be shared like any output
     os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically, then readable by others like any output (the temp file was private)."""
+    atomic_write_text(path, text)
+    os.chmod(path, 0o644)
 
 
 def write_report(summary: dict[str, Any], out: Path) -> None:
     """summary.json, losses.png and report.md in `out`, each written atomically."""
     out = Path(out)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=float) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=1, default=float) + "\n")
     plot_losses(summary, out / "losses.png")
-    atomic_write_text(out / "report.md", report_markdown(summary))
+    write_text(out / "report.md", report_markdown(summary))

@@ -71,6 +71,14 @@ class Law:
     def predict(self, params, streams) -> np.ndarray:
         return predict(self, params, streams)
 
+    def loss(self, params: float, streams: float) -> float:
+        """One prediction L(N, P) as a plain float."""
+        return float(predict(self, params, streams))
+
+    def multiplier(self, streams: float) -> float:
+        """P streams act like k ln P + 1 times the parameters."""
+        return float(multiplier(self.k, streams))
+
     def to_dict(self) -> dict[str, float]:
         return {name: float(getattr(self, name)) for name in NAMES}
 

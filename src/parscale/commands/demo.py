@@ -20,10 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "P=1/2/4 streams, generate, fit the scaling law, compare inference costs, and write "
                     "OUT/report.md, OUT/summary.json and the plots.")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a smoke version of about a minute after data preparation")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every step count by F (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="training seed of every run (default 0)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke version: 60 + 20 steps, about 1.5 minutes with data preparation")
+    p.add_argument("--scale", type=float, default=1.0, metavar="F", help="multiply every step count by F (default 1)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="training seed of every run (default 0)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch CPU threads (default 1: the tiny model's matrices are too small for more "
                         "threads to pay, and on a busy machine extra threads slow it down)")
     p.add_argument("--no-measure", action="store_true", help="skip timing the tiny model on this CPU")
