@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from transformers.initialization import no_init_weights
 
 from parscale.config import ParScaleConfig
 from parscale.errors import UserError
+from parscale.atomic import atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -83,25 +83,6 @@ def config_dict(model) -> dict[str, Any]:
 
 
 # ----- small file helpers ------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """`write(tmp_path)`, then rename over `path`: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-    _atomic_write(path, write)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -179,10 +160,10 @@ def save_parscale(model, save_directory: str | os.PathLike, **kwargs) -> None:
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = weights_to_save(model)
-    _atomic_write(directory / SAFE_WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / SAFE_WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
     if getattr(model, "generation_config", None) is not None:
-        _write_json(directory / "generation_config.json", model.generation_config.to_diff_dict())
-    _write_json(directory / "config.json", config_dict(model))  # last: its presence marks a complete save
+        atomic_write_json(directory / "generation_config.json", model.generation_config.to_diff_dict(), sort_keys=True)
+    atomic_write_json(directory / "config.json", config_dict(model), sort_keys=True)  # last: its presence marks a complete save
 
 
 def _resolve_dtype(torch_dtype, backbone: PretrainedConfig) -> torch.dtype:

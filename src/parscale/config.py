@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from parscale.errors import UserError
+from parscale.atomic import atomic_write_json
 
 
 def _check_int(name: str, value: Any, minimum: int, fix: str) -> None:
@@ -68,16 +68,7 @@ class ParScaleConfig:
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         """Write atomically, so a crash never leaves a half-written config behind."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self.to_dict(), handle, indent=2)
-                handle.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "ParScaleConfig":

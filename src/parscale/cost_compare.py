@@ -9,7 +9,6 @@ layers and heads kept) until it has the equivalent parameter count.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 

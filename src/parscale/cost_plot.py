@@ -5,13 +5,12 @@ P streams); the base model's path by ParScale and by parameter scaling is drawn 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from parscale.cost import non_embedding_params
 from parscale.cost_compare import LADDER, Comparator, Reference, ladder_index
+from parscale.atomic import atomic_save_figure
 
 
 def _ladder_loss(ref: Reference, i: int, p: int, prefix_tokens: int) -> float | None:
@@ -56,13 +55,4 @@ def plot_compare(base: Any, ref: Reference, rows: list[dict[str, Any]], cmp: Com
     lengths = ",".join(str(n) for n in cmp.lengths)
     fig.suptitle(f"Inference cost vs loss on {cmp.hw.name} (input = output, averaged over {lengths})")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a plot is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    atomic_save_figure(fig, path, dpi=110)

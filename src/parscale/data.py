@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from parscale.batches import (
 )
 from parscale.errors import UserError
 from parscale.tokenizer import load_cached_tokenizer, load_tokenizer, save_tokenizer, train_bpe
+from parscale.atomic import atomic_write, atomic_write_json
 
 __all__ = [
     "DataConfig", "PreparedData", "prepare_data", "prepare_split", "batch_at", "val_batches", "evaluate_loss",
@@ -205,21 +205,15 @@ def tokenize_documents(docs: list[str], tokenizer, desc: str = "tokenizing", chu
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
             np.save(fh, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(path, write)
 
 
 def _save_json(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
 def _tokenizer(cfg: DataConfig, where: Path, train_docs: list[str]):

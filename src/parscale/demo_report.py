@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from parscale.train.checkpoint import atomic_write_text
+from parscale.atomic import atomic_save_figure, atomic_write_text
 
 # Seed-to-seed standard deviation of the paired (P=2 minus control) loss difference, measured
 # on this tiny model and budget before the demo existed (three seeds): a single-seed gap
@@ -225,12 +224,7 @@ def plot_losses(summary: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a plot is meant to be shared like any output
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path, dpi=110)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -1,13 +1,12 @@
 """The fit as a picture: loss against N (log axis), one series and fitted curve per P."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from parscale.law import FitResult
+from parscale.atomic import atomic_save_figure
 
 
 def equation(res: FitResult) -> str:
@@ -54,21 +53,4 @@ def plot_fit(res: FitResult, path: str | Path, *, title: str = "", held_out: dic
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    return _save_atomic(fig, Path(path))
-
-
-def _save_atomic(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=(path.suffix.lstrip(".") or "png"))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a plot is for sharing
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-    return path
+    return atomic_save_figure(fig, path)

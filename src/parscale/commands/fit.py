@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import numpy as np
 from parscale import law as L
 from parscale.errors import UserError
 from parscale.law_data import PAPER_DATASETS, load_points
+from parscale.atomic import atomic_write_json
 
 MULTIPLIER_P = (1, 2, 4, 8, 16, 32)
 
@@ -98,12 +97,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the law file is meant to be read by others
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

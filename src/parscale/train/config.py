@@ -189,7 +189,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config atomically (temp file in the same folder, then replace)."""
-    from parscale.train.checkpoint import atomic_write_text
+    from parscale.atomic import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
