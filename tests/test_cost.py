@@ -18,7 +18,7 @@ from parscale.cost_compare import Comparator, Law, Reference, compare, parse_ref
 from parscale.errors import UserError
 from parscale.hardware import BUILTIN, Hardware, cpu_local, load_profile_file, resolve
 
-# Issue 3's table (the paper's published non-embedding counts), rows P = 1, 2, 4, 8.
+# The paper's published non-embedding counts, rows P = 1, 2, 4, 8.
 PAPER_COUNTS = {
     1: [535813376, 693753856, 1088376320, 1571472384, 2774773760, 4353203200],
     2: [538195842, 696738818, 1092762882, 1577522690, 2784937986, 4368529922],
@@ -34,7 +34,7 @@ def test_counts_match_the_paper_table_exactly(p):
 
 
 def test_counts_match_the_closed_form():
-    # 81h^2 + 108hI + 118h, plus P*h^2 + (433P + 1)*h + P for P > 1 (issue 4).
+    # 81h^2 + 108hI + 118h, plus P*h^2 + (433P + 1)*h + P for P > 1.
     for s in PRESETS.values():
         h, i = s.hidden, s.intermediate
         for p in (1, 2, 4, 8, 16):

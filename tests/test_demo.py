@@ -82,7 +82,7 @@ def test_report_numbers_come_from_the_runs_metrics(demo):
         else:  # the converted model before any update, and the stage-1 model it came from
             assert run["step0_val_loss"] == step0[0]["val_loss"]
             assert run["base_val_loss"] == pytest.approx(summary["runs"][PRETRAIN]["final_val_loss"], abs=1e-6)
-            assert abs(run["step0_val_loss"] / run["base_val_loss"] - 1) < 0.02  # the 2% bound
+            assert abs(run["step0_val_loss"] / run["base_val_loss"] - 1) < 0.02  # the required 2% bound
     control = summary["runs"]["p1-control"]["final_val_loss"]
     gap = summary["runs"]["p2-streams"]["final_val_loss"] - control
     assert f"{gap:+.4f}" in report

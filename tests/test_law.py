@@ -47,7 +47,7 @@ def plain_objective(x, n, p, y) -> float:
 # --------------------------------------------------------------------------- the math
 
 
-def test_paper_data_matches_the_issue_tables():
+def test_paper_data_matches_the_published_tables():
     n, p, y = paper("paper-pile")
     assert len(n) == 24 and sorted(set(p)) == [1, 2, 4, 8]
     assert n[0] == 535813376 and n[-1] == 4414502408 and y[0] == 2.1113 and y[-1] == 1.7772

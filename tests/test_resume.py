@@ -20,7 +20,7 @@ from parscale.train.loop import KILL_STEP_ENV
 
 STEPS = 10
 # On CPU, with one thread, the same operations in the same order give the same bits; 1e-6
-# is the requirement, and a resume that lost any state (optimizer moments, data
+# is the requirement, and a resume that lost any state (optimizer moments, data
 # position, schedule) moves the next loss by 1e-3 or more.
 TOL = 1e-6
 
