@@ -53,8 +53,9 @@ def _pairs(values: list[str], flag: str, names: tuple[str, str]) -> list[tuple[f
     return out
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Everything the command reports, as one JSON-ready dict (the tables print from it)."""
+def run(args: argparse.Namespace) -> tuple[dict, tuple]:
+    """Everything the command reports, as one JSON-ready dict (the tables print from it),
+    plus what the plot needs: (fit result, data source, extrapolation check or None)."""
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap must be 0 (off) or a number of resamples, got {args.bootstrap}")
     predict_at = _pairs(args.predict, "--predict", ("N", "P"))
@@ -88,12 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.save_law:
         _write_json_atomic(Path(args.save_law), {**res.law.to_dict(), "source": pts.source,
                                                  "objective": res.objective, "r2": res.r2})
-    if args.plot:
-        from parscale.law_plot import plot_fit
-
-        plot_fit(res, args.plot, title=f"parallel scaling law: {pts.source}",
-                 held_out=None if "skipped" in check else check)
-    return out
+    return out, (res, pts.source, None if "skipped" in check else check)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -156,8 +152,13 @@ def render(out: dict) -> str:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    out = run(args)
-    print(json.dumps(out, indent=2) if args.json else render(out), end="" if not args.json else "\n")
+    out, (res, source, held_out) = run(args)
+    # Print first, then plot: importing matplotlib costs about a second.
+    print(json.dumps(out, indent=2) if args.json else render(out), end="" if not args.json else "\n", flush=True)
+    if args.plot:
+        from parscale.law_plot import plot_fit
+
+        plot_fit(res, args.plot, title=f"parallel scaling law: {source}", held_out=held_out)
     if args.plot and not args.json:
         print(f"plot written to {args.plot}")
     if args.save_law and not args.json:
