@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from parscale.errors import UserError
+from parscale.errors import UserError, reject_unknown_fields
 from parscale.atomic import atomic_write_json
 
 
@@ -60,10 +60,7 @@ class ParScaleConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ParScaleConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"unknown ParScaleConfig field(s) {unknown}; expected a subset of {sorted(known)}")
+        reject_unknown_fields(cls, data, "ParScaleConfig field(s)")
         return cls(**data)
 
     def to_json_file(self, path: str | os.PathLike) -> None:

@@ -30,7 +30,7 @@ from parscale import corpus
 from parscale.batches import (
     batch_at, check_batch, check_seq_len, check_val, check_vocab_size, evaluate_loss, val_batches,
 )
-from parscale.errors import UserError
+from parscale.errors import UserError, reject_unknown_fields
 from parscale.tokenizer import load_cached_tokenizer, load_tokenizer, save_tokenizer, train_bpe
 from parscale.atomic import atomic_write, atomic_write_json
 
@@ -110,10 +110,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown data option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        reject_unknown_fields(cls, d, "data option(s)")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from parscale.errors import UserError
+from parscale.errors import UserError, reject_unknown_fields
 from parscale.train.schedule import SCHEDULES
 
 TRAIN_MODES = ("full", "streams")
@@ -166,10 +166,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - known)
-        if unknown:
-            raise UserError(f"unknown config option(s) {unknown}; known options: {sorted(known)}")
+        reject_unknown_fields(cls, fields, "config option(s)")
         return cls(**fields)
 
 
