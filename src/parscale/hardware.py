@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from parscale.errors import UserError
 from parscale.atomic import atomic_write_json
+from parscale.cache import cache_dir as parscale_cache_dir
+from parscale.errors import UserError
 
 log = logging.getLogger(__name__)
 GB = 1e9
@@ -82,12 +83,6 @@ BUILTIN: dict[str, Hardware] = {
 }
 # The names the authors' script (llm-analysis) uses for the same parts.
 ALIASES = {"a100-sxm-80gb": "a100-80gb", "h100-sxm-80gb": "h100-sxm", "h200-sxm-141gb": "h200"}
-
-
-def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/parscale`, else `~/.cache/parscale`."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "parscale"
 
 
 def _atomic_json(path: Path, data: dict[str, Any]) -> None:
@@ -191,7 +186,7 @@ def _fingerprint() -> dict[str, Any]:
 
 def cpu_local(cache_dir: Path | None = None, refresh: bool = False) -> Hardware:
     """The measured profile of this CPU, cached (keyed by CPU count and torch threads)."""
-    path = (cache_dir or default_cache_dir()) / "hardware-cpu-local.json"
+    path = (cache_dir or parscale_cache_dir()) / "hardware-cpu-local.json"
     fingerprint = _fingerprint()
     if path.is_file() and not refresh:
         try:

@@ -15,10 +15,10 @@ import argparse
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from parscale.cache import cache_dir
 from parscale.errors import UserError
 
 DEFAULT_MAX_TOKENS = 131072  # the validation size of training runs
@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 
 def default_cache_dir() -> Path:
     """`$XDG_CACHE_HOME/parscale/data` (usually ~/.cache/parscale/data)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "parscale" / "data"
+    return cache_dir("data")
 
 
 def build_parser() -> argparse.ArgumentParser:

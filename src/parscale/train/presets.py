@@ -86,16 +86,3 @@ def build_hf_config(fields: dict[str, Any], vocab_size: int | None = None):
         return AutoConfig.for_model(model_type, **fields)
     except ValueError as err:
         raise UserError(f"cannot build a model config of type {model_type!r}: {err}") from err
-
-
-def count_parameters(hf_config, non_embedding: bool = True) -> int:
-    """Parameter count of a from-scratch model of this config, built on the meta device."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    total = sum(p.numel() for p in model.parameters())
-    if non_embedding:
-        total -= model.get_input_embeddings().weight.numel()
-    return total
