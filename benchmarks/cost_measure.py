@@ -32,9 +32,9 @@ def main() -> int:
 
     import torch
 
-    from parscale.commands.cost import int_list
-    from parscale.cost_measure import MeasureConfig, format_table, run_measurements
-    from parscale.hardware import cpu_local, profile_dict
+    from parscale.cli.cost import int_list
+    from parscale.cost.measure import MeasureConfig, format_table, run_measurements
+    from parscale.cost.hardware import cpu_local, profile_dict
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()

@@ -1,4 +1,4 @@
-"""Speed of the law fit: parscale.law.fit against the straightforward scipy 300-start loop.
+"""Speed of the law fit: parscale.law.fitting.fit against the straightforward scipy 300-start loop.
 
     python benchmarks/fit_speed.py [--repeats 5]
 
@@ -27,8 +27,8 @@ from scipy.optimize import minimize  # noqa: E402
 from scipy.special import huber  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from parscale import law as L  # noqa: E402
-from parscale.law_data import load_points  # noqa: E402
+from parscale.law import fitting as L  # noqa: E402
+from parscale.law.points import load_points  # noqa: E402
 
 DATASETS = ("paper-stack", "paper-pile")
 

@@ -13,9 +13,9 @@ from parscale.errors import UserError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ParScaleConfig": "parscale.config",
-    "ParScaleForCausalLM": "parscale.model",
-    "to_parscale": "parscale.model",
+    "ParScaleConfig": "parscale.model.config",
+    "ParScaleForCausalLM": "parscale.model.wrapper",
+    "to_parscale": "parscale.model.wrapper",
 }
 
 __all__ = ["UserError", "__version__", *_LAZY]

@@ -1,6 +1,6 @@
 """`python -m parscale VERB ...` (this is what `torchrun -m parscale train ...` runs)."""
 import sys
 
-from parscale.cli import main
+from parscale.cli.main import main
 
 sys.exit(main())

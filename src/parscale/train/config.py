@@ -25,7 +25,7 @@ RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "keep_last", "device
 
 
 def _data_config_cls():
-    from parscale.data import DataConfig
+    from parscale.data.prepare import DataConfig
 
     return DataConfig
 
@@ -48,7 +48,7 @@ class TrainConfig:
     attn_smooth: float = 0.01           # aggregation smoothing (the paper's epsilon)
     train: str = "full"                 # full: all weights learn | streams: backbone frozen
     # --- data
-    data: Any = field(default_factory=_default_data)   # a parscale.data.DataConfig
+    data: Any = field(default_factory=_default_data)   # a parscale.data.prepare.DataConfig
     cache_dir: str | None = None        # where tokenized data is cached (None: RUN_DIR/data)
     seq_len: int = 128
     batch_size: int = 8                 # global sequences per update (over ranks and accumulation)

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 def _parscale_api():
     """`(ParScaleConfig, ParScaleForCausalLM, to_parscale)`, or None before the model exists."""
     try:
-        from parscale.config import ParScaleConfig
-        from parscale.model import ParScaleForCausalLM, to_parscale
+        from parscale.model.config import ParScaleConfig
+        from parscale.model.wrapper import ParScaleForCausalLM, to_parscale
     except ImportError:
         return None
     return ParScaleConfig, ParScaleForCausalLM, to_parscale
@@ -36,7 +36,7 @@ def wrap_streams(base: torch.nn.Module, P: int, prefix_tokens: int, attn_smooth:
     api = _parscale_api()
     if api is None:
         if P != 1:
-            raise UserError("this installation has no parscale.model, so only P=1 can be trained")
+            raise UserError("this installation has no parscale.model.wrapper, so only P=1 can be trained")
         return base
     ParScaleConfig, _, to_parscale = api
     cfg = ParScaleConfig(n_streams=P, n_prefix_tokens=prefix_tokens, attn_smooth=attn_smooth)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from parscale.data import batch_at, check_data, check_seq_len, evaluate_loss, prepare_data
+from parscale.data.prepare import batch_at, check_data, check_seq_len, evaluate_loss, prepare_data
 from parscale.errors import UserError
 from parscale.train import checkpoint as ckpt_io
 from parscale.train import convert, distributed

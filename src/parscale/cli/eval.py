@@ -1,0 +1,202 @@
+"""`parscale eval`: the held-out loss (mean token NLL, nats) and perplexity of a saved model.
+
+    parscale eval --model runs/tiny/final                      # stdlib validation split
+    parscale eval --model runs/tiny/final --data notes/*.txt --split all --json
+
+The data are tokenized with the tokenizer saved beside the model (or `--tokenizer DIR`),
+and split exactly as training splits them. When the model sits in a training run
+(RUN_DIR/final or a checkpoint below RUN_DIR), the run's config.yaml supplies the
+defaults (its data, split, sequence length and validation size), so plain
+`parscale eval --model RUN_DIR/final` measures what the run called val_loss.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from parscale.cache import cache_dir
+from parscale.errors import UserError
+
+DEFAULT_MAX_TOKENS = 131072  # the validation size of training runs
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/parscale/data` (usually ~/.cache/parscale/data)."""
+    return cache_dir("data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="parscale eval", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="a saved model directory (config.json + model.safetensors)")
+    p.add_argument("--data", nargs="+", metavar="stdlib|FILE",
+                   help="'stdlib' (the default corpus) or local text/JSONL/parquet files or directories "
+                        "(default: the training run's data, else stdlib)")
+    p.add_argument("--split", choices=("val", "train", "all"), default="val",
+                   help="which documents: the validation split (default), the training split, or all")
+    p.add_argument("--tokenizer", help="a local tokenizer directory (default: the one saved with the model)")
+    p.add_argument("--text-field", help="JSON/parquet field holding the text (default: the run's, else text)")
+    p.add_argument("--val-fraction", type=float, help="held-out share of documents (default: the run's, else 0.02)")
+    p.add_argument("--split-seed", type=int, help="salt of the train/val split hash (default: the run's, else 0)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's, else the model's "
+                                               "maximum up to 1024)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--max-tokens", type=int, help=f"evaluate the first N tokens of the split (default: the "
+                                                  f"run's validation size, else {DEFAULT_MAX_TOKENS}; 0: all)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help=f"where tokenized data are cached (default: {default_cache_dir()})")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"unknown device {name!r}: {err}; use cpu or cuda") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def _tokenizer_dir(args) -> Path:
+    tok_dir = Path(args.tokenizer or args.model).expanduser()
+    if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer_config.json").is_file():
+        raise UserError(f"no tokenizer in {tok_dir} (no tokenizer.json); training saves it beside the "
+                        "weights, otherwise give one with --tokenizer DIR")
+    return tok_dir
+
+
+def _load_model(directory: Path, device):
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory} is not a saved model directory (no config.json); give --model DIR "
+                        "such as RUN_DIR/final")
+    from parscale.model.wrapper import ParScaleForCausalLM
+
+    return ParScaleForCausalLM.from_pretrained(directory).to(device)
+
+
+def run_settings(model_dir: Path) -> tuple[Path | None, dict[str, Any]]:
+    """The training run's config.yaml above `model_dir` (RUN_DIR/final, RUN_DIR/checkpoints/X), if any."""
+    import yaml
+
+    for parent in (model_dir.parent, model_dir.parent.parent):
+        path = parent / "config.yaml"
+        if path.is_file():
+            try:
+                raw = yaml.safe_load(path.read_text())
+            except yaml.YAMLError:
+                return None, {}
+            if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
+                return path, raw
+    return None, {}
+
+
+def fill_defaults(args, run: dict[str, Any]) -> None:
+    """Unset options take the training run's values, else the built-in defaults."""
+    data = run.get("data", {})
+    if args.data is None:
+        files = data.get("files") if data.get("source") == "files" else None
+        args.data, args.val_files = (list(files), list(data.get("val_files") or [])) if files else (["stdlib"], [])
+    else:
+        args.val_files = []
+    args.text_field = args.text_field or data.get("text_field") or "text"
+    args.val_fraction = args.val_fraction if args.val_fraction is not None else data.get("val_fraction", 0.02)
+    args.split_seed = args.split_seed if args.split_seed is not None else data.get("seed", 0)
+    if args.seq_len is None and isinstance(run.get("seq_len"), int):
+        args.seq_len = run["seq_len"]
+    if args.max_tokens is None:
+        caps = [c for c in (data.get("val_tokens"), run.get("eval_tokens")) if isinstance(c, int)]
+        args.max_tokens = min(caps) if caps else (0 if run else DEFAULT_MAX_TOKENS)
+
+
+def _data_config(args, tok_dir: Path):
+    from parscale.data.prepare import DataConfig
+
+    stdlib = args.data == ["stdlib"]
+    return DataConfig(source="stdlib" if stdlib else "files", files=() if stdlib else tuple(args.data),
+                      val_files=() if stdlib else tuple(args.val_files), text_field=args.text_field,
+                      val_fraction=args.val_fraction, tokenizer=str(tok_dir), val_tokens=None, seed=args.split_seed)
+
+
+def _tokens(cfg, split: str, cache_dir: Path):
+    """(token array, document count, vocabulary size) of the chosen split."""
+    from parscale.data import corpus
+    from parscale.data import prepare as data_mod
+    from parscale.data.tokenizer import load_tokenizer
+
+    if split == "all":  # every document, unsplit: not a training artefact, so not cached
+        tok = load_tokenizer(cfg.tokenizer)
+        if cfg.source == "stdlib":
+            docs = [text for _, text in corpus.read_stdlib_documents(corpus.stdlib_files())]
+        else:
+            docs = corpus.load_documents(cfg.files, cfg.text_field, cache_dir / "hf_datasets")
+            if cfg.val_files:
+                docs += corpus.load_documents(cfg.val_files, cfg.text_field, cache_dir / "hf_datasets")
+        return data_mod.tokenize_documents(docs, tok), len(docs), len(tok)
+    tokens, info, tok, _ = data_mod.prepare_split(cfg, cache_dir, split)
+    return tokens, info["docs"], len(tok)
+
+
+def evaluate(args) -> dict:
+    """Run the evaluation described by parsed `args`; returns the result record."""
+    from parscale.data import corpus
+    from parscale.data.batches import check_seq_len, check_vocab_size, count_predictions, evaluate_loss
+
+    model_dir = Path(args.model).expanduser()
+    if not model_dir.is_dir():
+        raise UserError(f"the model directory {args.model!r} does not exist; give --model RUN_DIR/final")
+    run_path, run = run_settings(model_dir)
+    if run_path is not None:
+        log.info("defaults from the training run's %s", run_path)
+    fill_defaults(args, run)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_tokens < 0:
+        raise UserError(f"--max-tokens must be 0 (all) or more, got {args.max_tokens}")
+    if args.data != ["stdlib"]:
+        corpus.check_files(args.data + args.val_files)  # a misspelt path fails before the model loads
+    tok_dir = _tokenizer_dir(args)
+    cfg = _data_config(args, tok_dir)
+    device = _resolve_device(args.device)
+    model = _load_model(model_dir, device)
+    max_pos = getattr(model.config, "max_position_embeddings", None) or 1024
+    seq_len = args.seq_len if args.seq_len is not None else min(max_pos, 1024)
+    check_seq_len(seq_len, model.config)
+    tokens, n_docs, vocab = _tokens(cfg, args.split, args.cache_dir or default_cache_dir())
+    check_vocab_size(vocab, model.config)
+    if args.max_tokens:
+        tokens = tokens[:args.max_tokens]
+    if len(tokens) < 2:
+        raise UserError(f"the {args.split} split holds {len(tokens)} tokens; nothing to evaluate")
+    loss = evaluate_loss(model, tokens, seq_len=seq_len, batch_size=args.batch_size, max_tokens=None, device=device)
+    return {"model": str(model_dir), "data": "stdlib" if cfg.source == "stdlib" else list(cfg.files),
+            "split": args.split, "documents": n_docs, "tokens": int(len(tokens)),
+            "predictions": count_predictions(len(tokens), seq_len), "seq_len": seq_len,
+            "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def format_table(result: dict) -> str:
+    data = result["data"] if isinstance(result["data"], str) else ", ".join(result["data"])
+    docs = f"{result['documents']:,} document{'' if result['documents'] == 1 else 's'}"
+    rows = [("model", result["model"]), ("data", f"{data} ({result['split']} split, {docs})"),
+            ("tokens", f"{result['tokens']:,} ({result['predictions']:,} predictions, seq_len {result['seq_len']})"),
+            ("loss", f"{result['loss']:.4f} nats/token"), ("perplexity", f"{result['perplexity']:.2f}")]
+    return "\n".join(f"{name:<11} {value}" for name, value in rows)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    result = evaluate(args)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0

@@ -1,0 +1,136 @@
+"""`parscale train`: pretrain from scratch, or convert a trained P=1 model and post-train it.
+
+Every `TrainConfig` option is a flag (`--seq-len`, `--P`, ...), every `DataConfig` option a
+`--data-*` flag (`--data-files`, `--data-vocab-size`, ...). `--config run.yaml` gives a
+file of the same options; flags override it. `--resume RUN_DIR` continues a run from its
+own `config.yaml` and its last complete checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from parscale.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_HELP = {
+    "out": "run directory (checkpoints, config.yaml, metrics.jsonl, loss.png, final/)",
+    "preset": "architecture preset: tiny, small, paper-0.5b ... paper-4.4b (default tiny)",
+    "model_config": "a transformers config.json (file or directory) to train from scratch",
+    "init_from": "two-stage: a trained P=1 causal-LM directory to convert to P streams",
+    "P": "number of parallel streams", "train": "full (all weights learn) or streams (backbone frozen)",
+    "batch_size": "global sequences per update", "warmup_steps": "default: 5%% of --steps",
+    "schedule": "cosine or wsd", "fsdp": "shard the model with FSDP under torchrun",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _converter(hint: str):
+    """A string -> value converter from a dataclass field's annotation (`int | None` -> int)."""
+    for key, conv in (("int", int), ("float", float)):
+        if hint.startswith(key):
+            return conv
+    return str
+
+
+def _add_fields(parser, cls, prefix: str = "") -> None:
+    hints = {f.name: str(f.type) for f in dataclasses.fields(cls)}  # annotations are strings here
+    for f in dataclasses.fields(cls):
+        if f.name == "data":
+            continue
+        hint, dest = hints[f.name], prefix + f.name
+        flag = _flag(dest)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_ = _HELP.get(f.name, "") + ("" if default in (None, "", ()) else f" (default: {default})")
+        if hint == "bool":
+            parser.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=help_)
+        elif "tuple" in hint:
+            parser.add_argument(flag, dest=dest, nargs="+", default=argparse.SUPPRESS, help=help_)
+        else:
+            parser.add_argument(flag, dest=dest, type=_none_or(_converter(hint)),
+                                default=argparse.SUPPRESS, help=help_)
+
+
+def _none_or(conv):
+    def parse(text: str):
+        return None if text.lower() == "none" else conv(text)
+    parse.__name__ = getattr(conv, "__name__", "value")
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from parscale.data.prepare import DataConfig
+    from parscale.train.config import TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="parscale train", description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--config", help="a YAML file of options (flags override it)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    _add_fields(parser, TrainConfig)
+    data = parser.add_argument_group("data (DataConfig)")
+    _add_fields(data, DataConfig, prefix="data_")
+    return parser
+
+
+def resolve_config(argv: list[str]):
+    """The run's TrainConfig and whether it resumes: file < flags; a resume reads the run's own."""
+    from parscale.train.config import TrainConfig, load_yaml, merge_for_resume
+
+    args = vars(build_parser().parse_args(argv))
+    config_file, resume = args.pop("config", None), args.pop("resume", None)
+    data_flags = {k[len("data_"):]: v for k, v in list(args.items()) if k.startswith("data_")}
+    flags = {k: v for k, v in args.items() if not k.startswith("data_")}
+    if resume:
+        if config_file:
+            raise UserError("--resume reads the run's own config.yaml; drop --config")
+        saved_path = Path(resume) / "config.yaml"
+        if not saved_path.is_file():
+            raise UserError(f"{resume!r} is not a run directory (no config.yaml); check the path "
+                            "or start a new run with --out")
+        saved = load_yaml(saved_path)
+        if data_flags and any(saved.get("data", {}).get(k) != _plain(v) for k, v in data_flags.items()):
+            raise UserError("cannot resume with different data options; drop the --data-* flags")
+        if "out" in flags and Path(flags["out"]).resolve() != Path(resume).resolve():
+            raise UserError("--resume RUN_DIR and --out name different directories; drop --out")
+        fields = merge_for_resume(saved, flags)
+        fields["out"] = str(resume)
+        return TrainConfig.from_dict(fields), True
+    fields = load_yaml(config_file) if config_file else {}
+    fields.update(flags)
+    if data_flags:
+        fields["data"] = {**(fields.get("data") or {}), **data_flags}
+        if data_flags.get("files") and "source" not in data_flags:
+            fields["data"]["source"] = "files"  # giving files means training on them
+    return TrainConfig.from_dict(fields), False
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def main(argv: list[str]) -> int:
+    from parscale.train.loop import train
+
+    cfg, resume = resolve_config(argv)
+    if not _is_main():  # under torchrun, rank 0 alone reports progress
+        logging.getLogger("parscale").setLevel(logging.WARNING)
+    train(cfg, resume=resume)  # logs where the final model went
+    return 0
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,25 @@
+"""The model: P streams over any transformers decoder-only causal LM.
+
+Lives here: `config` (ParScaleConfig), `wrapper` (ParScaleForCausalLM, to_parscale), `streams`
+(per-stream prefixes and the attention/mask hooks), `aggregation` (the dynamic weighted sum),
+`introspect` (all knowledge of backbone architectures) and `format` (the released
+`qwen2_parscale` checkpoint files).
+
+May import: torch, transformers, safetensors and `parscale.errors`/`parscale.atomic`. Never
+training, data, the law, the cost model or the demo. `format` never imports `wrapper`.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Lazy, so that `parscale.model.config` (no torch) can be imported without the wrapper.
+_LAZY = {"ParScaleConfig": "parscale.model.config", "ParScaleForCausalLM": "parscale.model.wrapper",
+         "to_parscale": "parscale.model.wrapper"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'parscale.model' has no attribute {name!r}")

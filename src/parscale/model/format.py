@@ -1,0 +1,194 @@
+"""Files: the released `qwen2_parscale` checkpoint format, read and written without remote code.
+
+Layout (what `save_pretrained` writes and `from_pretrained` reads):
+- `config.json`: the backbone's transformers config plus `parscale_n`, `parscale_n_tokens`,
+  `parscale_attn_smooth`; a Qwen2 backbone is written as `model_type: qwen2_parscale`
+  (architectures `Qwen2ParScaleForCausalLM`, legacy `rope_theta`/`torch_dtype` included) so
+  the authors' code loads it.
+- `model.safetensors`, or shards listed by `model.safetensors.index.json`: the backbone's
+  keys plus `model.layers.{i}.self_attn.prefix_k/prefix_v` `[P, n_kv, T, head_dim]` and
+  `model.aggregate_layer.{0,2}.{weight,bias}`; no `lm_head.weight` when embeddings are tied.
+A directory without `parscale_*` fields is a plain transformers model and loads as P = 1.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig, Qwen2Config
+
+from parscale.model.config import ParScaleConfig
+from parscale.errors import UserError
+from parscale.atomic import atomic_write, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+RELEASED_MODEL_TYPE = "qwen2_parscale"
+RELEASED_ARCHITECTURE = "Qwen2ParScaleForCausalLM"
+# ParScaleConfig field <- config.json field
+CONFIG_MAP = {"n_streams": "parscale_n", "n_prefix_tokens": "parscale_n_tokens", "attn_smooth": "parscale_attn_smooth"}
+# The released model types whose backbone is a stock transformers config class.
+BACKBONE_OF_MODEL_TYPE = {RELEASED_MODEL_TYPE: Qwen2Config}
+_DROP_ON_LOAD = ("model_type", "architectures", "auto_map", "transformers_version")
+_IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some old files carry
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+# ----- config ------------------------------------------------------------------------------
+def split_config(raw: dict[str, Any]) -> tuple[PretrainedConfig, ParScaleConfig]:
+    """config.json contents -> (backbone transformers config, ParScaleConfig; P = 1 if absent)."""
+    raw = dict(raw)
+    found = {ours: raw.pop(theirs) for ours, theirs in CONFIG_MAP.items() if theirs in raw}
+    model_type = raw.get("model_type")
+    if model_type is None:
+        raise UserError("config.json has no model_type; it is not a transformers model directory")
+    fields = {k: v for k, v in raw.items() if k not in _DROP_ON_LOAD}
+    if model_type in BACKBONE_OF_MODEL_TYPE:
+        backbone = BACKBONE_OF_MODEL_TYPE[model_type](**fields)
+    else:
+        try:
+            backbone = AutoConfig.for_model(model_type, **fields)
+        except ValueError as err:
+            raise UserError(f"config.json has model_type={model_type!r}, which transformers does not know") from err
+    if found and "n_streams" not in found:
+        raise UserError(f"config.json has {sorted(CONFIG_MAP[k] for k in found)} but no parscale_n; add parscale_n")
+    parscale = ParScaleConfig(**found) if found else ParScaleConfig(n_streams=1)
+    return backbone, parscale
+
+
+def config_dict(model) -> dict[str, Any]:
+    """The config.json contents for `model` (released layout for a Qwen2 backbone)."""
+    data = model.config.to_dict()
+    if data.get("model_type") == "qwen2":
+        data["model_type"] = RELEASED_MODEL_TYPE
+        data["architectures"] = [RELEASED_ARCHITECTURE]
+        rope = data.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") == "default" and "rope_theta" in rope:
+            data["rope_theta"] = rope["rope_theta"]  # what transformers 4.x code reads
+    else:
+        data["architectures"] = [type(model).__name__]
+    dtype = model.lm_head.weight.dtype
+    data["torch_dtype"] = data["dtype"] = str(dtype).removeprefix("torch.")
+    for ours, theirs in CONFIG_MAP.items():
+        data[theirs] = getattr(model.parscale_config, ours)
+    return data
+
+
+# ----- small file helpers ------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err})") from err
+
+
+# ----- weights -----------------------------------------------------------------------------
+def _is_tied(model) -> bool:
+    return model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def weights_to_save(model) -> dict[str, torch.Tensor]:
+    """The state dict under the released key names; the tied lm_head is left out."""
+    state = model.state_dict()
+    if _is_tied(model):
+        state.pop("lm_head.weight", None)
+    return {key: tensor.detach().contiguous().cpu() for key, tensor in state.items()}
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: one file, or the shards of an index."""
+    if (directory / SAFE_INDEX).is_file():
+        weight_map = _read_json(directory / SAFE_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{directory / SAFE_INDEX} has no weight_map object")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"shard(s) listed in {SAFE_INDEX} are missing: {missing}")
+        return files
+    if (directory / SAFE_WEIGHTS).is_file():
+        return [directory / SAFE_WEIGHTS]
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise UserError(f"{directory} holds only pickled weights; convert them to safetensors first")
+    raise UserError(f"{directory} has no {SAFE_WEIGHTS} or {SAFE_INDEX}")
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                state[key] = handle.get_tensor(key)
+    return state
+
+
+def check_weights(model, found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every expected key present with its shape, nothing unexpected; returns what to load."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = _is_tied(model)
+    found = {k: v for k, v in found.items() if not k.endswith(_IGNORED_KEY_SUFFIXES)}
+    if tied:
+        found.pop("lm_head.weight", None)  # some files store the tied copy too
+        expected.pop("lm_head.weight", None)
+    problems = []
+    for key in sorted(set(found) - set(expected)):
+        problems.append(f"unexpected key {key} with shape {list(found[key].shape)}")
+    for key in sorted(set(expected) - set(found)):
+        problems.append(f"missing key {key}: expected shape {list(expected[key])}")
+    for key in sorted(set(expected) & set(found)):
+        if tuple(found[key].shape) != expected[key]:
+            problems.append(f"key {key}: expected shape {list(expected[key])}, found {list(found[key].shape)}")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise UserError(f"checkpoint does not match its config.json: {shown}")
+    return found
+
+
+# ----- save / load -------------------------------------------------------------------------
+def save_parscale(model, save_directory: str | os.PathLike, **kwargs) -> None:
+    """Write config.json, generation_config.json and model.safetensors (each atomically)."""
+    if kwargs:
+        logger.warning("save_pretrained ignores %s", sorted(kwargs))
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = weights_to_save(model)
+    atomic_write(directory / SAFE_WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    if getattr(model, "generation_config", None) is not None:
+        atomic_write_json(directory / "generation_config.json", model.generation_config.to_diff_dict(), sort_keys=True)
+    atomic_write_json(directory / "config.json", config_dict(model), sort_keys=True)  # last: its presence marks a complete save
+
+
+def resolve_dtype(torch_dtype, backbone: PretrainedConfig) -> torch.dtype:
+    """The dtype asked for, else the one config.json records, else float32."""
+    dtype = torch_dtype if torch_dtype is not None else getattr(backbone, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if dtype is None:
+        return torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise UserError(f"torch_dtype must be a floating torch dtype such as torch.float32, got {torch_dtype!r}")
+    return dtype
+
+
+def read_checkpoint(directory: Path) -> tuple[PretrainedConfig, ParScaleConfig, dict[str, torch.Tensor]]:
+    """The backbone config, the ParScale config and the raw weights of a saved directory.
+
+    The model module composes these into a model; this module never imports it, so the
+    format stays a leaf that the wrapper depends on, not the other way round.
+    """
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory} has no config.json; pass the directory written by save_pretrained")
+    backbone, parscale = split_config(_read_json(directory / "config.json"))
+    return backbone, parscale, read_weights(directory)
+
+
+def read_generation_config(directory: Path) -> GenerationConfig | None:
+    path = directory / "generation_config.json"
+    return GenerationConfig.from_dict(_read_json(path)) if path.is_file() else None

@@ -1,0 +1,242 @@
+"""`ParScaleForCausalLM`: replicate -> shared backbone -> per-stream final norm -> aggregate -> lm_head.
+
+The wrapper adopts the backbone's decoder (`self.model`) and lm_head (`self.lm_head`), so its
+state-dict keys are the backbone's own (`model.layers.*`, `lm_head.weight`) plus the stream
+parameters under the released names (`model.layers.{i}.self_attn.prefix_k/prefix_v`,
+`model.aggregate_layer.{0,2}.*`). `generate` only ever sees B rows: the wrapper takes B rows,
+runs P*B rows through the backbone (the cache holds P*B rows of real tokens) and returns B
+rows of logits, so greedy, sampling and static-cache decoding work unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.initialization import no_init_weights
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from parscale.model import format as checkpoint_format, introspect, streams
+from parscale.model.aggregation import AggregationHead
+from parscale.model.config import ParScaleConfig
+from parscale.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+_STREAM_MARKERS = ("prefix_k", "prefix_v", "aggregate_layer.")
+
+
+def _repeat_rows(tensor: torch.Tensor | None, n_streams: int, batch: int, what: str) -> torch.Tensor | None:
+    """`b ... -> (n b) ...` for per-sample inputs; a broadcast row (size 1) is left alone."""
+    if tensor is None or n_streams == 1:
+        return tensor
+    if tensor.shape[0] == 1 and batch != 1:
+        return tensor
+    if tensor.shape[0] != batch:
+        raise UserError(f"{what} has {tensor.shape[0]} rows but the input has {batch}; pass one row per sample")
+    return tensor.repeat(n_streams, *([1] * (tensor.dim() - 1)))  # (n b) ...
+
+
+class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
+    """A causal LM with P parallel streams; build it with `to_parscale` or `from_pretrained`.
+
+    >>> model = to_parscale(AutoModelForCausalLM.from_config(cfg), ParScaleConfig(n_streams=4))
+    >>> model(input_ids).logits.shape   # [B, L, V]
+    """
+
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    supports_gradient_checkpointing = True
+    base_model_prefix = "model"
+
+    def __init__(self, base: PreTrainedModel, parscale_config: ParScaleConfig) -> None:
+        introspect.check_supported(base)
+        super().__init__(base.config)
+        self.parscale_config = parscale_config
+        self.model = base.get_decoder()
+        self.lm_head = base.get_output_embeddings()
+        if getattr(base, "generation_config", None) is not None:
+            self.generation_config = copy.deepcopy(base.generation_config)
+        n_streams = parscale_config.n_streams
+        if n_streams > 1:  # P = 1 keeps the stock attention: no prefix, no aggregation
+            n_kv_heads, head_dim = introspect.kv_geometry(base.config)
+            for attention in introspect.attention_modules(base):
+                streams.add_prefixes(attention, n_streams, n_kv_heads, parscale_config.n_prefix_tokens, head_dim)
+            ref = self.lm_head.weight
+            self.model.aggregate_layer = AggregationHead(
+                base.config.hidden_size, n_streams, parscale_config.attn_smooth, device=ref.device, dtype=ref.dtype
+            )
+            self.model.set_attn_implementation(streams.register_attention())
+
+    # ----- the forward pass -------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_decoder(self) -> nn.Module:
+        return self.model
+
+    def attention_modules(self) -> list[nn.Module]:
+        return introspect.attention_modules(self)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """B rows in, B rows of logits out; P*B rows inside the backbone and its cache."""
+        n_streams = self.parscale_config.n_streams
+        if n_streams > 1 and self.config._attn_implementation != streams.ATTN_IMPLEMENTATION:
+            raise UserError(
+                f"attn_implementation is {self.config._attn_implementation!r}, which would ignore the stream prefixes; "
+                f"a P > 1 model needs {streams.ATTN_IMPLEMENTATION!r} (set by to_parscale)"
+            )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise UserError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # b s h, computed once
+        batch = inputs_embeds.shape[0]
+        is_2d = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+        if n_streams > 1 and attention_mask is not None and not is_2d:
+            raise UserError("ParScale takes a 2D padding mask [batch, seq] (1 = token, 0 = padding)")
+        outputs = self.model(
+            inputs_embeds=_repeat_rows(inputs_embeds, n_streams, batch, "inputs_embeds"),  # (n b) s h
+            attention_mask=_repeat_rows(attention_mask, n_streams, batch, "attention_mask"),
+            position_ids=_repeat_rows(position_ids, n_streams, batch, "position_ids"),
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state  # (n b) s h, final norm applied per stream
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        hidden = hidden[:, keep]
+        if n_streams > 1:
+            hidden = self.model.aggregate_layer(hidden)  # b s h
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+    # ----- generation hooks -------------------------------------------------------------
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
+        """Keep the 2D mask (generate would build a B-row 4D one); forward repeats it per stream."""
+        return attention_mask
+
+    def _reorder_cache(self, past_key_values, beam_idx: torch.LongTensor):
+        """Beam search: apply the same beam reordering to every stream block of the cache."""
+        n_streams = self.parscale_config.n_streams
+        rows = beam_idx.shape[0]
+        full = torch.cat([beam_idx + k * rows for k in range(n_streams)])  # (n b)
+        past_key_values.reorder_cache(full.to(beam_idx.device))
+        return past_key_values
+
+    # ----- parameters -------------------------------------------------------------------
+    def stream_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The prefixes and the aggregation head: what P > 1 adds to the backbone."""
+        for name, param in self.named_parameters():
+            if any(marker in name for marker in _STREAM_MARKERS):
+                yield name, param
+
+    def freeze_backbone(self) -> None:
+        """requires_grad=False on everything except the stream parameters."""
+        stream = {id(p) for _, p in self.stream_parameters()}
+        for param in self.parameters():
+            param.requires_grad_(id(param) in stream)
+
+    def trainable_parameters_summary(self) -> str:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT-style one-line summary on stdout."""
+        print(self.trainable_parameters_summary())
+
+    # ----- files ------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """config.json + model.safetensors in the released `qwen2_parscale` layout (see `compat`)."""
+        checkpoint_format.save_parscale(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, torch_dtype: torch.dtype | None = None, *, dtype: torch.dtype | None = None
+    ) -> "ParScaleForCausalLM":
+        """Load our files, a released `qwen2_parscale` checkpoint, or a plain model (P = 1).
+
+        A local directory only (safetensors, no remote code). `torch_dtype` (or its newer
+        name `dtype`) defaults to the dtype recorded in config.json, else float32.
+        """
+        directory = Path(directory)
+        backbone, parscale_config, state = checkpoint_format.read_checkpoint(directory)
+        chosen = checkpoint_format.resolve_dtype(torch_dtype if torch_dtype is not None else dtype, backbone)
+        with no_init_weights():  # every parameter is overwritten below (checked), so skip the random init
+            base = AutoModelForCausalLM.from_config(backbone, dtype=chosen, attn_implementation="sdpa")
+        base.tie_weights()  # skipped with the init above; ties lm_head to the embeddings if the config says so
+        model = to_parscale(base, parscale_config)
+        state = checkpoint_format.check_weights(model, state)
+        model.load_state_dict(state, strict=False)  # strictness is checked above; the tied lm_head is absent
+        generation = checkpoint_format.read_generation_config(directory)
+        if generation is not None:
+            model.generation_config = generation
+        logger.info("loaded %s: P=%d, %s", directory, parscale_config.n_streams, chosen)
+        return model.eval()
+
+
+def init_stream_parameters(model: ParScaleForCausalLM, seed: int = 0) -> None:
+    """Prefixes ~ N(0, 0.02), aggregation first layer U(±1/sqrt(fan_in)), last layer zero.
+
+    All draws come from one `torch.Generator(seed)`, so the backbone and the stream
+    parameters are independent random draws. The zero last layer makes the initial
+    aggregation weights uniform.
+    """
+    if model.parscale_config.n_streams == 1:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    streams.init_prefixes_normal(model.attention_modules(), generator)
+    model.model.aggregate_layer.reset_parameters(generator)
+
+
+def to_parscale(model: PreTrainedModel, config: ParScaleConfig, seed: int = 0) -> ParScaleForCausalLM:
+    """Wrap a transformers decoder-only causal LM into a P-stream ParScale model.
+
+    The base weights are shared, not copied: the returned model adopts the base's decoder and
+    lm_head (and, for P > 1, adds prefixes to its attention modules and switches its attention
+    implementation), so use the returned model from then on.
+
+    New stream parameters (see `init_stream_parameters`): prefixes ~ N(0, 0.02) drawn from
+    `torch.Generator().manual_seed(seed)`, the aggregation's last layer zero (uniform weights
+    at start). Converting a trained P=1 model this way keeps held-out loss within about 0.6%
+    of it while the streams already differ (zero prefixes would make them identical forever).
+    At P = 1 nothing is added and the logits equal the base model's.
+    """
+    if isinstance(model, ParScaleForCausalLM):
+        raise UserError("the model is already a ParScale model; convert the plain backbone instead")
+    if not isinstance(config, ParScaleConfig):
+        raise UserError(f"config must be a ParScaleConfig, got {type(config).__name__}")
+    wrapped = ParScaleForCausalLM(model, config)
+    init_stream_parameters(wrapped, seed)
+    wrapped.train(model.training)
+    return wrapped
