@@ -176,9 +176,10 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         print(self.trainable_parameters_summary())
 
     # ----- files ------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """config.json + model.safetensors in the released `qwen2_parscale` layout (see `compat`)."""
-        checkpoint_format.save_parscale(self, save_directory, **kwargs)
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "50GB", **kwargs) -> None:
+        """config.json + model.safetensors (or shards above `max_shard_size`, e.g. "2GB") in the
+        released `qwen2_parscale` layout (see `format`); replaces the weights of an earlier save."""
+        checkpoint_format.save_parscale(self, save_directory, max_shard_size=max_shard_size, **kwargs)
 
     @classmethod
     def from_pretrained(
