@@ -351,3 +351,35 @@ def test_evaluate_loss_equals_a_float64_loop(tiny_qwen2):
     # float32 logits against float64: agreement to ~1e-6 relative; 1e-5 leaves margin.
     assert loss == pytest.approx(ref, rel=1e-5) and first == pytest.approx(ref_first, rel=1e-5)
     assert abs(loss - first) > 1e-4  # max_tokens did change what was measured
+
+
+def test_ranks_evaluate_shares_that_sum_to_the_whole_with_equal_forward_calls(tiny_qwen2):
+    """Each of W ranks evaluates its share: the shares partition the predictions, their NLL
+    sums add up to the one-process loss, and every rank makes the same number of calls (a
+    sharded model's forward is a collective)."""
+    from parscale.data.batches import evaluate_nll
+
+    tokens = np.random.default_rng(4).integers(0, 97, 16 * 9 + 5)  # 9 chunks + a tail: 6 batches of <= 2 rows
+    calls, rows = [0], []
+
+    def counting(input_ids):
+        calls[0] += 1
+        rows.append(input_ids.shape[0])
+        return tiny_qwen2(input_ids=input_ids)
+
+    whole = evaluate_loss(tiny_qwen2, tokens, seq_len=16, batch_size=2)
+    for world in (1, 2, 4):
+        shares, per_rank = [], []
+        for rank in range(world):
+            calls[0] = 0
+            shares.append(evaluate_nll(counting, tokens, 16, 2, rank=rank, world_size=world))
+            per_rank.append(calls[0])
+        assert sum(c for _, c in shares) == count_predictions(len(tokens), 16)
+        assert sum(t for t, _ in shares) / sum(c for _, c in shares) == pytest.approx(whole, rel=1e-9)
+        assert per_rank == [-(-6 // world)] * world  # ceil(6 batches / W), padded where short
+        assert len({c for _, c in shares}) > 1 or world == 1  # the shares are really different
+    assert max(rows) == 2  # never more rows than the batch size
+    reduced = evaluate_loss(tiny_qwen2, tokens, seq_len=16, batch_size=2, rank=1, world_size=2,
+                            reduce=lambda v: [a + b for a, b in zip(v, evaluate_nll(tiny_qwen2, tokens, 16, 2, rank=0,
+                                                                                     world_size=2))])
+    assert reduced == pytest.approx(whole, rel=1e-9)

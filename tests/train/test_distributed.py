@@ -17,7 +17,9 @@ STEPS = 6
 def one_process(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     opts = micro_setup(root)
-    opts.update(P=2, steps=STEPS, batch_size=4, eval_every=3, save_every=3)
+    # 4000 held-out tokens: 125 sequences, 63 evaluation batches of 2 rows on 2 ranks, which
+    # therefore hold unequal shares (32 and 31 batches; FSDP needs equal forward calls)
+    opts.update(P=2, steps=STEPS, batch_size=4, eval_every=3, save_every=3, eval_tokens=4000)
     prepare_data(DataConfig.from_dict(opts["data"]), cache_dir=opts["cache_dir"])  # built once, read by all
     train_in_process(out=str(root / "one"), **opts)
     return root, opts

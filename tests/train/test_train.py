@@ -171,14 +171,33 @@ def test_bad_input_is_a_clear_error_before_training(case, tmp_path, capsys):
     assert not (run / "metrics.jsonl").exists()
 
 
-def test_gradient_accumulation_sees_the_same_global_batch(tmp_path):
+def test_gradient_accumulation_sees_the_same_global_batch_and_evaluates_in_micro_batches(tmp_path, monkeypatch):
     # --grad-accum splits the update's batch into micro-batches; it must not change the data
-    # or the math, so 2 x 2 rows and 1 x 4 rows give the same losses to float rounding
-    # (the two half-batch gradients are summed in another order: ~1e-7 on a loss near 5).
+    # or the math, so 2 x 2 rows and 1 x 4 rows give the same losses and gradient norms to
+    # float rounding (the two half-batch gradients are summed in another order: ~1e-7 on a
+    # loss near 5). Clipping is off, so a wrong loss scale shows in the norm (it doubles).
+    # Evaluation forwards no more rows than a training micro-batch, or a model that fits
+    # in memory only thanks to accumulation would run out of memory at the first evaluation.
     opts = micro_setup(tmp_path)
+    built, rows = convert_mod.model_from_scratch, {}
+
+    def recording(*args, **kwargs):
+        model = built(*args, **kwargs)
+
+        def hook(module, args, kwargs):
+            kind = "train" if kwargs.get("labels") is not None else "eval"
+            rows.setdefault(kind, set()).add(kwargs["input_ids"].shape[0])
+
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(convert_mod, "model_from_scratch", recording)
     for name, accum in (("one", 1), ("two", 2)):
+        rows.clear()
         train_in_process(out=str(tmp_path / name), P=2, steps=3, grad_accum=accum,
-                         **{**opts, "eval_every": 0, "save_every": 0})
+                         **{**opts, "eval_every": 0, "save_every": 0, "grad_clip": 0.0})
+        assert rows["train"] == {4 // accum} and max(rows["eval"]) == 4 // accum, rows
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["train_loss"] for r in two] == pytest.approx([r["train_loss"] for r in one], abs=1e-5)
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
     assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], abs=1e-5)

@@ -173,9 +173,12 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 def _evaluate(cfg: TrainConfig, model, data, env: distributed.DistEnv) -> float:
+    """Held-out loss in training's micro-batches, each rank on its share of the tokens."""
+    micro = cfg.batch_size // (cfg.grad_accum * env.world_size)  # the rows of one training forward
     with _autocast(cfg, env.device):
-        return evaluate_loss(model, data.val, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                             max_tokens=cfg.eval_tokens, device=env.device)
+        return evaluate_loss(model, data.val, seq_len=cfg.seq_len, batch_size=micro, max_tokens=cfg.eval_tokens,
+                             device=env.device, reduce=lambda v: distributed.sum_over_ranks(v, env),
+                             rank=env.rank, world_size=env.world_size)
 
 
 def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple[float, float, float]:
