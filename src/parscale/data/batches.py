@@ -7,6 +7,7 @@ on one process (rank r takes its rows of it).
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from collections.abc import Iterator
@@ -45,10 +46,11 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def global_chunk_ids(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
-    """Chunk indices of the global batch at `step`: rows step*B .. step*B+B-1 of the endless
+def global_chunk_ids(n: int, step: int, batch_size: int, seed: int, first_row: int = 0) -> np.ndarray:
+    """Chunk indices of the global batch at `step`: rows first_row + step*B .. + B-1 of the endless
     sequence epoch 0 permutation, epoch 1 permutation, ... (a batch may straddle two epochs)."""
-    rows = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+    start = first_row + step * batch_size
+    rows = np.arange(start, start + batch_size, dtype=np.int64)
     epochs, pos = np.divmod(rows, n)
     out = np.empty(batch_size, dtype=np.int64)
     for epoch in np.unique(epochs):
@@ -58,30 +60,41 @@ def global_chunk_ids(n: int, step: int, batch_size: int, seed: int) -> np.ndarra
 
 
 def batch_at(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int = 0,
-             rank: int = 0, world_size: int = 1) -> torch.Tensor:
+             rank: int = 0, world_size: int = 1, first_row: int = 0) -> torch.Tensor:
     """This rank's rows of the global batch for `step`: a LongTensor [batch_size // world_size, seq_len].
 
     Labels are the inputs themselves (the model shifts them). `batch_size` is the global
-    batch; it must divide evenly among the `world_size` ranks.
+    batch; it must divide evenly among the `world_size` ranks. `first_row` skips that many
+    sequences of the order: a run started from another continues where that one stopped.
 
     >>> x = batch_at(np.arange(1000), step=3, batch_size=4, seq_len=8, seed=0)
     >>> tuple(x.shape)
     (4, 8)
     """
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
+    if step < 0 or first_row < 0:
+        raise ValueError(f"step and first_row must be >= 0, got {step} and {first_row}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in range for world size {world_size}")
     if batch_size % world_size:
         raise UserError(f"the global batch size {batch_size} does not divide among {world_size} processes; "
                         f"use a multiple of {world_size}")
     check_batch(tokens, batch_size, seq_len)
-    ids = global_chunk_ids(num_chunks(len(tokens), seq_len), step, batch_size, seed)
+    ids = global_chunk_ids(num_chunks(len(tokens), seq_len), step, batch_size, seed, first_row)
     local = batch_size // world_size
     ids = ids[rank * local:(rank + 1) * local]  # this rank's contiguous rows of the global batch
     starts = ids * seq_len
     rows = np.stack([np.asarray(tokens[s:s + seq_len], dtype=np.int64) for s in starts])  # (b, L)
     return torch.from_numpy(rows)
+
+
+def order_fingerprint(tokens: np.ndarray) -> str:
+    """A short hash that tells one packed training array from another: its length and 256
+    evenly spaced blocks of 4,096 tokens (a few contiguous reads, even of a huge memory map)."""
+    digest = hashlib.sha256(f"{len(tokens)}:{np.dtype(tokens.dtype).str}".encode())
+    block, count = 4096, 256
+    for start in np.linspace(0, max(0, len(tokens) - block), num=count, dtype=np.int64):
+        digest.update(np.ascontiguousarray(tokens[start:start + block]).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int) -> Iterator[torch.Tensor]:
