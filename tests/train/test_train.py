@@ -100,6 +100,18 @@ def test_resuming_with_a_different_P_or_model_is_refused(short_run, capsys):
         train(TrainConfig.from_dict({**saved, "P": 3}), resume=True)
 
 
+def test_resuming_with_fewer_steps_than_the_last_checkpoint_is_refused(short_run, capsys):
+    """Otherwise a checkpoint named for step 10 would hold the model trained for 24 steps."""
+    _, _, cfg, _ = short_run
+    before = (cfg.run_dir / "config.yaml").read_text()
+    assert cli_main(["train", "--resume", str(cfg.run_dir), "--steps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "ckpt-0000024 is at step 24, past --steps 10" in err and "--steps 24 or more" in err
+    assert "Traceback" not in err
+    assert (cfg.run_dir / "config.yaml").read_text() == before  # the run is untouched
+    assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["ckpt-0000016", "ckpt-0000024"]
+
+
 # ---------------------------------------------------------------- NaN stops the run
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     opts = micro_setup(tmp_path)

@@ -63,6 +63,10 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool) -> Path:
     data = _load_data(cfg, env)
     cfg = dataclasses.replace(cfg, order_start=data_order.start_row(cfg, data))  # written to config.yaml
     ckpt = ckpt_io.latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None and ckpt_io.checkpoint_step(ckpt) > cfg.steps:
+        raise UserError(f"the run's last checkpoint {ckpt.name} is at step {ckpt_io.checkpoint_step(ckpt)}, past "
+                        f"--steps {cfg.steps}, so it holds a model trained further than asked; resume with "
+                        f"--steps {ckpt_io.checkpoint_step(ckpt)} or more (its final/ model is the one of that step)")
     model, base_val = _setup_model(cfg, data, ckpt, env)
     check_seq_len(cfg.seq_len, model.config)
     check_data(data, cfg.seq_len, cfg.batch_size // cfg.grad_accum)
