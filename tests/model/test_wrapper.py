@@ -96,6 +96,28 @@ def test_padded_batch_equals_each_sample_alone(tiny_factory, side):
             torch.testing.assert_close(batched[row][mask[row].bool()], alone)
 
 
+@pytest.mark.parametrize("n_streams", [1, 2, 4])
+def test_a_one_row_mask_is_broadcast_over_the_batch_at_every_P(tiny_factory, n_streams):
+    """A [1, L] padding mask for B rows means the same mask for every row, at every P (the
+    base model itself accepts it only when it is all ones, where its mask builder skips it)."""
+    model = _wrap(tiny_factory, "llama", n_streams=n_streams)
+    ids = _ids(3, 6)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])  # the same left padding for every row
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        one_row = model(ids, attention_mask=mask, position_ids=positions).logits
+        per_row = model(ids, attention_mask=mask.expand(3, -1), position_ids=positions.expand(3, -1)).logits
+        unmasked = model(ids, position_ids=positions).logits
+    torch.testing.assert_close(one_row, per_row)
+    assert (one_row[:, 2:] - unmasked[:, 2:]).abs().max() > 1e-4  # the mask did act
+    ones = torch.ones(1, 6, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=ones).logits, model(ids).logits)
+        if n_streams == 1:  # what the base model accepts, it gives the same answer for
+            torch.testing.assert_close(model(ids, attention_mask=ones).logits,
+                                       tiny_factory("llama")(ids, attention_mask=ones).logits)
+
+
 def test_changing_one_stream_prefix_changes_output(tiny_factory):
     model = _wrap(tiny_factory, "qwen2", n_streams=2)
     ids = _ids(2, 6)
