@@ -183,6 +183,32 @@ def test_jsonl_without_the_text_field_is_a_user_error(tmp_path):
         prepare_data(DataConfig(source="files", files=(str(jsonl),)), tmp_path / "cache")
 
 
+def test_files_under_hidden_folders_are_skipped(tmp_path):
+    """`.git/` objects and `.ipynb_checkpoints/` copies are not corpus, like hidden files."""
+    root = tmp_path / ".project"  # a hidden folder given by name is read: only what is under it counts
+    write_texts(root / "src", DOCS[:3])
+    (root / ".git" / "objects" / "ab").mkdir(parents=True)
+    (root / ".git" / "objects" / "ab" / "cdef").write_bytes(b"x\x9c\xff\xfe binary git object")
+    (root / "src" / ".ipynb_checkpoints").mkdir()
+    (root / "src" / ".ipynb_checkpoints" / "doc000-checkpoint.py").write_text(DOCS[0] + "# edited\n")
+    (root / "src" / ".hidden.py").write_text("hidden file")
+    found = corpus.check_files([root])
+    assert [p.relative_to(root).as_posix() for p in found] == ["src/doc000.py", "src/doc001.py", "src/doc002.py"]
+    assert corpus.load_documents([root], cache_dir=tmp_path / "hf") == DOCS[:3]
+
+
+def test_validation_files_that_are_also_training_files_are_refused(tmp_path):
+    folder = write_texts(tmp_path / "texts")
+    (tmp_path / "link.py").symlink_to(folder / "doc005.py")  # the same file under another name
+    for val in (folder / "doc003.py", tmp_path / "link.py", folder):
+        cfg = DataConfig(source="files", files=(str(folder),), val_files=(str(val),), vocab_size=300)
+        with pytest.raises(UserError, match=r"validation file\(s\) are also training files: .*(doc003|link|doc000)\.py"):
+            prepare_data(cfg, tmp_path / "cache")
+    other = write_texts(tmp_path / "heldout", DOCS[:2])  # the same text in other files is allowed
+    prepare_data(DataConfig(source="files", files=(str(folder),), val_files=(str(other),), vocab_size=300),
+                 tmp_path / "cache")
+
+
 @pytest.mark.parametrize("make", ["missing", "empty_file", "empty_dir"])
 def test_missing_or_empty_corpus_is_a_user_error(tmp_path, make):
     target = tmp_path / "data"
