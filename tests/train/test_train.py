@@ -113,7 +113,9 @@ def test_resuming_with_fewer_steps_than_the_last_checkpoint_is_refused(short_run
 
 
 # ---------------------------------------------------------------- NaN stops the run
-def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("what", ["loss", "gradient norm"])
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, what):
+    """A NaN loss, or a finite loss with an infinite gradient, stops the run before the update."""
     opts = micro_setup(tmp_path)
     built = convert_mod.model_from_scratch
 
@@ -125,8 +127,10 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
             if getattr(output, "loss", None) is None:
                 return output  # evaluation calls carry no labels
             calls["n"] += 1
-            if calls["n"] >= 6:  # the 6th update's forward pass
+            if calls["n"] >= 6 and what == "loss":  # the 6th update's forward pass
                 output.loss = output.loss * float("nan")
+            elif calls["n"] == 6:  # the loss stays finite, its gradient does not
+                output.loss.register_hook(lambda grad: grad * float("inf"))
             return output
 
         model.register_forward_hook(hook)
@@ -134,7 +138,7 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
     monkeypatch.setattr(convert_mod, "model_from_scratch", poisoned)
     cfg = TrainConfig(out=str(tmp_path / "run"), P=1, steps=12, **opts)
-    with pytest.raises(NonFiniteLoss, match=r"at step 6\b") as info:
+    with pytest.raises(NonFiniteLoss, match=rf"training {what} became \w+ at step 6\b") as info:
         train_in_process(**cfg.to_dict())
     assert "ckpt-0000004" in str(info.value)
     assert latest_checkpoint(cfg.run_dir).name == "ckpt-0000004"
