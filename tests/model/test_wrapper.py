@@ -79,6 +79,24 @@ def test_sliding_window_cached_decoding_equals_uncached(tiny_factory):
     torch.testing.assert_close(torch.cat(steps, dim=1), full)
 
 
+def test_sliding_window_limits_the_real_keys_and_never_the_prefix(tiny_factory):
+    """One layer, window 3: position t attends to real tokens t-2..t and the whole prefix.
+    So logits from position 3 on ignore token 0, and the last position equals the model run
+    on the last three tokens alone (at their positions), while the prefix still moves it."""
+    model = to_parscale(tiny_factory("mistral", sliding_window=3, num_hidden_layers=1), ParScaleConfig(2, 3)).eval()
+    ids = _ids(2, 9)
+    other = ids.clone()
+    other[:, 0] = (ids[:, 0] + 1) % 97
+    with torch.no_grad():
+        full, changed = model(ids).logits, model(other).logits
+        tail = model(ids[:, 6:], position_ids=torch.arange(6, 9)[None].expand(2, -1)).logits
+        assert (full[:, :3] - changed[:, :3]).abs().max() > 1e-4  # inside the window token 0 counts
+        torch.testing.assert_close(full[:, 3:], changed[:, 3:])  # beyond it, it does not
+        torch.testing.assert_close(full[:, -1], tail[:, -1])
+        model.model.layers[0].self_attn.prefix_v.add_(1.0)
+        assert (model(ids).logits[:, -1] - full[:, -1]).abs().max() > 1e-3  # the prefix is seen beyond the window
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_equals_each_sample_alone(tiny_factory, side):
     model = _wrap(tiny_factory, "qwen2", n_streams=2)
