@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/parscale/data` (usually ~/.cache/parscale/data)."""
+    """`$XDG_CACHE_HOME/parscale/data` (usually ~/.cache/parscale/data), shared with training."""
     return cache_dir("data")
 
 
