@@ -84,6 +84,8 @@ def stdlib_inputs() -> list[Input]:
 
 def file_inputs(files: Sequence[str], val_files: Sequence[str] = ()) -> list[Input]:
     forced = "train" if val_files else None
+    if val_files:
+        corpus.check_disjoint(files, val_files)
     return ([Input(p, forced) for p in corpus.check_files(files)]
             + [Input(p, "val") for p in corpus.check_files(val_files, "validation file")])
 
