@@ -91,18 +91,25 @@ def run_prepare(corpus: Path, tok: Path, out: Path, workers: int) -> dict:
            str(tok), "--out", str(out), "--workers", str(workers), "--json"]
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT / "src")}
     t0, peak = time.perf_counter(), 0
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
-        time.sleep(0.1)
-    stdout, stderr = proc.communicate()
+    with tempfile.TemporaryFile("w+") as out_fh, tempfile.TemporaryFile("w+") as err_fh:
+        proc = subprocess.Popen(cmd, stdout=out_fh, stderr=err_fh, text=True, env=env)
+        while True:  # wait4 gives the CPU time of the prepare and the workers it reaped
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(0.1)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out_fh.seek(0), err_fh.seek(0)
+        stdout, stderr = out_fh.read(), err_fh.read()
     if proc.returncode:
         raise SystemExit(f"prepare failed:\n{stderr}")
     result = json.loads(stdout)
     tokens = sum(s["tokens"] for s in result["splits"].values())
     shutil.rmtree(out)
     return {"workers": workers, "wall_s": time.perf_counter() - t0, "prepare_s": result["seconds"],
-            "tokens": tokens, "tokens_per_s": tokens / result["seconds"], "peak_rss_mb": peak / 2**20}
+            "cpu_s": usage.ru_utime + usage.ru_stime, "tokens": tokens,
+            "tokens_per_s": tokens / result["seconds"], "peak_rss_mb": peak / 2**20}
 
 
 _REFERENCE = r"""
@@ -111,10 +118,10 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 from tokenizers import Tokenizer
 tok = Tokenizer.from_file(sys.argv[2])
 texts = [json.loads(line)["text"] for line in open(sys.argv[1], encoding="utf-8")]
-t0, n, batch = time.perf_counter(), 0, []
+t0, c0, n = time.perf_counter(), time.process_time(), 0
 for i in range(0, len(texts), 256):
     n += sum(len(e.ids) + 1 for e in tok.encode_batch(texts[i:i + 256], add_special_tokens=False))
-print(json.dumps({"tokens": n, "seconds": time.perf_counter() - t0}))
+print(json.dumps({"tokens": n, "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}))
 """
 
 
@@ -122,7 +129,7 @@ def run_reference(corpus: Path, tok: Path) -> dict:
     out = subprocess.run([sys.executable, "-c", _REFERENCE, str(corpus), str(tok / "tokenizer.json")],
                          capture_output=True, text=True, check=True)
     r = json.loads(out.stdout)
-    return {"tokens": r["tokens"], "seconds": r["seconds"], "tokens_per_s": r["tokens"] / r["seconds"]}
+    return {**r, "tokens_per_s": r["tokens"] / r["seconds"]}
 
 
 def cpu_model() -> dict:
@@ -135,7 +142,8 @@ def cpu_model() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes-gb", type=float, nargs="+", default=[0.25, 1.0, 4.0])
+    ap.add_argument("--sizes-gb", type=float, nargs="*", default=[0.25, 1.0, 4.0],
+                    help="corpus sizes of the memory runs (none: throughput only)")
     ap.add_argument("--ratio-gb", type=float, default=0.25, help="corpus size of the throughput runs")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None, help="where corpora go (default: a new temp dir)")
@@ -163,27 +171,39 @@ def main() -> None:
                 print(f"{row['gb']:>6g} GB  {r['prepare_s']:8.1f} s  {r['tokens_per_s']:>10,.0f} tok/s  "
                       f"peak RSS {r['peak_rss_mb']:7.1f} MB", flush=True)
         ratio_corpus = next(r["corpus"] for r in rows if r["gb"] == args.ratio_gb)
-        runs: dict[str, list] = {"1 worker": [], "2 workers": [], "tokenizers encode_batch, 1 thread": []}
+        names = ("1 worker", "2 workers", "tokenizers encode_batch, 1 thread")
+        runs: dict[str, list] = {name: [] for name in names}
         for _ in range(args.repeats):
-            runs["1 worker"].append(run_prepare(ratio_corpus, tok, work / "out", 1)["tokens_per_s"])
-            runs["2 workers"].append(run_prepare(ratio_corpus, tok, work / "out", 2)["tokens_per_s"])
-            runs["tokenizers encode_batch, 1 thread"].append(run_reference(ratio_corpus, tok)["tokens_per_s"])
-        best = {k: max(v) for k, v in runs.items()}
-        ratios = {"2 workers / 1 worker": best["2 workers"] / best["1 worker"],
-                  "1 worker / tokenizers": best["1 worker"] / best["tokenizers encode_batch, 1 thread"]}
+            runs[names[0]].append(run_prepare(ratio_corpus, tok, work / "out", 1))
+            runs[names[1]].append(run_prepare(ratio_corpus, tok, work / "out", 2))
+            runs[names[2]].append(run_reference(ratio_corpus, tok))
+        best = {k: max(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+        # Tokens per CPU-second (all processes of a prepare, main and workers) do not depend on
+        # how much of the machine other work takes: the fair per-core comparison.
+        per_cpu = {k: max(r["tokens"] / r["cpu_s"] for r in v) for k, v in runs.items()}
+        ratios = {"2 workers / 1 worker (wall)": best[names[1]] / best[names[0]],
+                  "1 worker / tokenizers (wall)": best[names[0]] / best[names[2]],
+                  "1 worker / tokenizers (per CPU-second)": per_cpu[names[0]] / per_cpu[names[2]]}
         growth = memory[-1]["peak_rss_mb"] / memory[0]["peak_rss_mb"] - 1 if len(memory) > 1 else 0.0
         print("\n| corpus | seconds | tokens/s | peak RSS (MB) |\n|---|---|---|---|")
         for m in memory:
             print(f"| {m['gb']:g} GB | {m['prepare_s']:.1f} | {m['tokens_per_s']:,.0f} | {m['peak_rss_mb']:.0f} |")
         print(f"\npeak RSS growth, smallest to largest: {100 * growth:+.1f}%")
         for name, values in runs.items():
-            print(f"{name:<36} best {best[name]:>10,.0f} tok/s  (runs: {', '.join(f'{v:,.0f}' for v in values)})")
+            each = ", ".join(f"{v['tokens_per_s']:,.0f}" for v in values)
+            print(f"{name:<36} best {best[name]:>10,.0f} tok/s, {per_cpu[name]:>10,.0f} tok per CPU-s  (runs: {each})")
         for name, value in ratios.items():
-            print(f"{name:<36} {value:.2f}x")
+            print(f"{name:<40} {value:.2f}x")
+        load = os.getloadavg()
+        print(f"1-minute load average {load[0]:.1f} on {os.cpu_count()} CPUs")
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"command": " ".join(sys.argv), "cpu": cpu_model(),
-                                       "load_average": os.getloadavg(), "memory": memory, "throughput": runs,
-                                       "best": best, "ratios": ratios, "rss_growth": growth}, indent=1) + "\n")
+        command = " ".join(a for i, a in enumerate(sys.argv) if "--workdir" not in sys.argv[max(i - 1, 0):i + 1])
+        results = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not memory else {}
+        if memory:  # a throughput-only run (no --sizes-gb) keeps the last memory table
+            results.update(memory_command=command, memory=memory, rss_growth=growth)
+        results.update(command=command, cpu=cpu_model(), load_average=load, throughput=runs, best=best,
+                       tokens_per_cpu_s=per_cpu, ratios=ratios)
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
         print(f"wrote {RESULTS.relative_to(ROOT)}")
     finally:
         if not args.keep:

@@ -42,6 +42,11 @@ def test_training_from_a_data_dir_reproduces_training_from_the_files(from_files)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["train_loss"] for r in got] == [r["train_loss"] for r in want]
     assert [r.get("val_loss") for r in got] == [r.get("val_loss") for r in want]
+    # `parscale eval` on the model finds the run's data directory and measures its val_loss.
+    from parscale.cli.eval import build_parser, evaluate
+
+    result = evaluate(build_parser().parse_args(["--model", str(root / "dir" / "final"), "--device", "cpu"]))
+    assert result["data"] == str(root / "prepared") and result["loss"] == pytest.approx(got[-1]["val_loss"], rel=1e-6)
 
 
 @pytest.mark.slow
