@@ -215,3 +215,18 @@ def test_reuse_is_logged_only_when_true_and_keyed_by_tokenizer_content(tmp_path,
     monkeypatch.setattr(pipeline, "prepare_dir", lambda *a, **k: pytest.fail("tokenized the corpus again"))
     post = prepare_data(DataConfig(files=(str(folder),), tokenizer=str(saved), val_fraction=0.2), tmp_path / "cache")
     assert post.cache_path == first.cache_path
+
+
+def test_cli_bad_file_is_one_line_and_exit_2(tmp_path, tok_dir):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("fine text\n" * 20)
+    (folder / "b.txt").write_bytes(b"fine\n" * 10 + b"\xc3(")
+    env = {**__import__("os").environ, "TQDM_DISABLE": "1"}
+    out = subprocess.run([sys.executable, "-m", "parscale", "data", "prepare", "--data-files", str(folder),
+                          "--data-tokenizer", str(tok_dir), "--out", str(tmp_path / "out"), "--workers", "0"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert errors == [f"parscale data: error: cannot read {folder / 'b.txt'} at byte 50: not UTF-8 "
+                      "(invalid continuation byte); fix or remove the file, or pass --on-bad-file skip to leave it out"]
