@@ -75,13 +75,13 @@ def step_bytes(model, cache_bytes_per_token: float, mean_tokens: float) -> float
     return weights + cache_bytes_per_token * mean_tokens
 
 
-def run_row(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+def run_row(model, ids: torch.Tensor, new_tokens: int, clock: str) -> tuple[float, float]:
     """(median decode step in s, KV-cache bytes per cached token) of one greedy generate."""
     from parscale.cost.measure import cache_bytes, timed_generate
 
     run = timed_generate(model, ids, new_tokens)
     cached = ids.shape[1] + new_tokens - 1
-    return statistics.median(run.step_s), cache_bytes(run.cache) / cached
+    return statistics.median(run.step_cpu_s if clock == "cpu" else run.step_s), cache_bytes(run.cache) / cached
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--prefill-length", type=int, default=512, help="prefill timed at P = 1 (0: skip)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: CPU time per step (with --threads 1, steadier on a machine shared with other work)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock-path rows")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             model = models[dtype][key]
             if impl != "plain":
                 model.use_fast_kernels(impl == "ours")
-            step, per_token[row] = run_row(model, prompts[b], args.new_tokens)
+            step, per_token[row] = run_row(model, prompts[b], args.new_tokens, args.clock)
             times[row].append(step)
             if args.prefill_length and p == 1 and b == batches[0] and impl != "stock":
                 pre = timed_generate(model, long_prompt, 1).prefill_s
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     goals = goal_lines(results, prefill)
     print("\n".join(goals))
     result = {"command": "python benchmarks/decode.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "cpu": cpu_info(), "threads": args.threads, "copy_bandwidth": bandwidth, "bandwidths": bandwidths,
+              "cpu": cpu_info(), "threads": args.threads, "clock": args.clock, "copy_bandwidth": bandwidth, "bandwidths": bandwidths,
               "kernel": kernels.library() is not None, "layers": args.layers, "prompt": args.prompt,
               "new_tokens": args.new_tokens, "reps": args.reps, "rows": results,
               "prefill_ms": {f"{d}/{i}": [s * 1e3 for s in v] for (d, i), v in prefill.items()},
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 def format_table(results: list[dict], bandwidth: float, args: argparse.Namespace) -> str:
     cpu = cpu_info()
     lines = [f"{cpu['model']} ({' '.join(cpu['flags'])}), {args.threads} thread(s), copy bandwidth "
-             f"{bandwidth / 1e9:.1f} GB/s; {args.layers} layers, prompt {args.prompt}, {args.new_tokens} new tokens, "
+             f"{bandwidth / 1e9:.1f} GB/s; {args.clock} clock; {args.layers} layers, prompt {args.prompt}, {args.new_tokens} new tokens, "
              f"median of {args.reps} interleaved rounds",
              f"{'dtype':<9} {'path':<6} {'P':>2} {'B':>2} {'ms/token':>9} {'min':>7} {'max':>7} {'floor':>7} "
              f"{'x floor':>7} {'x P=1':>6} {'KV B/tok':>9}"]

@@ -153,3 +153,32 @@ def test_no_compiler_falls_back_to_the_stock_path(tiny_factory, tmp_path, monkey
         assert torch.equal(out, stock)
     finally:
         kernels.library.cache_clear()  # the next test builds or finds the real library again
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_decode_attention_equals_joined_prefix_and_sdpa(dtype, mask_kind):
+    """The split prefix/cache softmax against the direct formula: join, repeat heads, sdpa in float64."""
+    from parscale.model.streams import decode_attention
+
+    gen = torch.Generator().manual_seed(3)
+    n_streams, batch, kv, groups, n_prefix, length, dim = 3, 2, 2, 3, 4, 7, 8
+    rows = n_streams * batch
+    query = torch.randn(rows, kv * groups, 1, dim, generator=gen).to(dtype)
+    key, value = (torch.randn(rows, kv, length, dim, generator=gen).to(dtype) for _ in range(2))
+    prefix_k, prefix_v = (torch.randn(n_streams, kv, n_prefix, dim, generator=gen).to(dtype) for _ in range(2))
+    visible = torch.ones(rows, 1, 1, length, dtype=torch.bool)
+    visible[1::batch, ..., :3] = False  # the second sample of every stream is left-padded
+    mask = {"none": None, "bool": visible,
+            "float": torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)}[mask_kind]
+    got = decode_attention(query, key, value, mask, prefix_k, prefix_v, dim**-0.5)
+
+    full_k = torch.cat([prefix_k.repeat_interleave(batch, 0), key], 2).double().repeat_interleave(groups, 1)
+    full_v = torch.cat([prefix_v.repeat_interleave(batch, 0), value], 2).double().repeat_interleave(groups, 1)
+    keep = torch.cat([torch.ones(rows, 1, 1, n_prefix, dtype=torch.bool), visible], -1)
+    if mask_kind == "none":
+        keep = torch.ones_like(keep)
+    want = F.scaled_dot_product_attention(query.double(), full_k, full_v, attn_mask=keep).transpose(1, 2)
+    assert got.shape == (rows, 1, kv * groups, dim) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: the output is rounded once (2**-8 relative)
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)

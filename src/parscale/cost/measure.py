@@ -121,6 +121,7 @@ class DecodeRun:
 
     prefill_s: float  # from the call to the first token's logits (the prompt's forward)
     step_s: list[float]  # one decode step each: forward, logits processing, cache update
+    step_cpu_s: list[float]  # the CPU time of this process in each step (all its threads)
     sequences: Any
     cache: Any
 
@@ -130,7 +131,9 @@ def timed_generate(model: Any, ids: Any, new_tokens: int, attention_mask: Any = 
 
     The one measurement routine behind `parscale cost measure` and `benchmarks/decode.py`:
     a logits processor records the time each step's logits arrive, so the differences are
-    whole decode steps as `generate` runs them, not a hand-written loop.
+    whole decode steps as `generate` runs them, not a hand-written loop. With one thread on
+    a machine shared with other work, the CPU time per step is the steadier number: it
+    leaves out the time the process waited for a core.
     """
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
@@ -138,9 +141,11 @@ def timed_generate(model: Any, ids: Any, new_tokens: int, attention_mask: Any = 
     class _Clock(LogitsProcessor):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.cpu: list[float] = []
 
         def __call__(self, input_ids: Any, scores: Any) -> Any:
             self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
             return scores
 
     clock = _Clock()
@@ -150,7 +155,8 @@ def timed_generate(model: Any, ids: Any, new_tokens: int, attention_mask: Any = 
                              min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]),
                              return_dict_in_generate=True, pad_token_id=0)
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
-    return DecodeRun(prefill_s=clock.times[0] - start, step_s=steps, sequences=out.sequences,
+    cpu = [b - a for a, b in zip(clock.cpu, clock.cpu[1:])]
+    return DecodeRun(prefill_s=clock.times[0] - start, step_s=steps, step_cpu_s=cpu, sequences=out.sequences,
                      cache=out.past_key_values)
 
 
