@@ -19,7 +19,9 @@ import ctypes
 import functools
 import hashlib
 import logging
+import os
 import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -54,6 +56,17 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def _ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the `ninja` wheel's binary may not be on it (unactivated venv)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass  # the build then fails and the stock path is used, with a warning
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel (built once per CPU and torch version), or None if it cannot be built."""
@@ -64,6 +77,7 @@ def library() -> ctypes.CDLL | None:
         if not built.exists():
             from torch.utils.cpp_extension import load
 
+            _ninja_on_path()
             logger.info("compiling the CPU decode kernel once into %s", build)
             build.mkdir(parents=True, exist_ok=True)
             load(name, [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build),
