@@ -74,18 +74,25 @@ def library() -> ctypes.CDLL | None:
     build = cache_dir("kernels", name)
     built = build / f"{name}.so"
     try:
-        if not built.exists():
-            from torch.utils.cpp_extension import load
+        try:
+            return _bind(ctypes.CDLL(str(built)))  # built before (by this or another process)
+        except OSError:  # absent, or still being linked by another process: build or wait for it
+            pass
+        from torch.utils.cpp_extension import load  # takes a lock in `build`, so one process builds
 
-            _ninja_on_path()
-            logger.info("compiling the CPU decode kernel once into %s", build)
-            build.mkdir(parents=True, exist_ok=True)
-            load(name, [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build),
-                 is_python_module=False)
-        lib = ctypes.CDLL(str(built))
+        _ninja_on_path()
+        logger.info("compiling the CPU decode kernel once into %s", build)
+        build.mkdir(parents=True, exist_ok=True)
+        load(name, [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build),
+             is_python_module=False)
+        return _bind(ctypes.CDLL(str(built)))
     except Exception as error:  # no compiler, no ninja, a failed build: the stock path still works
         logger.warning("the CPU decode kernel is unavailable (%s); decoding uses the stock matmul", error)
         return None
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the C signatures (ctypes would otherwise guess them from the Python values)."""
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for fn in (lib.parscale_skinny_f32, lib.parscale_skinny_bf16):
         fn.argtypes = [pointer, size, size, pointer, pointer, pointer, size, ctypes.c_int]
