@@ -9,7 +9,7 @@ by `parscale.cost.measure.timed_generate` (the routine `parscale cost measure` u
 the plain transformers model (P = 1), our default path, and our stock path (the CPU decode
 kernel switched off) for every P. The **floor** of a step is the bytes it must read (every
 weight but the input embedding, the prefixes, the KV cache at the mean length) divided by
-the copy bandwidth measured in the same run. Repetitions are interleaved (each round runs
+the copy bandwidth measured in the same run (on the same clock as the steps). Repetitions are interleaved (each round runs
 every row once) and every row reports the median over rounds with min and max, so a burst
 of load from other processes moves all rows alike; ratios are taken from medians of one run.
 Writes benchmarks/results/decode.json with the CPU's name and its AVX-512/AMX flags.
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             models[dtype][key].use_fast_kernels(impl == "ours")
         timed_generate(models[dtype][key], prompts[b], 2)
     for rep in range(args.reps):
-        bandwidths.append(copy_bandwidth(256, 3))
+        bandwidths.append(copy_bandwidth(256, 3, time.process_time if args.clock == "cpu" else time.perf_counter))
         for row in rows:
             dtype, key, impl, p, b = row
             model = models[dtype][key]
