@@ -319,6 +319,16 @@ def test_batch_is_pure_and_ranks_split_the_global_batch():
         assert torch.equal(torch.cat(parts), whole)
 
 
+def test_first_row_continues_the_same_order():
+    """A run that skips `first_row` sequences sees rows first_row + step*B onwards of the one order."""
+    tokens = np.random.default_rng(1).integers(0, 500, 5_000).astype(np.uint16)  # 39 chunks of 128
+    rows = torch.cat([batch_at(tokens, s, 4, 128, seed=2) for s in range(16)])  # 64 rows: into epoch 1
+    for first_row in (0, 4, 6, 37):
+        for step in (0, 1, 2):
+            start = first_row + step * 4
+            torch.testing.assert_close(batch_at(tokens, step, 4, 128, seed=2, first_row=first_row), rows[start:start + 4])
+
+
 def test_batch_errors():
     tokens = np.arange(100)
     with pytest.raises(UserError, match="does not divide"):

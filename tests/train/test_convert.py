@@ -107,8 +107,8 @@ def test_streams_mode_freezes_the_backbone_and_trains_the_prefixes(trained_p1, c
 
 def test_stage_two_continues_the_data_order_where_stage_one_stopped(trained_p1, monkeypatch):
     """Stage 2 trains on the batches an uninterrupted stage 1 would have seen next (steps 40,
-    41, ... of its order), not on stage 1's first batches again; the position is kept in
-    config.yaml for --resume, and passed on in final/data_order.json."""
+    41, ... of its order), not on stage 1's first batches again; the start is kept in each
+    checkpoint for --resume, and the end passed on in final/data_order.json."""
     import yaml
 
     from parscale.data.batches import batch_at as pure_batch_at
@@ -133,8 +133,41 @@ def test_stage_two_continues_the_data_order_where_stage_one_stopped(trained_p1, 
     assert torch.equal(seen[0], after[0])  # the step-0 training loss is measured on the next batch
     assert torch.equal(seen[1], after[0]) and torch.equal(seen[2], after[1])
     assert not torch.equal(seen[1], first[0]) and not torch.equal(seen[2], first[1])
-    assert yaml.safe_load((cfg.run_dir / "config.yaml").read_text())["order_start"] == 40 * 4
     import json
+
+    assert yaml.safe_load((cfg.run_dir / "config.yaml").read_text())["order_start"] is None  # as given
+    assert json.loads((cfg.run_dir / "ckpt-0000002" / "trainer.json").read_text())["order_start"] == 40 * 4
 
     record = json.loads((cfg.run_dir / "final" / "data_order.json").read_text())
     assert record["rows"] == 42 * 4 and record["seq_len"] == 32
+
+
+def test_the_start_of_the_data_order_follows_the_documented_rule(tmp_path, caplog):
+    """An explicit --order-start wins; then a resumed run's checkpoint; then a matching
+    record of --init-from; a record of another order gives 0 with a warning naming why."""
+    import json
+    import logging
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from parscale.train import data_order
+
+    data = SimpleNamespace(train=np.arange(50_000, dtype=np.uint16))
+    source = tmp_path / "source"
+    source.mkdir()
+    stage1 = SimpleNamespace(order_start=None, init_from=None, seq_len=32, seed=0, steps=10, batch_size=4)
+    data_order.write_record(source, stage1, data)
+    cfg = SimpleNamespace(order_start=None, init_from=str(source), seq_len=32, seed=0)
+    assert data_order.start_row(cfg, data) == 40
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "trainer.json").write_text(json.dumps({"step": 3, "order_start": 12}))
+    assert data_order.start_row(cfg, data, ckpt) == 12  # resume keeps what the run started with
+    assert data_order.start_row(SimpleNamespace(**{**vars(cfg), "order_start": 7}), data, ckpt) == 7
+    with caplog.at_level(logging.WARNING):
+        assert data_order.start_row(SimpleNamespace(**{**vars(cfg), "seq_len": 64}), data) == 0
+        other = SimpleNamespace(train=np.arange(1, 50_001, dtype=np.uint16))
+        assert data_order.start_row(cfg, other) == 0
+    assert "seq_len differ" in caplog.text and "train_fingerprint differ" in caplog.text
+    assert data_order.start_row(SimpleNamespace(**{**vars(cfg), "init_from": str(tmp_path)}), data) == 0  # no record

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -157,7 +157,8 @@ def evaluate_nll(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int,
                   max_tokens: int | None = None, device: str | torch.device = "cpu",
-                  reduce=None, rank: int = 0, world_size: int = 1) -> float:
+                  reduce: Callable[[list[float]], list[float]] | None = None, rank: int = 0,
+                  world_size: int = 1) -> float:
     """Mean next-token NLL in nats over the first `max_tokens` tokens (all when None).
 
     Every prediction counts once, whatever batch it falls in: the sum of per-token NLLs

@@ -8,6 +8,7 @@ sees the tokens that come next, as if stage 1 had gone on. This holds when both 
 read the same training tokens in the same order (same training array, `--seq-len` and
 `--seed`); otherwise the order cannot be continued, and the new run starts at the beginning
 of its own order with a warning that says why. `--order-start N` sets the start by hand.
+Every checkpoint records the start it used (`trainer.json`), so `--resume` keeps it.
 """
 from __future__ import annotations
 
@@ -31,10 +32,15 @@ def _identity(cfg, data) -> dict[str, Any]:
             "seq_len": cfg.seq_len, "seed": cfg.seed}
 
 
-def start_row(cfg, data) -> int:
-    """The sequences of the order to skip: `cfg.order_start`, else where `--init-from` stopped, else 0."""
+def start_row(cfg, data, ckpt: Path | None = None) -> int:
+    """The sequences of the order to skip: `cfg.order_start`, else the start a resumed run's
+    checkpoint recorded, else where `--init-from` stopped, else 0."""
     if cfg.order_start is not None:
         return cfg.order_start
+    if ckpt is not None:
+        recorded = json.loads((Path(ckpt) / "trainer.json").read_text()).get("order_start")
+        if recorded is not None:
+            return int(recorded)
     if not cfg.init_from:
         return 0
     path = Path(cfg.init_from) / RECORD

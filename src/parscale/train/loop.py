@@ -62,17 +62,18 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool) -> Path:
     distributed.main_first(lambda: _prepare_run_dir(cfg, resume), env)
     _seed_everything(cfg.seed)
     data = _load_data(cfg, env)
-    cfg = dataclasses.replace(cfg, order_start=data_order.start_row(cfg, data))  # written to config.yaml
     ckpt = ckpt_io.latest_checkpoint(run_dir) if resume else None
     if ckpt is not None and ckpt_io.checkpoint_step(ckpt) > cfg.steps:
         raise UserError(f"the run's last checkpoint {ckpt.name} is at step {ckpt_io.checkpoint_step(ckpt)}, past "
                         f"--steps {cfg.steps}, so it holds a model trained further than asked; resume with "
                         f"--steps {ckpt_io.checkpoint_step(ckpt)} or more (its final/ model is the one of that step)")
+    asked = cfg  # config.yaml keeps the options as given; each checkpoint records the resolved start
+    cfg = dataclasses.replace(cfg, order_start=data_order.start_row(cfg, data, ckpt))
     model, base_val = _setup_model(cfg, data, ckpt, env)
     check_seq_len(cfg.seq_len, model.config)
     check_data(data, cfg.seq_len, cfg.batch_size // cfg.grad_accum)
     if env.is_main:  # every check passed: this file now marks the directory as a run
-        dump_yaml(cfg, run_dir / "config.yaml")
+        dump_yaml(asked, run_dir / "config.yaml")
     model.to(env.device)
     wrapped = distributed.wrap_model(model, env, cfg.fsdp)
     optimizer = torch.optim.AdamW(convert.param_groups(model, cfg.weight_decay), lr=cfg.lr,
@@ -295,7 +296,7 @@ def _save(cfg: TrainConfig, env, model, optimizer, step: int) -> None:
     optim_state = distributed.full_optimizer_state(model, optimizer)
     if env.is_main:
         trainer = {"tokens": step * cfg.batch_size * cfg.seq_len, "P": cfg.P,
-                   "world_size": env.world_size}
+                   "world_size": env.world_size, "order_start": cfg.order_start}
         path = ckpt_io.save_checkpoint(cfg.run_dir, step, to_write, optim_state, trainer, cfg.keep_last)
         log.info("saved %s", path.name)
     distributed.barrier(env)
