@@ -115,25 +115,49 @@ def _prefill_peak(model: Any, ids: Any) -> tuple[Any, int]:
     return out, int(max(sum(row) for row in sizes))
 
 
-def measure_one(model: Any, cfg: MeasureConfig, batch: int) -> dict[str, float]:
+def _prompt(cfg: MeasureConfig, batch: int) -> Any:
     import torch
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    ids = torch.randint(0, cfg.vocab, (batch, cfg.input_length), generator=gen)
-    weights = tensor_bytes(list(model.parameters()))
-    buffers = tensor_bytes(list(model.buffers()))  # rotary frequencies: not weights, but memory
-    steps = []
+    return torch.randint(0, cfg.vocab, (batch, cfg.input_length), generator=gen)
+
+
+def _decode(model: Any, out: Any, steps: int) -> tuple[list[float], Any]:
+    """Greedy decode `steps` tokens after a prefill's output: the wall time of each step, the cache."""
+    import torch
+
+    times = []
+    cache = out.past_key_values
+    token = out.logits[:, -1:].argmax(-1)
     with torch.no_grad():
-        out, peak = _prefill_peak(model, ids)
-        cache = out.past_key_values
-        transient = max(0, peak - weights - buffers - cache_bytes(cache))
-        token = out.logits[:, -1:].argmax(-1)
-        for _ in range(cfg.output_length):
+        for _ in range(steps):
             start = time.perf_counter()
             out = model(token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
-            steps.append(time.perf_counter() - start)
+            times.append(time.perf_counter() - start)
             cache = out.past_key_values
+    return times, cache
+
+
+def decode_step_times(model: Any, cfg: MeasureConfig, batch: int = 1) -> list[float]:
+    """Seconds per decode step after the first, without the memory profiler (latency only)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(_prompt(cfg, batch), use_cache=True)
+    return _decode(model, out, cfg.output_length)[0][1:]
+
+
+def measure_one(model: Any, cfg: MeasureConfig, batch: int) -> dict[str, float]:
+    import torch
+
+    ids = _prompt(cfg, batch)
+    weights = tensor_bytes(list(model.parameters()))
+    buffers = tensor_bytes(list(model.buffers()))  # rotary frequencies: not weights, but memory
+    with torch.no_grad():
+        out, peak = _prefill_peak(model, ids)
+    transient = max(0, peak - weights - buffers - cache_bytes(out.past_key_values))
+    steps, cache = _decode(model, out, cfg.output_length)
     kv = cache_bytes(cache)
     return {"weights_bytes": weights, "buffers_bytes": buffers, "kv_cache_bytes": kv, "activation_bytes": transient,
             "memory_bytes": weights + buffers + kv + transient, "decode_step_s": statistics.median(steps[1:]),

@@ -8,6 +8,7 @@ re-derived here.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def decode_ms(final: Path, decode_tokens: int) -> dict[str, float]:
     (the fastest step of `decode_tokens`: other processes can only add time)."""
     import torch
 
-    from parscale.cost.measure import MeasureConfig, measure_one
+    from parscale.cost.measure import MeasureConfig, decode_step_times
 
     out = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
@@ -80,9 +81,9 @@ def decode_ms(final: Path, decode_tokens: int) -> dict[str, float]:
         mcfg = MeasureConfig(hidden=c.hidden_size, intermediate=c.intermediate_size, layers=c.num_hidden_layers,
                              heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, vocab=c.vocab_size,
                              input_length=32, output_length=max(2, decode_tokens))
-        row = measure_one(model, mcfg, batch=1)
-        out[name] = 1e3 * row["decode_step_min_s"]
-        out[name + "_median"] = 1e3 * row["decode_step_s"]
+        steps = decode_step_times(model, mcfg, batch=1)
+        out[name] = 1e3 * min(steps)
+        out[name + "_median"] = 1e3 * statistics.median(steps)
     return out
 
 
