@@ -116,6 +116,9 @@ def test_runs_of_one_seed_share_their_initialisation(smoke):
     assert len(set(digests.values())) == 1, digests
     assert digests["p1"] == _initial_backbone_digest(out / "runs" / "p1", seed=0)
     assert by["p1-wide"]["init_backbone_sha256"] not in digests.values()  # another shape: cannot share
+    control = load_file(str(out / "runs" / "p1-prefix" / "final" / "model.safetensors"))
+    assert control["model.layers.0.self_attn.prefix_k"].shape[0] == 1  # one prefix ...
+    assert not any("aggregate_layer" in k for k in control)  # ... and no aggregation
     # Shared init, different training: the final backbones differ.
     a = load_file(str(out / "runs" / "p1" / "final" / "model.safetensors"))
     b = load_file(str(out / "runs" / "p2" / "final" / "model.safetensors"))

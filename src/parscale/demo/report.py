@@ -101,12 +101,6 @@ def parallel_line(summary: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- the reading
-def _gap(x: float, n_seeds: int) -> str:
-    if n_seeds > 1:
-        return ""
-    return " (within" if abs(x) < 2 * SEED_NOISE else " (beyond"
-
-
 def findings(summary: dict[str, Any]) -> list[str]:
     """Plain statements computed from the numbers, each with its caveat; nothing beyond them."""
     by, out = _by(summary), []
