@@ -136,6 +136,13 @@ def test_frozen_backbone_runs_hold_the_source_backbone_bit_for_bit(smoke):
         assert _runs(summary)[name]["backbone_vs_source"]["identical"]
     control = load_file(str(out / "runs" / "post-p1-control" / "final" / "model.safetensors"))
     assert not all(torch.equal(control[k], ref[k]) for k in ref)  # the contrast: it trained every weight
+    # Every two-stage run goes on with new tokens: past the sequences p1 trained on, all from the same place.
+    import yaml
+
+    p1 = yaml.safe_load((out / "runs" / "p1" / "config.yaml").read_text())
+    for name in ("post-p2-streams", "post-p4-streams", "post-p1-control"):
+        run = yaml.safe_load((out / "runs" / name / "config.yaml").read_text())
+        assert run["order_start"] == p1["steps"] * p1["batch_size"], name
 
 
 @pytest.mark.slow

@@ -29,7 +29,8 @@ _COST = {1: 1.0, 2: 1.8, 4: 3.2}
 # ---------------------------------------------------------------- one run (in a worker)
 def _comparable(fields: dict[str, Any]) -> dict[str, Any]:
     """A run config without the paths that only say where OUT is."""
-    fields = {k: v for k, v in fields.items() if k not in ("out", "init_from", "cache_dir")}
+    # order_start is resolved by the trainer from the source run's record (None in the demo's config).
+    fields = {k: v for k, v in fields.items() if k not in ("out", "init_from", "cache_dir", "order_start")}
     data = dict(fields.get("data") or {})
     data.pop("tokenizer", None)  # stage 2 reads the stage-1 model's tokenizer, inside OUT
     fields["data"] = data
@@ -45,8 +46,9 @@ def ensure_run(tc) -> tuple[Path, str]:
         return train(tc), "trained"
     have = _comparable(yaml.safe_load(saved.read_text()) or {})
     want = _comparable(yaml.safe_load(yaml.safe_dump(tc.to_dict())))
-    if have != want:
-        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    # A key one side lacks counts as None: an option added later with a None default is no change.
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if diff:
         raise UserError(f"{tc.run_dir} was trained with other options ({', '.join(diff)}); "
                         "delete that run directory or choose another --out")
     if (tc.run_dir / "final" / "config.json").is_file():
@@ -104,7 +106,7 @@ class Pool:
         fut: Future = Future()
         try:
             fut.set_result(fn(*args))
-        except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
+        except Exception as err:  # noqa: BLE001 - handed to the caller through the future
             fut.set_exception(err)
         return fut
 
