@@ -162,7 +162,7 @@ def test_flags_override_the_yaml_file(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown preset", "missing corpus", "empty corpus",
-                                  "seq len above max", "streams without init"])
+                                  "seq len above max", "streams without init", "prefix at P=2"])
 def test_bad_input_is_a_clear_error_before_training(case, tmp_path, capsys):
     opts = micro_setup(tmp_path)
     run = tmp_path / "run"
@@ -174,6 +174,7 @@ def test_bad_input_is_a_clear_error_before_training(case, tmp_path, capsys):
         "seq len above max": (cli_args({**opts, "seq_len": 128}) + ["--out", str(run)],
                               "above the model's maximum"),
         "streams without init": (["--train", "streams", "--out", str(run)], "--init-from"),
+        "prefix at P=2": (["--P", "2", "--prefix-at-p1", "--out", str(run)], "--prefix-at-p1 gives a P=1 model"),
     }
     args, needle = expect[case]
     if case == "empty corpus":

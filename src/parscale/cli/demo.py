@@ -1,6 +1,6 @@
-"""`parscale demo`: the end-to-end mini-study (about 10 minutes on two CPU cores).
+"""`parscale demo`: the mini-study (about 10 minutes on two CPU cores at the default budget).
 
-    parscale demo [--out runs/demo] [--quick] [--scale F] [--seed S]
+    parscale demo [--out runs/demo] [--budget smoke|quick|default|full] [--scale F] [--seed S]
 
 Re-running with the same flags reuses the finished runs, resumes an interrupted one and
 rewrites the report; other flags on an existing --out are refused.
@@ -9,41 +9,50 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from parscale.errors import UserError
+
+BUDGET_HELP = ("smoke: seconds, a few steps per run on a handful of files (for tests); quick: about 3 min; "
+               "default: about 10 min on two cores; full: the multi-seed study of docs/mini-study.md (hours)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="parscale demo",
-        description="Pretrain a tiny P=1 model on the Python standard library, post-train it with "
-                    "P=1/2/4 streams, generate, fit the scaling law, compare inference costs, and write "
-                    "OUT/report.md, OUT/summary.json and the plots.")
+        description="Train P=1, 2, 4, a one-prefix P=1 control and a wider P=1 model from scratch on the Python "
+                    "standard library, post-train P=1 into streams, measure loss, time, FLOPs and decode "
+                    "latency, and write OUT/report.md, OUT/summary.json and the plots.")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke version: 60 + 20 steps, about 1.5 minutes with data preparation")
+    p.add_argument("--budget", choices=("smoke", "quick", "default", "full"), default=None, help=BUDGET_HELP)
+    p.add_argument("--quick", action="store_true", help="the same as --budget quick (kept for old scripts)")
     p.add_argument("--scale", type=float, default=1.0, metavar="F", help="multiply every step count by F (default 1)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="training seed of every run (default 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="added to every run's seed (default 0)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="runs at a time, one thread each (default 2 on a machine with 2 or more cores, else 1)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="torch CPU threads (default 1: the tiny model's matrices are too small for more "
-                        "threads to pay, and on a busy machine extra threads slow it down)")
-    p.add_argument("--no-measure", action="store_true", help="skip timing the tiny model on this CPU")
+                   help="torch CPU threads of this process, which measures decoding (default 1)")
+    p.add_argument("--no-measure", action="store_true", help="skip timing decoding")
     return p
 
 
 def main(argv: list[str]) -> int:
-    from parscale.demo.study import DemoConfig, run_demo
+    from parscale.demo.plan import DemoConfig
+    from parscale.demo.study import run_demo
 
     args = build_parser().parse_args(argv)
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if args.quick and args.budget not in (None, "quick"):
+        raise UserError(f"--quick means --budget quick; it cannot be combined with --budget {args.budget}")
+    budget = args.budget or ("quick" if args.quick else "default")
+    workers = args.workers if args.workers is not None else (2 if (os.cpu_count() or 1) >= 2 else 1)
     import torch
 
     torch.set_num_threads(args.threads)  # process-wide, so set here at the entry point only
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = DemoConfig.preset(args.out, quick=args.quick, scale=args.scale, seed=args.seed,
-                            measure_cost=not args.no_measure)
+    cfg = DemoConfig.preset(args.out, budget=budget, scale=args.scale, seed=args.seed, workers=workers,
+                            measure=not args.no_measure)
     run_demo(cfg)
-    print(f"\nreport: {cfg.out_dir / 'report.md'} (numbers in summary.json; plots losses.png, "
-          "law_fit.png, cost_compare.png)")
+    print(f"\nreport: {cfg.out_dir / 'report.md'} (numbers in summary.json)")
     return 0

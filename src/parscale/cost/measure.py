@@ -160,6 +160,15 @@ def timed_generate(model: Any, ids: Any, new_tokens: int, attention_mask: Any = 
                      cache=out.past_key_values)
 
 
+def decode_step_times(model: Any, cfg: MeasureConfig, batch: int = 1) -> list[float]:
+    """Seconds per decode step of `timed_generate`, without the memory profiler (latency only)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, cfg.vocab, (batch, cfg.input_length), generator=gen)
+    return timed_generate(model, ids, cfg.output_length + 1).step_s
+
+
 def measure_one(model: Any, cfg: MeasureConfig, batch: int) -> dict[str, float]:
     import torch
 

@@ -1,8 +1,8 @@
-"""The demo's outputs: `summary.json` (every number), `report.md` (the readable study),
-`losses.png` (every loss curve in one figure) and the key tables on stdout.
+"""The demo's outputs: `summary.json` (every number), `report.md` (the readable study), four
+plots of our runs, and the key tables on stdout.
 
 Pure formatting of the summary `parscale.demo.study.run_demo` gathers: nothing here trains,
-fits or costs anything, so a report can be regenerated from `summary.json` alone.
+fits or measures, so a report can be regenerated from `summary.json` alone.
 """
 from __future__ import annotations
 
@@ -12,180 +12,190 @@ import os
 from pathlib import Path
 from typing import Any
 
-from parscale.atomic import atomic_save_figure, atomic_write_text
+from parscale.atomic import atomic_write_text
+from parscale.demo.study import SEED_NOISE
 
-# Seed-to-seed standard deviation of the paired (P=2 minus control) loss difference, measured
-# on this tiny model and budget before the demo existed (three seeds): a single-seed gap
-# smaller than this is not evidence either way.
-SEED_NOISE = 0.05
-CONVERSION_BOUND = 0.02  # the converted model's held-out loss within 2% of the P=1 model's
+PLOTS = ("curves.png", "loss_vs_p.png", "loss_vs_latency.png", "loss_vs_flops.png")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _f(x: Any, fmt: str = ".4f") -> str:
+def _f(x: Any, fmt: str = "+.4f") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min"
+def _si(x: float | None) -> str:
+    if x is None:
+        return "–"
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _by(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in summary["runs"]}
 
 
 # ---------------------------------------------------------------- tables
 def runs_table(summary: dict[str, Any]) -> str:
-    runs = summary["runs"]
-    control = runs.get("p1-control", {}).get("final_val_loss")
     rows = []
-    for name, r in runs.items():
-        vs = "–" if name == "p1-pretrain" or control is None else f"{r['final_val_loss'] - control:+.4f}"
-        change = "–" if r["step0_change"] is None else f"{100 * r['step0_change']:+.2f}%"
-        rows.append([name, str(r["P"]), r["train"], f"{r['steps']:,}", f"{r['tokens']:,}",
-                     _f(r["base_val_loss"]), _f(r["step0_val_loss"]), change,
-                     f"**{r['final_val_loss']:.4f}**", vs, _minutes(r["train_seconds"])])
-    return _table(["run", "P", "train", "steps", "tokens", "P=1 model", "step 0", "conversion",
-                   "final", "vs control", "train time"], rows)
+    for r in summary["runs"]:
+        s = r["streams"] or {}
+        rows.append([r["name"], r["label"], str(r["P"]), f"**{r['val_loss']:.4f}**", _f(r["delta_vs_p1"]),
+                     _f(r["delta_vs_control"]), f"{r['train_seconds']:.0f} s", _si(r["train_flops"]),
+                     _si(r["non_embedding_params"]), _si(r["extra_params"]), _f(r["decode_ms_per_token"], ".2f"),
+                     _f(r["decode_ms_per_token_bf16"], ".2f"), _f(s.get("stream_cosine"), ".3f"),
+                     _f(s.get("top_weight"), ".2f")])
+    return _table(["run", "what", "P", "val loss", "Δ vs P=1", "Δ vs control", "train time", "train FLOPs",
+                   "non-emb params", "extra params", "decode ms/tok fp32", "bf16", "stream cos", "top weight"], rows)
+
+
+def init_table(summary: dict[str, Any]) -> str:
+    rows = [[r["name"], r["init_backbone_sha256"][:12]] for r in summary["runs"] if r["init_backbone_sha256"]]
+    return _table(["from-scratch run", "initial backbone (sha256)"], rows)
 
 
 def backbone_table(summary: dict[str, Any]) -> str:
-    b = summary["backbone"]
-    rows = [[name, "yes" if r["identical"] else "no", f"{r['max_abs_diff']:.3g}"] for name, r in b["runs"].items()]
-    return _table(["run", f"backbone identical to p1-pretrain ({b['tensors']} tensors)", "max abs diff"], rows)
+    rows = [[r["name"], r["source"], "yes" if r["backbone_vs_source"]["identical"] else "**no**",
+             f"{r['backbone_vs_source']['max_abs_diff']:.3g}"] for r in summary["runs"] if r.get("backbone_vs_source")]
+    return _table(["frozen-backbone run", "source", "backbone bit-identical to the source", "max abs diff"], rows)
 
 
-def generations_table(summary: dict[str, Any]) -> str:
-    rows = []
-    for name, r in summary["runs"].items():
-        text = r["completion"].replace("\\", "\\\\").replace("|", "\\|").replace("\n", "⏎").replace("`", "'")
-        rows.append([name, f"`{text}`" if text.strip() else "(empty)"])
-    return _table(["run", f"greedy completion of `{summary['config']['prompt']}` (⏎ = newline)"], rows)
+def seeds_table(summary: dict[str, Any]) -> str:
+    rows = [[s["setting"], str(s["n"]), f"{s['mean']:.4f}", _f(s["se"], ".4f")] for s in summary["settings"]]
+    table = _table(["setting", "seeds", "mean val loss", "standard error"], rows)
+    rows = [[f"{c['a']} − {c['b']}", str(len(c["seeds"])), f"{c['mean']:+.4f}", _f(c["se"], ".4f"),
+             "yes" if c["beyond_2se"] else "no"] for c in summary["comparisons"]]
+    return table + "\n\n" + _table(["paired by seed", "seeds", "mean Δ", "standard error", "beyond 2 SE"], rows)
 
 
-def law_table(summary: dict[str, Any]) -> str:
-    law = summary["law"]
-    params = _table(["E", "A (x1e9)", "alpha", "k", "R²", "max abs error", "converged"],
+def law_table(law: dict[str, Any]) -> str:
+    params = _table(["E", "A (x1e9)", "alpha", "k", "R²", "max abs error"],
                     [[f"{law['E']:.4f}", f"{law['A']:.4g}", f"{law['alpha']:.4f}", f"{law['k']:.4f}",
-                      f"{law['r2']:.5f}", f"{100 * law['max_abs_error']:.2f}%", "yes" if law["converged"] else "no"]])
+                      f"{law['r2']:.5f}", f"{100 * law['max_abs_error']:.2f}%"]])
     mult = _table(["P", "k·ln P + 1"], [[p, f"{m:.3f}"] for p, m in law["multipliers"].items()])
     return params + "\n\n" + mult
 
 
-def cost_table(summary: dict[str, Any]) -> str:
-    rows = []
-    for r in summary["cost"]["rows"]:
-        rows.append([str(r["P"]), str(r["batch_size"]), f"{r['loss_parscale']:.4f}",
-                     f"{r['params_equivalent'] / 1e9:.2f}B",
-                     f"{r['memory_increase_parscale_gib']:.3f}", f"{r['memory_increase_param_gib']:.3f}",
-                     f"{1e3 * r['latency_increase_parscale_s']:.1f}", f"{1e3 * r['latency_increase_param_s']:.1f}",
-                     f"{r['memory_ratio']:.1f}x", f"{r['latency_ratio']:.1f}x"])
-    return _table(["P", "batch", "loss", "N equiv", "+mem streams GiB", "+mem params GiB", "+lat streams ms",
+def cost_table(cost: dict[str, Any]) -> str:
+    rows = [[str(r["P"]), str(r["batch_size"]), f"{r['params_equivalent'] / 1e9:.2f}B",
+             f"{r['memory_increase_parscale_gib']:.3f}", f"{r['memory_increase_param_gib']:.3f}",
+             f"{1e3 * r['latency_increase_parscale_s']:.1f}", f"{1e3 * r['latency_increase_param_s']:.1f}",
+             f"{r['memory_ratio']:.1f}x", f"{r['latency_ratio']:.1f}x"] for r in cost["rows"]]
+    return _table(["P", "batch", "N equiv", "+mem streams GiB", "+mem params GiB", "+lat streams ms",
                    "+lat params ms", "memory ratio", "latency ratio"], rows)
 
 
-def measured_table(summary: dict[str, Any]) -> str:
-    m = summary["cost"].get("measured")
-    if not m:
-        return "(not measured: `--no-measure` was given)"
-    rows = [[str(r["P"]), str(r["batch_size"]), f"{r['measured_memory_bytes'] / 2**20:.2f}",
-             f"{r['predicted_memory_bytes'] / 2**20:.2f}", f"{1e3 * r['measured_decode_step_min_s']:.2f}",
-             f"{1e3 * r['predicted_decode_step_s']:.2f}"] for r in m["rows"]]
-    return _table(["P", "batch", "memory MiB (measured)", "memory MiB (predicted)", "decode step ms (measured)",
-                   "decode step ms (predicted)"], rows)
+def parallel_line(summary: dict[str, Any]) -> str:
+    p = summary["parallel"]
+    if p.get("workers", 1) < 2:
+        return "Runs went one at a time (`--workers 1`)."
+    return (f"Two identical {p['steps']}-step training jobs took {p['sequential_s']:.1f} s one after the other "
+            f"and {p['parallel_s']:.1f} s two at a time: **{p['speedup']:.2f}x** the throughput. The runs "
+            f"themselves took {p['runs_wall_s'] / 60:.1f} min of wall time, against {p['runs_sum_s'] / 60:.1f} min "
+            "summed over runs (each slowed somewhat by its neighbour).")
 
 
-# ---------------------------------------------------------------- interpretation
-def _conversion(runs: dict[str, Any]) -> list[str]:
-    changes = [r["step0_change"] for r in runs.values() if r["step0_change"] is not None and r["P"] > 1]
-    if not changes:
-        return []
-    worst = max(changes, key=abs)
-    verdict = "within" if abs(worst) <= CONVERSION_BOUND else "OUTSIDE"
-    out = [f"Converting the P=1 model to P streams changed the held-out loss by at most {100 * worst:+.2f}% "
-           f"before any training ({verdict} the 2% bound)."]
-    stage1 = runs["p1-pretrain"]["final_val_loss"]
-    again = [r["base_val_loss"] for r in runs.values() if r["base_val_loss"] is not None]
-    if any(abs(b - stage1) > 1e-4 for b in again):  # same model, same text: only the tokenisation can differ
-        out.append(f"WARNING: stage 2 measured the stage-1 model at {again[0]:.4f}, not its own {stage1:.4f}: "
-                   "the two stages did not tokenise the held-out text alike.")
-    return out
-
-
-def _like_for_like(runs: dict[str, Any]) -> list[str]:
-    """P=2 against the control when both train every weight on the same tokens: the fair test of streams."""
-    if "p2-full" not in runs:
-        return []
-    full, control = runs["p2-full"], runs["p1-control"]
-    gap = full["final_val_loss"] - control["final_val_loss"]
-    size = "within" if abs(gap) < SEED_NOISE else "larger than"
-    cost = full["train_seconds"] / max(control["train_seconds"], 1e-9)
-    return [f"Like for like (every weight trains, the same tokens), P=2 ended {gap:+.4f} nats from the P=1 "
-            f"control: {size} the ~{SEED_NOISE} seed-to-seed spread measured at this scale, from one seed. "
-            f"It took {cost:.1f}x the control's training time: at matched compute the control would train "
-            f"{cost:.1f}x as long."]
-
-
-def _frozen(runs: dict[str, Any]) -> list[str]:
-    start = runs["p1-control"]["base_val_loss"]
-    names = [n for n in ("p2-streams", "p4-streams") if n in runs]
-    if start is None or not names:
-        return []
-    moved = ", ".join(f"{n} {runs[n]['final_val_loss'] - start:+.4f}" for n in names)
-    below = [n for n in names if runs[n]["final_val_loss"] < start]
-    verdict = {len(names): "all below the stage-1 model: the streams more than won back the conversion cost",
-               0: "still above the stage-1 model: the frozen runs have not yet won back the conversion cost"}.get(
-        len(below), f"only {', '.join(below)} below the stage-1 model")
-    share = ", ".join(f"{100 * runs[n]['stream_params'] / runs[n]['params']:.1f}% in {n}" for n in names)
-    return [f"With the backbone frozen, only the prefixes and the aggregation learn ({share}). Change "
-            f"from the stage-1 model ({start:.4f}): {moved} nats, {verdict}. The control, training all its "
-            f"weights on the same tokens, moved {runs['p1-control']['final_val_loss'] - start:+.4f}. The paper's "
-            "gains were measured at 0.5-4.4B parameters and billions of tokens, far beyond this model and budget."]
-
-
+# ---------------------------------------------------------------- the reading
 def findings(summary: dict[str, Any]) -> list[str]:
-    """Plain statements computed from the numbers, each with its caveat; nothing is claimed beyond them."""
-    runs = summary["runs"]
-    out = _conversion(runs) + _like_for_like(runs) + _frozen(runs)
-    if summary["backbone"]["streams_share_backbone"]:
-        out.append("The frozen-backbone models hold the stage-1 backbone bit for bit, so one backbone serves "
-                   "every stream set: P can be chosen at load time (dynamic P).")
-    else:
-        out.append("WARNING: a frozen-backbone model's backbone differs from the stage-1 model's.")
-    law = summary["law"]
-    out.append(f"The law fitted to the paper's runs gives k = {law['k']:.3f}: P = 8 acts like "
-               f"{law['multipliers']['8']:.2f}x the parameters. That is a statement about the paper's "
-               "models, not a prediction for this tiny one.")
+    """Plain statements computed from the numbers, each with its caveat; nothing beyond them."""
+    by, out = _by(summary), []
+    n_seeds = len(summary["config"]["seeds"])
+    noise = (f" One seed: a paired gap needs to exceed about {2 * SEED_NOISE:.2f} nats (twice the "
+             f"{SEED_NOISE} seed-to-seed spread measured earlier at this size) to mean anything.") if n_seeds == 1 else ""
+    p1 = by.get("p1")
+    if p1 and "p2" in by and "p1-prefix" in by:
+        d2, d4 = by["p2"]["delta_vs_p1"], by.get("p4", {}).get("delta_vs_p1")
+        dp = by["p1-prefix"]["delta_vs_p1"]
+        out.append(f"From scratch on the same tokens, P=2 ended {d2:+.4f} nats from P=1"
+                   + (f" and P=4 {d4:+.4f}" if d4 is not None else "")
+                   + f"; one 48-token prefix at P=1 alone gave {dp:+.4f}. P=2 against the prefix control: "
+                   f"{d2 - dp:+.4f}." + noise)
+    if p1 and "p1-wide" in by and "p2" in by:
+        w = by["p1-wide"]
+        out.append(f"The wider P=1 model ({w['non_embedding_params'] / p1['non_embedding_params']:.2f}x the "
+                   f"non-embedding parameters) ended {w['delta_vs_p1']:+.4f} from P=1; P=2 minus wide: "
+                   f"{by['p2']['val_loss'] - w['val_loss']:+.4f}.")
+    if p1 and "p2" in by and p1["decode_ms_per_token"]:
+        r = lambda k, n: by[n][k] / p1[k]  # noqa: E731
+        out.append(f"What P=2 costs here: {r('train_seconds', 'p2'):.2f}x the training time, "
+                   f"{r('train_flops', 'p2'):.2f}x the training FLOPs and {r('decode_ms_per_token', 'p2'):.2f}x "
+                   f"(float32) / {r('decode_ms_per_token_bf16', 'p2'):.2f}x (bfloat16) the decode time per token at "
+                   f"batch 1; P=4 {r('train_flops', 'p4'):.2f}x the FLOPs, {r('decode_ms_per_token', 'p4'):.2f}x the "
+                   "float32 decode time. The tiny model's decode step is dominated by per-layer overheads, "
+                   "not by reading weights, so these latency ratios say little about large models.")
+    streams = [r for r in summary["runs"] if r["streams"]]
+    if streams:
+        cos = [r["streams"]["stream_cosine"] for r in streams]
+        top = [r["streams"]["top_weight"] for r in streams]
+        out.append(f"The streams stay alike: their final hidden states have cosine {min(cos):.3f}–{max(cos):.3f}, "
+                   f"and the aggregation gives its favourite stream {min(top):.2f}–{max(top):.2f} of the weight.")
+    post = [r for r in summary["runs"] if r["group"] == "two-stage" and r["train"] == "streams"]
+    if post:
+        gaps = ", ".join(f"{r['name']} {r['delta_vs_control']:+.4f}" for r in post if r["delta_vs_control"] is not None)
+        same = all(r["backbone_vs_source"]["identical"] for r in post)
+        out.append(f"Two-stage, against the P=1 control trained on the same tokens: {gaps}. The frozen-backbone "
+                   f"models {'hold' if same else 'do NOT hold'} the P=1 backbone bit for bit, so one backbone "
+                   "serves every stream set (P chosen at load time).")
+    for c in summary["comparisons"] if n_seeds > 1 else []:
+        verdict = "beyond" if c["beyond_2se"] else "within"
+        out.append(f"{c['a']} − {c['b']} over {len(c['seeds'])} paired seeds: {c['mean']:+.4f} ± {c['se']:.4f} "
+                   f"(SE), {verdict} two standard errors.")
+    law = summary.get("own_law")
+    if law:
+        out.append(f"Our own law fit: k = {law['k']:.3f} (95% bootstrap {law['k_ci'][0]:.2f}–{law['k_ci'][1]:.2f}) "
+                   f"against the paper's 0.39 on code." if law.get("k") is not None else
+                   f"The law is not identifiable from our runs: {law['reason']}")
+        if law.get("k") is not None and not law["identifiable"]:
+            out.append("That interval is too wide to identify k at this scale.")
+    out.append(f"The paper's law (fitted to its own 24 runs) gives k = {summary['paper_law']['k']:.3f}: that is "
+               "a statement about 0.5–4.4B models trained on billions of tokens, not a prediction for these "
+               "sub-million-parameter models trained on well under a million tokens.")
     return out
 
 
 def report_markdown(summary: dict[str, Any]) -> str:
-    cfg = summary["config"]
-    b1 = [r for r in summary["cost"]["rows"] if r["batch_size"] == 1]
+    cfg, m = summary["config"], summary["machine"]
+    cpu = m["start"].get("cpu") or "unknown CPU"
+    b1 = [r for r in summary["paper_cost"]["rows"] if r["batch_size"] == 1]
     headline = "; ".join(f"P={r['P']}: {r['memory_ratio']:.1f}x less memory increase, "
                          f"{r['latency_ratio']:.1f}x less latency increase" for r in b1)
-    total = sum(r["train_seconds"] for r in summary["runs"].values())
     parts = [
-        "# ParScale mini-study",
-        f"The `tiny` preset on the Python standard library, seed {cfg['seed']}: stage 1 pretrains P=1 for "
-        f"{cfg['pretrain_steps']} steps, stage 2 post-trains it four ways for {cfg['post_steps']} steps each. "
-        f"Held-out losses (nats/token) are on the first {cfg['eval_tokens']:,} validation tokens. "
-        f"Training time (sum of update steps, no evaluation): {_minutes(total)}.",
-        "## Losses\n\n" + runs_table(summary),
-        "`step 0` is the converted model before any update, `conversion` its change against the P=1 model. "
-        "`vs control` is the final loss minus the P=1 control's (negative: better).",
-        "![loss curves](losses.png)",
-        "## One backbone, several stream sets\n\n" + backbone_table(summary),
-        "## Generations\n\n" + generations_table(summary),
-        f"## The parallel scaling law ({summary['law']['data']}, {summary['law']['points']} runs)\n\n"
-        "L(N, P) = E + (A·1e9 / (N·(k·ln P + 1)))^α\n\n" + law_table(summary),
-        "![law fit](law_fit.png)",
-        f"## Inference cost: streams against parameters of equal loss ({summary['cost']['model']}, "
-        f"{summary['cost']['hardware']}, {summary['cost']['reference']})\n\n" + cost_table(summary),
-        f"At batch 1: {headline}. The paper reports about 22x and 6x for P=8.",
-        "![cost comparison](cost_compare.png)",
-        "### The tiny model on this CPU\n\n" + measured_table(summary),
+        f"# ParScale mini-study (`--budget {summary['budget']}`)",
+        f"The `tiny` preset (d=128, 4 layers) on the Python standard library; seeds {list(cfg['seeds'])}. "
+        f"From-scratch runs take {cfg['steps']} updates of 8 x 128 tokens, two-stage runs {cfg['post_steps']} "
+        f"more. Every loss is on the same first {cfg['eval_tokens']:,} held-out tokens (nats/token). Times are "
+        f"from {cpu}, {m['start']['cores']} cores, load average {m['start']['load_average'][0]:.1f} at the start and "
+        f"{m['end']['load_average'][0]:.1f} at the end (other jobs share the machine, so times are inflated); "
+        f"the whole demo took {summary['wall_seconds'] / 60:.1f} min.",
+        "## Runs\n\n" + runs_table(summary),
+        "`Δ vs P=1`: final loss minus the P=1 run of the same seed and size (negative is better). `Δ vs "
+        "control`: two-stage runs against `post-p1-control`. `train time`: the update steps only. `extra "
+        "params`: non-embedding parameters beyond the P=1 baseline. Decode: the fastest of the timed steps "
+        "at batch 1, one thread (`parscale.cost.measure`). `stream cos` and `top weight`: how alike the "
+        "streams' final hidden states are, and the aggregation's largest weight, on held-out text.",
+        "![validation curves](curves.png)\n\n![final loss against P](loss_vs_p.png)",
+        "![loss against decode latency](loss_vs_latency.png)\n\n![loss against training FLOPs](loss_vs_flops.png)",
+        "## Shared initialisation and one backbone for every stream set\n\n" + init_table(summary)
+        + "\n\nRuns of one seed and size start from the same backbone (the stream parameters draw from their "
+        "own generator); the wider model cannot.\n\n" + backbone_table(summary),
+        "## Two runs at a time\n\n" + parallel_line(summary),
+    ]
+    if len(cfg["seeds"]) > 1:
+        parts.append("## Over seeds\n\n" + seeds_table(summary))
+    law = summary["paper_law"]
+    parts += [
+        f"## The paper's data: the parallel scaling law ({law['data']}, {law['points']} runs)\n\n"
+        "L(N, P) = E + (A·1e9 / (N·(k·ln P + 1)))^α, fitted to the paper's published losses, not to our runs.\n\n"
+        + law_table(law) + "\n\n![law fit](law_fit.png)",
+        f"## The paper's models: inference cost of streams against parameters of equal loss "
+        f"({summary['paper_cost']['model']}, modelled on {summary['paper_cost']['hardware']})\n\n"
+        + cost_table(summary["paper_cost"]) + f"\n\nAt batch 1: {headline}. The paper reports about 22x and 6x for "
+        "P=8.\n\n![cost comparison](cost_compare.png)",
         "## What this shows, and what it does not\n\n" + "\n".join(f"- {s}" for s in findings(summary)),
     ]
     return "\n\n".join(parts) + "\n"
@@ -193,40 +203,11 @@ def report_markdown(summary: dict[str, Any]) -> str:
 
 def print_tables(summary: dict[str, Any]) -> None:
     """The key tables on stdout (the CLI's closing output)."""
-    print("\n" + runs_table(summary) + "\n\n" + backbone_table(summary) + "\n\n" + generations_table(summary))
-    print("\n" + law_table(summary) + "\n\n" + cost_table(summary) + "\n\n" + measured_table(summary))
+    print("\n" + runs_table(summary) + "\n\n" + parallel_line(summary))
     print("\n" + "\n".join(f"- {s}" for s in findings(summary)), flush=True)
 
 
 # ---------------------------------------------------------------- files
-def plot_losses(summary: dict[str, Any], path: Path) -> None:
-    """Stage 1 (left) and every stage-2 run (right, validation with step 0) in one figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = summary["runs"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    pre = runs["p1-pretrain"]
-    left.plot(*zip(*pre["train_curve"]), lw=0.7, alpha=0.5, label="train")
-    left.plot(*zip(*pre["val_curve"]), "o-", label="validation")
-    left.set_title("stage 1: P=1 from scratch")
-    for name, r in runs.items():
-        if name != "p1-pretrain":
-            right.plot(*zip(*r["val_curve"]), "o-", label=f"{name} ({r['final_val_loss']:.3f})")
-    if pre["val_curve"]:
-        right.axhline(pre["final_val_loss"], color="grey", ls="--", lw=1, label="stage-1 model")
-    right.set_title("stage 2: validation loss from the stage-1 model")
-    for ax in (left, right):
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=110)
-
-
 def write_text(path: Path, text: str) -> None:
     """Atomically, then readable by others like any output (the temp file was private)."""
     atomic_write_text(path, text)
@@ -234,8 +215,10 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_report(summary: dict[str, Any], out: Path) -> None:
-    """summary.json, losses.png and report.md in `out`, each written atomically."""
+    """summary.json, the plots and report.md in `out`, each written atomically."""
+    from parscale.demo.plots import write_plots
+
     out = Path(out)
     write_text(out / "summary.json", json.dumps(summary, indent=1, default=float) + "\n")
-    plot_losses(summary, out / "losses.png")
+    write_plots(summary, out)
     write_text(out / "report.md", report_markdown(summary))

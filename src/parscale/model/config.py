@@ -33,6 +33,9 @@ class ParScaleConfig:
         n_prefix_tokens: learnable key/value prefix slots per stream and attention layer.
         attn_smooth: eps in `w*(1-eps) + eps/P`, which keeps every stream's aggregation
             weight at least eps/P so that no stream stops receiving gradient.
+        prefix_at_p1: P = 1 with one learnable prefix and no aggregation. Not a released
+            layout: it is the control that separates what a prefix (an attention sink) gains
+            from what several streams gain. False keeps P = 1 the plain model.
 
     >>> ParScaleConfig(n_streams=4).n_prefix_tokens
     48
@@ -41,6 +44,7 @@ class ParScaleConfig:
     n_streams: int
     n_prefix_tokens: int = 48
     attn_smooth: float = 0.01
+    prefix_at_p1: bool = False
 
     def __post_init__(self) -> None:
         _check_int("n_streams", self.n_streams, 1, "use n_streams=1 for the plain model or e.g. 2, 4, 8")
@@ -54,9 +58,23 @@ class ParScaleConfig:
                 "the default is 0.01 and the released models use 0.1"
             )
         object.__setattr__(self, "attn_smooth", float(eps))
+        if not isinstance(self.prefix_at_p1, bool):
+            raise UserError(f"prefix_at_p1 must be true or false, got {self.prefix_at_p1!r}")
+        if self.prefix_at_p1 and self.n_streams != 1:
+            raise UserError(f"prefix_at_p1 is for n_streams=1 (every stream of P={self.n_streams} already "
+                            "has its prefix); drop prefix_at_p1")
+
+    @property
+    def has_prefixes(self) -> bool:
+        """Whether attention prepends learnable prefixes (every P > 1, and the P = 1 control)."""
+        return self.n_streams > 1 or self.prefix_at_p1
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields; `prefix_at_p1` only when set, so files without it keep their old layout."""
+        data = asdict(self)
+        if not self.prefix_at_p1:
+            del data["prefix_at_p1"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ParScaleConfig":

@@ -34,6 +34,8 @@ RELEASED_MODEL_TYPE = "qwen2_parscale"
 RELEASED_ARCHITECTURE = "Qwen2ParScaleForCausalLM"
 # ParScaleConfig field <- config.json field
 CONFIG_MAP = {"n_streams": "parscale_n", "n_prefix_tokens": "parscale_n_tokens", "attn_smooth": "parscale_attn_smooth"}
+# Our one field beyond the release: the P = 1 control with one prefix (absent = false).
+PREFIX_AT_P1 = "parscale_prefix_at_p1"
 # The released model types whose backbone is a stock transformers config class.
 BACKBONE_OF_MODEL_TYPE = {RELEASED_MODEL_TYPE: Qwen2Config}
 _DROP_ON_LOAD = ("model_type", "architectures", "auto_map", "transformers_version")
@@ -48,6 +50,8 @@ def split_config(raw: dict[str, Any]) -> tuple[PretrainedConfig, ParScaleConfig]
     """config.json contents -> (backbone transformers config, ParScaleConfig; P = 1 if absent)."""
     raw = dict(raw)
     found = {ours: raw.pop(theirs) for ours, theirs in CONFIG_MAP.items() if theirs in raw}
+    if raw.pop(PREFIX_AT_P1, False):
+        found["prefix_at_p1"] = True
     model_type = raw.get("model_type")
     if model_type is None:
         raise UserError("config.json has no model_type; it is not a transformers model directory")
@@ -60,7 +64,8 @@ def split_config(raw: dict[str, Any]) -> tuple[PretrainedConfig, ParScaleConfig]
         except ValueError as err:
             raise UserError(f"config.json has model_type={model_type!r}, which transformers does not know") from err
     if found and "n_streams" not in found:
-        raise UserError(f"config.json has {sorted(CONFIG_MAP[k] for k in found)} but no parscale_n; add parscale_n")
+        raise UserError(f"config.json has {sorted(CONFIG_MAP.get(k, PREFIX_AT_P1) for k in found)} but no "
+                        "parscale_n; add parscale_n")
     parscale = ParScaleConfig(**found) if found else ParScaleConfig(n_streams=1)
     return backbone, parscale
 
@@ -80,6 +85,8 @@ def config_dict(model) -> dict[str, Any]:
     data["torch_dtype"] = data["dtype"] = str(dtype).removeprefix("torch.")
     for ours, theirs in CONFIG_MAP.items():
         data[theirs] = getattr(model.parscale_config, ours)
+    if model.parscale_config.prefix_at_p1:  # written only when set: the released P = 1 files stay as they are
+        data[PREFIX_AT_P1] = True
     return data
 
 

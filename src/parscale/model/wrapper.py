@@ -65,15 +65,18 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         if getattr(base, "generation_config", None) is not None:
             self.generation_config = copy.deepcopy(base.generation_config)
         n_streams = parscale_config.n_streams
-        if n_streams > 1:  # P = 1 keeps the stock attention: no prefix, no aggregation
+        # P = 1 keeps the stock attention: no prefix, no aggregation. The P = 1 control
+        # (`prefix_at_p1`) takes the same prefix path as the streams, with one stream.
+        if parscale_config.has_prefixes:
             n_kv_heads, head_dim = introspect.kv_geometry(base.config)
             for attention in introspect.attention_modules(base):
                 streams.add_prefixes(attention, n_streams, n_kv_heads, parscale_config.n_prefix_tokens, head_dim)
+            self.model.set_attn_implementation(streams.register_attention())
+        if n_streams > 1:
             ref = self.lm_head.weight
             self.model.aggregate_layer = AggregationHead(
                 base.config.hidden_size, n_streams, parscale_config.attn_smooth, device=ref.device, dtype=ref.dtype
             )
-            self.model.set_attn_implementation(streams.register_attention())
         kernels.enable(self)  # few-row CPU inference through the skinny kernel; stock matmul otherwise
 
     def use_fast_kernels(self, enabled: bool = True) -> None:
@@ -107,7 +110,7 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """B rows in, B rows of logits out; P*B rows inside the backbone and its cache."""
         n_streams = self.parscale_config.n_streams
-        if n_streams > 1 and self.config._attn_implementation != streams.ATTN_IMPLEMENTATION:
+        if self.parscale_config.has_prefixes and self.config._attn_implementation != streams.ATTN_IMPLEMENTATION:
             raise UserError(
                 f"attn_implementation is {self.config._attn_implementation!r}, which would ignore the stream prefixes; "
                 f"a P > 1 model needs {streams.ATTN_IMPLEMENTATION!r} (set by to_parscale)"
@@ -220,11 +223,12 @@ def init_stream_parameters(model: ParScaleForCausalLM, seed: int = 0) -> None:
     parameters are independent random draws. The zero last layer makes the initial
     aggregation weights uniform.
     """
-    if model.parscale_config.n_streams == 1:
+    if not model.parscale_config.has_prefixes:
         return
     generator = torch.Generator().manual_seed(seed)
     streams.init_prefixes_normal(model.attention_modules(), generator)
-    model.model.aggregate_layer.reset_parameters(generator)
+    if model.parscale_config.n_streams > 1:
+        model.model.aggregate_layer.reset_parameters(generator)
 
 
 def to_parscale(model: PreTrainedModel, config: ParScaleConfig, seed: int = 0) -> ParScaleForCausalLM:
@@ -238,7 +242,8 @@ def to_parscale(model: PreTrainedModel, config: ParScaleConfig, seed: int = 0) -
     `torch.Generator().manual_seed(seed)`, the aggregation's last layer zero (uniform weights
     at start). Converting a trained P=1 model this way keeps held-out loss within about 0.6%
     of it while the streams already differ (zero prefixes would make them identical forever).
-    At P = 1 nothing is added and the logits equal the base model's.
+    At P = 1 nothing is added and the logits equal the base model's, unless
+    `config.prefix_at_p1` asks for the one-prefix control.
     """
     if isinstance(model, ParScaleForCausalLM):
         raise UserError("the model is already a ParScale model; convert the plain backbone instead")

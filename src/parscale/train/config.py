@@ -46,6 +46,7 @@ class TrainConfig:
     P: int = 1                          # number of parallel streams
     prefix_tokens: int = 48             # learnable key/value prefix length per stream and layer
     attn_smooth: float = 0.01           # aggregation smoothing (the paper's epsilon)
+    prefix_at_p1: bool = False          # P=1 with one learnable prefix: the control for the streams
     train: str = "full"                 # full: all weights learn | streams: backbone frozen
     # --- data
     data: Any = field(default_factory=_default_data)   # a parscale.data.prepare.DataConfig
@@ -120,6 +121,8 @@ class TrainConfig:
         if self.train == "streams" and not self.init_from:
             raise UserError("--train streams freezes the backbone, so it needs a trained one: "
                             "add --init-from DIR (or use --train full)")
+        if self.prefix_at_p1 and self.P != 1:
+            raise UserError(f"--prefix-at-p1 gives a P=1 model one prefix; it cannot be combined with --P {self.P}")
         if self.train == "streams" and self.P < 2:
             raise UserError("--train streams trains only the stream parameters, which exist for P >= 2; "
                             "add --P 2 (or more), or use --train full")

@@ -31,25 +31,49 @@ def _parscale_api():
     return ParScaleConfig, ParScaleForCausalLM, to_parscale
 
 
-def wrap_streams(base: torch.nn.Module, P: int, prefix_tokens: int, attn_smooth: float, seed: int):
-    """Wrap a transformers causal LM with P streams (P=1: the exact base model)."""
+def wrap_streams(base: torch.nn.Module, P: int, prefix_tokens: int, attn_smooth: float, seed: int,
+                 prefix_at_p1: bool = False):
+    """Wrap a transformers causal LM with P streams (P=1: the exact base model, unless `prefix_at_p1`)."""
     api = _parscale_api()
     if api is None:
-        if P != 1:
-            raise UserError("this installation has no parscale.model.wrapper, so only P=1 can be trained")
+        if P != 1 or prefix_at_p1:
+            raise UserError("this installation has no parscale.model.wrapper, so only plain P=1 can be trained")
         return base
     ParScaleConfig, _, to_parscale = api
-    cfg = ParScaleConfig(n_streams=P, n_prefix_tokens=prefix_tokens, attn_smooth=attn_smooth)
+    cfg = ParScaleConfig(n_streams=P, n_prefix_tokens=prefix_tokens, attn_smooth=attn_smooth,
+                         prefix_at_p1=prefix_at_p1)
     return to_parscale(base, cfg, seed=seed)
 
 
-def model_from_scratch(hf_config, P: int, prefix_tokens: int, attn_smooth: float, seed: int):
-    """A freshly initialised model; the backbone init depends only on `seed`."""
+def model_from_scratch(hf_config, P: int, prefix_tokens: int, attn_smooth: float, seed: int,
+                       prefix_at_p1: bool = False):
+    """A freshly initialised model; the backbone init depends only on `seed` (the stream
+    parameters come from their own generator), so runs of one seed share their backbone."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    return wrap_streams(base, P, prefix_tokens, attn_smooth, seed)
+    return wrap_streams(base, P, prefix_tokens, attn_smooth, seed, prefix_at_p1)
+
+
+def backbone_digest(model: torch.nn.Module) -> str:
+    """sha256 over the backbone's tensors (names and bytes, stream parameters excluded): equal
+    digests mean bit-identical backbones, whatever streams are wrapped around them."""
+    import hashlib
+
+    stream = {name for name, _ in getattr(model, "stream_parameters", lambda: iter(()))()}
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name in stream or name == "lm_head.weight" and _tied(model):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _tied(model: torch.nn.Module) -> bool:
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and head.weight is emb.weight
 
 
 def load_base_model(init_dir: str | Path) -> torch.nn.Module:
@@ -115,7 +139,7 @@ def unsharded_replica(model: torch.nn.Module, full_state: dict[str, torch.Tensor
     base = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
     pcfg = getattr(model, "parscale_config", None)
     replica = base if pcfg is None else wrap_streams(base, pcfg.n_streams, pcfg.n_prefix_tokens,
-                                                     pcfg.attn_smooth, seed=0)
+                                                     pcfg.attn_smooth, seed=0, prefix_at_p1=pcfg.prefix_at_p1)
     replica.load_state_dict(full_state, strict=True)
     return replica
 

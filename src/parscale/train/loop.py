@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from parscale.data.prepare import batch_at, check_data, check_seq_len, evaluate_loss, prepare_data
 from parscale.data.store import default_cache_dir
+from parscale.atomic import atomic_write_json
 from parscale.errors import UserError
 from parscale.train import checkpoint as ckpt_io
 from parscale.train import convert, data_order, distributed
@@ -36,6 +37,7 @@ from parscale.train.presets import build_hf_config, load_config_json, preset_dic
 from parscale.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
+INIT_FILE = "init.json"  # the digest of a from-scratch run's initial backbone
 
 
 # Fault injection for the resume tests: SIGKILL this process in the middle of the given
@@ -144,7 +146,9 @@ def _setup_model(cfg: TrainConfig, data, ckpt: Path | None, env: distributed.Dis
         model = convert.wrap_streams(base, cfg.P, cfg.prefix_tokens, cfg.attn_smooth, cfg.seed)
     else:
         model = convert.model_from_scratch(_hf_config(cfg, data.vocab_size), cfg.P,
-                                           cfg.prefix_tokens, cfg.attn_smooth, cfg.seed)
+                                           cfg.prefix_tokens, cfg.attn_smooth, cfg.seed, cfg.prefix_at_p1)
+        if env.is_main:  # which runs started from the same backbone (compared by the demo)
+            atomic_write_json(cfg.run_dir / INIT_FILE, {"backbone_sha256": convert.backbone_digest(model)})
     convert.set_train_mode(model, cfg.train)
     if env.is_main:
         report = convert.trainable_report(model)

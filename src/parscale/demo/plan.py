@@ -1,0 +1,210 @@
+"""Which runs the demo trains, by budget: the design of the study in one place.
+
+From scratch, on identical data, token budget and backbone initialisation (one seed ⇒ one
+backbone, because the stream parameters draw from their own generator):
+- `p1` the baseline, `p2` and `p4` the streams;
+- `p1-prefix`: P = 1 with one learnable 48-token prefix. At this scale a single prefix (an
+  attention sink) captured most of what two streams gained in earlier measurements, so
+  without this control the streams would be credited with the prefix's gain;
+- `p1-wide`: a wider P = 1 model with about (k·ln 2 + 1) ≈ 1.27x the baseline's non-embedding
+  parameters, what the paper's law says two streams are worth (parameter scaling).
+Two-stage (the paper's post-training): `p1` converted to P = 2 and P = 4 with its backbone
+frozen (`post-p2-streams`, `post-p4-streams`), against `post-p1-control`, which keeps
+training every weight of `p1` on the same number of tokens.
+
+The `full` budget repeats this for four seeds, adds P = 1, 2, 4 at two more sizes (for a law
+fitted to our own runs) and the attempts to make the streams earn their keep; it takes hours.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from parscale.data.prepare import DataConfig
+from parscale.errors import UserError
+
+BUDGETS = ("smoke", "quick", "default", "full")
+BASE_LR = 3e-3           # the trainer's default, measured to train `tiny` well
+MIN_LR_RATIO = 0.1       # cosine decay to 10%: where stage 1 ends
+# The smoke budget's corpus: a handful of standard-library modules, so it runs in seconds.
+SMOKE_TRAIN = ("textwrap.py", "heapq.py", "bisect.py", "string.py", "shlex.py", "fnmatch.py", "glob.py")
+SMOKE_VAL = ("calendar.py", "quopri.py")
+_HIDDEN = {"tiny": 128, "tiny-wide": 144, "tiny-s": 96, "tiny-l": 192}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the study."""
+
+    name: str
+    label: str
+    P: int = 1
+    preset: str = "tiny"
+    prefix_at_p1: bool = False
+    source: str | None = None         # the run whose final model this one converts (two-stage)
+    train: str = "full"               # full | streams (frozen backbone)
+    seed: int = 0
+    steps_factor: int = 1             # x the budget's steps (the "more tokens" attempt)
+    attn_smooth: float = 0.01
+    lr: float | None = None           # None: BASE_LR scaled by 128 / hidden
+    group: str = "scratch"            # scratch | two-stage | size | attempt
+    setting: str = ""                 # the name without its seed: what seeds are averaged over
+
+    @property
+    def kind(self) -> str:
+        """What the run is, for plots: streams, prefix control, wide, or a plain P = 1."""
+        if self.prefix_at_p1:
+            return "prefix"
+        if self.preset == "tiny-wide":
+            return "wide"
+        return "streams" if self.P > 1 else "p1"
+
+
+def _default_data() -> DataConfig:
+    return DataConfig()
+
+
+def smoke_data() -> DataConfig:
+    from parscale.data.corpus import stdlib_root
+
+    lib = stdlib_root()
+    return DataConfig(source="files", files=tuple(str(lib / m) for m in SMOKE_TRAIN),
+                      val_files=tuple(str(lib / m) for m in SMOKE_VAL), vocab_size=320, val_tokens=4096)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything that decides the demo's numbers (recorded in `OUT/demo.json`)."""
+
+    out: str
+    budget: str = "default"
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 320                  # from-scratch updates (batch 8 x 128 tokens)
+    post_steps: int = 80              # stage-2 updates
+    evals: int = 4                    # evaluations per run (plus the last step)
+    eval_tokens: int = 32768          # every loss is on these same held-out tokens
+    sizes: tuple[str, ...] = ()       # extra presets at P = 1, 2, 4 for our own law fit
+    attempts: bool = False            # the full study's attempts to make streams earn their keep
+    decode_tokens: int = 32           # decode steps timed per model and dtype
+    workers: int = 2                  # runs at a time, one thread each
+    measure: bool = True              # time decoding (float32 and bfloat16)
+    data: Any = field(default_factory=_default_data)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            object.__setattr__(self, "data", DataConfig.from_dict(self.data))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        object.__setattr__(self, "sizes", tuple(self.sizes))
+        if not self.out:
+            raise UserError("no output directory: give --out DIR")
+        if self.budget not in BUDGETS:
+            raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        if self.steps < 1 or self.post_steps < 1 or self.evals < 1:
+            raise UserError("the demo needs at least 1 step and 1 evaluation per run; raise --scale")
+        if self.eval_tokens < 128:
+            raise UserError(f"eval_tokens must be at least one sequence (128 tokens), got {self.eval_tokens}")
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"seeds must be distinct and at least one, got {self.seeds}")
+
+    @classmethod
+    def preset(cls, out: str, budget: str = "default", scale: float = 1.0, seed: int = 0,
+               **fields: Any) -> "DemoConfig":
+        """A budget's settings, every step count x `scale`; `seed` shifts every seed."""
+        import math
+
+        if budget not in BUDGETS:
+            raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise UserError(f"--scale must be a positive number, got {scale}")
+        base: dict[str, Any] = {
+            "smoke": dict(steps=4, post_steps=2, evals=1, eval_tokens=512, decode_tokens=4, data=smoke_data()),
+            "quick": dict(steps=100, post_steps=30, evals=2, eval_tokens=8192, decode_tokens=16),
+            "default": {},
+            "full": dict(seeds=(0, 1, 2, 3), steps=640, post_steps=160, evals=8, eval_tokens=131072,
+                         sizes=("tiny-s", "tiny-l"), attempts=True),
+        }[budget]
+        base.update(fields)
+        for key in ("steps", "post_steps"):
+            base[key] = max(1, round(base.get(key, getattr(cls, key)) * scale))
+        base["seeds"] = tuple(s + seed for s in base.get("seeds", (0,)))
+        return cls(out=str(out), budget=budget, **base)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["data"] = self.data.to_dict()
+        return fields
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for an existing OUT to be reused: what decides the training runs."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("out", "workers", "measure", "decode_tokens")}
+
+
+# ---------------------------------------------------------------- the runs
+def _seed_runs(cfg: DemoConfig, seed: int) -> list[RunSpec]:
+    sfx = f"-s{seed}" if len(cfg.seeds) > 1 else ""
+
+    def run(setting: str, label: str, **kw: Any) -> RunSpec:
+        if kw.get("source"):
+            kw["source"] += sfx
+        return RunSpec(name=setting + sfx, label=label, seed=seed, setting=setting, **kw)
+
+    runs = [
+        run("p1", "P=1 from scratch (the baseline)"),
+        run("p2", "P=2 from scratch", P=2),
+        run("p4", "P=4 from scratch", P=4),
+        run("p1-prefix", "P=1 + one 48-token prefix (control)", prefix_at_p1=True),
+        run("p1-wide", "P=1, wider (1.27x non-embedding params)", preset="tiny-wide"),
+        run("post-p2-streams", "p1 -> P=2, frozen backbone", P=2, source="p1", train="streams", group="two-stage"),
+        run("post-p4-streams", "p1 -> P=4, frozen backbone", P=4, source="p1", train="streams", group="two-stage"),
+        run("post-p1-control", "p1 keeps training, same tokens (control)", source="p1",
+            lr=BASE_LR * MIN_LR_RATIO, group="two-stage"),
+    ]
+    for size in cfg.sizes:
+        runs += [run(f"{size}-p{p}", f"P={p} from scratch, {size}", P=p, preset=size, group="size") for p in (1, 2, 4)]
+    if cfg.attempts:
+        runs += [
+            run("p2-smooth0.1", "P=2, smoothing 0.1 (the released models')", P=2, attn_smooth=0.1, group="attempt"),
+            run("p4-smooth0.1", "P=4, smoothing 0.1", P=4, attn_smooth=0.1, group="attempt"),
+            run("p1-4x", "P=1, 4x the tokens", steps_factor=4, group="attempt"),
+            run("p1-prefix-4x", "P=1 + prefix, 4x the tokens", prefix_at_p1=True, steps_factor=4, group="attempt"),
+            run("p2-4x", "P=2, 4x the tokens", P=2, steps_factor=4, group="attempt"),
+        ]
+    return runs
+
+
+def plan(cfg: DemoConfig) -> list[RunSpec]:
+    """Every run of the study, sources before the runs converted from them."""
+    return [spec for seed in cfg.seeds for spec in _seed_runs(cfg, seed)]
+
+
+def run_dir(cfg: DemoConfig, name: str) -> Path:
+    return cfg.out_dir / "runs" / name
+
+
+def learning_rate(spec: RunSpec) -> float:
+    """The spec's rate, else BASE_LR scaled by 128 / hidden (wider matrices take smaller steps:
+    an earlier d = 192 run at 3e-3 trained worse than d = 128)."""
+    return spec.lr if spec.lr is not None else BASE_LR * 128 / _HIDDEN.get(spec.preset, 128)
+
+
+def train_config(cfg: DemoConfig, spec: RunSpec):
+    """The TrainConfig of one run: an ordinary `parscale train` run in OUT/runs/NAME."""
+    from parscale.train.config import TrainConfig
+
+    steps = (cfg.post_steps if spec.source else cfg.steps) * spec.steps_factor
+    every = max(1, steps // cfg.evals)
+    common = dict(out=str(run_dir(cfg, spec.name)), P=spec.P, train=spec.train, steps=steps, seed=spec.seed,
+                  lr=learning_rate(spec), min_lr_ratio=MIN_LR_RATIO, attn_smooth=spec.attn_smooth,
+                  eval_every=every, save_every=every, eval_tokens=cfg.eval_tokens, keep_last=1,
+                  data=cfg.data, cache_dir=str(cfg.out_dir / "data"))
+    if spec.source:
+        return TrainConfig(init_from=str(run_dir(cfg, spec.source) / "final"), **common)
+    return TrainConfig(preset=spec.preset, prefix_at_p1=spec.prefix_at_p1, **common)

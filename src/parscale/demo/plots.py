@@ -1,0 +1,101 @@
+"""The demo's four plots of our own runs (the law and cost plots come from `parscale.law` and
+`parscale.cost`). Each reads only the summary, so it can be redrawn from `summary.json`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from parscale.atomic import atomic_save_figure
+
+# One look per kind of run, the same in every plot.
+STYLE = {"p1": ("tab:blue", "o"), "streams": ("tab:orange", "s"), "prefix": ("tab:green", "^"),
+         "wide": ("tab:purple", "D")}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _main_runs(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The from-scratch and two-stage runs of the tiny model (the sizes and attempts have their own tables)."""
+    return [r for r in summary["runs"] if r["group"] in ("scratch", "two-stage")]
+
+
+def plot_curves(summary: dict[str, Any], path: Path) -> None:
+    """Validation loss against tokens seen, every run (two-stage runs start after their source)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    by = {r["name"]: r for r in summary["runs"]}
+    for r in summary["runs"]:
+        per = r["tokens"] / r["steps"]
+        offset = by[r["source"]]["tokens"] if r["source"] in by else 0
+        xs = [offset + s * per for s, _ in r["val_curve"]]
+        ls = "--" if r["source"] else "-"
+        ax.plot(xs, [v for _, v in r["val_curve"]], ls, marker=".", label=f"{r['name']} ({r['val_loss']:.3f})")
+    ax.set_xlabel("training tokens seen (two-stage runs continue from their source)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("validation curves, every run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    atomic_save_figure(fig, path, dpi=110)
+
+
+def plot_loss_vs_p(summary: dict[str, Any], path: Path) -> None:
+    """Final loss against P from scratch, with the prefix control and the wider model marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    scratch = [r for r in summary["runs"] if r["group"] == "scratch"]
+    line = sorted((r["P"], r["val_loss"]) for r in scratch if r["kind"] in ("p1", "streams"))
+    if line:
+        ax.plot(*zip(*line), "-", color="grey", lw=1, zorder=1)
+    for r in scratch:
+        color, marker = STYLE[r["kind"]]
+        ax.scatter(r["P"], r["val_loss"], color=color, marker=marker, s=60, zorder=2,
+                   label={"prefix": "P=1 + one prefix (control)", "wide": "P=1 wider (1.27x params)"}.get(
+                       r["kind"], "P streams, from scratch"))
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 2, 4], ["1", "2", "4"])
+    ax.set_xlabel("P (parallel streams)")
+    ax.set_ylabel("final held-out loss (nats/token)")
+    ax.set_title("final loss against P, same tokens and initialisation")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_save_figure(fig, path, dpi=110)
+
+
+def _scatter(summary: dict[str, Any], path: Path, key: str, xlabel: str, title: str, log: bool = False) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in _main_runs(summary):
+        if r.get(key) is None:
+            continue
+        color, marker = STYLE[r["kind"]]
+        ax.scatter(r[key], r["val_loss"], marker=marker, s=50, edgecolors=color,
+                   facecolors="none" if r["source"] else color)
+        ax.annotate(r["name"], (r[key], r["val_loss"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final held-out loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_save_figure(fig, path, dpi=110)
+
+
+def write_plots(summary: dict[str, Any], out: Path) -> None:
+    plot_curves(summary, out / "curves.png")
+    plot_loss_vs_p(summary, out / "loss_vs_p.png")
+    _scatter(summary, out / "loss_vs_latency.png", "decode_ms_per_token",
+             "decode ms/token, batch 1, float32 (fastest step)", "loss against decode latency (hollow: two-stage)")
+    _scatter(summary, out / "loss_vs_flops.png", "total_flops", "training FLOPs (two-stage: both stages)",
+             "loss against training compute (hollow: two-stage)", log=True)

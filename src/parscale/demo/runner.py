@@ -1,0 +1,178 @@
+"""Train the study's runs, two at a time with one thread each when the machine has two cores.
+
+The tiny models' matrices are too small for a second thread to pay (and on a shared machine
+extra threads slow a run down), so the cores are better spent on two runs at once. Each run
+is an ordinary trainer run in its own process (`spawn`: no state shared with the parent);
+a run starts when the run it converts has finished, longest first among the ready ones.
+Data are tokenized by the parent before the runs that read them start, so no two processes
+build the same cache.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from parscale.errors import UserError
+
+log = logging.getLogger(__name__)
+# Relative cost of one update, by P and model, for ordering the queue (longest first).
+_COST = {1: 1.0, 2: 1.8, 4: 3.2}
+
+
+# ---------------------------------------------------------------- one run (in a worker)
+def _comparable(fields: dict[str, Any]) -> dict[str, Any]:
+    """A run config without the paths that only say where OUT is."""
+    # order_start is resolved by the trainer from the source run's record (None in the demo's config).
+    fields = {k: v for k, v in fields.items() if k not in ("out", "init_from", "cache_dir", "order_start")}
+    data = dict(fields.get("data") or {})
+    data.pop("tokenizer", None)  # stage 2 reads the stage-1 model's tokenizer, inside OUT
+    fields["data"] = data
+    return fields
+
+
+def ensure_run(tc) -> tuple[Path, str]:
+    """Train a run, resume it, or reuse it if finished: (final model dir, what was done)."""
+    from parscale.train.loop import train
+
+    saved = tc.run_dir / "config.yaml"
+    if not saved.is_file():
+        return train(tc), "trained"
+    have = _comparable(yaml.safe_load(saved.read_text()) or {})
+    want = _comparable(yaml.safe_load(yaml.safe_dump(tc.to_dict())))
+    # A key one side lacks counts as None: an option added later with a None default is no change.
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if diff:
+        raise UserError(f"{tc.run_dir} was trained with other options ({', '.join(diff)}); "
+                        "delete that run directory or choose another --out")
+    if (tc.run_dir / "final" / "config.json").is_file():
+        return tc.run_dir / "final", "reused"
+    log.info("resuming the interrupted run %s", tc.run_dir)
+    return train(tc, resume=True), "resumed"
+
+
+def _init_worker() -> None:
+    import torch
+
+    os.environ["TQDM_DISABLE"] = "1"  # two bars from two processes would garble the terminal
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+
+def _job(tc) -> tuple[str, str, float]:
+    start = time.perf_counter()
+    final, action = ensure_run(tc)
+    return str(final), action, time.perf_counter() - start
+
+
+def _bench(steps: int) -> float:
+    """`steps` training updates of the tiny model on random tokens: a fixed job to time."""
+    import torch
+
+    from parscale.train.convert import model_from_scratch
+    from parscale.train.presets import build_hf_config, preset_dict
+
+    model = model_from_scratch(build_hf_config(preset_dict("tiny"), vocab_size=2048), 1, 48, 0.01, 0).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 2048, (8, 128), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- the pool
+class Pool:
+    """`workers` processes (or this process when 1), one torch thread each."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pool = None
+        if workers > 1:
+            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                            initializer=_init_worker)
+
+    def submit(self, fn, *args) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as err:  # noqa: BLE001 - handed to the caller through the future
+            fut.set_exception(err)
+        return fut
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def parallel_check(pool: Pool, steps: int) -> dict[str, Any]:
+    """Two identical jobs one after the other, then two at once, in the same warm workers."""
+    if pool.workers < 2:
+        return {"workers": 1, "steps": steps}
+    for f in [pool.submit(_bench, 1) for _ in range(pool.workers)]:  # warm every worker: imports, allocations
+        f.result()
+    start = time.perf_counter()
+    for _ in range(2):
+        pool.submit(_bench, steps).result()
+    sequential = time.perf_counter() - start
+    start = time.perf_counter()
+    for f in [pool.submit(_bench, steps) for _ in range(2)]:
+        f.result()
+    parallel = time.perf_counter() - start
+    return {"workers": pool.workers, "steps": steps, "sequential_s": sequential, "parallel_s": parallel,
+            "speedup": sequential / parallel}
+
+
+def _cost(cfg, spec) -> float:
+    steps = (cfg.post_steps if spec.source else cfg.steps) * spec.steps_factor
+    width = {"tiny-wide": 1.3, "tiny-s": 0.6, "tiny-l": 2.2}.get(spec.preset, 1.0)
+    return steps * _COST.get(spec.P, spec.P) * width * (0.8 if spec.train == "streams" else 1.0)
+
+
+def train_all(cfg, specs, pool: Pool, prepare) -> dict[str, dict[str, Any]]:
+    """Run every spec once its source is done; `prepare(tc)` tokenizes a run's data first.
+
+    Returns {name: {final, action, wall_seconds}} in the order the runs finished."""
+    from parscale.demo.plan import train_config
+
+    configs = {s.name: train_config(cfg, s) for s in specs}
+    sources = {s.source for s in specs}
+    pending = sorted(specs, key=lambda s: (s.name not in sources, -_cost(cfg, s)))  # sources first
+    done: dict[str, dict[str, Any]] = {}
+    running: dict[Future, str] = {}
+    prepared: set[str] = set()
+    while pending or running:
+        ready = [s for s in pending if s.source is None or s.source in done]
+        while ready and len(running) < pool.workers:
+            spec = ready.pop(0)
+            pending.remove(spec)
+            tc = configs[spec.name]
+            key = str(tc.data.to_dict())
+            if key not in prepared:  # in the parent, once per tokenizer: no two workers build one cache
+                prepare(tc)
+                prepared.add(key)
+            print(f"[demo] start {spec.name}: {spec.label} ({tc.steps} steps)", flush=True)
+            running[pool.submit(_job, tc)] = spec.name
+        finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+        for fut in finished:
+            name = running.pop(fut)
+            final, action, wall = fut.result()
+            done[name] = {"final": final, "action": action, "wall_seconds": wall}
+            print(f"[demo] {action} {name} in {wall:.0f} s ({len(done)}/{len(specs)})", flush=True)
+    return done
