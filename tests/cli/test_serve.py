@@ -71,7 +71,7 @@ def test_the_slots_go_before_the_prompt():
 def test_vllm_command_line(tmp_path):
     args = Namespace(model=str(tmp_path), host="127.0.0.1", port=8123)
     argv = serve_cli.vllm_argv(args, ["--max-model-len", "64"])
-    assert argv[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", str(tmp_path.resolve())]
+    assert argv[3:7] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path.resolve())]
     assert "--skip-tokenizer-init" in argv and argv[-2:] == ["--max-model-len", "64"]
     (tmp_path / "tokenizer.json").write_text("{}")
     assert "--skip-tokenizer-init" not in serve_cli.vllm_argv(args, [])

@@ -85,6 +85,7 @@ def test_prompt_longer_than_the_usable_context_is_a_400(server, checkpoints):
 
 def test_server_stops_cleanly(server):
     _, process, log = server
+    before = len(log.read_text())  # (vLLM logs a chat-template warm-up warning at start without a tokenizer)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
-    assert "Traceback" not in log.read_text()
+    assert "Traceback" not in log.read_text()[before:]

