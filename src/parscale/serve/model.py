@@ -22,6 +22,8 @@ At P = 1 there are no slots, no prefixes and no aggregation: the model is plain 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 from vllm.config import VllmConfig
@@ -29,7 +31,9 @@ from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2MLP, Qwen2Model
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.transformers_utils.config import set_default_rope_theta
@@ -37,6 +41,8 @@ from vllm.transformers_utils.config import set_default_rope_theta
 from parscale.errors import UserError
 from parscale.model.aggregation import AggregationHead
 from parscale.serve import prompts
+
+logger = logging.getLogger(__name__)
 
 
 class ParScaleQwen2Attention(nn.Module):
@@ -117,15 +123,16 @@ class ParScaleQwen2ForCausalLM(Qwen2ForCausalLM):
         self.n_streams, self.n_slots = prompts.n_streams(config), prompts.n_prefix_slots(config)
         self.model = Qwen2Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"),
                                 decoder_layer_type=ParScaleQwen2DecoderLayer)
-        from vllm.model_executor.layers.logits_processor import LogitsProcessor
-        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=self.quant_config,
                                       prefix=maybe_prefix(prefix, "lm_head"))
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        if self.n_slots:
+            limit = vllm_config.model_config.max_model_len
+            logger.warning("ParScale P=%d: every prompt starts with %d prefix slots, so prompt + output may use "
+                           "%d of max_model_len %d tokens", self.n_streams, self.n_slots, limit - self.n_slots, limit)
         if self.n_streams > 1:  # under the released name model.aggregate_layer.{0,2}.*
             self.model.aggregate_layer = AggregationHead(config.hidden_size, self.n_streams,
                                                          float(getattr(config, "parscale_attn_smooth", 0.01)),
@@ -146,10 +153,14 @@ class ParScaleQwen2ForCausalLM(Qwen2ForCausalLM):
         return self.model.aggregate_layer(per_stream).squeeze(1)  # N H
 
 
-class UnservableParScaleForCausalLM(nn.Module):
-    """Registered for ParScale checkpoints of other backbones, only to refuse them clearly."""
+class UnservableParScaleForCausalLM(Qwen2ForCausalLM):
+    """Registered for ParScale checkpoints of other backbones, only to refuse them clearly.
+
+    A causal-LM class (vLLM checks the registered class's interfaces before building it), whose
+    construction raises the reason.
+    """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         prompts.check_servable(vllm_config.model_config.hf_config.to_dict())
         raise UserError("this ParScale checkpoint cannot be served by the vLLM plugin")
