@@ -20,6 +20,7 @@ VERBS: dict[str, str] = {
     "eval": "held-out loss of a saved model",
     "demo": "the end-to-end mini-study on the embedded corpus",
     "serve": "serve a ParScale model with vLLM (OpenAI-compatible; needs parscale[serve])",
+    "data": "prepare a large corpus as sharded token files (`parscale data prepare --help`)",
 }
 
 
