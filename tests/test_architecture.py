@@ -19,8 +19,9 @@ ALLOWED = {
     "model": set(),
     "data": set(),
     "train": {"model", "data"},
+    "serve": {"model"},
     "demo": {"model", "data", "train", "law", "cost"},
-    "cli": {"model", "data", "train", "law", "cost", "demo"},
+    "cli": {"model", "data", "train", "law", "cost", "demo", "serve"},
 }
 
 

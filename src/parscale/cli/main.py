@@ -19,6 +19,7 @@ VERBS: dict[str, str] = {
     "generate": "generate text with a saved ParScale model",
     "eval": "held-out loss of a saved model",
     "demo": "the end-to-end mini-study on the embedded corpus",
+    "serve": "serve a ParScale model with vLLM (OpenAI-compatible; needs parscale[serve])",
     "data": "prepare a large corpus as sharded token files (`parscale data prepare --help`)",
 }
 

@@ -1,0 +1,49 @@
+"""The plugin's registration, the config without remote code, and a backbone it refuses."""
+from __future__ import annotations
+
+import pytest
+from conftest import ENGINE_ARGS, MAX_MODEL_LEN, save_tiny
+from vllm import ModelRegistry
+
+from parscale.serve import plugin, prompts
+
+
+def test_entry_point_registers_the_released_architecture():
+    from importlib.metadata import entry_points
+
+    (entry,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "parscale"]
+    entry.load()()
+    assert "Qwen2ParScaleForCausalLM" in ModelRegistry.get_supported_archs()
+    entry.load()()  # vLLM loads plugins more than once per process: registering again is harmless
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    assert InputProcessor.process_inputs.__wrapped__.__name__ == "process_inputs"
+    assert not hasattr(InputProcessor.process_inputs.__wrapped__, "_parscale_slots")  # wrapped once only
+
+
+def test_vllm_reads_the_config_without_remote_code(tmp_path):
+    from transformers import AutoConfig
+
+    save_tiny(tmp_path, 4)
+    plugin.register()
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert type(config).__name__ == "Qwen2ParScaleConfig"
+    assert (prompts.n_streams(config), prompts.n_prefix_slots(config)) == (4, 48)
+
+
+def test_a_parscale_checkpoint_of_another_backbone_is_refused_by_name(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from vllm import LLM
+
+    from parscale import ParScaleConfig, to_parscale
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=MAX_MODEL_LEN)
+    to_parscale(AutoModelForCausalLM.from_config(config), ParScaleConfig(n_streams=2)).save_pretrained(tmp_path)
+    with pytest.raises(Exception) as err:
+        LLM(model=str(tmp_path), **ENGINE_ARGS)
+    chain, cause = [], err.value
+    while cause is not None:
+        chain.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    assert any("'llama' backbone" in text and "Qwen2" in text for text in chain), chain

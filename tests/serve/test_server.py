@@ -1,0 +1,91 @@
+"""`parscale serve` on a loopback port: token-id completions, a refused long prompt, a clean stop."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import MAX_MODEL_LEN, N_PREFIX, reference_generate
+
+from parscale import ParScaleForCausalLM
+
+pytestmark = pytest.mark.slow
+HOST = "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = [sys.executable, "-m", "parscale", "serve", "--model", str(checkpoints[2]), "--port", str(port),
+               "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.1",
+               "--max-model-len", str(MAX_MODEL_LEN), "--block-size", "32", "--max-num-seqs", "8"]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # the server's own way
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    base = f"http://{HOST}:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(2)
+    if process.poll() is not None or time.time() >= deadline:
+        process.kill()
+        pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
+    yield base, process, log
+    if process.poll() is None:
+        process.kill()
+
+
+def test_completions_with_token_ids_equal_transformers(server, checkpoints):
+    base, _, _ = server
+    reference = ParScaleForCausalLM.from_pretrained(checkpoints[2]).eval()
+    model = str(checkpoints[2].resolve())
+    for prompt in ([3, 1, 4, 1, 5], list(range(20, 60))):
+        status, body = _post(f"{base}/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 6,
+                                                         "temperature": 0, "return_token_ids": True,
+                                                         "ignore_eos": True})
+        assert status == 200, body
+        assert body["choices"][0]["token_ids"] == reference_generate(reference, prompt, 6)[0]
+
+
+def test_prompt_longer_than_the_usable_context_is_a_400(server, checkpoints):
+    base, _, _ = server
+    usable = MAX_MODEL_LEN - N_PREFIX
+    status, body = _post(f"{base}/v1/completions", {"model": str(checkpoints[2].resolve()),
+                                                     "prompt": [7] * usable, "max_tokens": 1})
+    assert status == 400
+    assert "usable context" in json.dumps(body)
+
+
+def test_server_stops_cleanly(server):
+    _, process, log = server
+    before = len(log.read_text())  # (vLLM logs a chat-template warm-up warning at start without a tokenizer)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()[before:]
