@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 
 from parscale.errors import UserError
+from parscale.interrupt import Interrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,16 +36,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     from parscale.demo.study import DemoConfig, run_demo
 
+    from parscale.atomic import check_writable
+
     args = build_parser().parse_args(argv)
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
+    check_writable(args.out, "--out", folder=True)
     import torch
 
     torch.set_num_threads(args.threads)  # process-wide, so set here at the entry point only
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = DemoConfig.preset(args.out, quick=args.quick, scale=args.scale, seed=args.seed,
                             measure_cost=not args.no_measure)
-    run_demo(cfg)
+    try:
+        run_demo(cfg)
+    except Interrupted as err:  # the run's own hint names `parscale train`; the demo resumes itself
+        done = err.message.split(";")[0]
+        raise Interrupted(err.signum, f"{done}; finished runs and checkpoints are kept, continue with: "
+                                      f"parscale demo {shlex.join(argv)}".rstrip()) from None
     print(f"\nreport: {cfg.out_dir / 'report.md'} (numbers in summary.json; plots losses.png, "
           "law_fit.png, cost_compare.png)")
     return 0

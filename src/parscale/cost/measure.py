@@ -118,6 +118,8 @@ def _prefill_peak(model: Any, ids: Any) -> tuple[Any, int]:
 def measure_one(model: Any, cfg: MeasureConfig, batch: int) -> dict[str, float]:
     import torch
 
+    from parscale.model.cache_api import cache_kwargs, output_cache
+
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, cfg.vocab, (batch, cfg.input_length), generator=gen)
     weights = tensor_bytes(list(model.parameters()))
@@ -125,15 +127,15 @@ def measure_one(model: Any, cfg: MeasureConfig, batch: int) -> dict[str, float]:
     steps = []
     with torch.no_grad():
         out, peak = _prefill_peak(model, ids)
-        cache = out.past_key_values
+        cache = output_cache(out)
         transient = max(0, peak - weights - buffers - cache_bytes(cache))
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(cfg.output_length):
             start = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, use_cache=True, **cache_kwargs(model, cache))
             token = out.logits[:, -1:].argmax(-1)
             steps.append(time.perf_counter() - start)
-            cache = out.past_key_values
+            cache = output_cache(out)
     kv = cache_bytes(cache)
     return {"weights_bytes": weights, "buffers_bytes": buffers, "kv_cache_bytes": kv, "activation_bytes": transient,
             "memory_bytes": weights + buffers + kv + transient, "decode_step_s": statistics.median(steps[1:]),

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, Qwen2Config
 
 from parscale.model.config import ParScaleConfig
-from parscale.errors import UserError
+from parscale.errors import UserError, describe_os_error
 from parscale.atomic import atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -120,12 +120,20 @@ def weight_files(directory: Path) -> list[Path]:
     raise UserError(f"{directory} has no {SAFE_WEIGHTS} or {SAFE_INDEX}")
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file; a damaged file is a UserError that names it."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except SafetensorError as err:  # the header does not match the file: truncated or not safetensors
+        raise UserError(f"{path} is truncated or not a safetensors file ({err}); "
+                        "write it again (save_pretrained) or restore a complete copy") from err
+
+
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                state[key] = handle.get_tensor(key)
+        state.update(read_safetensors(path))
     return state
 
 
@@ -157,12 +165,16 @@ def save_parscale(model, save_directory: str | os.PathLike, **kwargs) -> None:
     if kwargs:
         logger.warning("save_pretrained ignores %s", sorted(kwargs))
     directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
     weights = weights_to_save(model)
-    atomic_write(directory / SAFE_WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
-    if getattr(model, "generation_config", None) is not None:
-        atomic_write_json(directory / "generation_config.json", model.generation_config.to_diff_dict(), sort_keys=True)
-    atomic_write_json(directory / "config.json", config_dict(model), sort_keys=True)  # last: its presence marks a complete save
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / SAFE_WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+        if getattr(model, "generation_config", None) is not None:
+            atomic_write_json(directory / "generation_config.json", model.generation_config.to_diff_dict(),
+                              sort_keys=True)
+        atomic_write_json(directory / "config.json", config_dict(model), sort_keys=True)  # last: marks a complete save
+    except OSError as err:  # each file is replaced atomically, so what was there before is intact
+        raise UserError(f"cannot save the model to {str(directory)!r}: {describe_os_error(err)}") from err
 
 
 def resolve_dtype(torch_dtype, backbone: PretrainedConfig) -> torch.dtype:
