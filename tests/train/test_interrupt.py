@@ -116,3 +116,15 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, micro):
     assert f"ckpt-0000008 is damaged: {newest} is truncated or not a safetensors file" in resumed.stderr
     assert "resuming from ckpt-0000004" in resumed.stderr
     _same_curve(run, reference)
+
+
+@pytest.mark.slow
+def test_resume_before_the_first_checkpoint_says_so(tmp_path, micro):
+    run = tmp_path / "early"
+    killed = run_train(cli_args(micro) + ["--out", str(run)], **{KILL_STEP_ENV: "2"})  # SIGKILL in update 2
+    assert killed.returncode == -signal.SIGKILL and not list_checkpoints(run)
+    resumed = run_train(["--resume", str(run)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "has no complete checkpoint yet (the run stopped before its first one); starting again from step 0" \
+        in resumed.stderr
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, STEPS + 1))

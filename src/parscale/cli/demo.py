@@ -34,11 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from parscale.demo.study import DemoConfig, run_demo
-
     from parscale.atomic import check_writable
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # `--help` ends here, before torch is imported
+    from parscale.demo.study import DemoConfig, run_demo
+
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     check_writable(args.out, "--out", folder=True)

@@ -162,12 +162,11 @@ def _plain(value):
 
 
 def main(argv: list[str]) -> int:
-    from parscale.train.loop import train
-
     from parscale.atomic import check_writable
 
-    cfg, resume = resolve_config(argv)
+    cfg, resume = resolve_config(argv)  # `--help` ends here, before torch is imported
     check_writable(cfg.out, "--out", folder=True)
+    from parscale.train.loop import train
     if not _is_main():  # under torchrun, rank 0 alone reports progress
         logging.getLogger("parscale").setLevel(logging.WARNING)
     train(cfg, resume=resume)  # logs where the final model went

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from parscale.errors import UserError
 
@@ -127,7 +128,10 @@ def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batc
     model.eval()
     total, count = 0.0, 0
     try:
-        for x in val_batches(tokens, seq_len, batch_size):
+        n_batches = math.ceil(num_chunks(len(tokens), seq_len) / batch_size) + 1  # +1: a possible tail
+        bar = tqdm(val_batches(tokens, seq_len, batch_size), total=n_batches, desc="evaluating", unit="batch",
+                   leave=False, disable=n_batches < 8)  # a bar only where it is worth looking at
+        for x in bar:
             x = x.to(device)
             logits = _logits(model, x)[:, :-1].float()  # (b, T-1, V): position t predicts t+1
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
