@@ -37,6 +37,7 @@ _HELP = {  # where the dataclasses' own comments are too terse for a help text
     "dtype": "auto: bf16 autocast on GPU, float32 on CPU",
     "eval_tokens": "held-out tokens per evaluation (default: all that --data-val-tokens keeps)",
     "cache_dir": "where tokenized data are cached (default: RUN_DIR/data)",
+    "order_start": "sequences of the data order to skip (default: where the --init-from run stopped, else 0)",
 }
 
 

@@ -208,6 +208,11 @@ def newest_intact_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a checkpoint was written at (from its trainer.json)."""
+    return int(json.loads((Path(ckpt) / "trainer.json").read_text())["step"])
+
+
 def load_checkpoint_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(optimizer state dict, trainer state) of a checkpoint; RNG states are restored."""
     tensors = read_safetensors(ckpt / "optimizer.safetensors")
