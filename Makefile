@@ -19,10 +19,14 @@ install: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# pip's own progress (no -q): the first set-up downloads torch and takes a minute or two.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[test]" $(TORCH)
+	@echo "== setting up $(VENV) (1/2): $(TORCH), the CPU build"
+	$(BIN)/pip install --progress-bar on $(TORCH)
+	@echo "== setting up $(VENV) (2/2): parscale and its extras"
+	$(BIN)/pip install --progress-bar on -e ".[test]" $(TORCH)
 	touch $(STAMP)
+	@echo "== ready: the command is $(BIN)/parscale (or: source $(BIN)/activate, then parscale)"
 
 $(SERVE_BIN)/python:
 	$(PYTHON) -m venv $(SERVE_VENV)

@@ -32,10 +32,36 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.fsync(handle.fileno())
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename in (None, tmp):  # name the file the user asked for, not our temporary one
+            raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_writable(path: str | os.PathLike, flag: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written: a file where a folder
+    is needed, a folder where a file is needed, or a place without write permission.
+
+    Missing folders are fine (writers create them); the nearest existing one decides."""
+    from parscale.errors import UserError
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise UserError(f"{flag} {str(path)!r} is {kind}; give a {'folder' if folder else 'file'} path")
+    probe = path if folder and path.exists() else path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{flag} {str(path)!r}: {str(probe)!r} is a file, not a folder; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {str(path)!r}: no permission to write in {str(probe)!r}; "
+                        "choose a path you can write to")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from parscale.model.cache_api import output_cache
 from parscale.model.config import ParScaleConfig
 from parscale.errors import UserError
 from parscale.model.wrapper import ParScaleForCausalLM, to_parscale
@@ -56,10 +57,10 @@ def test_cached_decoding_equals_uncached_forward(tiny_factory, family, n_streams
         full = model(ids).logits
         out = model(ids[:, :4], use_cache=True)
         steps = [out.logits]
-        cache = out.past_key_values
+        cache = output_cache(out)
         for t in range(4, 10):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = output_cache(out)
             steps.append(out.logits)
     assert cache.get_seq_length() == 10  # the cache holds real tokens only
     torch.testing.assert_close(torch.cat(steps, dim=1), full)
@@ -74,7 +75,7 @@ def test_sliding_window_cached_decoding_equals_uncached(tiny_factory):
         out = model(ids[:, :4], use_cache=True)
         steps = [out.logits]
         for t in range(4, 9):
-            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(ids[:, t : t + 1], past_key_values=output_cache(out), use_cache=True)  # the old name too
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full)
 
@@ -337,7 +338,8 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_factory):
     model(ids, labels=ids).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.stream_parameters()}
     model.zero_grad()
-    model.activation_checkpointing_enable()
+    enable = getattr(model, "activation_checkpointing_enable", None)  # its name since transformers renamed it
+    (enable or model.gradient_checkpointing_enable)()
     model(ids, labels=ids, use_cache=False).loss.backward()
     for name, param in model.stream_parameters():
         torch.testing.assert_close(param.grad, plain[name])

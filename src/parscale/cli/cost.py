@@ -52,7 +52,8 @@ def _run_flags(p: argparse.ArgumentParser, lists: bool) -> None:
     g = p.add_argument_group("workload and hardware")
     kind = str if lists else int
     _add(g, "--P", type=kind, default="2,4,8" if lists else 1, help="parallel streams" + (" (list)" if lists else ""))
-    _add(g, "--parscale-prefix-tokens", type=int, default=48)
+    _add(g, "--prefix-tokens", "--parscale-prefix-tokens", dest="parscale_prefix_tokens", type=int, default=48,
+         help="learnable key/value prefix length per stream and layer (default 48)")
     _add(g, "--batch-size", type=kind, default="1,2,4,8" if lists else 1)
     _add(g, "--input-length", type=int, default=64)
     _add(g, "--output-length", type=int, default=64)
@@ -70,8 +71,23 @@ def _run_flags(p: argparse.ArgumentParser, lists: bool) -> None:
     _add(g, "--json", action="store_true", help="print one machine-readable JSON object")
 
 
+_HELP = {  # options shared by several sub-verbs, so one text each
+    "hidden_size": "model width (hidden size)", "intermediate_size": "MLP width (intermediate size)",
+    "num_hidden_layers": "decoder layers", "num_attention_heads": "query heads",
+    "num_key_value_heads": "key/value heads (GQA)", "vocab_size": "vocabulary size",
+    "max_position_embeddings": "longest input + output the model takes",
+    "batch_size": "sequences decoded together", "input_length": "prompt tokens", "output_length": "generated tokens",
+    "seed": "seed of the random weights and prompts", "json": "print one machine-readable JSON object",
+    "kv_traffic": "KV-cache bytes per decode step in the prediction: llm-analysis or exact",
+}
+
+
 def _add(p: Any, *names: str, **kwargs: Any) -> None:
     """Register each `--a-b` with its `--a_b` spelling (the authors' script uses underscores)."""
+    key = kwargs.get("dest") or names[0][2:].replace("-", "_")
+    if "help" not in kwargs and key in _HELP:
+        default = kwargs.get("default")
+        kwargs["help"] = _HELP[key] + (f" (default {default})" if default not in (None, False) else "")
     spellings: list[str] = []
     for name in names:
         for alt in (name, "--" + name[2:].replace("-", "_")):
@@ -126,7 +142,13 @@ def _check_positions(args: argparse.Namespace) -> None:
 
 
 def main_estimate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="parscale cost", description="Memory and latency of one configuration.")
+    parser = argparse.ArgumentParser(
+        prog="parscale cost [compare|grid|measure]", description="Memory and latency of one configuration.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="sub-verbs (parscale cost SUB-VERB --help for their options):\n"
+               "  compare   ParScale against parameter scaling of equal predicted loss\n"
+               "  grid      the paper's 96 configurations: 6 sizes x P 1,2,4,8 x batch 1,2,4,8\n"
+               "  measure   run a random-weight model on this CPU and compare with the cpu-local profile")
     _model_flags(parser)
     _run_flags(parser, lists=False)
     args = parser.parse_args(argv)
@@ -147,6 +169,10 @@ def main_estimate(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBVERBS:
+        from parscale.cli.main import unknown_choice
+
+        raise UserError(unknown_choice("sub-verb", argv[0], SUBVERBS))
     if argv and argv[0] in SUBVERBS:
         verb, rest = argv[0], argv[1:]
         if verb == "compare":
@@ -195,6 +221,10 @@ def main_compare(argv: list[str]) -> int:
     _add(parser, "--law", help="JSON with E, A, alpha, k (overrides --reference)")
     _add(parser, "--plot", help="write a Figure-4-style PNG here")
     args = parser.parse_args(argv)
+    if args.plot:
+        from parscale.atomic import check_writable
+
+        check_writable(args.plot, "--plot")
     shape, hw = shape_from_args(args), hardware_from_args(args)
     streams, batches, lengths = int_list(args.P), int_list(args.batch_size), int_list(args.lengths)
     if any(n <= 0 for n in lengths):
@@ -240,8 +270,8 @@ def main_measure(argv: list[str]) -> int:
     _add(parser, "--num-attention-heads", type=int, default=16)
     _add(parser, "--num-key-value-heads", type=int, default=4)
     _add(parser, "--vocab-size", type=int, default=32000)
-    _add(parser, "--P", default="1,2,4,8")
-    _add(parser, "--batch-size", default="1,2,4,8")
+    _add(parser, "--P", default="1,2,4,8", help="parallel streams to measure (list, default 1,2,4,8)")
+    _add(parser, "--batch-size", default="1,2,4,8", help="batch sizes to measure (list, default 1,2,4,8)")
     _add(parser, "--input-length", type=int, default=32)
     _add(parser, "--output-length", type=int, default=16)
     _add(parser, "--seed", type=int, default=0)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 
 from parscale.errors import UserError
+from parscale.interrupt import Interrupted
 
 BUDGET_HELP = ("smoke: seconds, a few steps per run on a handful of files (for tests); quick: about 3 min; "
                "default: about 10 min on two cores; full: the multi-seed study of docs/mini-study.md (hours)")
@@ -37,22 +39,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    from parscale.atomic import check_writable
+
+    args = build_parser().parse_args(argv)  # `--help` ends here, before torch is imported
     from parscale.demo.plan import DemoConfig
     from parscale.demo.study import run_demo
 
-    args = build_parser().parse_args(argv)
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     if args.quick and args.budget not in (None, "quick"):
         raise UserError(f"--quick means --budget quick; it cannot be combined with --budget {args.budget}")
     budget = args.budget or ("quick" if args.quick else "default")
     workers = args.workers if args.workers is not None else (2 if (os.cpu_count() or 1) >= 2 else 1)
+    check_writable(args.out, "--out", folder=True)
     import torch
 
     torch.set_num_threads(args.threads)  # process-wide, so set here at the entry point only
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = DemoConfig.preset(args.out, budget=budget, scale=args.scale, seed=args.seed, workers=workers,
                             measure=not args.no_measure)
-    run_demo(cfg)
+    try:
+        run_demo(cfg)
+    except Interrupted as err:  # the run's own hint names `parscale train`; the demo resumes itself
+        done = err.message.split(";")[0]
+        raise Interrupted(err.signum, f"{done}; finished runs and checkpoints are kept, continue with: "
+                                      f"parscale demo {shlex.join(argv)}".rstrip()) from None
     print(f"\nreport: {cfg.out_dir / 'report.md'} (numbers in summary.json)")
     return 0

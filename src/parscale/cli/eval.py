@@ -34,21 +34,22 @@ def default_cache_dir() -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parscale eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="a saved model directory (config.json + model.safetensors)")
-    p.add_argument("--data", nargs="+", metavar="stdlib|FILE",
+    p.add_argument("--data-files", "--data", dest="data", nargs="+", metavar="stdlib|FILE",
                    help="'stdlib' (the default corpus) or local text/JSONL/parquet files or directories "
                         "(default: the training run's data, else stdlib)")
     p.add_argument("--split", choices=("val", "train", "all"), default="val",
                    help="which documents: the validation split (default), the training split, or all")
-    p.add_argument("--tokenizer", help="a local tokenizer directory (default: the one saved with the model)")
-    p.add_argument("--text-field", help="JSON/parquet field holding the text (default: the run's, else text)")
-    p.add_argument("--val-fraction", type=float, help="held-out share of documents (default: the run's, else 0.02)")
-    p.add_argument("--split-seed", type=int, help="salt of the train/val split hash (default: the run's, else 0)")
+    p.add_argument("--tokenizer", "--data-tokenizer", dest="tokenizer",
+                   help="a local tokenizer directory (default: the one saved with the model)")
+    p.add_argument("--data-text-field", "--text-field", dest="text_field", help="JSON/parquet field holding the text (default: the run's, else text)")
+    p.add_argument("--data-val-fraction", "--val-fraction", dest="val_fraction", type=float, help="held-out share of documents (default: the run's, else 0.02)")
+    p.add_argument("--data-seed", "--split-seed", dest="split_seed", type=int, help="salt of the train/val split hash (default: the run's, else 0)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's, else the model's "
                                                "maximum up to 1024)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     p.add_argument("--max-tokens", type=int, help=f"evaluate the first N tokens of the split (default: the "
                                                   f"run's validation size, else {DEFAULT_MAX_TOKENS}; 0: all)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto: a GPU if there is one)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help=f"where tokenized data are cached (default: {default_cache_dir()})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -123,7 +124,7 @@ def fill_defaults(args, run: dict[str, Any]) -> None:
 
 
 def _data_config(args, tok_dir: Path):
-    from parscale.data.prepare import DataConfig
+    from parscale.data.config import DataConfig
 
     if args.data_dir:
         return DataConfig(dir=args.data_dir, tokenizer=str(tok_dir), val_tokens=None)

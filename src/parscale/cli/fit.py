@@ -10,7 +10,7 @@ import numpy as np
 from parscale.law import fitting as L
 from parscale.errors import UserError
 from parscale.law.points import PAPER_DATASETS, load_points
-from parscale.atomic import atomic_write_json
+from parscale.atomic import atomic_write_json, check_writable
 
 MULTIPLIER_P = (1, 2, 4, 8, 16, 32)
 
@@ -56,6 +56,9 @@ def _pairs(values: list[str], flag: str, names: tuple[str, str]) -> list[tuple[f
 def run(args: argparse.Namespace) -> tuple[dict, tuple]:
     """Everything the command reports, as one JSON-ready dict (the tables print from it),
     plus what the plot needs: (fit result, data source, extrapolation check or None)."""
+    for flag, path in (("--plot", args.plot), ("--save-law", args.save_law)):
+        if path:
+            check_writable(path, flag)  # before the fit, not after it
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap must be 0 (off) or a number of resamples, got {args.bootstrap}")
     predict_at = _pairs(args.predict, "--predict", ("N", "P"))

@@ -18,7 +18,7 @@ from parscale.errors import UserError
 
 logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (with --do-sample; default 1.0)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1 = no beam search)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
-    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="compute dtype (default auto: the checkpoint's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto: a GPU if there is one)")
     return p
 
 
@@ -81,11 +82,14 @@ def main(argv: list[str]) -> int:
 
     tokenizer_dir = Path(args.tokenizer or args.model)
     check_tokenizer_dir(tokenizer_dir, from_flag=args.tokenizer is not None)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = ParScaleForCausalLM.from_pretrained(args.model, torch_dtype=dtype)
+    from parscale.cli.eval import _resolve_device
+
+    device = _resolve_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else None
+    model = ParScaleForCausalLM.from_pretrained(args.model, torch_dtype=dtype).to(device)
     tokenizer = load_tokenizer(tokenizer_dir, require_eos=False)
     encoded = tokenizer(args.prompt, return_tensors="pt")
-    ids = encoded["input_ids"]
+    ids = encoded["input_ids"].to(device)
     if ids.numel() == 0:
         raise UserError("the prompt encodes to no tokens; give some text the tokenizer knows")
     if int(ids.max()) >= model.config.vocab_size:
@@ -95,7 +99,9 @@ def main(argv: list[str]) -> int:
         )
     torch.manual_seed(args.seed)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=encoded.get("attention_mask"), **generation_kwargs(args, tokenizer))
+        mask = encoded.get("attention_mask")
+        out = model.generate(ids, attention_mask=None if mask is None else mask.to(device),
+                             **generation_kwargs(args, tokenizer))
     logger.info("P=%d streams, %d new tokens", model.parscale_config.n_streams, out.shape[1] - ids.shape[1])
     print(args.prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return 0

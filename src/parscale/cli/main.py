@@ -3,19 +3,25 @@
 Each verb lives in `parscale.cli.<verb>` and exposes `main(argv) -> int`, so a verb
 owns its own flags (`parscale cost` even has sub-verbs) and importing the CLI stays cheap:
 only the chosen verb's module, and so only its heavy dependencies, is imported.
+
+Every way a command can end badly ends here in one line: a user mistake (`UserError`) or a
+file-system error exits with 2, Ctrl-C with 130 and SIGTERM with 143; only a real bug
+shows a traceback.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import sys
 
-from parscale.errors import UserError
+from parscale.errors import UserError, describe_os_error
+from parscale.interrupt import Interrupted, immediate_stop
 
 VERBS: dict[str, str] = {
     "train": "pretrain or post-train a ParScale model (see `parscale train --help`)",
     "fit": "fit the parallel scaling law L(N, P) to runs and predict from it",
-    "cost": "memory and latency of P streams against parameter scaling",
+    "cost": "memory and latency of P streams against parameter scaling (sub-verbs compare, grid, measure)",
     "generate": "generate text with a saved ParScale model",
     "eval": "held-out loss of a saved model",
     "demo": "the end-to-end mini-study on the embedded corpus",
@@ -25,9 +31,31 @@ VERBS: dict[str, str] = {
 
 
 def _usage() -> str:
-    lines = ["usage: parscale VERB [options]   (parscale VERB --help for a verb's options)", "", "verbs:"]
+    lines = ["usage: parscale VERB [options]   (parscale VERB --help for a verb's options)",
+             "       parscale --version", "", "verbs:"]
     lines += [f"  {verb:<9} {text}" for verb, text in VERBS.items()]
     return "\n".join(lines)
+
+
+def _version() -> str:
+    import parscale
+
+    return f"parscale {parscale.__version__}"
+
+
+def unknown_choice(what: str, given: str, choices) -> str:
+    """'unknown verb 'trian'; did you mean 'train'? choose one of: ...' (shared with sub-verbs)."""
+    close = difflib.get_close_matches(given, list(choices), n=1, cutoff=0.6)
+    maybe = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {what} {given!r}{maybe} (choose one of: {', '.join(choices)})"
+
+
+def _dashes(arg: str) -> str:
+    """`--seq_len=8` -> `--seq-len=8`: every verb takes either spelling of an option name."""
+    name, eq, value = arg.partition("=")
+    if name.startswith("--") and "_" in name and name[2:].replace("_", "").replace("-", "").isalnum():
+        return name.replace("_", "-") + eq + value
+    return arg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,18 +63,31 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
-    verb, rest = argv[0], argv[1:]
+    if argv[0] in ("-V", "--version"):
+        print(_version())
+        return 0
+    verb, rest = argv[0], [_dashes(arg) for arg in argv[1:]]
     if verb not in VERBS:
-        print(f"parscale: unknown verb {verb!r}; choose one of: {', '.join(VERBS)}", file=sys.stderr)
+        print(f"parscale: error: {unknown_choice('verb', verb, VERBS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    module = importlib.import_module(f"parscale.cli.{verb}")
-    try:
-        return int(module.main(rest) or 0)
-    except (UserError, FileNotFoundError) as err:
-        # User mistakes arrive as these types, with a message that names the fix.
-        print(f"parscale {verb}: error: {err}", file=sys.stderr)
-        return 2
+    with immediate_stop():
+        try:
+            module = importlib.import_module(f"parscale.cli.{verb}")
+            return int(module.main(rest) or 0)
+        except Interrupted as err:
+            print(f"parscale {verb}: {err.message}", file=sys.stderr)
+            return err.exit_code
+        except KeyboardInterrupt:  # a Ctrl-C before the handler was installed
+            print(f"parscale {verb}: interrupted; nothing was saved", file=sys.stderr)
+            return 130
+        except UserError as err:
+            # User mistakes arrive as this type, with a message that names the fix.
+            print(f"parscale {verb}: error: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:  # a path that cannot be read or written, a full disk
+            print(f"parscale {verb}: error: {describe_os_error(err)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -17,16 +17,56 @@ from parscale.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_HELP = {
+_HELP = {  # where the dataclasses' own comments are too terse for a help text
     "out": "run directory (checkpoints, config.yaml, metrics.jsonl, loss.png, final/)",
-    "preset": "architecture preset: tiny, small, paper-0.5b ... paper-4.4b (default tiny)",
+    "preset": "architecture preset (default tiny)",
     "model_config": "a transformers config.json (file or directory) to train from scratch",
     "init_from": "two-stage: a trained P=1 causal-LM directory to convert to P streams",
     "P": "number of parallel streams", "train": "full (all weights learn) or streams (backbone frozen)",
-    "batch_size": "global sequences per update", "warmup_steps": "default: 5%% of --steps",
-    "schedule": "cosine or wsd", "fsdp": "shard the model with FSDP under torchrun",
+    "batch_size": "global sequences per update", "warmup_steps": "warm-up updates (default: 5%% of --steps)",
+    "fsdp": "shard the model with FSDP under torchrun",
+    "seq_len": "tokens per training sequence", "steps": "optimizer updates in the whole run",
+    "lr": "peak learning rate (AdamW)", "schedule": "learning-rate schedule after warm-up",
+    "min_lr_ratio": "final learning rate as a share of --lr", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
+    "weight_decay": "AdamW weight decay, on >=2-D weights only (never prefixes, norms, biases)",
+    "grad_clip": "clip the gradient norm to this (0: no clipping)",
+    "eval_every": "measure the held-out loss every N updates (0: only at the end)",
+    "save_every": "write a checkpoint every N updates (0: only at the end)",
+    "keep_last": "checkpoints kept on disk", "seed": "seed of the initialisation and the batch order",
+    "device": "auto, cpu, cuda, cuda:N or mps (auto: a GPU if there is one)",
+    "dtype": "auto: bf16 autocast on GPU, float32 on CPU",
+    "eval_tokens": "held-out tokens per evaluation (default: all that --data-val-tokens keeps)",
+    "cache_dir": "where tokenized data are cached (default: RUN_DIR/data)",
     "order_start": "sequences of the data order to skip (default: where the --init-from run stopped, else 0)",
 }
+
+
+# The spellings `eval` and `generate` use for the same options.
+_ALIASES = {"data_tokenizer": ("--tokenizer",)}
+
+
+def _field_help(cls) -> dict[str, str]:
+    """Each field's help from its class: TrainConfig's trailing comments, DataConfig's Args.
+
+    Read from the source, so the help and the dataclass cannot drift apart."""
+    import inspect
+    import re
+
+    found = {m[1]: m[2].strip() for m in re.finditer(r"^    (\w+): [^\n#]*#\s*(.+)$", inspect.getsource(cls), re.M)}
+    args = (inspect.getdoc(cls) or "").partition("Args:")[2]
+    for m in re.finditer(r"^    (\w+): (.+(?:\n {8}.+)*)", args, re.M):
+        found.setdefault(m[1], " ".join(m[2].split()))
+    return {k: v.replace("%", "%%") for k, v in found.items()}
+
+
+def _choices() -> dict[str, tuple]:
+    from parscale.data.config import SOURCES
+    from parscale.train.config import DTYPES, TRAIN_MODES
+    from parscale.train.presets import PRESETS
+    from parscale.train.schedule import SCHEDULES
+
+    return {"preset": tuple(PRESETS), "train": TRAIN_MODES, "schedule": SCHEDULES, "dtype": DTYPES,
+            "data_source": SOURCES}
 
 
 def _flag(name: str) -> str:
@@ -43,19 +83,24 @@ def _converter(hint: str):
 
 def _add_fields(parser, cls, prefix: str = "") -> None:
     hints = {f.name: str(f.type) for f in dataclasses.fields(cls)}  # annotations are strings here
+    helps, choices = {**_field_help(cls), **({} if prefix else _HELP)}, _choices()
     for f in dataclasses.fields(cls):
         if f.name == "data":
             continue
         hint, dest = hints[f.name], prefix + f.name
-        flag = _flag(dest)
+        flags = [_flag(dest), *_ALIASES.get(dest, ())]
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = _HELP.get(f.name, "") + ("" if default in (None, "", ()) else f" (default: {default})")
-        if hint == "bool":
-            parser.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=help_)
+        help_ = helps.get(f.name, f.name.replace("_", " "))
+        if default not in (None, "", (), False) and "default" not in help_:
+            help_ += f" (default: {default})"
+        if dest in choices:
+            parser.add_argument(*flags, dest=dest, choices=choices[dest], default=argparse.SUPPRESS, help=help_)
+        elif hint == "bool":
+            parser.add_argument(*flags, dest=dest, action="store_true", default=argparse.SUPPRESS, help=help_)
         elif "tuple" in hint:
-            parser.add_argument(flag, dest=dest, nargs="+", default=argparse.SUPPRESS, help=help_)
+            parser.add_argument(*flags, dest=dest, nargs="+", default=argparse.SUPPRESS, help=help_)
         else:
-            parser.add_argument(flag, dest=dest, type=_none_or(_converter(hint)),
+            parser.add_argument(*flags, dest=dest, type=_none_or(_converter(hint)),
                                 default=argparse.SUPPRESS, help=help_)
 
 
@@ -67,7 +112,7 @@ def _none_or(conv):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from parscale.data.prepare import DataConfig
+    from parscale.data.config import DataConfig
     from parscale.train.config import TrainConfig
 
     parser = argparse.ArgumentParser(
@@ -120,9 +165,11 @@ def _plain(value):
 
 
 def main(argv: list[str]) -> int:
-    from parscale.train.loop import train
+    from parscale.atomic import check_writable
 
-    cfg, resume = resolve_config(argv)
+    cfg, resume = resolve_config(argv)  # `--help` ends here, before torch is imported
+    check_writable(cfg.out, "--out", folder=True)
+    from parscale.train.loop import train
     if not _is_main():  # under torchrun, rank 0 alone reports progress
         logging.getLogger("parscale").setLevel(logging.WARNING)
     train(cfg, resume=resume)  # logs where the final model went

@@ -169,6 +169,8 @@ def measure_layer_overhead(repeats: int = 5, small: int = 2, large: int = 6) -> 
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from parscale.model.cache_api import cache_kwargs, output_cache
+
     def step_seconds(layers: int) -> float:
         config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
@@ -176,10 +178,10 @@ def measure_layer_overhead(repeats: int = 5, small: int = 2, large: int = 6) -> 
         model = Qwen2ForCausalLM(config).eval()
         ids = torch.zeros(1, 8, dtype=torch.long)
         with torch.no_grad():
-            cache = model(ids, use_cache=True).past_key_values
+            cache = output_cache(model(ids, use_cache=True))
 
             def step() -> None:
-                model(ids[:, :1], past_key_values=cache, use_cache=True)
+                model(ids[:, :1], use_cache=True, **cache_kwargs(model, cache))
                 cache.crop(-1)  # drop the new token: the cache length stays fixed
 
             return _best_seconds(step, 4 * repeats)

@@ -172,6 +172,8 @@ def decode_step_times(model: Any, cfg: MeasureConfig, batch: int = 1) -> list[fl
 def measure_one(model: Any, cfg: MeasureConfig, batch: int) -> dict[str, float]:
     import torch
 
+    from parscale.model.cache_api import cache_kwargs, output_cache
+
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, cfg.vocab, (batch, cfg.input_length), generator=gen)
     weights = tensor_bytes(list(model.parameters()))

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from parscale.errors import UserError
 
@@ -140,7 +141,9 @@ def evaluate_nll(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch
     n_batches = -(-n_chunks // batch_size) + (1 if tail >= 2 else 0)
     calls = -(-n_batches // world_size)  # forward calls per rank: the largest share
     total, count, first = 0.0, 0, None
-    for x in itertools.islice(val_batches(tokens, seq_len, batch_size), rank, None, world_size):
+    mine = itertools.islice(val_batches(tokens, seq_len, batch_size), rank, None, world_size)
+    for x in tqdm(mine, total=calls, desc="evaluating", unit="batch", leave=False,
+                  disable=rank != 0 or calls < 8):  # a bar where a long evaluation is worth watching
         first = x if first is None else first
         x = x.to(device)
         logits = _logits(model, x)[:, :-1].float()  # (b, T-1, V): position t predicts t+1

@@ -26,7 +26,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize
 
 from parscale.errors import UserError
 
@@ -226,6 +225,8 @@ def _polish(x0, n, p, y):
     The objective is divided by its value at the start: scipy's `ftol` test is absolute
     for objectives below 1 (ours are ~1e-5), so scaling makes it a relative 1e-13.
     """
+    from scipy.optimize import minimize  # here, not at import: `parscale fit --help` stays fast
+
     scale = max(float(objective(x0, n, p, y)[0]), 1e-300)
 
     def fun(x):

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, Qwen2Config
 
 from parscale.model.config import ParScaleConfig
-from parscale.errors import UserError
+from parscale.errors import UserError, describe_os_error
 from parscale.atomic import atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -152,12 +152,20 @@ def _old_weight_files(directory: Path) -> set[Path]:
     return {path for path in found if path.is_file()}
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file; a damaged file is a UserError that names it."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except SafetensorError as err:  # the header does not match the file: truncated or not safetensors
+        raise UserError(f"{path} is truncated or not a safetensors file ({err}); "
+                        "write it again (save_pretrained) or restore a complete copy") from err
+
+
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                state[key] = handle.get_tensor(key)
+        state.update(read_safetensors(path))
     return state
 
 
@@ -197,6 +205,13 @@ def save_parscale(model, save_directory: str | os.PathLike, max_shard_size: int 
     if kwargs:
         logger.warning("save_pretrained ignores %s", sorted(kwargs))
     directory = Path(save_directory)
+    try:
+        _write_files(model, directory, max_shard_size)
+    except OSError as err:  # each file is replaced atomically, so what was there before is intact
+        raise UserError(f"cannot save the model to {str(directory)!r}: {describe_os_error(err)}") from err
+
+
+def _write_files(model, directory: Path, max_shard_size: int | str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     weights = weights_to_save(model)
     # The shard plan is the library transformers uses for the same job (sizes, names, index).

@@ -22,6 +22,7 @@ from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from parscale.model import format as checkpoint_format, introspect, kernels, streams
+from parscale.model.cache_api import OUTPUT_FIELD, cache_kwargs, output_cache
 from parscale.model.aggregation import AggregationHead
 from parscale.model.config import ParScaleConfig
 from parscale.errors import UserError
@@ -101,14 +102,21 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """B rows in, B rows of logits out; P*B rows inside the backbone and its cache."""
+        """B rows in, B rows of logits out; P*B rows inside the backbone and its cache.
+
+        The cache comes as `cache` (transformers' current name) or `past_key_values` (its
+        older one); it is handed to the backbone under the name the backbone takes."""
+        if cache is not None and past_key_values is not None:
+            raise UserError("pass the cache once: as cache= or as past_key_values=, not both")
+        cache = cache if cache is not None else past_key_values
         n_streams = self.parscale_config.n_streams
         if self.parscale_config.has_prefixes and self.config._attn_implementation != streams.ATTN_IMPLEMENTATION:
             raise UserError(
@@ -129,8 +137,8 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
             inputs_embeds=_repeat_rows(inputs_embeds, n_streams, batch, "inputs_embeds"),  # (n b) s h
             attention_mask=_repeat_rows(attention_mask, n_streams, batch, "attention_mask"),
             position_ids=_repeat_rows(position_ids, n_streams, batch, "position_ids"),
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **cache_kwargs(self.model, cache),
             **kwargs,
         )
         hidden = outputs.last_hidden_state  # (n b) s h, final norm applied per stream
@@ -145,7 +153,7 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{OUTPUT_FIELD: output_cache(outputs)},
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
@@ -155,13 +163,13 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         """Keep the 2D mask (generate would build a B-row 4D one); forward repeats it per stream."""
         return attention_mask
 
-    def _reorder_cache(self, past_key_values, beam_idx: torch.LongTensor):
+    def _reorder_cache(self, cache, beam_idx: torch.LongTensor):
         """Beam search: apply the same beam reordering to every stream block of the cache."""
         n_streams = self.parscale_config.n_streams
         rows = beam_idx.shape[0]
         full = torch.cat([beam_idx + k * rows for k in range(n_streams)])  # (n b)
-        past_key_values.reorder_cache(full.to(beam_idx.device))
-        return past_key_values
+        cache.reorder_cache(full.to(beam_idx.device))
+        return cache
 
     # ----- parameters -------------------------------------------------------------------
     def stream_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

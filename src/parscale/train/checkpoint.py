@@ -21,8 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
 from parscale.atomic import atomic_write_text
+from parscale.errors import UserError
+from parscale.model.format import read_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +178,36 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def check_intact(ckpt: Path) -> None:
+    """A UserError naming the first damaged file: every safetensors header and JSON file must parse.
+
+    A checkpoint appears only by an atomic rename, so damage means something outside the
+    trainer changed it (a full disk on a copy, a truncated transfer); safetensors checks that
+    each header covers its file exactly, which catches truncation without reading the tensors."""
+    for path in sorted(Path(ckpt).rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise UserError(f"{path} is truncated or not a safetensors file ({err})") from err
+    for path in sorted(Path(ckpt).rglob("*.json")):
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"{path} is not valid JSON ({err})") from err
+
+
+def newest_intact_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose files all read; each damaged newer one is named in a warning."""
+    for ckpt in reversed(list_checkpoints(Path(run_dir))):
+        try:
+            check_intact(ckpt)
+            return ckpt
+        except UserError as err:
+            log.warning("%s is damaged: %s; falling back to the previous complete checkpoint", ckpt.name, err)
+    return None
+
+
 def checkpoint_step(ckpt: Path) -> int:
     """The step a checkpoint was written at (from its trainer.json)."""
     return int(json.loads((Path(ckpt) / "trainer.json").read_text())["step"])
@@ -181,8 +215,8 @@ def checkpoint_step(ckpt: Path) -> int:
 
 def load_checkpoint_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(optimizer state dict, trainer state) of a checkpoint; RNG states are restored."""
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    tensors = read_safetensors(ckpt / "optimizer.safetensors")
     rest = json.loads((ckpt / "optimizer.json").read_text())
     trainer = json.loads((ckpt / "trainer.json").read_text())
-    set_rng_state(load_file(str(ckpt / "rng.safetensors")), trainer.pop("rng"))
+    set_rng_state(read_safetensors(ckpt / "rng.safetensors"), trainer.pop("rng"))
     return unflatten_optimizer_state(tensors, rest), trainer

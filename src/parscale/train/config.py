@@ -25,7 +25,7 @@ RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "keep_last", "device
 
 
 def _data_config_cls():
-    from parscale.data.prepare import DataConfig
+    from parscale.data.config import DataConfig
 
     return DataConfig
 

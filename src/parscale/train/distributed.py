@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from parscale.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -33,14 +35,23 @@ class DistEnv:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` picks this process's GPU when there is one, else the CPU."""
+    """`auto` picks this process's GPU when there is one, else the CPU.
+
+    A device this machine lacks is refused here, before any data is prepared or any file
+    is written, rather than by an assertion deep inside torch at the first `.to()`."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this torch has no CUDA device (CPU-only build or no GPU); "
+                        "use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto")
+    return device
 
 
 def init_distributed(device_name: str) -> DistEnv:

@@ -29,9 +29,11 @@ from parscale.data.prepare import batch_at, check_data, check_seq_len, evaluate_
 from parscale.data.store import default_cache_dir
 from parscale.atomic import atomic_write_json
 from parscale.errors import UserError
+from parscale.interrupt import Interrupted, deferred_stop
 from parscale.train import checkpoint as ckpt_io
 from parscale.train import convert, data_order, distributed
 from parscale.train.config import TrainConfig, dump_yaml
+from parscale.train.lock import run_lock
 from parscale.train.logs import MetricsLog, plot_losses
 from parscale.train.presets import build_hf_config, load_config_json, preset_dict
 from parscale.train.schedule import lr_at
@@ -40,8 +42,9 @@ log = logging.getLogger(__name__)
 INIT_FILE = "init.json"  # the digest of a from-scratch run's initial backbone
 
 
-# Fault injection for the resume tests: SIGKILL this process in the middle of the given
-# update (after its backward pass, before the optimizer step).
+# Fault injection for the resume and interrupt tests: signal this process in the middle of
+# the given update (after its backward pass, before the optimizer step). "5" sends SIGKILL;
+# "5:INT", "5:TERM" or "5:INT,INT" send those signals one after the other.
 KILL_STEP_ENV = "PARSCALE_KILL_DURING_STEP"
 
 
@@ -53,7 +56,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or continue) the training run `cfg` describes; returns the final model's directory."""
     env = distributed.init_distributed(cfg.device)
     try:
-        return _run(cfg, env, resume)
+        with run_lock(cfg.run_dir, enabled=env.is_main):  # one trainer per run directory
+            return _run(cfg, env, resume)
     finally:
         distributed.shutdown(env)
 
@@ -64,7 +68,10 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool) -> Path:
     distributed.main_first(lambda: _prepare_run_dir(cfg, resume), env)
     _seed_everything(cfg.seed)
     data = _load_data(cfg, env)
-    ckpt = ckpt_io.latest_checkpoint(run_dir) if resume else None
+    ckpt = ckpt_io.newest_intact_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        log.warning("%s has no complete checkpoint yet (the run stopped before its first one); "
+                    "starting again from step 0", run_dir)
     if ckpt is not None and ckpt_io.checkpoint_step(ckpt) > cfg.steps:
         raise UserError(f"the run's last checkpoint {ckpt.name} is at step {ckpt_io.checkpoint_step(ckpt)}, past "
                         f"--steps {cfg.steps}, so it holds a model trained further than asked; resume with "
@@ -106,8 +113,11 @@ def _check_batch_split(cfg: TrainConfig, env: distributed.DistEnv) -> None:
 def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> None:
     run_dir = cfg.run_dir
     if not resume and (run_dir / "config.yaml").exists():
-        raise UserError(f"{str(run_dir)!r} already holds a run; continue it with --resume {run_dir}, "
-                        "or choose another --out")
+        if ckpt_io.list_checkpoints(run_dir) or any(r.get("step", 0) > 0 for r in
+                                                     MetricsLog(run_dir / "metrics.jsonl").read()):
+            raise UserError(f"{str(run_dir)!r} already holds a run; continue it with --resume {run_dir}, "
+                            "or choose another --out")
+        log.info("%s holds a run that stopped before its first update; starting it again", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_io.clean_temp(run_dir)
 
@@ -226,9 +236,11 @@ def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple
         raise NonFiniteLoss(f"the training {what} became {value} at step {step + 1}; the run stopped "
                             f"without applying that update and {keep}. Lower --lr (now {cfg.lr}) or "
                             "--grad-clip, or lengthen --warmup-steps, and start again")
-    if os.environ.get(KILL_STEP_ENV) == str(step + 1):
-        log.warning("%s=%d: killing the process mid-step (test fault injection)", KILL_STEP_ENV, step + 1)
-        os.kill(os.getpid(), signal.SIGKILL)
+    at_step, _, names = os.environ.get(KILL_STEP_ENV, "").partition(":")
+    if at_step == str(step + 1):
+        log.warning("%s: signalling the process mid-step (test fault injection)", KILL_STEP_ENV)
+        for name in (names or "KILL").split(","):
+            os.kill(os.getpid(), getattr(signal, "SIG" + name))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return train_loss, norm, lr
@@ -256,11 +268,17 @@ def _due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
+def _resume_hint(cfg: TrainConfig) -> str:
+    return f"continue with: parscale train --resume {cfg.run_dir}"
+
+
 def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: MetricsLog, start: int) -> None:
     tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not env.is_main, dynamic_ncols=True)
     model.train()
-    with bar:  # closed on errors too (a NaN stop), so no stale bar is printed at exit
+    # Ctrl-C / SIGTERM: finish the update (and its evaluation), keep a checkpoint, then stop.
+    at_once = lambda: f"stopped at once; the last checkpoint is kept, {_resume_hint(cfg)}"  # noqa: E731
+    with bar, deferred_stop(at_once) as stop:  # the bar closes on errors too (a NaN stop)
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             train_loss, norm, lr = _update(cfg, env, wrapped, optimizer, data, step)
@@ -274,11 +292,16 @@ def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: Metri
             metrics.write(record)
             if "val_loss" in record and env.is_main:
                 plot_losses(metrics.read(), cfg.run_dir / "loss.png", title=_title(cfg))
-            if _due(done, cfg.save_every, cfg.steps):
+            saved = _due(done, cfg.save_every, cfg.steps)
+            if saved:
                 _save(cfg, env, model, optimizer, done)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}",
                             **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
             bar.update(1)
+            if done < cfg.steps and distributed.mean_over_ranks(float(bool(stop)), env) > 0:  # all ranks stop together
+                if not saved:
+                    _save(cfg, env, model, optimizer, done)
+                raise Interrupted(stop.signum or signal.SIGINT, f"stopped at step {done}; {_resume_hint(cfg)}")
 
 
 def _title(cfg: TrainConfig) -> str:
