@@ -18,6 +18,7 @@ VERBS: dict[str, str] = {
     "cost": "memory and latency of P streams against parameter scaling",
     "generate": "generate text with a saved ParScale model",
     "eval": "held-out loss of a saved model",
+    "streams": "stream adapters: `parscale streams extract` cuts the streams out of a full model",
     "demo": "the end-to-end mini-study on the embedded corpus",
 }
 
