@@ -92,7 +92,7 @@ def parse_load_kwargs(model_args: tuple, kwargs: dict[str, Any]) -> LoadOptions:
     if kwargs.get("adapter_kwargs"):
         raise UserError("adapter_kwargs: load stream adapters with model.load_streams(DIR) instead")
     config = kwargs.get("config")
-    if config is not None and not (kwargs.get("_from_auto") or kwargs.get("_from_pipeline")):
+    if config is not None and type(config).__name__ != "Qwen2ParScaleConfig":  # the one AutoModel passes on
         raise UserError("config=...: the config is read from the directory's config.json; drop the argument")
     return LoadOptions(dtype=_dtype(dtype if dtype is not None else torch_dtype),
                        device=resolve_device(kwargs.get("device_map")), subfolder=kwargs.get("subfolder") or "")

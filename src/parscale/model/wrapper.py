@@ -21,8 +21,9 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from parscale.model import adapters, format as checkpoint_format, introspect, options, streams
+from parscale.model import adapters, autoload, format as checkpoint_format, introspect, options, streams
 from parscale.model.aggregation import AggregationHead
+from parscale.model.auto import Qwen2ParScaleConfig
 from parscale.model.config import ParScaleConfig
 from parscale.errors import UserError
 
@@ -267,6 +268,12 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         return model.eval()
 
 
+class Qwen2ParScaleForCausalLM(ParScaleForCausalLM):
+    """The wrapper under the released architecture name, registered with AutoModelForCausalLM (see `auto`)."""
+
+    config_class = Qwen2ParScaleConfig
+
+
 def init_stream_parameters(model: ParScaleForCausalLM, seed: int = 0) -> None:
     """Prefixes ~ N(0, 0.02), aggregation first layer U(±1/sqrt(fan_in)), last layer zero.
 
@@ -302,3 +309,5 @@ def to_parscale(model: PreTrainedModel, config: ParScaleConfig, seed: int = 0) -
     init_stream_parameters(wrapped, seed)
     wrapped.train(model.training)
     return wrapped
+
+autoload.flush(__name__)  # a registration that waited for this module (see `autoload`)
