@@ -20,7 +20,8 @@ ALLOWED = {
     "data": set(),
     "train": {"model", "data"},
     "demo": {"model", "data", "train", "law", "cost"},
-    "cli": {"model", "data", "train", "law", "cost", "demo"},
+    "evaluate": {"model"},
+    "cli": {"model", "data", "train", "law", "cost", "demo", "evaluate"},
 }
 
 

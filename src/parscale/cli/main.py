@@ -18,6 +18,7 @@ VERBS: dict[str, str] = {
     "cost": "memory and latency of P streams against parameter scaling",
     "generate": "generate text with a saved ParScale model",
     "eval": "held-out loss of a saved model",
+    "lm-eval": "lm-evaluation-harness with our models registered as `--model parscale`",
     "streams": "stream adapters: `parscale streams extract` cuts the streams out of a full model",
     "demo": "the end-to-end mini-study on the embedded corpus",
 }
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parscale: unknown verb {verb!r}; choose one of: {', '.join(VERBS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    module = importlib.import_module(f"parscale.cli.{verb}")
+    module = importlib.import_module(f"parscale.cli.{verb.replace('-', '_')}")
     try:
         return int(module.main(rest) or 0)
     except (UserError, FileNotFoundError) as err:
