@@ -58,6 +58,30 @@ def test_sampling_and_beams_run(saved, capsys):
     assert capsys.readouterr().out.startswith("x = ")
 
 
+def _library(model, tokenizer, prompt, seed=None, **kwargs):
+    """What `model.generate` itself gives for these arguments (the independent expectation)."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, pad_token_id=0, **kwargs)
+    return prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_sampling_and_beam_flags_give_what_the_library_gives_with_them(saved, capsys):
+    model, tokenizer, directory = saved
+    prompt = "y = 1"
+    greedy = _library(model, tokenizer, prompt, do_sample=False)
+    sampled = _library(model, tokenizer, prompt, seed=3, do_sample=True, temperature=1.5, top_p=1.0, top_k=0)
+    beams = _library(model, tokenizer, prompt, do_sample=False, num_beams=3)
+    assert len({greedy, sampled, beams}) == 3  # this prompt tells the three decoders apart
+    base = ["--model", str(directory), "--prompt", prompt, "--max-new-tokens", "8"]
+    for flags, expected in ((["--do-sample", "--temperature", "1.5", "--seed", "3"], sampled),
+                            (["--num-beams", "3"], beams)):
+        assert main(base + flags) == 0
+        assert capsys.readouterr().out.rstrip("\n") == expected, flags
+
+
 def test_separate_tokenizer_directory(saved, tmp_path, capsys):
     _, tokenizer, directory = saved
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -206,6 +206,52 @@ def test_headline_ratios_of_the_paper(storage):
             assert row["latency_ratio"] == pytest.approx(lat, rel=0.15)
 
 
+def _by_hand(reference: str, batch: int) -> tuple[float, float]:
+    """The batch-`batch` ratios of 1.6B at P = 8 on the A100, re-derived without `compare`:
+    the equivalent P = 1 model found by hand on the six-size ladder (linear in N for the
+    law, in loss for the observed losses), its costs interpolated between the two ladder
+    sizes around it, each cost the roofline's average over the four lengths."""
+    lengths, work = [64, 128, 256, 512], Workload()
+    ladder = list(PRESETS.values())
+
+    def cost(shape, p):
+        runs = [estimate(shape, replace(work, n_streams=p, batch_size=batch, input_length=n, output_length=n), A100)
+                for n in lengths]
+        return sum(r.memory_gib for r in runs) / 4, sum(r.latency_s for r in runs) / 4
+
+    base = PRESETS["1.6B"]
+    ref = parse_reference(reference)
+    if ref.law is not None:
+        n_equiv = non_embedding_params(base, 8, 48) * (ref.law.k * math.log(8) + 1)
+        position = [non_embedding_params(s) for s in ladder]
+        target = n_equiv
+    else:
+        position = [ref.observed[(i, 1)] for i in range(6)]  # losses fall as the ladder grows
+        target = ref.observed[(3, 8)]
+    i = next(i for i in range(5) if min(position[i:i + 2]) <= target <= max(position[i:i + 2]))
+    frac = (target - position[i]) / (position[i + 1] - position[i])
+    (m0, l0), (m1, l1) = cost(ladder[i], 1), cost(ladder[i + 1], 1)
+    m_param, l_param = m0 + frac * (m1 - m0), l0 + frac * (l1 - l0)
+    (mb, lb), (mp, lp) = cost(base, 1), cost(base, 8)
+    return (m_param - mb) / (mp - mb), (l_param - lb) / (lp - lb)
+
+
+@pytest.mark.parametrize("reference,documented", [("law:paper-stack", (20.0, 5.3)),
+                                                  ("observed:paper-stack", (24.9, 6.6))])
+def test_the_documented_default_comparison_equals_an_independent_derivation(reference, documented, capsys):
+    """`parscale cost compare --preset 1.6B --P 8 --batch-size 1` (docs/cost.md): the numbers
+    equal the hand derivation to float rounding, and the docs quote them to their last digit
+    (a 25% drift, e.g. an interpolation running the wrong way, moves them by 5x and more)."""
+    code, out, _ = _run(capsys, "compare", "--preset", "1.6B", "--P", "8", "--batch-size", "1",
+                        "--reference", reference, "--json")
+    data = json.loads(out)
+    memory, latency = _by_hand(reference, 1)
+    assert code == 0
+    assert data["memory_ratio"] == pytest.approx(memory, rel=1e-9)
+    assert data["latency_ratio"] == pytest.approx(latency, rel=1e-9)
+    assert (round(memory, 1), round(latency, 1)) == documented
+
+
 def test_law_reference_uses_the_multiplier_and_widens_off_ladder_models():
     law = Law(E=0.5, A=1.0, alpha=0.3, k=0.4)
     ref = Reference("law:test", law=law)

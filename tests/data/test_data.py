@@ -183,6 +183,32 @@ def test_jsonl_without_the_text_field_is_a_user_error(tmp_path):
         prepare_data(DataConfig(source="files", files=(str(jsonl),)), tmp_path / "cache")
 
 
+def test_files_under_hidden_folders_are_skipped(tmp_path):
+    """`.git/` objects and `.ipynb_checkpoints/` copies are not corpus, like hidden files."""
+    root = tmp_path / ".project"  # a hidden folder given by name is read: only what is under it counts
+    write_texts(root / "src", DOCS[:3])
+    (root / ".git" / "objects" / "ab").mkdir(parents=True)
+    (root / ".git" / "objects" / "ab" / "cdef").write_bytes(b"x\x9c\xff\xfe binary git object")
+    (root / "src" / ".ipynb_checkpoints").mkdir()
+    (root / "src" / ".ipynb_checkpoints" / "doc000-checkpoint.py").write_text(DOCS[0] + "# edited\n")
+    (root / "src" / ".hidden.py").write_text("hidden file")
+    found = corpus.check_files([root])
+    assert [p.relative_to(root).as_posix() for p in found] == ["src/doc000.py", "src/doc001.py", "src/doc002.py"]
+    assert corpus.load_documents([root], cache_dir=tmp_path / "hf") == DOCS[:3]
+
+
+def test_validation_files_that_are_also_training_files_are_refused(tmp_path):
+    folder = write_texts(tmp_path / "texts")
+    (tmp_path / "link.py").symlink_to(folder / "doc005.py")  # the same file under another name
+    for val in (folder / "doc003.py", tmp_path / "link.py", folder):
+        cfg = DataConfig(source="files", files=(str(folder),), val_files=(str(val),), vocab_size=300)
+        with pytest.raises(UserError, match=r"validation file\(s\) are also training files: .*(doc003|link|doc000)\.py"):
+            prepare_data(cfg, tmp_path / "cache")
+    other = write_texts(tmp_path / "heldout", DOCS[:2])  # the same text in other files is allowed
+    prepare_data(DataConfig(source="files", files=(str(folder),), val_files=(str(other),), vocab_size=300),
+                 tmp_path / "cache")
+
+
 @pytest.mark.parametrize("make", ["missing", "empty_file", "empty_dir"])
 def test_missing_or_empty_corpus_is_a_user_error(tmp_path, make):
     target = tmp_path / "data"
@@ -351,3 +377,35 @@ def test_evaluate_loss_equals_a_float64_loop(tiny_qwen2):
     # float32 logits against float64: agreement to ~1e-6 relative; 1e-5 leaves margin.
     assert loss == pytest.approx(ref, rel=1e-5) and first == pytest.approx(ref_first, rel=1e-5)
     assert abs(loss - first) > 1e-4  # max_tokens did change what was measured
+
+
+def test_ranks_evaluate_shares_that_sum_to_the_whole_with_equal_forward_calls(tiny_qwen2):
+    """Each of W ranks evaluates its share: the shares partition the predictions, their NLL
+    sums add up to the one-process loss, and every rank makes the same number of calls (a
+    sharded model's forward is a collective)."""
+    from parscale.data.batches import evaluate_nll
+
+    tokens = np.random.default_rng(4).integers(0, 97, 16 * 9 + 5)  # 9 chunks + a tail: 6 batches of <= 2 rows
+    calls, rows = [0], []
+
+    def counting(input_ids):
+        calls[0] += 1
+        rows.append(input_ids.shape[0])
+        return tiny_qwen2(input_ids=input_ids)
+
+    whole = evaluate_loss(tiny_qwen2, tokens, seq_len=16, batch_size=2)
+    for world in (1, 2, 4):
+        shares, per_rank = [], []
+        for rank in range(world):
+            calls[0] = 0
+            shares.append(evaluate_nll(counting, tokens, 16, 2, rank=rank, world_size=world))
+            per_rank.append(calls[0])
+        assert sum(c for _, c in shares) == count_predictions(len(tokens), 16)
+        assert sum(t for t, _ in shares) / sum(c for _, c in shares) == pytest.approx(whole, rel=1e-9)
+        assert per_rank == [-(-6 // world)] * world  # ceil(6 batches / W), padded where short
+        assert len({c for _, c in shares}) > 1 or world == 1  # the shares are really different
+    assert max(rows) == 2  # never more rows than the batch size
+    reduced = evaluate_loss(tiny_qwen2, tokens, seq_len=16, batch_size=2, rank=1, world_size=2,
+                            reduce=lambda v: [a + b for a, b in zip(v, evaluate_nll(tiny_qwen2, tokens, 16, 2, rank=0,
+                                                                                     world_size=2))])
+    assert reduced == pytest.approx(whole, rel=1e-9)

@@ -247,3 +247,51 @@ def test_bad_directories_fail_clearly(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(released_config(0, 5)))
     with pytest.raises(UserError, match="n_streams"):
         ParScaleForCausalLM.from_pretrained(tmp_path)
+
+
+# ----- saving over an earlier save ---------------------------------------------------------
+def _prefix_k(directory):
+    from safetensors import safe_open
+
+    from parscale.model.format import weight_files
+
+    for path in weight_files(directory):
+        with safe_open(str(path), "pt") as handle:
+            if "model.layers.0.self_attn.prefix_k" in handle.keys():
+                return handle.get_tensor("model.layers.0.self_attn.prefix_k")
+    raise AssertionError("no prefix_k saved")
+
+
+@pytest.mark.parametrize("first,second", [("shards", "single"), ("single", "shards"), ("shards", "shards")])
+def test_saving_into_a_folder_replaces_every_earlier_weight_file(tmp_path, tiny_qwen2, first, second):
+    """A fine-tuned model saved over its (sharded) source reloads as the fine-tuned model."""
+    small = 20_000  # bytes: the tiny model (~60 KB) then needs several shards
+    size = {"shards": small, "single": "50GB"}
+    model = to_parscale(tiny_qwen2, ParScaleConfig(2, 3), seed=0).eval()
+    model.save_pretrained(tmp_path, max_shard_size=size[first])
+    shards = sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))
+    assert (len(shards) > 1) == (first == "shards")
+    assert (tmp_path / "model.safetensors.index.json").is_file() == (first == "shards")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.prefix_k.add_(1.0)
+    model.save_pretrained(tmp_path, max_shard_size=size[second])
+    if second == "single":
+        assert not list(tmp_path.glob("model-*")) and not (tmp_path / "model.safetensors.index.json").exists()
+    else:
+        assert not (tmp_path / "model.safetensors").exists()
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert sorted(p.name for p in tmp_path.glob("model-*")) == sorted(set(index["weight_map"].values()))
+    reloaded = ParScaleForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded.model.layers[0].self_attn.prefix_k, model.model.layers[0].self_attn.prefix_k)
+    torch.testing.assert_close(_prefix_k(tmp_path), model.model.layers[0].self_attn.prefix_k)
+    ids = torch.randint(2, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_an_index_beside_an_overlapping_single_file_is_refused(tmp_path):
+    weights = released_weights(2, 3)
+    write_checkpoint(tmp_path, released_config(2, 3), weights, shards=2)
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})  # a stale copy beside it
+    with pytest.raises(UserError, match="both .*model.safetensors.index.json.* stale"):
+        ParScaleForCausalLM.from_pretrained(tmp_path)

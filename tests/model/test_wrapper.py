@@ -1,6 +1,8 @@
 """ParScaleForCausalLM: equivalences, cache, padding, stream order, gradients, generation."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -77,6 +79,24 @@ def test_sliding_window_cached_decoding_equals_uncached(tiny_factory):
     torch.testing.assert_close(torch.cat(steps, dim=1), full)
 
 
+def test_sliding_window_limits_the_real_keys_and_never_the_prefix(tiny_factory):
+    """One layer, window 3: position t attends to real tokens t-2..t and the whole prefix.
+    So logits from position 3 on ignore token 0, and the last position equals the model run
+    on the last three tokens alone (at their positions), while the prefix still moves it."""
+    model = to_parscale(tiny_factory("mistral", sliding_window=3, num_hidden_layers=1), ParScaleConfig(2, 3)).eval()
+    ids = _ids(2, 9)
+    other = ids.clone()
+    other[:, 0] = (ids[:, 0] + 1) % 97
+    with torch.no_grad():
+        full, changed = model(ids).logits, model(other).logits
+        tail = model(ids[:, 6:], position_ids=torch.arange(6, 9)[None].expand(2, -1)).logits
+        assert (full[:, :3] - changed[:, :3]).abs().max() > 1e-4  # inside the window token 0 counts
+        torch.testing.assert_close(full[:, 3:], changed[:, 3:])  # beyond it, it does not
+        torch.testing.assert_close(full[:, -1], tail[:, -1])
+        model.model.layers[0].self_attn.prefix_v.add_(1.0)
+        assert (model(ids).logits[:, -1] - full[:, -1]).abs().max() > 1e-3  # the prefix is seen beyond the window
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_equals_each_sample_alone(tiny_factory, side):
     model = _wrap(tiny_factory, "qwen2", n_streams=2)
@@ -94,6 +114,28 @@ def test_padded_batch_equals_each_sample_alone(tiny_factory, side):
         for row, sample in enumerate(samples):
             alone = model(sample[None]).logits[0]
             torch.testing.assert_close(batched[row][mask[row].bool()], alone)
+
+
+@pytest.mark.parametrize("n_streams", [1, 2, 4])
+def test_a_one_row_mask_is_broadcast_over_the_batch_at_every_P(tiny_factory, n_streams):
+    """A [1, L] padding mask for B rows means the same mask for every row, at every P (the
+    base model itself accepts it only when it is all ones, where its mask builder skips it)."""
+    model = _wrap(tiny_factory, "llama", n_streams=n_streams)
+    ids = _ids(3, 6)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])  # the same left padding for every row
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        one_row = model(ids, attention_mask=mask, position_ids=positions).logits
+        per_row = model(ids, attention_mask=mask.expand(3, -1), position_ids=positions.expand(3, -1)).logits
+        unmasked = model(ids, position_ids=positions).logits
+    torch.testing.assert_close(one_row, per_row)
+    assert (one_row[:, 2:] - unmasked[:, 2:]).abs().max() > 1e-4  # the mask did act
+    ones = torch.ones(1, 6, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=ones).logits, model(ids).logits)
+        if n_streams == 1:  # what the base model accepts, it gives the same answer for
+            torch.testing.assert_close(model(ids, attention_mask=ones).logits,
+                                       tiny_factory("llama")(ids, attention_mask=ones).logits)
 
 
 def test_changing_one_stream_prefix_changes_output(tiny_factory):
@@ -156,6 +198,43 @@ def test_init_is_seeded_and_uniform_at_start(tiny_factory):
     assert 0.01 < pa.std().item() < 0.03  # N(0, 0.02)
     weights = a.model.aggregate_layer.stream_weights(torch.randn(4, 3, 32))
     torch.testing.assert_close(weights, torch.full_like(weights, 0.5))
+
+
+def test_new_stream_parameters_have_the_documented_scale(tiny_factory):
+    """Prefixes N(0, 0.02) drawn from Generator(seed) (12,288 draws: the sample std is within
+    +-0.0005 of 0.02 at 4 standard errors), the first aggregation layer U(+-1/sqrt(P*H)),
+    the last zero. Checked against numbers, not against another call of to_parscale."""
+    model = to_parscale(tiny_factory("qwen2"), ParScaleConfig(4, 48), seed=5)
+    prefixes = torch.cat([p.detach().reshape(-1) for a in model.attention_modules() for p in (a.prefix_k, a.prefix_v)])
+    assert prefixes.numel() == 2 * 2 * 4 * 2 * 48 * 8
+    assert abs(prefixes.std().item() - 0.02) < 5e-4 and abs(prefixes.mean().item()) < 5e-4
+    gen = torch.Generator().manual_seed(5)  # the documented draw order: layer by layer, keys then values
+    expected = torch.cat([torch.randn(4, 2, 48, 8, generator=gen).reshape(-1) for _ in range(4)]) * 0.02
+    torch.testing.assert_close(prefixes, expected)
+    head = model.model.aggregate_layer
+    bound = 1 / math.sqrt(4 * 32)
+    assert head[0].weight.abs().max() <= bound and head[0].weight.abs().max() > 0.95 * bound
+    assert head[0].weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)  # the std of U(-b, b)
+    assert not head[0].bias.any() and not head[2].weight.any() and not head[2].bias.any()
+
+
+def test_labels_loss_equals_an_independent_cross_entropy(tiny_factory):
+    """The `labels=` loss: next-token cross-entropy in float64 by hand, -100 ignored."""
+    model = _wrap(tiny_factory, "llama", n_streams=3)
+    ids = _ids(2, 7)
+    labels = ids.clone()
+    labels[0, :3] = -100  # e.g. a prompt that is not trained on
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+    logp = torch.log_softmax(out.logits.double(), dim=-1)
+    total, count = 0.0, 0
+    for b in range(2):
+        for t in range(6):  # position t predicts token t + 1
+            if labels[b, t + 1] != -100:
+                total -= logp[b, t, labels[b, t + 1]].item()
+                count += 1
+    assert count == 10
+    assert out.loss.item() == pytest.approx(total / count, rel=1e-5)
 
 
 def test_greedy_generate_equals_argmax_loop(tiny_factory):
@@ -275,6 +354,10 @@ def test_aggregation_functions_match_einops_and_a_loop():
     smoothed = smooth_weights(weights, 0.1)
     torch.testing.assert_close(smoothed.sum(-1), torch.ones(2, 4, dtype=torch.float64))
     assert smoothed.min() >= 0.1 / 3
+    for w, s in zip(weights.reshape(-1).tolist(), smoothed.reshape(-1).tolist()):  # the formula, by hand
+        assert s == pytest.approx(0.9 * w + 0.1 / 3, rel=1e-12)
+    one_hot = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)  # a stream with weight 0 keeps 0.1/4
+    torch.testing.assert_close(smooth_weights(one_hot, 0.1), torch.tensor([[0.925, 0.025, 0.025, 0.025]], dtype=torch.float64))
     expected = torch.zeros(2, 4, 5, dtype=torch.float64)
     for b in range(2):
         for n in range(3):

@@ -111,3 +111,38 @@ def test_streams_mode_freezes_the_backbone_and_trains_the_prefixes(trained_p1, c
         assert torch.equal(base(x).logits, after(x).logits)
     assert sorted(p.name for p in (cfg.run_dir / "final-streams").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_stage_two_continues_the_data_order_where_stage_one_stopped(trained_p1, monkeypatch):
+    """Stage 2 trains on the batches an uninterrupted stage 1 would have seen next (steps 40,
+    41, ... of its order), not on stage 1's first batches again; the position is kept in
+    config.yaml for --resume, and passed on in final/data_order.json."""
+    import yaml
+
+    from parscale.data.batches import batch_at as pure_batch_at
+    from parscale.train import loop
+
+    root, opts, final, data = trained_p1
+    seen = []
+
+    def recording(*args, **kwargs):
+        x = pure_batch_at(*args, **kwargs)
+        seen.append(x)
+        return x
+
+    monkeypatch.setattr(loop, "batch_at", recording)
+    fields = dict(out=str(root / "p2-order"), init_from=str(final), P=2, steps=2,
+                  **{**opts, "model_config": None, "eval_every": 0, "save_every": 0})
+    cfg = TrainConfig(**fields)
+    train_in_process(**fields)
+    # independent: the pure batch function at the steps after stage 1's 40 (batch 4, seed 0)
+    after = [pure_batch_at(data.train, step=s, batch_size=4, seq_len=32, seed=0) for s in (40, 41)]
+    first = [pure_batch_at(data.train, step=s, batch_size=4, seq_len=32, seed=0) for s in (0, 1)]
+    assert torch.equal(seen[0], after[0])  # the step-0 training loss is measured on the next batch
+    assert torch.equal(seen[1], after[0]) and torch.equal(seen[2], after[1])
+    assert not torch.equal(seen[1], first[0]) and not torch.equal(seen[2], first[1])
+    assert yaml.safe_load((cfg.run_dir / "config.yaml").read_text())["order_start"] == 40 * 4
+    import json
+
+    record = json.loads((cfg.run_dir / "final" / "data_order.json").read_text())
+    assert record["rows"] == 42 * 4 and record["seq_len"] == 32

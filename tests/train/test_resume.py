@@ -1,17 +1,19 @@
 """Nothing is lost: a run SIGKILLed in the middle of an update, and then again in the middle
 of writing a checkpoint, continues with `--resume` and logs exactly what an uninterrupted
-run logs.
+run logs. The model has dropout, so the resumed run matches only if the RNG states are
+restored too, not just the weights, the optimizer and the data position.
 
 The interrupted run is a real `python -m parscale train` subprocess and each kill a real
 SIGKILL at a chosen point (fault-injection environment variables), so no cleanup code runs.
 """
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
 import pytest
-from _trainkit import cli_args, micro_setup, read_metrics, run_train, train_in_process
+from _trainkit import MICRO, cli_args, micro_setup, read_metrics, run_train, train_in_process
 from safetensors.torch import load_file
 
 from parscale.data.prepare import DataConfig, prepare_data
@@ -44,7 +46,9 @@ def _same_curve(run: Path, reference: Path) -> None:
 @pytest.mark.slow
 def test_a_run_killed_mid_step_and_mid_checkpoint_resumes_exactly(tmp_path):
     opts = micro_setup(tmp_path)
-    opts.update(P=2, steps=STEPS, eval_every=4, save_every=3, keep_last=2)
+    with_dropout = tmp_path / "micro-dropout.json"
+    with_dropout.write_text(json.dumps({**MICRO, "attention_dropout": 0.2}))
+    opts.update(P=2, steps=STEPS, eval_every=4, save_every=3, keep_last=2, model_config=str(with_dropout))
     prepare_data(DataConfig.from_dict(opts["data"]), cache_dir=opts["cache_dir"])  # shared by every run
     reference = tmp_path / "reference"
     train_in_process(out=str(reference), **opts)

@@ -100,8 +100,22 @@ def test_resuming_with_a_different_P_or_model_is_refused(short_run, capsys):
         train(TrainConfig.from_dict({**saved, "P": 3}), resume=True)
 
 
+def test_resuming_with_fewer_steps_than_the_last_checkpoint_is_refused(short_run, capsys):
+    """Otherwise a checkpoint named for step 10 would hold the model trained for 24 steps."""
+    _, _, cfg, _ = short_run
+    before = (cfg.run_dir / "config.yaml").read_text()
+    assert cli_main(["train", "--resume", str(cfg.run_dir), "--steps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "ckpt-0000024 is at step 24, past --steps 10" in err and "--steps 24 or more" in err
+    assert "Traceback" not in err
+    assert (cfg.run_dir / "config.yaml").read_text() == before  # the run is untouched
+    assert [p.name for p in list_checkpoints(cfg.run_dir)] == ["ckpt-0000016", "ckpt-0000024"]
+
+
 # ---------------------------------------------------------------- NaN stops the run
-def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("what", ["loss", "gradient norm"])
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, what):
+    """A NaN loss, or a finite loss with an infinite gradient, stops the run before the update."""
     opts = micro_setup(tmp_path)
     built = convert_mod.model_from_scratch
 
@@ -113,8 +127,10 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
             if getattr(output, "loss", None) is None:
                 return output  # evaluation calls carry no labels
             calls["n"] += 1
-            if calls["n"] >= 6:  # the 6th update's forward pass
+            if calls["n"] >= 6 and what == "loss":  # the 6th update's forward pass
                 output.loss = output.loss * float("nan")
+            elif calls["n"] == 6:  # the loss stays finite, its gradient does not
+                output.loss.register_hook(lambda grad: grad * float("inf"))
             return output
 
         model.register_forward_hook(hook)
@@ -122,7 +138,7 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
     monkeypatch.setattr(convert_mod, "model_from_scratch", poisoned)
     cfg = TrainConfig(out=str(tmp_path / "run"), P=1, steps=12, **opts)
-    with pytest.raises(NonFiniteLoss, match=r"at step 6\b") as info:
+    with pytest.raises(NonFiniteLoss, match=rf"training {what} became \w+ at step 6\b") as info:
         train_in_process(**cfg.to_dict())
     assert "ckpt-0000004" in str(info.value)
     assert latest_checkpoint(cfg.run_dir).name == "ckpt-0000004"
@@ -171,14 +187,33 @@ def test_bad_input_is_a_clear_error_before_training(case, tmp_path, capsys):
     assert not (run / "metrics.jsonl").exists()
 
 
-def test_gradient_accumulation_sees_the_same_global_batch(tmp_path):
+def test_gradient_accumulation_sees_the_same_global_batch_and_evaluates_in_micro_batches(tmp_path, monkeypatch):
     # --grad-accum splits the update's batch into micro-batches; it must not change the data
-    # or the math, so 2 x 2 rows and 1 x 4 rows give the same losses to float rounding
-    # (the two half-batch gradients are summed in another order: ~1e-7 on a loss near 5).
+    # or the math, so 2 x 2 rows and 1 x 4 rows give the same losses and gradient norms to
+    # float rounding (the two half-batch gradients are summed in another order: ~1e-7 on a
+    # loss near 5). Clipping is off, so a wrong loss scale shows in the norm (it doubles).
+    # Evaluation forwards no more rows than a training micro-batch, or a model that fits
+    # in memory only thanks to accumulation would run out of memory at the first evaluation.
     opts = micro_setup(tmp_path)
+    built, rows = convert_mod.model_from_scratch, {}
+
+    def recording(*args, **kwargs):
+        model = built(*args, **kwargs)
+
+        def hook(module, args, kwargs):
+            kind = "train" if kwargs.get("labels") is not None else "eval"
+            rows.setdefault(kind, set()).add(kwargs["input_ids"].shape[0])
+
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(convert_mod, "model_from_scratch", recording)
     for name, accum in (("one", 1), ("two", 2)):
+        rows.clear()
         train_in_process(out=str(tmp_path / name), P=2, steps=3, grad_accum=accum,
-                         **{**opts, "eval_every": 0, "save_every": 0})
+                         **{**opts, "eval_every": 0, "save_every": 0, "grad_clip": 0.0})
+        assert rows["train"] == {4 // accum} and max(rows["eval"]) == 4 // accum, rows
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["train_loss"] for r in two] == pytest.approx([r["train_loss"] for r in one], abs=1e-5)
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
     assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], abs=1e-5)

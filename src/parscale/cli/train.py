@@ -25,6 +25,7 @@ _HELP = {
     "P": "number of parallel streams", "train": "full (all weights learn) or streams (backbone frozen)",
     "batch_size": "global sequences per update", "warmup_steps": "default: 5%% of --steps",
     "schedule": "cosine or wsd", "fsdp": "shard the model with FSDP under torchrun",
+    "order_start": "sequences of the data order to skip (default: where the --init-from run stopped, else 0)",
 }
 
 

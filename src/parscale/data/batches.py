@@ -7,6 +7,8 @@ on one process (rank r takes its rows of it).
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 from collections.abc import Iterator
 
@@ -44,10 +46,11 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def global_chunk_ids(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
-    """Chunk indices of the global batch at `step`: rows step*B .. step*B+B-1 of the endless
+def global_chunk_ids(n: int, step: int, batch_size: int, seed: int, first_row: int = 0) -> np.ndarray:
+    """Chunk indices of the global batch at `step`: rows first_row + step*B .. + B-1 of the endless
     sequence epoch 0 permutation, epoch 1 permutation, ... (a batch may straddle two epochs)."""
-    rows = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+    start = first_row + step * batch_size
+    rows = np.arange(start, start + batch_size, dtype=np.int64)
     epochs, pos = np.divmod(rows, n)
     out = np.empty(batch_size, dtype=np.int64)
     for epoch in np.unique(epochs):
@@ -57,30 +60,41 @@ def global_chunk_ids(n: int, step: int, batch_size: int, seed: int) -> np.ndarra
 
 
 def batch_at(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int = 0,
-             rank: int = 0, world_size: int = 1) -> torch.Tensor:
+             rank: int = 0, world_size: int = 1, first_row: int = 0) -> torch.Tensor:
     """This rank's rows of the global batch for `step`: a LongTensor [batch_size // world_size, seq_len].
 
     Labels are the inputs themselves (the model shifts them). `batch_size` is the global
-    batch; it must divide evenly among the `world_size` ranks.
+    batch; it must divide evenly among the `world_size` ranks. `first_row` skips that many
+    sequences of the order: a run started from another continues where that one stopped.
 
     >>> x = batch_at(np.arange(1000), step=3, batch_size=4, seq_len=8, seed=0)
     >>> tuple(x.shape)
     (4, 8)
     """
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
+    if step < 0 or first_row < 0:
+        raise ValueError(f"step and first_row must be >= 0, got {step} and {first_row}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in range for world size {world_size}")
     if batch_size % world_size:
         raise UserError(f"the global batch size {batch_size} does not divide among {world_size} processes; "
                         f"use a multiple of {world_size}")
     check_batch(tokens, batch_size, seq_len)
-    ids = global_chunk_ids(num_chunks(len(tokens), seq_len), step, batch_size, seed)
+    ids = global_chunk_ids(num_chunks(len(tokens), seq_len), step, batch_size, seed, first_row)
     local = batch_size // world_size
     ids = ids[rank * local:(rank + 1) * local]  # this rank's contiguous rows of the global batch
     starts = ids * seq_len
     rows = np.stack([np.asarray(tokens[s:s + seq_len], dtype=np.int64) for s in starts])  # (b, L)
     return torch.from_numpy(rows)
+
+
+def order_fingerprint(tokens: np.ndarray) -> str:
+    """A short hash that tells one packed training array from another: its length and 256
+    evenly spaced blocks of 4,096 tokens (a few contiguous reads, even of a huge memory map)."""
+    digest = hashlib.sha256(f"{len(tokens)}:{np.dtype(tokens.dtype).str}".encode())
+    block, count = 4096, 256
+    for start in np.linspace(0, max(0, len(tokens) - block), num=count, dtype=np.int64):
+        digest.update(np.ascontiguousarray(tokens[start:start + block]).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int) -> Iterator[torch.Tensor]:
@@ -110,31 +124,63 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def evaluate_nll(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int,
+                 device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1) -> tuple[float, int]:
+    """(sum of next-token NLLs in nats, number of predictions) over this rank's share of `tokens`.
+
+    The batches of `val_batches` are dealt round-robin: rank r takes batches r, r+W, r+2W, ...
+    so the shares partition the tokens and summing the pairs over ranks gives the exact
+    loss of one process. Every rank makes the same number of forward calls (a rank short of
+    one repeats its first batch and discards it), so a model whose forward is a collective,
+    as under FSDP, never waits for a rank that has finished.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in range for world size {world_size}")
+    n_chunks, tail = divmod(len(tokens), seq_len)
+    n_batches = -(-n_chunks // batch_size) + (1 if tail >= 2 else 0)
+    calls = -(-n_batches // world_size)  # forward calls per rank: the largest share
+    total, count, first = 0.0, 0, None
+    for x in itertools.islice(val_batches(tokens, seq_len, batch_size), rank, None, world_size):
+        first = x if first is None else first
+        x = x.to(device)
+        logits = _logits(model, x)[:, :-1].float()  # (b, T-1, V): position t predicts t+1
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+        total += float(nll.double())
+        count += x[:, 1:].numel()
+        calls -= 1
+    for _ in range(calls):  # keep in step with the ranks that hold one batch more
+        _logits(model, (first if first is not None else torch.from_numpy(
+            np.asarray(tokens[:seq_len], dtype=np.int64))[None]).to(device))
+    return total, count
+
+
+@torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int,
-                  max_tokens: int | None = None, device: str | torch.device = "cpu") -> float:
+                  max_tokens: int | None = None, device: str | torch.device = "cpu",
+                  reduce=None, rank: int = 0, world_size: int = 1) -> float:
     """Mean next-token NLL in nats over the first `max_tokens` tokens (all when None).
 
     Every prediction counts once, whatever batch it falls in: the sum of per-token NLLs
     (accumulated in float64) divided by the number of predictions, so a short tail batch
-    weighs by its tokens, not as a whole batch. The model is put in eval mode for the
-    call and given back in the mode it came in.
+    weighs by its tokens, not as a whole batch. `batch_size` rows go into each forward call.
+    With `world_size` > 1 each rank evaluates its share (`evaluate_nll`) and
+    `reduce([nll, count])` must return the sums over ranks. The model is put in eval mode
+    for the call and given back in the mode it came in.
     """
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
     if len(tokens) < 2:
         raise UserError(f"evaluation needs at least 2 tokens, got {len(tokens)}")
+    if batch_size < 1 or seq_len < 2:
+        raise UserError(f"batch size must be >= 1 and sequence length >= 2 (got {batch_size} and {seq_len})")
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     try:
-        for x in val_batches(tokens, seq_len, batch_size):
-            x = x.to(device)
-            logits = _logits(model, x)[:, :-1].float()  # (b, T-1, V): position t predicts t+1
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-            total += float(nll.double())
-            count += x[:, 1:].numel()
+        total, count = evaluate_nll(model, tokens, seq_len, batch_size, device, rank, world_size)
     finally:
         model.train(was_training)
+    if reduce is not None:
+        total, count = reduce([total, float(count)])
     loss = total / count
     if not math.isfinite(loss):
         raise FloatingPointError(f"the evaluation loss is {loss}: the model produces non-finite logits")

@@ -96,7 +96,9 @@ def check_files(files: Sequence[str | os.PathLike], what: str = "data file") -> 
     for name in files:
         path = Path(name).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            # Anything under a hidden folder is skipped too: `.git/` objects, `.ipynb_checkpoints/` copies.
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
                 raise UserError(f"the {what} directory {path} holds no files")
             out.extend(found)
@@ -106,6 +108,16 @@ def check_files(files: Sequence[str | os.PathLike], what: str = "data file") -> 
             raise UserError(f"the {what} {str(name)!r} does not exist; check the path "
                             "(only local files are read, nothing is downloaded)")
     return out
+
+
+def check_disjoint(train_files: Sequence[str | os.PathLike], val_files: Sequence[str | os.PathLike]) -> None:
+    """UserError if a validation file is also a training file (the held-out loss would not be)."""
+    train = {os.path.realpath(p) for p in check_files(train_files)}
+    both = sorted(str(p) for p in check_files(val_files, "validation file") if os.path.realpath(p) in train)
+    if both:
+        shown = ", ".join(both[:3]) + (f" and {len(both) - 3} more" if len(both) > 3 else "")
+        raise UserError(f"{len(both)} validation file(s) are also training files: {shown}; give validation "
+                        "files that are not among --data-files (or drop --data-val-files to split off a share)")
 
 
 def file_kind(path: Path) -> str:

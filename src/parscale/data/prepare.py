@@ -176,6 +176,7 @@ def split_documents(cfg: DataConfig, hf_cache: Path | None = None) -> tuple[list
     else:
         docs = corpus.load_documents(cfg.files, cfg.text_field, hf_cache)
         if cfg.val_files:
+            corpus.check_disjoint(cfg.files, cfg.val_files)
             return docs, corpus.load_documents(cfg.val_files, cfg.text_field, hf_cache)
         is_val = corpus.split_keys(docs, cfg.val_fraction, cfg.seed)  # keyed by content: duplicates stay together
     train = [d for d, v in zip(docs, is_val) if not v]

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, Qwen2Config
 
@@ -39,6 +40,7 @@ _DROP_ON_LOAD = ("model_type", "architectures", "auto_map", "transformers_versio
 _IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some old files carry
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+SHARD_GLOB = "model-*-of-*.safetensors"  # the shard names transformers and huggingface_hub write
 
 
 # ----- config ------------------------------------------------------------------------------
@@ -103,7 +105,11 @@ def weights_to_save(model) -> dict[str, torch.Tensor]:
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: one file, or the shards of an index."""
+    """The safetensors files of a checkpoint: one file, or the shards of an index.
+
+    A folder holding both an index and a single file whose keys overlap is refused: one of
+    them is stale, and loading either would silently pick one set of weights.
+    """
     if (directory / SAFE_INDEX).is_file():
         weight_map = _read_json(directory / SAFE_INDEX).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -112,12 +118,31 @@ def weight_files(directory: Path) -> list[Path]:
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise UserError(f"shard(s) listed in {SAFE_INDEX} are missing: {missing}")
+        if (directory / SAFE_WEIGHTS).is_file() and directory / SAFE_WEIGHTS not in files:
+            with safe_open(str(directory / SAFE_WEIGHTS), framework="pt") as handle:
+                both = set(handle.keys()) & set(weight_map)
+            if both:
+                raise UserError(f"{directory} holds both {SAFE_INDEX} (with its shards) and {SAFE_WEIGHTS}, "
+                                f"and both hold {len(both)} of the same tensors (e.g. {sorted(both)[0]}); one is "
+                                "stale: delete the files of the older save")
         return files
     if (directory / SAFE_WEIGHTS).is_file():
         return [directory / SAFE_WEIGHTS]
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         raise UserError(f"{directory} holds only pickled weights; convert them to safetensors first")
     raise UserError(f"{directory} has no {SAFE_WEIGHTS} or {SAFE_INDEX}")
+
+
+def _old_weight_files(directory: Path) -> set[Path]:
+    """Every weights file an earlier save may have left: the single file, the index, its shards."""
+    found = {directory / SAFE_WEIGHTS, directory / SAFE_INDEX, *directory.glob(SHARD_GLOB)}
+    if (directory / SAFE_INDEX).is_file():
+        try:
+            weight_map = json.loads((directory / SAFE_INDEX).read_text()).get("weight_map") or {}
+            found |= {directory / name for name in set(weight_map.values()) if "/" not in name}
+        except (json.JSONDecodeError, AttributeError):
+            pass  # a damaged index: its shards still match SHARD_GLOB
+    return {path for path in found if path.is_file()}
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -152,14 +177,38 @@ def check_weights(model, found: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 # ----- save / load -------------------------------------------------------------------------
-def save_parscale(model, save_directory: str | os.PathLike, **kwargs) -> None:
-    """Write config.json, generation_config.json and model.safetensors (each atomically)."""
+def save_parscale(model, save_directory: str | os.PathLike, max_shard_size: int | str = "50GB", **kwargs) -> None:
+    """Write config.json, generation_config.json and the weights (each file atomically).
+
+    The weights go to one `model.safetensors`, or, above `max_shard_size` (transformers'
+    default, 50GB), to shards listed by `model.safetensors.index.json`. Weight files of an
+    earlier save into the same folder are removed, in an order that keeps the folder
+    loadable as the old model or the new one, never as a mix: the old index goes first
+    (without it, old shards are never read), the new index last (it makes new shards
+    visible), and leftovers once the new weights are in place.
+    """
     if kwargs:
         logger.warning("save_pretrained ignores %s", sorted(kwargs))
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = weights_to_save(model)
-    atomic_write(directory / SAFE_WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+    # The shard plan is the library transformers uses for the same job (sizes, names, index).
+    split = split_torch_state_dict_into_shards(weights, max_shard_size=max_shard_size)
+    stale = _old_weight_files(directory)
+    (directory / SAFE_INDEX).unlink(missing_ok=True)
+    if split.is_sharded:
+        (directory / SAFE_WEIGHTS).unlink(missing_ok=True)
+    written = set()
+    for name, keys in split.filename_to_tensors.items():
+        part = {key: weights[key] for key in keys}
+        atomic_write(directory / name, lambda tmp, part=part: save_file(part, tmp, metadata={"format": "pt"}))
+        written.add(directory / name)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        atomic_write_json(directory / SAFE_INDEX, index, sort_keys=True)
+        written.add(directory / SAFE_INDEX)
+    for path in stale - written:
+        path.unlink(missing_ok=True)
     if getattr(model, "generation_config", None) is not None:
         atomic_write_json(directory / "generation_config.json", model.generation_config.to_diff_dict(), sort_keys=True)
     atomic_write_json(directory / "config.json", config_dict(model), sort_keys=True)  # last: its presence marks a complete save

@@ -118,6 +118,8 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         is_2d = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
         if n_streams > 1 and attention_mask is not None and not is_2d:
             raise UserError("ParScale takes a 2D padding mask [batch, seq] (1 = token, 0 = padding)")
+        if is_2d and attention_mask.shape[0] == 1 and batch > 1:  # one mask for every row, at every P
+            attention_mask = attention_mask.expand(batch, -1)  # b s
         outputs = self.model(
             inputs_embeds=_repeat_rows(inputs_embeds, n_streams, batch, "inputs_embeds"),  # (n b) s h
             attention_mask=_repeat_rows(attention_mask, n_streams, batch, "attention_mask"),
@@ -234,9 +236,10 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         adapters.save_set(self, self._stream_sets[name], directory, base)
 
     # ----- files ------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """config.json + model.safetensors in the released `qwen2_parscale` layout (see `compat`)."""
-        checkpoint_format.save_parscale(self, save_directory, **kwargs)
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "50GB", **kwargs) -> None:
+        """config.json + model.safetensors (or shards above `max_shard_size`, e.g. "2GB") in the
+        released `qwen2_parscale` layout (see `format`); replaces the weights of an earlier save."""
+        checkpoint_format.save_parscale(self, save_directory, max_shard_size=max_shard_size, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args,

@@ -174,6 +174,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a checkpoint was written at (from its trainer.json)."""
+    return int(json.loads((Path(ckpt) / "trainer.json").read_text())["step"])
+
+
 def load_checkpoint_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(optimizer state dict, trainer state) of a checkpoint; RNG states are restored."""
     tensors = load_file(str(ckpt / "optimizer.safetensors"))

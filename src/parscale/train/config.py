@@ -53,6 +53,7 @@ class TrainConfig:
     seq_len: int = 128
     batch_size: int = 8                 # global sequences per update (over ranks and accumulation)
     grad_accum: int = 1                 # micro-batches per update
+    order_start: int | None = None      # sequences of the data order to skip (None: where --init-from stopped, else 0)
     # --- optimisation
     steps: int = 640
     lr: float = 3e-3
@@ -139,6 +140,7 @@ class TrainConfig:
             (self.batch_size % self.grad_accum == 0,
              f"--batch-size {self.batch_size} must be divisible by --grad-accum {self.grad_accum}"),
             (self.steps >= 1, "--steps must be at least 1"),
+            (self.order_start is None or self.order_start >= 0, "--order-start must be >= 0"),
             (self.lr > 0, "--lr must be positive"),
             (self.warmup_steps is None or 0 <= self.warmup_steps <= self.steps,
              "--warmup-steps must be between 0 and --steps"),

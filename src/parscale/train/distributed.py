@@ -78,6 +78,15 @@ def mean_over_ranks(value: float, env: DistEnv) -> float:
     return float(t.item()) / env.world_size
 
 
+def sum_over_ranks(values: list[float], env: DistEnv) -> list[float]:
+    """Element-wise sums of per-rank numbers over all ranks, in float64 (held-out NLL and counts)."""
+    if not env.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def any_rank(flag: bool, env: DistEnv) -> bool:
     """True on every rank if it is true on any (so all ranks stop together on NaN)."""
     if not env.distributed:

@@ -10,6 +10,7 @@ restored from a checkpoint, a resumed run repeats an uninterrupted one exactly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from parscale.data.prepare import batch_at, check_data, check_seq_len, evaluate_loss, prepare_data
 from parscale.errors import UserError
 from parscale.train import checkpoint as ckpt_io
-from parscale.train import convert, distributed
+from parscale.train import convert, data_order, distributed
 from parscale.train.config import TrainConfig, dump_yaml
 from parscale.train.logs import MetricsLog, plot_losses
 from parscale.train.presets import build_hf_config, load_config_json, preset_dict
@@ -60,7 +61,12 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool) -> Path:
     distributed.main_first(lambda: _prepare_run_dir(cfg, resume), env)
     _seed_everything(cfg.seed)
     data = _load_data(cfg, env)
+    cfg = dataclasses.replace(cfg, order_start=data_order.start_row(cfg, data))  # written to config.yaml
     ckpt = ckpt_io.latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None and ckpt_io.checkpoint_step(ckpt) > cfg.steps:
+        raise UserError(f"the run's last checkpoint {ckpt.name} is at step {ckpt_io.checkpoint_step(ckpt)}, past "
+                        f"--steps {cfg.steps}, so it holds a model trained further than asked; resume with "
+                        f"--steps {ckpt_io.checkpoint_step(ckpt)} or more (its final/ model is the one of that step)")
     model, base_val = _setup_model(cfg, data, ckpt, env)
     check_seq_len(cfg.seq_len, model.config)
     check_data(data, cfg.seq_len, cfg.batch_size // cfg.grad_accum)
@@ -173,9 +179,12 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 def _evaluate(cfg: TrainConfig, model, data, env: distributed.DistEnv) -> float:
+    """Held-out loss in training's micro-batches, each rank on its share of the tokens."""
+    micro = cfg.batch_size // (cfg.grad_accum * env.world_size)  # the rows of one training forward
     with _autocast(cfg, env.device):
-        return evaluate_loss(model, data.val, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                             max_tokens=cfg.eval_tokens, device=env.device)
+        return evaluate_loss(model, data.val, seq_len=cfg.seq_len, batch_size=micro, max_tokens=cfg.eval_tokens,
+                             device=env.device, reduce=lambda v: distributed.sum_over_ranks(v, env),
+                             rank=env.rank, world_size=env.world_size)
 
 
 def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple[float, float, float]:
@@ -188,7 +197,8 @@ def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple
     loss_sum = 0.0
     for m in range(cfg.grad_accum):
         x = batch_at(data.train, step=step * cfg.grad_accum + m, batch_size=micro, seq_len=cfg.seq_len,
-                     seed=cfg.seed, rank=env.rank, world_size=env.world_size).to(env.device)
+                     seed=cfg.seed, rank=env.rank, world_size=env.world_size,
+                     first_row=cfg.order_start).to(env.device)
         last = m == cfg.grad_accum - 1
         sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
         with sync, _autocast(cfg, env.device):
@@ -221,7 +231,8 @@ def _log_step0(cfg, model, wrapped, data, env, metrics: MetricsLog, base_val) ->
     """Two-stage runs: the converted model's losses before any update."""
     with torch.no_grad(), _autocast(cfg, env.device):
         x = batch_at(data.train, step=0, batch_size=cfg.batch_size // cfg.grad_accum, seq_len=cfg.seq_len,
-                     seed=cfg.seed, rank=env.rank, world_size=env.world_size).to(env.device)
+                     seed=cfg.seed, rank=env.rank, world_size=env.world_size,
+                     first_row=cfg.order_start).to(env.device)
         train_loss = distributed.mean_over_ranks(float(wrapped(input_ids=x, labels=x).loss), env)
     val = _evaluate(cfg, model, data, env)
     record = {"step": 0, "tokens": 0, "train_loss": train_loss, "lr": 0.0, "tokens_per_s": 0.0,
@@ -298,6 +309,7 @@ def _save_final(cfg: TrainConfig, env, model, optimizer, data) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=ckpt_io.TMP_PREFIX, dir=cfg.run_dir))
         to_write.save_pretrained(tmp)
         data.tokenizer.save_pretrained(tmp)
+        data_order.write_record(tmp, cfg, data)  # where a run started from this model goes on
         old = cfg.run_dir / f"{ckpt_io.TMP_PREFIX}old-final"
         if final.exists():
             final.rename(old)

@@ -1,0 +1,63 @@
+"""Where a run starts in the data order, and the record that lets the next stage go on from there.
+
+The batch of step s is a pure function of (s, seed) (`parscale.data.batches.batch_at`), so a
+run started with `--init-from` at step 0 would train on exactly the batches its source
+trained on first. Instead, every final model directory records how far into the order its
+run got (`data_order.json`), and a run started from it skips that many sequences: stage 2
+sees the tokens that come next, as if stage 1 had gone on. This holds when both runs
+read the same training tokens in the same order (same training array, `--seq-len` and
+`--seed`); otherwise the order cannot be continued, and the new run starts at the beginning
+of its own order with a warning that says why. `--order-start N` sets the start by hand.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from parscale.atomic import atomic_write_json
+from parscale.data.batches import order_fingerprint
+
+log = logging.getLogger(__name__)
+
+RECORD = "data_order.json"
+_FORMAT = 1
+
+
+def _identity(cfg, data) -> dict[str, Any]:
+    """What must match for one run's order to continue another's."""
+    return {"train_tokens": int(len(data.train)), "train_fingerprint": order_fingerprint(data.train),
+            "seq_len": cfg.seq_len, "seed": cfg.seed}
+
+
+def start_row(cfg, data) -> int:
+    """The sequences of the order to skip: `cfg.order_start`, else where `--init-from` stopped, else 0."""
+    if cfg.order_start is not None:
+        return cfg.order_start
+    if not cfg.init_from:
+        return 0
+    path = Path(cfg.init_from) / RECORD
+    if not path.is_file():
+        log.info("--init-from has no %s (it was not trained by parscale): the data order starts at its "
+                 "beginning", RECORD)
+        return 0
+    record = json.loads(path.read_text())
+    here = _identity(cfg, data)
+    differ = [key for key, value in here.items() if record.get(key) != value]
+    if differ:
+        log.warning("the --init-from run read another data order (its %s differ from this run's), so this "
+                    "run cannot continue it and starts at the beginning of its own order, which may repeat "
+                    "sequences that run trained on; use the same data, --seq-len and --seed to continue it",
+                    ", ".join(differ))
+        return 0
+    rows = int(record["rows"])
+    log.info("continuing the data order of --init-from: skipping the %d sequences it trained on", rows)
+    return rows
+
+
+def write_record(directory: Path, cfg, data) -> None:
+    """`directory/data_order.json`: how far this run got, for a run started from `directory`."""
+    rows = (cfg.order_start or 0) + cfg.steps * cfg.batch_size
+    atomic_write_json(Path(directory) / RECORD, {**_identity(cfg, data), "rows": rows, "format": _FORMAT},
+                      sort_keys=True)
