@@ -5,6 +5,8 @@ is the most common case. Families: qwen2, llama, mistral, gemma.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
@@ -45,3 +47,16 @@ def tiny_factory():
 @pytest.fixture
 def tiny_qwen2():
     return build_tiny("qwen2")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_home(tmp_path_factory):
+    """Runs that use the default cache (~/.cache/parscale) write to a temporary one instead,
+    shared by this session's tests (and the subprocesses they start)."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old

@@ -116,7 +116,11 @@ def test_stdlib_subset_end_to_end(tmp_path, monkeypatch):
     import parscale.data.prepare as data_mod
 
     real_train_bpe = data_mod.train_bpe
-    monkeypatch.setattr(data_mod, "train_bpe", lambda docs, size: seen.append(list(docs)) or real_train_bpe(docs, size))
+    def spy(docs, size):  # the documents arrive as a stream: read it once, keep a copy
+        seen.append(list(docs))
+        return real_train_bpe(seen[-1], size)
+
+    monkeypatch.setattr(data_mod, "train_bpe", spy)
     cfg = DataConfig(vocab_size=600, val_fraction=0.1, val_tokens=None)
     train_docs, val_docs = split_documents(cfg)
     texts = {p.read_text(encoding="utf-8") for p in subset} - {""}  # empty files are skipped
@@ -244,13 +248,18 @@ def test_tokenizer_is_standard_and_reused_from_cache(tmp_path, monkeypatch):
 
 
 def test_an_interrupted_cache_is_rebuilt_not_read(tmp_path):
+    from parscale.data import shards
+
     folder = write_texts(tmp_path / "texts")
     cfg = DataConfig(source="files", files=(str(folder),), vocab_size=300, val_fraction=0.2)
     data = prepare_data(cfg, tmp_path / "cache")
     val = np.array(data.val)
-    # A kill between writing val.npy and its marker: the array is garbage, the marker missing.
-    (data.cache_path / "val.json").unlink()
-    np.save(data.cache_path / "val.npy", np.zeros(3, dtype=np.uint16))
+    # A kill while the val shard was written: the index does not list it, the file is garbage.
+    index = shards.read_index(data.cache_path)
+    index["splits"]["val"] = {"shards": [], "docs": 0, "tokens": 0, "complete": False}
+    index.update({"pass": ["val"], "cursor": {"file": 0, "offset": 0, "ordinal": 0}})
+    shards.write_index(data.cache_path, index)
+    (data.cache_path / "val-00000.bin").write_bytes(b"\0" * 6)
     again = prepare_data(cfg, tmp_path / "cache")
     assert np.array_equal(again.val, val)
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/parscale/data` (usually ~/.cache/parscale/data)."""
+    """`$XDG_CACHE_HOME/parscale/data` (usually ~/.cache/parscale/data), shared with training."""
     return cache_dir("data")
 
 
@@ -114,6 +114,8 @@ def run_settings(model_dir: Path) -> tuple[Path | None, dict[str, Any]]:
 def fill_defaults(args, run: dict[str, Any]) -> None:
     """Unset options take the training run's values, else the built-in defaults."""
     data = run.get("data", {})
+    # A run trained on a prepared directory (--data-dir) is evaluated on that directory's split.
+    args.data_dir = data.get("dir") if args.data is None and data.get("source") == "dir" else None
     if args.data is None:
         files = data.get("files") if data.get("source") == "files" else None
         args.data, args.val_files = (list(files), list(data.get("val_files") or [])) if files else (["stdlib"], [])
@@ -132,6 +134,8 @@ def fill_defaults(args, run: dict[str, Any]) -> None:
 def _data_config(args, tok_dir: Path):
     from parscale.data.prepare import DataConfig
 
+    if args.data_dir:
+        return DataConfig(dir=args.data_dir, tokenizer=str(tok_dir), val_tokens=None)
     stdlib = args.data == ["stdlib"]
     return DataConfig(source="stdlib" if stdlib else "files", files=() if stdlib else tuple(args.data),
                       val_files=() if stdlib else tuple(args.val_files), text_field=args.text_field,
@@ -144,6 +148,9 @@ def _tokens(cfg, split: str, cache_dir: Path):
     from parscale.data import prepare as data_mod
     from parscale.data.tokenizer import load_tokenizer
 
+    if split == "all" and cfg.source == "dir":
+        raise UserError(f"--split all reads the source files; the run trained on the prepared directory "
+                        f"{cfg.dir}: evaluate its val or train split, or give the files with --data")
     if split == "all":  # every document, unsplit: not a training artefact, so not cached
         tok = load_tokenizer(cfg.tokenizer)
         if cfg.source == "stdlib":
@@ -191,7 +198,8 @@ def evaluate(args) -> dict:
         raise UserError(f"the {args.split} split holds {len(tokens)} tokens; nothing to evaluate")
     rows = evaluate_sets(model, specs, tokens, seq_len, args.batch_size, device,
                          _predicted_bytes(tokens, seq_len, cfg.tokenizer))
-    return {"model": str(model_dir), "data": "stdlib" if cfg.source == "stdlib" else list(cfg.files),
+    named = {"stdlib": "stdlib", "dir": cfg.dir}.get(cfg.source, list(cfg.files))
+    return {"model": str(model_dir), "data": named,
             "split": args.split, "documents": n_docs, "tokens": int(len(tokens)),
             "predictions": count_predictions(len(tokens), seq_len), "seq_len": seq_len,
             **{k: rows[0][k] for k in ("loss", "perplexity", "bits_per_byte", "seconds")}, "sets": rows}

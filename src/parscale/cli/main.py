@@ -21,6 +21,7 @@ VERBS: dict[str, str] = {
     "lm-eval": "lm-evaluation-harness with our models registered as `--model parscale`",
     "streams": "stream adapters: `parscale streams extract` cuts the streams out of a full model",
     "demo": "the end-to-end mini-study on the embedded corpus",
+    "data": "prepare a large corpus as sharded token files (`parscale data prepare --help`)",
 }
 
 

@@ -110,6 +110,8 @@ def resolve_config(argv: list[str]):
         fields["data"] = {**(fields.get("data") or {}), **data_flags}
         if data_flags.get("files") and "source" not in data_flags:
             fields["data"]["source"] = "files"  # giving files means training on them
+        if data_flags.get("dir") and "source" not in data_flags:
+            fields["data"]["source"] = "dir"  # and a prepared directory, on its shards
     return TrainConfig.from_dict(fields), False
 
 

@@ -115,6 +115,51 @@ def _prefill_peak(model: Any, ids: Any) -> tuple[Any, int]:
     return out, int(max(sum(row) for row in sizes))
 
 
+@dataclass
+class DecodeRun:
+    """One greedy `generate` call, timed step by step."""
+
+    prefill_s: float  # from the call to the first token's logits (the prompt's forward)
+    step_s: list[float]  # one decode step each: forward, logits processing, cache update
+    step_cpu_s: list[float]  # the CPU time of this process in each step (all its threads)
+    sequences: Any
+    cache: Any
+
+
+def timed_generate(model: Any, ids: Any, new_tokens: int, attention_mask: Any = None) -> DecodeRun:
+    """Greedy `model.generate` (the path users call) with a clock at every step's logits.
+
+    The one measurement routine behind `parscale cost measure` and `benchmarks/decode.py`:
+    a logits processor records the time each step's logits arrive, so the differences are
+    whole decode steps as `generate` runs them, not a hand-written loop. With one thread on
+    a machine shared with other work, the CPU time per step is the steadier number: it
+    leaves out the time the process waited for a core.
+    """
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class _Clock(LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.cpu: list[float] = []
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
+            return scores
+
+    clock = _Clock()
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]),
+                             return_dict_in_generate=True, pad_token_id=0)
+    steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    cpu = [b - a for a, b in zip(clock.cpu, clock.cpu[1:])]
+    return DecodeRun(prefill_s=clock.times[0] - start, step_s=steps, step_cpu_s=cpu, sequences=out.sequences,
+                     cache=out.past_key_values)
+
+
 def measure_one(model: Any, cfg: MeasureConfig, batch: int) -> dict[str, float]:
     import torch
 
@@ -122,22 +167,17 @@ def measure_one(model: Any, cfg: MeasureConfig, batch: int) -> dict[str, float]:
     ids = torch.randint(0, cfg.vocab, (batch, cfg.input_length), generator=gen)
     weights = tensor_bytes(list(model.parameters()))
     buffers = tensor_bytes(list(model.buffers()))  # rotary frequencies: not weights, but memory
-    steps = []
     with torch.no_grad():
         out, peak = _prefill_peak(model, ids)
-        cache = out.past_key_values
-        transient = max(0, peak - weights - buffers - cache_bytes(cache))
-        token = out.logits[:, -1:].argmax(-1)
-        for _ in range(cfg.output_length):
-            start = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            steps.append(time.perf_counter() - start)
-            cache = out.past_key_values
-    kv = cache_bytes(cache)
+        transient = max(0, peak - weights - buffers - cache_bytes(out.past_key_values))
+    del out
+    # the prompt's forward gives the first token, then output_length decode steps, so the
+    # cache ends with input + output tokens, as the predicted workload's does
+    run = timed_generate(model, ids, cfg.output_length + 1)
+    kv = cache_bytes(run.cache)
     return {"weights_bytes": weights, "buffers_bytes": buffers, "kv_cache_bytes": kv, "activation_bytes": transient,
-            "memory_bytes": weights + buffers + kv + transient, "decode_step_s": statistics.median(steps[1:]),
-            "decode_step_min_s": min(steps[1:])}
+            "memory_bytes": weights + buffers + kv + transient, "decode_step_s": statistics.median(run.step_s),
+            "decode_step_min_s": min(run.step_s)}
 
 
 def predict_one(cfg: MeasureConfig, n_streams: int, batch: int, hw: Hardware) -> dict[str, float]:

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sized
 from pathlib import Path
 
 from parscale.errors import UserError
@@ -22,11 +22,12 @@ MIN_VOCAB = 257  # 256 byte symbols + the EOS token: the smallest byte-level voc
 _META = "parscale_tokenizer.json"
 
 
-def train_bpe(texts: Sequence[str], vocab_size: int):
+def train_bpe(texts: Iterable[str], vocab_size: int):
     """Train a byte-level BPE (GPT-2 style pre-tokenisation) with `<|endoftext|>` as EOS.
 
     Byte-level means every string is encodable (no unknown token), which matters for
-    source code full of rare symbols.
+    source code full of rare symbols. `texts` may be a stream: the trainer keeps word
+    counts, not the documents.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -41,12 +42,25 @@ def train_bpe(texts: Sequence[str], vocab_size: int):
         vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    log.info("trained a byte-level BPE with %d tokens on %d documents", tok.get_vocab_size(), len(texts))
+    counted = _Counted(texts)
+    tok.train_from_iterator(counted, trainer=trainer, length=len(texts) if isinstance(texts, Sized) else None)
+    log.info("trained a byte-level BPE with %d tokens on %d documents", tok.get_vocab_size(), counted.n)
     if tok.get_vocab_size() < vocab_size:
         log.warning("the corpus only supports %d BPE tokens (%d were asked for): it is small",
                     tok.get_vocab_size(), vocab_size)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+
+
+class _Counted:
+    """An iterable that counts what it yields (for the log line of a streamed training set)."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts, self.n = texts, 0
+
+    def __iter__(self):
+        for text in self.texts:
+            self.n += 1
+            yield text
 
 
 def load_tokenizer(directory: str | os.PathLike, require_eos: bool = True):

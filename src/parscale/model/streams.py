@@ -7,6 +7,11 @@ Instead of forking every modeling file, we register one attention function in tr
 with the cache, prepends the (never rotated) prefix of each row's stream, widens the mask
 by the prefix columns, and hands over to the stock sdpa function, which handles GQA.
 
+A decode step (one query per row) takes `decode_attention` instead: the stock path would copy
+the whole cache twice per layer and step (the prefix concatenation, then sdpa's `repeat_kv`,
+which transformers applies whenever a mask is given on CPU); scoring the prefix and the cache
+separately under one softmax reads each once, in its grouped-query layout.
+
 The matching mask function is registered too: without one, transformers skips mask
 creation for unknown attention names (padding silently ignored), and the stock sdpa mask
 may return `None` so that sdpa's `is_causal` shortcut drops real keys once the prefix makes
@@ -64,6 +69,9 @@ def parscale_attention(
     if rows % n_streams:
         raise ValueError(f"attention got {rows} rows, not a multiple of the {n_streams} streams")
     batch = rows // n_streams
+    if q_len == 1 and not (module.training and kwargs.get("dropout", 0.0)):
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        return decode_attention(query, key, value, attention_mask, prefix_k, module.prefix_v, scaling), None
     key = torch.cat([expand_prefix(prefix_k, batch).to(key.dtype), key], dim=2)  # rows kv (T+L) d
     value = torch.cat([expand_prefix(module.prefix_v, batch).to(value.dtype), value], dim=2)
     mask = widen_mask(attention_mask, n_prefix, q_len, kv_len)
@@ -71,6 +79,36 @@ def parscale_attention(
         mask = mask.to(query.device)
     kwargs["is_causal"] = False  # causality is in the mask; the prefix makes kv longer than q
     return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     prefix_k: torch.Tensor, prefix_v: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One query per row over `[its stream's prefix ; the cache]`, without joining or repeating them.
+
+    query `[rows, heads, 1, d]`, key/value `[rows, kv, L, d]`, prefixes `[P, kv, T, d]`, the mask
+    `[rows or 1, 1, 1, L]` (bool: True = visible; or additive float) or None. Scores and the
+    softmax are float32 (as sdpa accumulates); returns `[rows, 1, heads, d]` like the stock
+    attention functions.
+    """
+    rows, heads, _, dim = query.shape
+    n_streams, kv, n_prefix, _ = prefix_k.shape
+    groups, batch = heads // kv, rows // n_streams
+    q = query.reshape(rows, kv, groups, dim).float()  # rows kv g d (heads are kv-major)
+    cache_scores = torch.matmul(q, key.float().transpose(-1, -2)) * scaling  # rows kv g L
+    if mask is not None:
+        mask = mask[..., -1:, :].reshape(mask.shape[0], 1, 1, -1).to(cache_scores.device)  # rows|1 1 1 L
+        if mask.dtype == torch.bool:
+            cache_scores = cache_scores.masked_fill(~mask, float("-inf"))
+        else:
+            cache_scores = cache_scores + mask.float()
+    q_streams = q.reshape(n_streams, batch, kv, groups, dim)  # P b kv g d (rows are stream-major)
+    prefix_scores = torch.einsum("pbkgd,pktd->pbkgt", q_streams, prefix_k.float()) * scaling
+    scores = torch.cat([prefix_scores.reshape(rows, kv, groups, n_prefix), cache_scores], dim=-1)  # rows kv g (T+L)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs[..., n_prefix:], value.float())  # rows kv g d
+    prefix_probs = probs[..., :n_prefix].reshape(n_streams, batch, kv, groups, n_prefix)
+    out = out + torch.einsum("pbkgt,pktd->pbkgd", prefix_probs, prefix_v.float()).reshape(rows, kv, groups, dim)
+    return out.reshape(rows, 1, heads, dim).to(query.dtype)  # rows 1 heads d
 
 
 def parscale_sdpa_mask(*args, **kwargs) -> torch.Tensor:

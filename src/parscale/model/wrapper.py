@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from parscale.model import adapters, autoload, format as checkpoint_format, introspect, options, streams
+from parscale.model import adapters, autoload, format as checkpoint_format, introspect, kernels, options, streams
 from parscale.model.aggregation import AggregationHead
 from parscale.model.auto import Qwen2ParScaleConfig
 from parscale.model.config import ParScaleConfig
@@ -77,6 +77,11 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
                 base.config.hidden_size, n_streams, parscale_config.attn_smooth, device=ref.device, dtype=ref.dtype
             )
             self.model.set_attn_implementation(streams.register_attention())
+        kernels.enable(self)  # few-row CPU inference through the skinny kernel; stock matmul otherwise
+
+    def use_fast_kernels(self, enabled: bool = True) -> None:
+        """Switch the CPU decode kernel on (the default) or off (the stock `F.linear` everywhere)."""
+        kernels.enable(self, enabled)
 
     # ----- the forward pass -------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:

@@ -49,7 +49,7 @@ class TrainConfig:
     train: str = "full"                 # full: all weights learn | streams: backbone frozen
     # --- data
     data: Any = field(default_factory=_default_data)   # a parscale.data.prepare.DataConfig
-    cache_dir: str | None = None        # where tokenized data is cached (None: RUN_DIR/data)
+    cache_dir: str | None = None        # where tokenized data is cached (None: ~/.cache/parscale/data)
     seq_len: int = 128
     batch_size: int = 8                 # global sequences per update (over ranks and accumulation)
     grad_accum: int = 1                 # micro-batches per update

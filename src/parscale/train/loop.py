@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from parscale.data.prepare import batch_at, check_data, check_seq_len, evaluate_loss, prepare_data
+from parscale.data.store import default_cache_dir
 from parscale.errors import UserError
 from parscale.train import checkpoint as ckpt_io
 from parscale.train import convert, data_order, distributed
@@ -115,8 +116,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def _load_data(cfg: TrainConfig, env: distributed.DistEnv):
-    """Rank 0 builds (or reuses) the cache first; the others then read it."""
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else cfg.run_dir / "data"
+    """Rank 0 builds (or reuses) the cache first; the others then read it. The default cache is
+    shared by all runs, so a post-training run never tokenizes its corpus again."""
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     data = distributed.main_first(lambda: prepare_data(cfg.data, cache_dir=cache), env)
     return data if data is not None else prepare_data(cfg.data, cache_dir=cache)
 

@@ -1,0 +1,214 @@
+"""Decode latency of P streams against the memory floor of this CPU, float32 and bfloat16.
+
+    python benchmarks/decode.py [--threads 2] [--P 1,2,4,8] [--batch-size 1] [--reps 3]
+                                [--new-tokens 32] [--layers 16] [--prefill-length 512]
+
+Random-weight Qwen2-style models built in-process (hidden 1024, intermediate 2816, 16 heads,
+4 KV heads, vocab 32000, untied), greedy `generate` from a 64-token prompt, timed step by step
+by `parscale.cost.measure.timed_generate` (the routine `parscale cost measure` uses). Rows:
+the plain transformers model (P = 1), our default path, and our stock path (the CPU decode
+kernel switched off) for every P. The **floor** of a step is the bytes it must read (every
+weight but the input embedding, the prefixes, the KV cache at the mean length) divided by
+the copy bandwidth measured in the same run (on the same clock as the steps). Repetitions are interleaved (each round runs
+every row once) and every row reports the median over rounds with min and max, so a burst
+of load from other processes moves all rows alike; ratios are taken from medians of one run.
+Writes benchmarks/results/decode.json with the CPU's name and its AVX-512/AMX flags.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "decode.json"
+
+
+def cpu_info() -> dict:
+    """Model name and the vector-extension flags that change the curves (AVX2, AVX-512, AMX)."""
+    name, flags = platform.processor(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma")))
+                break
+    except OSError:
+        pass
+    return {"model": name, "flags": flags}
+
+
+def build(layers: int, dtype: torch.dtype, streams: list[int], seed: int = 0) -> dict:
+    """One random backbone per dtype; every variant is a copy of it (same weights)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from parscale import ParScaleConfig, to_parscale
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers, num_attention_heads=16,
+                         num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False,
+                         max_position_embeddings=4096)
+    base = Qwen2ForCausalLM(config).to(dtype).eval()
+    models = {"plain": copy.deepcopy(base)}
+    for p in streams:
+        models[f"P{p}"] = to_parscale(copy.deepcopy(base), ParScaleConfig(n_streams=p), seed=seed).eval()
+    return models
+
+
+def step_bytes(model, cache_bytes_per_token: float, mean_tokens: float) -> float:
+    """Bytes one decode step must read: weights (not the input embedding: one row of it) + KV cache."""
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not tied:
+        weights -= embedding.numel() * embedding.element_size()
+    return weights + cache_bytes_per_token * mean_tokens
+
+
+def run_row(model, ids: torch.Tensor, new_tokens: int, clock: str) -> tuple[float, float]:
+    """(median decode step in s, KV-cache bytes per cached token) of one greedy generate."""
+    from parscale.cost.measure import cache_bytes, timed_generate
+
+    run = timed_generate(model, ids, new_tokens)
+    cached = ids.shape[1] + new_tokens - 1
+    return statistics.median(run.step_cpu_s if clock == "cpu" else run.step_s), cache_bytes(run.cache) / cached
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--P", default="1,2,4,8")
+    parser.add_argument("--batch-size", default="1")
+    parser.add_argument("--dtype", default="float32,bfloat16")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--prefill-length", type=int, default=512, help="prefill timed at P = 1 (0: skip)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: CPU time per step (with --threads 1, steadier on a machine shared with other work)")
+    parser.add_argument("--no-stock", action="store_true", help="skip the stock-path rows")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from parscale.cost.hardware import copy_bandwidth
+    from parscale.cost.measure import timed_generate
+    from parscale.model import kernels
+
+    streams = [int(p) for p in args.P.split(",")]
+    batches = [int(b) for b in args.batch_size.split(",")]
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    models = {name: build(args.layers, dtypes[name], streams) for name in args.dtype.split(",")}
+    impls = ["ours"] + ([] if args.no_stock else ["stock"])
+    rows = [(d, "plain", "plain", 1, b) for d in models for b in batches]
+    rows += [(d, f"P{p}", impl, p, b) for d in models for impl in impls for p in streams for b in batches]
+    gen = torch.Generator().manual_seed(0)
+    prompts = {b: torch.randint(0, 32000, (b, args.prompt), generator=gen) for b in batches}
+    long_prompt = torch.randint(0, 32000, (1, args.prefill_length), generator=gen)
+    times: dict[tuple, list[float]] = {row: [] for row in rows}
+    per_token: dict[tuple, float] = {}
+    prefill: dict[tuple, list[float]] = {}
+    bandwidths = []
+    load_before, start = os.getloadavg(), time.perf_counter()
+    print(f"kernel: {'compiled' if kernels.library() is not None else 'UNAVAILABLE, stock path'}", file=sys.stderr)
+    for row in rows:  # warm-up: page faults, the kernel build, first-call dispatch
+        dtype, key, impl, p, b = row
+        if impl != "plain":
+            models[dtype][key].use_fast_kernels(impl == "ours")
+        timed_generate(models[dtype][key], prompts[b], 2)
+    for rep in range(args.reps):
+        bandwidths.append(copy_bandwidth(256, 3, time.process_time if args.clock == "cpu" else time.perf_counter))
+        for row in rows:
+            dtype, key, impl, p, b = row
+            model = models[dtype][key]
+            if impl != "plain":
+                model.use_fast_kernels(impl == "ours")
+            step, per_token[row] = run_row(model, prompts[b], args.new_tokens, args.clock)
+            times[row].append(step)
+            if args.prefill_length and p == 1 and b == batches[0] and impl != "stock":
+                pre = timed_generate(model, long_prompt, 1).prefill_s
+                prefill.setdefault((dtype, impl), []).append(pre)
+        print(f"round {rep + 1}/{args.reps} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    bandwidth = statistics.median(bandwidths)
+    mean_tokens = args.prompt + args.new_tokens / 2
+    results = []
+    for row in rows:
+        dtype, key, impl, p, b = row
+        med = statistics.median(times[row])
+        floor = step_bytes(models[dtype][key], per_token[row], mean_tokens) / bandwidth
+        results.append({"dtype": dtype, "impl": impl, "P": p, "batch_size": b, "ms_per_token": med * 1e3,
+                        "min_ms": min(times[row]) * 1e3, "max_ms": max(times[row]) * 1e3, "floor_ms": floor * 1e3,
+                        "x_floor": med / floor, "kv_bytes_per_token": per_token[row]})
+    base = {(r["dtype"], r["impl"], r["batch_size"]): r["ms_per_token"] for r in results if r["P"] == 1}
+    for r in results:
+        r["x_P1"] = r["ms_per_token"] / base[(r["dtype"], r["impl"], r["batch_size"])]
+    print(format_table(results, bandwidth, args))
+    goals = goal_lines(results, prefill)
+    print("\n".join(goals))
+    result = {"command": "python benchmarks/decode.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "cpu": cpu_info(), "threads": args.threads, "clock": args.clock, "copy_bandwidth": bandwidth, "bandwidths": bandwidths,
+              "kernel": kernels.library() is not None, "layers": args.layers, "prompt": args.prompt,
+              "new_tokens": args.new_tokens, "reps": args.reps, "rows": results,
+              "prefill_ms": {f"{d}/{i}": [s * 1e3 for s in v] for (d, i), v in prefill.items()},
+              "goals": goals, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "seconds": time.perf_counter() - start, "torch": torch.__version__}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(result, handle, indent=1)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def format_table(results: list[dict], bandwidth: float, args: argparse.Namespace) -> str:
+    cpu = cpu_info()
+    lines = [f"{cpu['model']} ({' '.join(cpu['flags'])}), {args.threads} thread(s), copy bandwidth "
+             f"{bandwidth / 1e9:.1f} GB/s; {args.clock} clock; {args.layers} layers, prompt {args.prompt}, {args.new_tokens} new tokens, "
+             f"median of {args.reps} interleaved rounds",
+             f"{'dtype':<9} {'path':<6} {'P':>2} {'B':>2} {'ms/token':>9} {'min':>7} {'max':>7} {'floor':>7} "
+             f"{'x floor':>7} {'x P=1':>6} {'KV B/tok':>9}"]
+    for r in results:
+        lines.append(f"{r['dtype']:<9} {r['impl']:<6} {r['P']:>2} {r['batch_size']:>2} {r['ms_per_token']:>9.1f} "
+                     f"{r['min_ms']:>7.1f} {r['max_ms']:>7.1f} {r['floor_ms']:>7.1f} {r['x_floor']:>7.2f} "
+                     f"{r['x_P1']:>6.2f} {r['kv_bytes_per_token']:>9.0f}")
+    return "\n".join(lines)
+
+
+def goal_lines(results: list[dict], prefill: dict) -> list[str]:
+    """The issue's batch-1 goals, from the medians of this run."""
+    ms = {(r["dtype"], r["impl"], r["P"]): r["ms_per_token"] for r in results if r["batch_size"] == 1}
+    lines = []
+
+    def ratio(label: str, num: tuple, den: tuple, goal: float) -> None:
+        if num in ms and den in ms:
+            value = ms[num] / ms[den]
+            lines.append(f"{label}: {value:.2f} (goal <= {goal}) {'ok' if value <= goal else 'MISSED'}")
+
+    for dtype in ("float32", "bfloat16"):
+        ratio(f"{dtype} decode, stock-path P=1 / plain", (dtype, "stock", 1), (dtype, "plain", 1), 1.05)
+        ratio(f"{dtype} decode, default P=1 / plain", (dtype, "ours", 1), (dtype, "plain", 1), 1.05)
+        if (dtype, "ours") in prefill and (dtype, "plain") in prefill:
+            value = statistics.median(prefill[(dtype, "ours")]) / statistics.median(prefill[(dtype, "plain")])
+            lines.append(f"{dtype} prefill, P=1 / plain: {value:.2f} (goal <= 1.05) {'ok' if value <= 1.05 else 'MISSED'}")
+    ratio("float32 P=4 / P=1", ("float32", "ours", 4), ("float32", "ours", 1), 1.3)
+    ratio("float32 P=8 / P=1", ("float32", "ours", 8), ("float32", "ours", 1), 1.6)
+    ratio("bfloat16 P=8 / P=1", ("bfloat16", "ours", 8), ("bfloat16", "ours", 1), 1.15)
+    ratio("bfloat16 P=1 / float32 P=1", ("bfloat16", "ours", 1), ("float32", "ours", 1), 0.75)
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())

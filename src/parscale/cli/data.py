@@ -1,0 +1,79 @@
+"""`parscale data prepare`: stream a corpus of any size into sharded, memory-mapped token files.
+
+    parscale data prepare --data-files corpus/ --data-tokenizer tok/ --out data/web --workers 2
+    parscale train --data-dir data/web --preset small --P 2 --out runs/web-p2
+
+The options that name the data are spelled as in `parscale train` (`--data-files`,
+`--data-tokenizer`, `--data-text-field`, `--data-seed`, ...). An interrupted prepare resumes
+when the same command is run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from parscale.errors import UserError
+
+_SUB = {"prepare": "tokenize a corpus into DATA_DIR (index.json, tokenizer/, *.bin shards)"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="parscale data prepare", description=__doc__.split("\n")[0])
+    p.add_argument("--data-files", nargs="+", metavar="FILE_OR_DIR",
+                   help="text, JSON Lines or parquet files, or directories (default: the embedded "
+                        "standard-library corpus)")
+    p.add_argument("--data-val-files", nargs="+", default=(), metavar="FILE_OR_DIR",
+                   help="separate validation files (default: a hash of each document decides)")
+    p.add_argument("--data-tokenizer", metavar="DIR",
+                   help="a local tokenizer directory (default: train a byte-level BPE on the training split)")
+    p.add_argument("--data-vocab-size", type=int, default=2048, help="the BPE's size without --data-tokenizer "
+                                                                     "(default: 2048)")
+    p.add_argument("--data-text-field", default="text", help="JSON/parquet field holding the text (default: text)")
+    p.add_argument("--data-val-fraction", type=float, default=0.02,
+                   help="share of documents held out for validation (default: 0.02)")
+    p.add_argument("--data-seed", type=int, default=0, help="salt of the train/validation split hash (default: 0)")
+    p.add_argument("--out", required=True, metavar="DATA_DIR", help="the prepared data directory")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help=f"tokenizing processes (default: the CPU count, {os.cpu_count()}; 0: this process)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 29,
+                   help="tokens per shard, closed at a document boundary (default: 2^29, 1 GiB of uint16)")
+    p.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail",
+                   help="an unreadable or non-UTF-8 file (or JSON line): stop (default) or leave it out")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    return p
+
+
+def format_summary(out: str, result: dict) -> str:
+    lines = [f"prepared {out} in {result['seconds']:.1f} s ({result['tokens_per_s']:,.0f} tokens/s)"]
+    for split, row in result["splits"].items():
+        lines.append(f"  {split:<5} {row['docs']:>12,} documents {row['tokens']:>16,} tokens "
+                     f"{row['shards']:>5} shard{'' if row['shards'] == 1 else 's'}")
+    if result["skipped"]:
+        lines.append(f"  skipped {len(result['skipped'])} bad file(s) or line(s); they are listed in index.json")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: parscale data prepare [options]   (parscale data prepare --help)\n")
+        print("\n".join(f"  {name:<8} {text}" for name, text in _SUB.items()))
+        return 0 if argv else 2
+    if argv[0] not in _SUB:
+        raise UserError(f"unknown data command {argv[0]!r}; choose one of: {', '.join(_SUB)}")
+    args = build_parser().parse_args(argv[1:])
+    from parscale.data.prepare import DataConfig
+    from parscale.data.store import prepare_corpus
+
+    cfg = DataConfig(files=tuple(args.data_files or ()), val_files=tuple(args.data_val_files),
+                     tokenizer=args.data_tokenizer, vocab_size=args.data_vocab_size, text_field=args.data_text_field,
+                     val_fraction=args.data_val_fraction, seed=args.data_seed)
+    result = prepare_corpus(cfg, args.out, workers=args.workers, shard_tokens=args.shard_tokens,
+                            on_bad_file=args.on_bad_file)
+    print(json.dumps(result) if args.json else format_summary(args.out, result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

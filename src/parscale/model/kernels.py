@@ -1,0 +1,152 @@
+"""A skinny matrix product for decoding on CPU: `nn.Linear` for a few rows, at the memory floor.
+
+Decoding multiplies every weight matrix by P*B rows, a handful. Reading the weights bounds
+the step, so P streams should cost almost nothing; but the stock CPU GEMMs (oneDNN/MKL) pack
+and block for large matrices, and with 2-16 rows their time grows almost linearly with the
+rows, and their bfloat16 matrix-vector product does not read faster than float32. No
+maintained library ships a few-row CPU product that streams the weights once, so a small
+C++ kernel (`csrc/skinny_linear.cpp`, AVX2/FMA when the CPU has it) is compiled at first use
+with `-O3 -march=native` into the parscale cache directory and reused from there.
+
+`enable(model)` turns the model's plain `nn.Linear` modules into `SkinnyLinear`, a subclass
+whose forward takes the kernel only for CPU inference with few rows (no autograd, not under
+`torch.compile`), and the stock `F.linear` otherwise: on CUDA, in training, for prefill, or
+when no compiler is present (logged once). Parameters and state-dict keys are unchanged.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parscale.cache import cache_dir
+
+logger = logging.getLogger(__name__)
+
+MAX_ROWS = 16  # above this the stock GEMM is compute-efficient; measured in benchmarks/decode.py
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "skinny_linear.cpp"
+_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def _build_name() -> str:
+    """A name unique to the source, the flags, torch and the CPU (-march=native is per CPU)."""
+    digest = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), torch.__version__.encode(),
+                 platform.machine().encode(), _cpu_model().encode()):
+        digest.update(part)
+    return f"parscale_skinny_{digest.hexdigest()[:12]}"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the `ninja` wheel's binary may not be on it (unactivated venv)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass  # the build then fails and the stock path is used, with a warning
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel (built once per CPU and torch version), or None if it cannot be built."""
+    name = _build_name()
+    build = cache_dir("kernels", name)
+    built = build / f"{name}.so"
+    try:
+        try:
+            return _bind(ctypes.CDLL(str(built)))  # built before (by this or another process)
+        except OSError:  # absent, or still being linked by another process: build or wait for it
+            pass
+        from torch.utils.cpp_extension import load  # takes a lock in `build`, so one process builds
+
+        _ninja_on_path()
+        logger.info("compiling the CPU decode kernel once into %s", build)
+        build.mkdir(parents=True, exist_ok=True)
+        load(name, [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build),
+             is_python_module=False)
+        return _bind(ctypes.CDLL(str(built)))
+    except Exception as error:  # no compiler, no ninja, a failed build: the stock path still works
+        logger.warning("the CPU decode kernel is unavailable (%s); decoding uses the stock matmul", error)
+        return None
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the C signatures (ctypes would otherwise guess them from the Python values)."""
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    for fn in (lib.parscale_skinny_f32, lib.parscale_skinny_bf16):
+        fn.argtypes = [pointer, size, size, pointer, pointer, pointer, size, ctypes.c_int]
+        fn.restype = None
+    return lib
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lib: ctypes.CDLL) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` by the kernel; x and weight on the CPU, float32 or bfloat16."""
+    n_out, k = weight.shape
+    rows = x.reshape(-1, k).float().contiguous()  # M K, float32 (bfloat16 inputs are widened)
+    out = torch.empty(rows.shape[0], n_out, dtype=torch.float32)  # M N
+    fn = lib.parscale_skinny_f32 if weight.dtype == torch.float32 else lib.parscale_skinny_bf16
+    fn(rows.data_ptr(), rows.shape[0], k, weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+       out.data_ptr(), n_out, torch.get_num_threads())
+    return out.to(weight.dtype).reshape(*x.shape[:-1], n_out)  # ... N
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """CPU inference with few rows, matching dtypes and plain contiguous weights."""
+    if x.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or x.dtype != weight.dtype:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return False  # autograd needs the stock op
+    if torch.compiler.is_compiling() or not weight.is_contiguous() or x.dim() == 0:
+        return False
+    if bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()):
+        return False
+    return 0 < x.numel() <= MAX_ROWS * weight.shape[1]
+
+
+class SkinnyLinear(nn.Linear):
+    """`nn.Linear` that uses the skinny kernel for few-row CPU inference (see the module docstring)."""
+
+    use_kernel: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel and _eligible(x, self.weight, self.bias):
+            lib = library()
+            if lib is not None:
+                return skinny_linear(x, self.weight, self.bias, lib)
+        return F.linear(x, self.weight, self.bias)
+
+
+def enable(model: nn.Module, enabled: bool = True) -> int:
+    """Route the plain `nn.Linear` modules of `model` through `SkinnyLinear` (or back); returns how many.
+
+    Only exact `nn.Linear` modules are converted (subclasses such as quantized or adapter
+    layers keep their own forward). Nothing happens on a model with no CPU parameters.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear or isinstance(module, SkinnyLinear):
+            module.__class__ = SkinnyLinear
+            module.use_kernel = enabled
+            count += 1
+    return count

@@ -1,0 +1,184 @@
+"""The CPU decode kernel: the product itself, the default path against the stock path, fallbacks."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parscale.model import kernels
+from parscale.model.config import ParScaleConfig
+from parscale.model.wrapper import to_parscale
+
+
+@pytest.fixture(scope="module")
+def lib():
+    built = kernels.library()
+    if built is None:
+        pytest.skip("no C++ compiler: the kernel cannot be built here (the fallback is tested below)")
+    return built
+
+
+def _ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(2, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_float32_product_matches_float64(lib, rows, with_bias):
+    # K = 43 leaves a tail after the 8-wide loop; N = 19 leaves rows after the 4/2-row steps.
+    gen = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 43, generator=gen), torch.randn(19, 43, generator=gen), torch.randn(19, generator=gen)
+    bias = b if with_bias else None
+    got = kernels.skinny_linear(x, w, bias, lib)
+    want = F.linear(x.double(), w.double(), bias.double() if with_bias else None)
+    # float32 sums of 43 products of N(0, 1): rounding error well below 1e-5 relative to ~sqrt(43)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 11])
+def test_bfloat16_product_rounds_once_from_float32(lib, rows):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, 256, generator=gen).bfloat16()  # leading dims are kept
+    w, b = torch.randn(37, 256, generator=gen).bfloat16(), torch.randn(37, generator=gen).bfloat16()
+    got = kernels.skinny_linear(x, w, b, lib)
+    exact = F.linear(x.double(), w.double(), b.double())  # the bf16 inputs are exact in float64
+    assert got.dtype == torch.bfloat16 and got.shape == (2, rows, 37)
+    # one rounding to bfloat16 (8 bits of mantissa): within half an ulp, 2**-8 relative
+    assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+
+
+def _model(factory, n_streams: int, seed: int = 0):
+    model = to_parscale(factory("qwen2", intermediate_size=72), ParScaleConfig(n_streams, 3), seed=seed)
+    with torch.no_grad():  # non-uniform aggregation, so the streams matter
+        for p in model.model.aggregate_layer[2].parameters() if n_streams > 1 else []:
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + 100)))
+    return model.eval()
+
+
+def _count_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    original = kernels.skinny_linear
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "skinny_linear", counted)
+    return calls
+
+
+@pytest.mark.parametrize("n_streams", [1, 2, 4])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_default_path_matches_stock_path_in_generate(tiny_factory, lib, monkeypatch, n_streams, batch):
+    model = _model(tiny_factory, n_streams)
+    ids = _ids(batch, 6)
+    mask = torch.ones_like(ids)
+    mask[1:, :2] = 0  # left padding on every row but the first
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                  output_scores=True)
+    calls = _count_calls(monkeypatch)
+    with torch.no_grad():
+        fast = model.generate(ids, **kwargs)
+        model.use_fast_kernels(False)
+        used = calls[0]
+        stock = model.generate(ids, **kwargs)
+    assert used > 0 and calls[0] == used  # the kernel ran on the default path, never on the stock one
+    assert torch.equal(fast.sequences, stock.sequences)
+    for a, b in zip(fast.scores, stock.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_matches_stock_path(tiny_factory, lib):
+    model = _model(tiny_factory, 2)
+    ids = _ids(2, 4)
+    kwargs = dict(max_new_tokens=5, num_beams=3, num_return_sequences=3, do_sample=False,
+                  return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        fast = model.generate(ids, **kwargs)
+        model.use_fast_kernels(False)
+        stock = model.generate(ids, **kwargs)
+    assert torch.equal(fast.sequences, stock.sequences)
+    torch.testing.assert_close(fast.sequences_scores, stock.sequences_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_training_never_takes_the_kernel(tiny_factory, lib, monkeypatch):
+    model = _model(tiny_factory, 2).train()
+    ids = _ids(1, 3)  # 6 rows: few enough for the kernel, were it not for autograd
+    calls = _count_calls(monkeypatch)
+    model(ids, labels=ids).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert calls[0] == 0 and grads
+    model.zero_grad()
+    model.use_fast_kernels(False)
+    model(ids, labels=ids).loss.backward()
+    for name, grad in grads.items():
+        assert torch.equal(grad, dict(model.named_parameters())[name].grad), name
+    with torch.no_grad():
+        model.use_fast_kernels(True)
+        model(ids)
+    assert calls[0] > 0  # the same rows without autograd do take it
+
+
+def test_enable_keeps_weights_and_leaves_subclasses_alone():
+    class Adapter(nn.Linear):
+        pass
+
+    net = nn.Sequential(nn.Linear(4, 3), Adapter(3, 2))
+    keys = list(net.state_dict())
+    assert kernels.enable(net) == 1
+    assert type(net[0]) is kernels.SkinnyLinear and type(net[1]) is Adapter
+    assert list(net.state_dict()) == keys and isinstance(net[0], nn.Linear)
+
+
+def test_no_compiler_falls_back_to_the_stock_path(tiny_factory, tmp_path, monkeypatch, caplog):
+    import torch.utils.cpp_extension as cpp
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: the build must run
+    monkeypatch.setattr(cpp, "load", no_compiler)
+    kernels.library.cache_clear()
+    try:
+        model = _model(tiny_factory, 2)
+        ids = _ids(1, 4)
+        with caplog.at_level(logging.WARNING, logger="parscale.model.kernels"), torch.no_grad():
+            out = model(ids).logits
+            model.use_fast_kernels(False)
+            stock = model(ids).logits
+        assert kernels.library() is None and "unavailable" in caplog.text
+        assert torch.equal(out, stock)
+    finally:
+        kernels.library.cache_clear()  # the next test builds or finds the real library again
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_decode_attention_equals_joined_prefix_and_sdpa(dtype, mask_kind):
+    """The split prefix/cache softmax against the direct formula: join, repeat heads, sdpa in float64."""
+    from parscale.model.streams import decode_attention
+
+    gen = torch.Generator().manual_seed(3)
+    n_streams, batch, kv, groups, n_prefix, length, dim = 3, 2, 2, 3, 4, 7, 8
+    rows = n_streams * batch
+    query = torch.randn(rows, kv * groups, 1, dim, generator=gen).to(dtype)
+    key, value = (torch.randn(rows, kv, length, dim, generator=gen).to(dtype) for _ in range(2))
+    prefix_k, prefix_v = (torch.randn(n_streams, kv, n_prefix, dim, generator=gen).to(dtype) for _ in range(2))
+    visible = torch.ones(rows, 1, 1, length, dtype=torch.bool)
+    visible[1::batch, ..., :3] = False  # the second sample of every stream is left-padded
+    mask = {"none": None, "bool": visible,
+            "float": torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)}[mask_kind]
+    got = decode_attention(query, key, value, mask, prefix_k, prefix_v, dim**-0.5)
+
+    full_k = torch.cat([prefix_k.repeat_interleave(batch, 0), key], 2).double().repeat_interleave(groups, 1)
+    full_v = torch.cat([prefix_v.repeat_interleave(batch, 0), value], 2).double().repeat_interleave(groups, 1)
+    keep = torch.cat([torch.ones(rows, 1, 1, n_prefix, dtype=torch.bool), visible], -1)
+    if mask_kind == "none":
+        keep = torch.ones_like(keep)
+    want = F.scaled_dot_product_attention(query.double(), full_k, full_v, attn_mask=keep).transpose(1, 2)
+    assert got.shape == (rows, 1, kv * groups, dim) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: the output is rounded once (2**-8 relative)
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
