@@ -26,6 +26,7 @@ def test_extract_gives_an_adapter_equal_to_the_full_model(tiny_factory, tmp_path
     assert len(weights) == 2 * 2 + 4 and all("prefix" in k or "aggregate_layer" in k for k in weights)
     model = ParScaleForCausalLM.from_pretrained(tmp_path / "base")
     model.set_streams(model.load_streams(tmp_path / "ad"))
+    full = ParScaleForCausalLM.from_pretrained(tmp_path / "full")  # loaded the same way as the model
     ids = torch.randint(2, 97, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, full(ids).logits)

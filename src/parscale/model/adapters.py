@@ -31,7 +31,7 @@ from torch import nn
 
 from parscale.atomic import atomic_write, atomic_write_json
 from parscale.errors import UserError
-from parscale.model import introspect, streams
+from parscale.model import introspect, kernels, streams
 from parscale.model.aggregation import AggregationHead
 from parscale.model.config import ParScaleConfig
 
@@ -127,6 +127,9 @@ def install(model: nn.Module, stream_set: StreamSet | None, plain_attention: str
                 param.data = param.data.to(device=ref.device, dtype=ref.dtype)
         attention.prefix_k, attention.prefix_v = k, v
     decoder.aggregate_layer = stream_set.head.to(device=ref.device, dtype=ref.dtype)
+    # the same matmul route as the rest of the model (the decode kernel, see `kernels`), so a
+    # switched-in set computes exactly what a model built with it does
+    kernels.enable(decoder.aggregate_layer, getattr(model.get_output_embeddings(), "use_kernel", False))
     model.parscale_config = stream_set.config
     decoder.set_attn_implementation(streams.register_attention())
 
