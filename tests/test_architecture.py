@@ -21,7 +21,8 @@ ALLOWED = {
     "train": {"model", "data"},
     "serve": {"model"},
     "demo": {"model", "data", "train", "law", "cost"},
-    "cli": {"model", "data", "train", "law", "cost", "demo", "serve"},
+    "evaluate": {"model"},
+    "cli": {"model", "data", "train", "law", "cost", "demo", "evaluate", "serve"},
 }
 
 

@@ -1,7 +1,9 @@
 """parscale: parallel scaling (ParScale, arXiv 2505.10475) for transformers causal LMs.
 
 The public names are imported lazily, so `parscale fit` and `parscale cost` start without
-paying for importing torch and transformers.
+paying for importing torch and transformers. Importing the package registers the released
+`qwen2_parscale` model type with transformers' AutoConfig and AutoModelForCausalLM (no
+`trust_remote_code`), as soon as transformers' Auto classes are imported (`model.autoload`).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import importlib
 from typing import Any
 
 from parscale.errors import UserError
+from parscale.model import autoload as _autoload
 
 __version__ = "0.1.0"
 
@@ -19,6 +22,9 @@ _LAZY = {
 }
 
 __all__ = ["UserError", "__version__", *_LAZY]
+
+
+_autoload.install()
 
 
 def __getattr__(name: str) -> Any:

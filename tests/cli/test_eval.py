@@ -100,11 +100,15 @@ def test_defaults_come_from_the_run_and_splits_partition_the_documents(setup, ca
 def test_table_output_and_stdlib_default(setup, capsys, tmp_path):
     out = _run(capsys, "--model", str(setup["model"]), "--seq-len", "32", "--max-tokens", "500",
                "--cache-dir", str(tmp_path))
-    lines = dict(line.split(None, 1) for line in out.strip().splitlines())
+    head, table = out.strip().split("\n\n")
+    lines = dict(line.split(None, 1) for line in head.splitlines())
     assert lines["data"].startswith("stdlib (val split")
     assert lines["tokens"].startswith("500 (")
-    loss = float(lines["loss"].split()[0])
-    assert float(lines["perplexity"]) == pytest.approx(math.exp(loss), rel=1e-3)  # both printed rounded
+    header, row = table.splitlines()
+    assert header.split() == ["streams", "P", "loss", "perplexity", "bits/byte", "tokens", "seconds"]
+    name, n_streams, loss, perplexity, *_ = row.split()
+    assert (name, n_streams) == ("default", "2")
+    assert float(perplexity) == pytest.approx(math.exp(float(loss)), rel=1e-3)  # both printed rounded
 
 
 @pytest.mark.parametrize("case, message", [
@@ -131,3 +135,33 @@ def test_user_mistakes_exit_2_with_a_message(setup, capsys, tmp_path, case, mess
                      "--cache-dir", str(tmp_path / "cache")])  # a repeated --seq-len: the last wins
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_one_call_evaluates_the_base_and_every_stream_set_on_the_same_tokens(setup, capsys, tmp_path):
+    """Each row equals the float64 loss of the full model with those streams; bits per byte by hand."""
+    tok = setup["tok"]
+    base = ParScaleForCausalLM.from_pretrained(setup["model"])  # a P = 2 model: its own streams are "default"
+    plain = to_parscale(AutoModelForCausalLM.from_config(base.config), ParScaleConfig(n_streams=1))
+    plain.load_state_dict({k: v for k, v in base.state_dict().items() if "prefix" not in k and "aggregate" not in k})
+    plain.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    fulls = {}
+    for n in (2, 4):
+        full = to_parscale(AutoModelForCausalLM.from_config(base.config), ParScaleConfig(n_streams=n), seed=n)
+        full.load_state_dict(plain.state_dict(), strict=False)  # the same backbone, new streams
+        with torch.no_grad():
+            full.model.aggregate_layer[2].weight.normal_(generator=torch.Generator().manual_seed(n))
+        full.save_streams(tmp_path / f"ad{n}")
+        fulls[f"p{n}"] = full
+    out = _run(capsys, "--model", str(tmp_path / "base"), "--streams", f"p2={tmp_path / 'ad2'}", str(tmp_path / "ad4"),
+               "--data", str(setup["texts"]), "--split", "all", "--seq-len", "32", "--max-tokens", "200",
+               "--json", "--cache-dir", str(tmp_path / "cache"))
+    result = json.loads(out)
+    assert [(r["streams"], r["P"]) for r in result["sets"]] == [("base", 1), ("p2", 2), ("p4", 4)]
+    tokens = [t for doc in DOCS for t in tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]][:200]
+    n_bytes = sum(len(tok.decode(tokens[s + 1:s + 32]).encode()) for s in range(0, 200, 32))
+    for row, model in zip(result["sets"], [plain, fulls["p2"], fulls["p4"]]):
+        expected = _plain_nll(model, tokens, 32)
+        assert row["loss"] == pytest.approx(expected, rel=1e-5), row["streams"]
+        assert row["bits_per_byte"] == pytest.approx(expected * row["predictions"] / math.log(2) / n_bytes, rel=1e-3)
+    assert len({r["loss"] for r in result["sets"]}) == 3 and result["loss"] == result["sets"][0]["loss"]

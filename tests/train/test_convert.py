@@ -103,6 +103,14 @@ def test_streams_mode_freezes_the_backbone_and_trains_the_prefixes(trained_p1, c
     assert len(moved) == len([k for k in streams if "prefix" in k])  # every prefix learned
     records = read_metrics(cfg.run_dir)
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    # RUN_DIR/final-streams/ is the adapter: on the P = 1 model it gives final/'s logits exactly
+    base = ParScaleForCausalLM.from_pretrained(final)
+    base.set_streams(base.load_streams(cfg.run_dir / "final-streams"))
+    x = torch.randint(0, after.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(base(x).logits, after(x).logits)
+    assert sorted(p.name for p in (cfg.run_dir / "final-streams").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_stage_two_continues_the_data_order_where_stage_one_stopped(trained_p1, monkeypatch):

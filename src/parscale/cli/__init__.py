@@ -1,7 +1,7 @@
 """The command line: `parscale VERB ...`.
 
 Lives here: `main` (the dispatcher) and one module per verb (`train`, `eval`, `generate`,
-`fit`, `cost`, `demo`), each exposing `main(argv) -> int`. A verb's module imports its heavy
+`fit`, `cost`, `demo`, `streams`), each exposing `main(argv) -> int`. A verb's module imports its heavy
 dependencies itself, so `parscale fit` and `parscale cost` start without torch.
 """
 from parscale.cli.main import main

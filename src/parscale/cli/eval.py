@@ -1,7 +1,13 @@
-"""`parscale eval`: the held-out loss (mean token NLL, nats) and perplexity of a saved model.
+"""`parscale eval`: held-out loss, perplexity and bits per byte of a model and its stream sets.
 
     parscale eval --model runs/tiny/final                      # stdlib validation split
     parscale eval --model runs/tiny/final --data notes/*.txt --split all --json
+    parscale eval --model runs/tiny-p1/final --streams p2=runs/p2/final-streams p4=runs/p4/final-streams
+
+With `--streams`, the backbone is loaded once and every stream set (an adapter directory, see
+`parscale streams`) is evaluated on the same tokens, with the model as loaded first: one row
+each in one table. Bits per byte divide the summed NLL (in bits) of the predictions by the
+UTF-8 bytes of the predicted tokens.
 
 The data are tokenized with the tokenizer saved beside the model (or `--tokenizer DIR`),
 and split exactly as training splits them. When the model sits in a training run
@@ -52,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto: a GPU if there is one)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help=f"where tokenized data are cached (default: {default_cache_dir()})")
+    p.add_argument("--streams", nargs="+", default=[], metavar="NAME=ADAPTER_DIR",
+                   help="stream adapters to evaluate on the same backbone and tokens, one row each "
+                        "(NAME= is optional; default name p{P})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
@@ -159,7 +168,7 @@ def _tokens(cfg, split: str, cache_dir: Path):
 def evaluate(args) -> dict:
     """Run the evaluation described by parsed `args`; returns the result record."""
     from parscale.data import corpus
-    from parscale.data.batches import check_seq_len, check_vocab_size, count_predictions, evaluate_loss
+    from parscale.data.batches import check_seq_len, check_vocab_size, count_predictions
 
     model_dir = Path(args.model).expanduser()
     if not model_dir.is_dir():
@@ -174,6 +183,7 @@ def evaluate(args) -> dict:
         raise UserError(f"--max-tokens must be 0 (all) or more, got {args.max_tokens}")
     if args.data != ["stdlib"]:
         corpus.check_files(args.data + args.val_files)  # a misspelt path fails before the model loads
+    specs = _stream_specs(args.streams)
     tok_dir = _tokenizer_dir(args)
     cfg = _data_config(args, tok_dir)
     device = _resolve_device(args.device)
@@ -187,21 +197,70 @@ def evaluate(args) -> dict:
         tokens = tokens[:args.max_tokens]
     if len(tokens) < 2:
         raise UserError(f"the {args.split} split holds {len(tokens)} tokens; nothing to evaluate")
-    loss = evaluate_loss(model, tokens, seq_len=seq_len, batch_size=args.batch_size, max_tokens=None, device=device)
+    rows = evaluate_sets(model, specs, tokens, seq_len, args.batch_size, device,
+                         _predicted_bytes(tokens, seq_len, cfg.tokenizer))
     named = {"stdlib": "stdlib", "dir": cfg.dir}.get(cfg.source, list(cfg.files))
     return {"model": str(model_dir), "data": named,
             "split": args.split, "documents": n_docs, "tokens": int(len(tokens)),
             "predictions": count_predictions(len(tokens), seq_len), "seq_len": seq_len,
-            "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+            **{k: rows[0][k] for k in ("loss", "perplexity", "bits_per_byte", "seconds")}, "sets": rows}
+
+
+def _stream_specs(values: list[str]) -> list[tuple[str | None, Path]]:
+    """`NAME=DIR` or `DIR` -> (name or None, directory); every directory must exist."""
+    specs = []
+    for value in values:
+        name, _, directory = value.rpartition("=") if "=" in value else ("", "", value)
+        if not Path(directory).is_dir():
+            raise UserError(f"--streams {value!r}: {directory!r} is not a directory; give NAME=ADAPTER_DIR "
+                            "(e.g. p4=runs/p4/final-streams)")
+        specs.append((name or None, Path(directory)))
+    return specs
+
+
+def _predicted_bytes(tokens, seq_len: int, tokenizer_dir: str) -> int:
+    """UTF-8 bytes of the tokens that are predicted (all but the first of each seq_len window)."""
+    from parscale.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir, require_eos=False)
+    ids = [int(t) for t in tokens]
+    firsts = sum(len(tok.decode(ids[s:s + 1]).encode()) for s in range(0, len(ids), seq_len))
+    return max(1, len(tok.decode(ids).encode()) - firsts)
+
+
+def evaluate_sets(model, specs, tokens, seq_len: int, batch_size: int, device, n_bytes: int) -> list[dict]:
+    """One row per stream set (the model as loaded first), all on the same tokens."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from parscale.data.batches import count_predictions, evaluate_loss
+
+    names = [model.active_streams or "base"]
+    names += [model.load_streams(directory, name=name) for name, directory in specs]
+    predictions = count_predictions(len(tokens), seq_len)
+    rows = []
+    for name in tqdm(names, desc="stream sets", unit="set", disable=len(names) == 1):
+        model.set_streams(None if name == "base" else name)
+        start = time.perf_counter()
+        loss = evaluate_loss(model, tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=None, device=device)
+        rows.append({"streams": name, "P": model.parscale_config.n_streams, "loss": loss,
+                     "perplexity": math.exp(min(loss, 700.0)),
+                     "bits_per_byte": loss * predictions / math.log(2) / n_bytes, "predictions": predictions,
+                     "seconds": time.perf_counter() - start})
+    return rows
 
 
 def format_table(result: dict) -> str:
     data = result["data"] if isinstance(result["data"], str) else ", ".join(result["data"])
     docs = f"{result['documents']:,} document{'' if result['documents'] == 1 else 's'}"
-    rows = [("model", result["model"]), ("data", f"{data} ({result['split']} split, {docs})"),
-            ("tokens", f"{result['tokens']:,} ({result['predictions']:,} predictions, seq_len {result['seq_len']})"),
-            ("loss", f"{result['loss']:.4f} nats/token"), ("perplexity", f"{result['perplexity']:.2f}")]
-    return "\n".join(f"{name:<11} {value}" for name, value in rows)
+    head = [("model", result["model"]), ("data", f"{data} ({result['split']} split, {docs})"),
+            ("tokens", f"{result['tokens']:,} ({result['predictions']:,} predictions, seq_len {result['seq_len']})")]
+    lines = [f"{name:<7} {value}" for name, value in head]
+    lines += ["", f"{'streams':<10} {'P':>2} {'loss':>8} {'perplexity':>11} {'bits/byte':>9} {'tokens':>9} {'seconds':>8}"]
+    lines += [f"{r['streams']:<10} {r['P']:>2} {r['loss']:>8.4f} {r['perplexity']:>11.2f} {r['bits_per_byte']:>9.4f} "
+              f"{r['predictions']:>9,} {r['seconds']:>8.1f}" for r in result["sets"]]
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:

@@ -24,6 +24,8 @@ VERBS: dict[str, str] = {
     "cost": "memory and latency of P streams against parameter scaling (sub-verbs compare, grid, measure)",
     "generate": "generate text with a saved ParScale model",
     "eval": "held-out loss of a saved model",
+    "lm-eval": "lm-evaluation-harness with our models registered as `--model parscale`",
+    "streams": "stream adapters: `parscale streams extract` cuts the streams out of a full model",
     "demo": "the end-to-end mini-study on the embedded corpus",
     "serve": "serve a ParScale model with vLLM (OpenAI-compatible; needs parscale[serve])",
     "data": "prepare a large corpus as sharded token files (`parscale data prepare --help`)",
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with immediate_stop():
         try:
-            module = importlib.import_module(f"parscale.cli.{verb}")
+            module = importlib.import_module(f"parscale.cli.{verb.replace('-', '_')}")
             return int(module.main(rest) or 0)
         except Interrupted as err:
             print(f"parscale {verb}: {err.message}", file=sys.stderr)

@@ -3,8 +3,9 @@
 Lives here: `config` (ParScaleConfig), `wrapper` (ParScaleForCausalLM, to_parscale), `streams`
 (per-stream prefixes and the attention/mask hooks), `aggregation` (the dynamic weighted sum),
 `introspect` (all knowledge of backbone architectures), `format` (the released
-`qwen2_parscale` checkpoint files) and `kernels` (the few-row CPU matmul for decoding, built
-from `csrc/` at first use).
+`qwen2_parscale` checkpoint files), `kernels` (the few-row CPU matmul for decoding, built
+from `csrc/` at first use), `adapters` (stream sets saved and switched on one backbone),
+`options` (the keywords `from_pretrained` takes) and `auto` (the Auto-class registration).
 
 May import: torch, transformers, safetensors and `parscale.errors`/`parscale.atomic`. Never
 training, data, the law, the cost model or the demo. `format` never imports `wrapper`.

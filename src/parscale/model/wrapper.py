@@ -21,15 +21,14 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from parscale.model import format as checkpoint_format, introspect, kernels, streams
+from parscale.model import adapters, autoload, format as checkpoint_format, introspect, kernels, options, streams
 from parscale.model.cache_api import OUTPUT_FIELD, cache_kwargs, output_cache
 from parscale.model.aggregation import AggregationHead
+from parscale.model.auto import Qwen2ParScaleConfig
 from parscale.model.config import ParScaleConfig
 from parscale.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-_STREAM_MARKERS = ("prefix_k", "prefix_v", "aggregate_layer.")
 
 
 def _repeat_rows(tensor: torch.Tensor | None, n_streams: int, batch: int, what: str) -> torch.Tensor | None:
@@ -61,6 +60,10 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         introspect.check_supported(base)
         super().__init__(base.config)
         self.parscale_config = parscale_config
+        # Stream sets (adapters): the inactive ones live here, outside the module tree.
+        self._plain_attention = base.config._attn_implementation or "sdpa"
+        self._stream_sets: dict[str, adapters.StreamSet] = {}
+        self._active_streams: str | None = "default" if parscale_config.n_streams > 1 else None
         self.model = base.get_decoder()
         self.lm_head = base.get_output_embeddings()
         if getattr(base, "generation_config", None) is not None:
@@ -175,7 +178,7 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
     def stream_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The prefixes and the aggregation head: what P > 1 adds to the backbone."""
         for name, param in self.named_parameters():
-            if any(marker in name for marker in _STREAM_MARKERS):
+            if adapters.is_stream_key(name):
                 yield name, param
 
     def freeze_backbone(self) -> None:
@@ -193,6 +196,61 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         """PEFT-style one-line summary on stdout."""
         print(self.trainable_parameters_summary())
 
+    # ----- stream sets (adapters, see `adapters`) ----------------------------------------
+    def stream_sets(self) -> list[str]:
+        """The names of the loaded stream sets ("default": the streams the model was built with)."""
+        return sorted(set(self._stream_sets) | ({self._active_streams} - {None}))
+
+    @property
+    def active_streams(self) -> str | None:
+        """The stream set in use, or None for the plain backbone."""
+        return self._active_streams
+
+    def _remember_active(self) -> None:
+        if self._active_streams is not None:  # the very tensors now installed (they may have been trained)
+            self._stream_sets[self._active_streams] = adapters.capture(self)
+
+    def set_streams(self, name: str | None) -> None:
+        """Switch to a loaded stream set, or to the plain backbone with None; no weight is copied.
+
+        >>> model.load_streams("adapters/p4", name="p4"); model.set_streams("p4")
+        """
+        if name is not None and name not in self.stream_sets():
+            raise UserError(f"no stream set named {name!r} is loaded; loaded: {self.stream_sets()} "
+                            "(load one with load_streams(DIR, name=...))")
+        if name == self._active_streams:
+            return
+        self._remember_active()
+        adapters.install(self, None if name is None else self._stream_sets[name], self._plain_attention)
+        self._active_streams = name
+
+    def load_streams(self, directory: str | os.PathLike, name: str | None = None) -> str:
+        """Load an adapter written by `save_streams` as a new set (default name "p{P}"); returns its name.
+
+        The adapter's backbone fingerprint must match this model's backbone (else a ValueError
+        naming what differs). The set is loaded, not activated: call `set_streams(name)`.
+        """
+        stream_set = adapters.load_set(self, directory)
+        name = name or f"p{stream_set.config.n_streams}"
+        if name in self.stream_sets():
+            raise UserError(f"a stream set named {name!r} is already loaded; pass another name=")
+        self._stream_sets[name] = stream_set
+        logger.info("loaded stream set %r (P=%d) from %s", name, stream_set.config.n_streams, directory)
+        return name
+
+    def save_streams(self, directory: str | os.PathLike, name: str | None = None,
+                     base_model_name_or_path: str | None = None) -> None:
+        """Write one stream set (default: the active one) as adapter_model.safetensors + adapter_config.json."""
+        self._remember_active()
+        name = name if name is not None else self._active_streams
+        if name is None:
+            raise UserError("the model runs as the plain backbone (P = 1): there are no streams to save; "
+                            "pass name= or call set_streams first")
+        if name not in self._stream_sets:
+            raise UserError(f"no stream set named {name!r} is loaded; loaded: {self.stream_sets()}")
+        base = base_model_name_or_path if base_model_name_or_path is not None else (self.name_or_path or None)
+        adapters.save_set(self, self._stream_sets[name], directory, base)
+
     # ----- files ------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "50GB", **kwargs) -> None:
         """config.json + model.safetensors (or shards above `max_shard_size`, e.g. "2GB") in the
@@ -200,28 +258,39 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         checkpoint_format.save_parscale(self, save_directory, max_shard_size=max_shard_size, **kwargs)
 
     @classmethod
-    def from_pretrained(
-        cls, directory: str | os.PathLike, torch_dtype: torch.dtype | None = None, *, dtype: torch.dtype | None = None
-    ) -> "ParScaleForCausalLM":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args,
+                        **kwargs) -> "ParScaleForCausalLM":
         """Load our files, a released `qwen2_parscale` checkpoint, or a plain model (P = 1).
 
-        A local directory only (safetensors, no remote code). `torch_dtype` (or its newer
-        name `dtype`) defaults to the dtype recorded in config.json, else float32.
+        A local directory only (safetensors, no remote code). Takes the usual keywords (see
+        `options`): `dtype`/`torch_dtype` (default: the dtype config.json records, else
+        float32), `device_map` ("cpu", "auto", a device), `local_files_only`, ...; any other
+        keyword is refused with a `UserError` that lists the accepted ones.
         """
-        directory = Path(directory)
+        opts = options.parse_load_kwargs(model_args, kwargs)
+        directory = Path(pretrained_model_name_or_path) / opts.subfolder
         backbone, parscale_config, state = checkpoint_format.read_checkpoint(directory)
-        chosen = checkpoint_format.resolve_dtype(torch_dtype if torch_dtype is not None else dtype, backbone)
+        chosen = checkpoint_format.resolve_dtype(opts.dtype, backbone)
         with no_init_weights():  # every parameter is overwritten below (checked), so skip the random init
             base = AutoModelForCausalLM.from_config(backbone, dtype=chosen, attn_implementation="sdpa")
         base.tie_weights()  # skipped with the init above; ties lm_head to the embeddings if the config says so
-        model = to_parscale(base, parscale_config)
+        model = cls(base, parscale_config)
         state = checkpoint_format.check_weights(model, state)
         model.load_state_dict(state, strict=False)  # strictness is checked above; the tied lm_head is absent
         generation = checkpoint_format.read_generation_config(directory)
         if generation is not None:
             model.generation_config = generation
+        model.config._name_or_path = str(directory)  # what adapters record as their base model
+        if opts.device is not None:
+            model.to(opts.device)
         logger.info("loaded %s: P=%d, %s", directory, parscale_config.n_streams, chosen)
         return model.eval()
+
+
+class Qwen2ParScaleForCausalLM(ParScaleForCausalLM):
+    """The wrapper under the released architecture name, registered with AutoModelForCausalLM (see `auto`)."""
+
+    config_class = Qwen2ParScaleConfig
 
 
 def init_stream_parameters(model: ParScaleForCausalLM, seed: int = 0) -> None:
@@ -261,3 +330,5 @@ def to_parscale(model: PreTrainedModel, config: ParScaleConfig, seed: int = 0) -
     init_stream_parameters(wrapped, seed)
     wrapped.train(model.training)
     return wrapped
+
+autoload.flush(__name__)  # a registration that waited for this module (see `autoload`)

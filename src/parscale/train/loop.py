@@ -345,9 +345,23 @@ def _save_final(cfg: TrainConfig, env, model, optimizer, data) -> Path:
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
+        if cfg.train == "streams":  # the frozen backbone is the --init-from model's: save the streams alone too
+            _replace_dir(cfg.run_dir / "final-streams",
+                         lambda d: to_write.save_streams(d, base_model_name_or_path=cfg.init_from))
         records = MetricsLog(cfg.run_dir / "metrics.jsonl").read()
         if records:
             plot_losses(records, cfg.run_dir / "loss.png", title=_title(cfg))
         log.info("final model: %s", final)
     distributed.barrier(env)
     return final
+
+
+def _replace_dir(target: Path, write) -> None:
+    """Write a directory beside `target` with `write(dir)`, then swap it in (no half-written state)."""
+    tmp = Path(tempfile.mkdtemp(prefix=ckpt_io.TMP_PREFIX, dir=target.parent))
+    write(tmp)
+    old = target.parent / f"{ckpt_io.TMP_PREFIX}old-{target.name}"
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
