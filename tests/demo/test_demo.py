@@ -139,10 +139,14 @@ def test_frozen_backbone_runs_hold_the_source_backbone_bit_for_bit(smoke):
     # Every two-stage run goes on with new tokens: past the sequences p1 trained on, all from the same place.
     import yaml
 
+    # data_order.json records how far each run got in the one order (start + its own sequences)
     p1 = yaml.safe_load((out / "runs" / "p1" / "config.yaml").read_text())
+    p1_rows = json.loads((out / "runs" / "p1" / "final" / "data_order.json").read_text())["rows"]
+    assert p1_rows == p1["steps"] * p1["batch_size"]
     for name in ("post-p2-streams", "post-p4-streams", "post-p1-control"):
         run = yaml.safe_load((out / "runs" / name / "config.yaml").read_text())
-        assert run["order_start"] == p1["steps"] * p1["batch_size"], name
+        rows = json.loads((out / "runs" / name / "final" / "data_order.json").read_text())["rows"]
+        assert rows == p1_rows + run["steps"] * run["batch_size"], name
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ rewrites the report; other flags on an existing --out are refused.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 
@@ -55,7 +54,6 @@ def main(argv: list[str]) -> int:
     import torch
 
     torch.set_num_threads(args.threads)  # process-wide, so set here at the entry point only
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = DemoConfig.preset(args.out, budget=budget, scale=args.scale, seed=args.seed, workers=workers,
                             measure=not args.no_measure)
     try:

@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"parscale: error: {unknown_choice('verb', verb, VERBS)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our progress lines at INFO; other libraries (torch, transformers) only at WARNING, so their
+    # INFO chatter (e.g. torch's FakeTensor cache stats at exit) never reaches the user.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("parscale").setLevel(logging.INFO)
     with immediate_stop():
         try:
             module = importlib.import_module(f"parscale.cli.{verb.replace('-', '_')}")
