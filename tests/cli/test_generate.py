@@ -1,29 +1,16 @@
 """`parscale generate`: end to end on a tiny saved model with a tiny character tokenizer."""
 from __future__ import annotations
 
-import string
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from _chartok import char_tokenizer
 
 from parscale.cli.main import main as cli_main
 from parscale.cli.generate import main
 from parscale.model.config import ParScaleConfig
 from parscale.errors import UserError
 from parscale.model.wrapper import to_parscale
-
-CHARS = string.ascii_lowercase + string.digits + " ():=.,_\n"
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<unk>": 1} | {c: i + 2 for i, c in enumerate(CHARS)}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    raw.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>")
-
 
 @pytest.fixture
 def saved(tmp_path, tiny_factory):

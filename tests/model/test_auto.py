@@ -8,20 +8,11 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from _chartok import char_tokenizer
 
 from parscale.errors import UserError
 from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import ParScaleForCausalLM, to_parscale
-
-
-def _char_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<unk>": 1} | {c: i + 2 for i, c in enumerate(string.ascii_lowercase + " ")}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    raw.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>")
 
 
 @pytest.fixture
@@ -30,7 +21,7 @@ def p2_dir(tiny_factory, tmp_path):
     with torch.no_grad():
         model.model.aggregate_layer[2].weight.normal_(generator=torch.Generator().manual_seed(0))
     model.save_pretrained(tmp_path / "p2")
-    _char_tokenizer().save_pretrained(tmp_path / "p2")
+    char_tokenizer(string.ascii_lowercase + " ").save_pretrained(tmp_path / "p2")
     return tmp_path / "p2"
 
 
@@ -68,7 +59,7 @@ def test_auto_classes_and_pipeline_load_our_model_without_remote_code(p2_dir, im
         assert out["logits"] == pytest.approx(ours(torch.tensor([[5, 6, 7, 8]])).logits.sum().item(), abs=1e-4)
     assert "not supported" not in run.stderr and "trust_remote_code" not in run.stderr
     if with_pipeline:
-        tokenizer = _char_tokenizer()
+        tokenizer = char_tokenizer(string.ascii_lowercase + " ")
         ids = tokenizer("abc", return_tensors="pt")["input_ids"]
         expected = ours.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert out["text"] == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
