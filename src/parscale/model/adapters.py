@@ -34,6 +34,7 @@ from parscale.errors import UserError
 from parscale.model import introspect, kernels, streams
 from parscale.model.aggregation import AggregationHead
 from parscale.model.config import ParScaleConfig
+from parscale.model.format import read_json
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -200,10 +201,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{directory} has no {ADAPTER_CONFIG}; give a directory written by save_streams "
                         "or `parscale streams extract`")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err})") from err
+    config = read_json(path)
     if not isinstance(config, dict) or config.get("peft_type") != ADAPTER_TYPE:
         raise UserError(f"{path} is not a ParScale stream adapter (peft_type is not {ADAPTER_TYPE!r})")
     return config

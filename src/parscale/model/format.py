@@ -91,7 +91,7 @@ def config_dict(model) -> dict[str, Any]:
 
 
 # ----- small file helpers ------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -118,7 +118,7 @@ def weight_files(directory: Path) -> list[Path]:
     them is stale, and loading either would silently pick one set of weights.
     """
     if (directory / SAFE_INDEX).is_file():
-        weight_map = _read_json(directory / SAFE_INDEX).get("weight_map")
+        weight_map = read_json(directory / SAFE_INDEX).get("weight_map")
         if not isinstance(weight_map, dict):
             raise UserError(f"{directory / SAFE_INDEX} has no weight_map object")
         files = [directory / name for name in sorted(set(weight_map.values()))]
@@ -256,10 +256,10 @@ def read_checkpoint(directory: Path) -> tuple[PretrainedConfig, ParScaleConfig, 
     """
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} has no config.json; pass the directory written by save_pretrained")
-    backbone, parscale = split_config(_read_json(directory / "config.json"))
+    backbone, parscale = split_config(read_json(directory / "config.json"))
     return backbone, parscale, read_weights(directory)
 
 
 def read_generation_config(directory: Path) -> GenerationConfig | None:
     path = directory / "generation_config.json"
-    return GenerationConfig.from_dict(_read_json(path)) if path.is_file() else None
+    return GenerationConfig.from_dict(read_json(path)) if path.is_file() else None
