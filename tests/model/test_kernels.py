@@ -13,8 +13,23 @@ from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import to_parscale
 
 
+# Each instruction path the compiler can target on this CPU: -march=native (AVX-512 where the CPU
+# has it), AVX2/FMA without AVX-512, and plain C++. The products below run on all three, so a
+# path the default build does not take on this machine is still checked here.
+ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "generic": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
+
+
+@pytest.fixture(scope="module", params=list(ISA_FLAGS))
+def lib(request):
+    built = kernels.library(ISA_FLAGS[request.param])
+    if built is None:
+        pytest.skip("no C++ compiler: the kernel cannot be built here (the fallback is tested below)")
+    return built
+
+
 @pytest.fixture(scope="module")
-def lib():
+def native_lib():
+    """The build the model itself uses (-march=native)."""
     built = kernels.library()
     if built is None:
         pytest.skip("no C++ compiler: the kernel cannot be built here (the fallback is tested below)")
@@ -39,10 +54,11 @@ def test_float32_product_matches_float64(lib, rows, with_bias):
 
 
 @pytest.mark.parametrize("rows", [1, 4, 11])
-def test_bfloat16_product_rounds_once_from_float32(lib, rows):
+@pytest.mark.parametrize("k", [256, 43])  # 43: a tail after the 8-, 16- and 32-wide loops
+def test_bfloat16_product_rounds_once_from_float32(lib, rows, k):
     gen = torch.Generator().manual_seed(rows)
-    x = torch.randn(2, rows, 256, generator=gen).bfloat16()  # leading dims are kept
-    w, b = torch.randn(37, 256, generator=gen).bfloat16(), torch.randn(37, generator=gen).bfloat16()
+    x = torch.randn(2, rows, k, generator=gen).bfloat16()  # leading dims are kept
+    w, b = torch.randn(37, k, generator=gen).bfloat16(), torch.randn(37, generator=gen).bfloat16()
     got = kernels.skinny_linear(x, w, b, lib)
     exact = F.linear(x.double(), w.double(), b.double())  # the bf16 inputs are exact in float64
     assert got.dtype == torch.bfloat16 and got.shape == (2, rows, 37)
@@ -72,7 +88,7 @@ def _count_calls(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("n_streams", [1, 2, 4])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_default_path_matches_stock_path_in_generate(tiny_factory, lib, monkeypatch, n_streams, batch):
+def test_default_path_matches_stock_path_in_generate(tiny_factory, native_lib, monkeypatch, n_streams, batch):
     model = _model(tiny_factory, n_streams)
     ids = _ids(batch, 6)
     mask = torch.ones_like(ids)
@@ -91,7 +107,7 @@ def test_default_path_matches_stock_path_in_generate(tiny_factory, lib, monkeypa
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_beam_search_matches_stock_path(tiny_factory, lib):
+def test_beam_search_matches_stock_path(tiny_factory, native_lib):
     model = _model(tiny_factory, 2)
     ids = _ids(2, 4)
     kwargs = dict(max_new_tokens=5, num_beams=3, num_return_sequences=3, do_sample=False,
@@ -104,7 +120,7 @@ def test_beam_search_matches_stock_path(tiny_factory, lib):
     torch.testing.assert_close(fast.sequences_scores, stock.sequences_scores, rtol=1e-5, atol=1e-5)
 
 
-def test_training_never_takes_the_kernel(tiny_factory, lib, monkeypatch):
+def test_training_never_takes_the_kernel(tiny_factory, native_lib, monkeypatch):
     model = _model(tiny_factory, 2).train()
     ids = _ids(1, 3)  # 6 rows: few enough for the kernel, were it not for autograd
     calls = _count_calls(monkeypatch)

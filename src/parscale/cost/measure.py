@@ -138,6 +138,8 @@ def timed_generate(model: Any, ids: Any, new_tokens: int, attention_mask: Any = 
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
+    from parscale.model.cache_api import output_cache
+
     class _Clock(LogitsProcessor):
         def __init__(self) -> None:
             self.times: list[float] = []
@@ -157,7 +159,7 @@ def timed_generate(model: Any, ids: Any, new_tokens: int, attention_mask: Any = 
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     cpu = [b - a for a, b in zip(clock.cpu, clock.cpu[1:])]
     return DecodeRun(prefill_s=clock.times[0] - start, step_s=steps, step_cpu_s=cpu, sequences=out.sequences,
-                     cache=out.past_key_values)
+                     cache=output_cache(out))
 
 
 def decode_step_times(model: Any, cfg: MeasureConfig, batch: int = 1) -> list[float]:
@@ -180,7 +182,7 @@ def measure_one(model: Any, cfg: MeasureConfig, batch: int) -> dict[str, float]:
     buffers = tensor_bytes(list(model.buffers()))  # rotary frequencies: not weights, but memory
     with torch.no_grad():
         out, peak = _prefill_peak(model, ids)
-        transient = max(0, peak - weights - buffers - cache_bytes(out.past_key_values))
+        transient = max(0, peak - weights - buffers - cache_bytes(output_cache(out)))
     del out
     # the prompt's forward gives the first token, then output_length decode steps, so the
     # cache ends with input + output tokens, as the predicted workload's does

@@ -5,7 +5,7 @@ the step, so P streams should cost almost nothing; but the stock CPU GEMMs (oneD
 and block for large matrices, and with 2-16 rows their time grows almost linearly with the
 rows, and their bfloat16 matrix-vector product does not read faster than float32. No
 maintained library ships a few-row CPU product that streams the weights once, so a small
-C++ kernel (`csrc/skinny_linear.cpp`, AVX2/FMA when the CPU has it) is compiled at first use
+C++ kernel (`csrc/skinny_linear.cpp`: AVX-512, AVX2/FMA or plain C++, as the CPU allows) is compiled at first use
 with `-O3 -march=native` into the parscale cache directory and reused from there.
 
 `enable(model)` turns the model's plain `nn.Linear` modules into `SkinnyLinear`, a subclass
@@ -37,10 +37,10 @@ _SOURCE = Path(__file__).resolve().parent / "csrc" / "skinny_linear.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
-def _build_name() -> str:
+def _build_name(flags: tuple[str, ...]) -> str:
     """A name unique to the source, the flags, torch and the CPU (-march=native is per CPU)."""
     digest = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), torch.__version__.encode(),
+    for part in (_SOURCE.read_bytes(), " ".join(_FLAGS + list(flags)).encode(), torch.__version__.encode(),
                  platform.machine().encode(), _cpu_model().encode()):
         digest.update(part)
     return f"parscale_skinny_{digest.hexdigest()[:12]}"
@@ -67,10 +67,14 @@ def _ninja_on_path() -> None:
             pass  # the build then fails and the stock path is used, with a warning
 
 
-@functools.lru_cache(maxsize=1)
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel (built once per CPU and torch version), or None if it cannot be built."""
-    name = _build_name()
+@functools.lru_cache(maxsize=None)
+def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled kernel (built once per CPU and torch version), or None if it cannot be built.
+
+    `flags` are extra compiler flags; the tests use them to build and check the narrower
+    instruction paths too (e.g. `("-mno-avx512f",)` for AVX2 on an AVX-512 CPU).
+    """
+    name = _build_name(flags)
     build = cache_dir("kernels", name)
     built = build / f"{name}.so"
     try:
@@ -83,7 +87,7 @@ def library() -> ctypes.CDLL | None:
         _ninja_on_path()
         logger.info("compiling the CPU decode kernel once into %s", build)
         build.mkdir(parents=True, exist_ok=True)
-        load(name, [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build),
+        load(name, [str(_SOURCE)], extra_cflags=_FLAGS + list(flags), extra_ldflags=["-fopenmp"], build_directory=str(build),
              is_python_module=False)
         return _bind(ctypes.CDLL(str(built)))
     except Exception as error:  # no compiler, no ninja, a failed build: the stock path still works
@@ -94,18 +98,24 @@ def library() -> ctypes.CDLL | None:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the C signatures (ctypes would otherwise guess them from the Python values)."""
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    for fn in (lib.parscale_skinny_f32, lib.parscale_skinny_bf16):
+    for fn in (lib.parscale_skinny_f32, lib.parscale_skinny_bf16, lib.parscale_skinny_bf16_dot):
         fn.argtypes = [pointer, size, size, pointer, pointer, pointer, size, ctypes.c_int]
         fn.restype = None
+    lib.parscale_skinny_has_bf16_dot.restype = ctypes.c_int
+    lib.bf16_dot = bool(lib.parscale_skinny_has_bf16_dot())
     return lib
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lib: ctypes.CDLL) -> torch.Tensor:
     """`F.linear(x, weight, bias)` by the kernel; x and weight on the CPU, float32 or bfloat16."""
     n_out, k = weight.shape
-    rows = x.reshape(-1, k).float().contiguous()  # M K, float32 (bfloat16 inputs are widened)
+    if weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and getattr(lib, "bf16_dot", False):
+        rows = x.reshape(-1, k).contiguous()  # M K, bfloat16: the CPU's bfloat16 dot product takes it as is
+        fn = lib.parscale_skinny_bf16_dot
+    else:
+        rows = x.reshape(-1, k).float().contiguous()  # M K, float32 (bfloat16 inputs are widened)
+        fn = lib.parscale_skinny_f32 if weight.dtype == torch.float32 else lib.parscale_skinny_bf16
     out = torch.empty(rows.shape[0], n_out, dtype=torch.float32)  # M N
-    fn = lib.parscale_skinny_f32 if weight.dtype == torch.float32 else lib.parscale_skinny_bf16
     fn(rows.data_ptr(), rows.shape[0], k, weight.data_ptr(), bias.data_ptr() if bias is not None else None,
        out.data_ptr(), n_out, torch.get_num_threads())
     return out.to(weight.dtype).reshape(*x.shape[:-1], n_out)  # ... N
