@@ -352,3 +352,31 @@ def test_bad_chat_and_interactive_flags_are_user_errors(saved, extra, pattern):
         main(["--model", str(directory), "--prompt", "a", *extra])
     with pytest.raises(UserError, match="--prompt is missing or empty; .* or use --interactive"):
         main(["--model", str(directory)])
+
+
+@pytest.mark.slow
+def test_a_real_sigint_in_interactive_mode_exits_130_without_traceback(chat):
+    """The signal path itself (the CLI's handler, not a patched stdin), in a separate process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, _, directory = chat
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "parscale", "generate", "--model", str(directory), "--chat",
+                             "--interactive", "--max-new-tokens", "4"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        proc.stdin.write("x = 1\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().endswith("\n")  # the first answer is out; it now waits for a line
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "parscale generate: interrupted (SIGINT); nothing was saved"
