@@ -5,7 +5,7 @@
     parscale generate --model DIR --prompt "class " --num-beams 4
     parscale generate --model runs/p1/final --streams p4=runs/p4/final-streams --prompt "def "
     parscale generate --model ParScale-1.8B-P4-Inst --chat --system "Be brief." --prompt "What is 2+2?"
-    parscale generate --model ParScale-1.8B-P4-Inst --chat --interactive
+    parscale generate --model ParScale-1.8B-P4-Inst --chat --interactive --do-sample --temperature 0.7
 
 Greedy and sampled tokens are printed as they are produced (transformers' `TextStreamer`);
 beam search only knows its best sequence at the end, so it prints then. The tokenizer is read
@@ -34,7 +34,10 @@ EXIT_WORDS = ("", "/exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="parscale generate", description=__doc__.split("\n")[0])
+    examples = [line.strip() for line in __doc__.splitlines() if line.startswith("    parscale generate")]
+    p = argparse.ArgumentParser(prog="parscale generate", description=__doc__.split("\n")[0],
+                                epilog="examples:\n  " + "\n  ".join(examples),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="directory written by save_pretrained (or a released checkpoint)")
     p.add_argument("--prompt", help="the text to continue (with --chat: the user's message); "
                                     "required unless --interactive")
