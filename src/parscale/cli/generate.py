@@ -24,8 +24,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from parscale.errors import UserError
+
+if TYPE_CHECKING:  # torch and transformers are imported only once a command runs
+    from transformers import PreTrainedTokenizerBase
+
+    from parscale.model.wrapper import ParScaleForCausalLM
 
 logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -65,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Turn every bad flag combination into one clear UserError before loading anything."""
+    """Turn every bad flag combination into one clear UserError before loading anything;
+    sets `args.stream_spec` from --streams ((name or None, directory) or None)."""
     from parscale.cli.eval import _stream_specs
 
     if args.max_new_tokens < 1:
@@ -96,7 +103,7 @@ def check_tokenizer_dir(directory: Path, from_flag: bool) -> None:
         raise UserError(f"no tokenizer in {directory} (looked for {', '.join(TOKENIZER_FILES)}); {fix}")
 
 
-def generation_kwargs(args: argparse.Namespace, tokenizer) -> dict:
+def generation_kwargs(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> dict:
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams)
     if args.do_sample:
         kwargs.update(temperature=args.temperature or 1.0, top_p=args.top_p or 1.0, top_k=0)
@@ -106,7 +113,7 @@ def generation_kwargs(args: argparse.Namespace, tokenizer) -> dict:
     return kwargs
 
 
-def load(args: argparse.Namespace):
+def load(args: argparse.Namespace) -> tuple[ParScaleForCausalLM, PreTrainedTokenizerBase]:
     """(model, tokenizer): the tokenizer first, so a missing one or chat template fails fast."""
     import torch
 
@@ -129,7 +136,8 @@ def load(args: argparse.Namespace):
     return model, tokenizer
 
 
-def encode(model, tokenizer, args: argparse.Namespace, prompt: str, history: list[dict]) -> dict:
+def encode(model: ParScaleForCausalLM, tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace, prompt: str,
+           history: list[dict]) -> dict:
     """The model's inputs for one turn: the prompt itself, or with --chat the templated conversation."""
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
@@ -150,7 +158,8 @@ def encode(model, tokenizer, args: argparse.Namespace, prompt: str, history: lis
     return {key: encoded[key].to(device) for key in ("input_ids", "attention_mask") if key in encoded}
 
 
-def respond(model, tokenizer, inputs: dict, args: argparse.Namespace) -> str:
+def respond(model: ParScaleForCausalLM, tokenizer: PreTrainedTokenizerBase, inputs: dict,
+            args: argparse.Namespace) -> str:
     """Generate one answer, printing it to stdout as it is produced (at the end for beam search)."""
     import torch
     from transformers import TextStreamer
@@ -167,7 +176,7 @@ def respond(model, tokenizer, inputs: dict, args: argparse.Namespace) -> str:
     return answer
 
 
-def interact(model, tokenizer, args: argparse.Namespace) -> None:
+def interact(model: ParScaleForCausalLM, tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace) -> None:
     """Answer stdin line by line; with --chat every turn sees the conversation so far."""
     history: list[dict] = []
     while True:
