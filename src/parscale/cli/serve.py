@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 from parscale.errors import UserError
-from parscale.serve import prompts
 
 logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -58,6 +57,8 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     if not Path(args.model).is_dir():
         raise UserError(f"--model {args.model} is not a directory; pass the directory written by save_pretrained")
+    from parscale.serve import prompts  # reads checkpoints (torch): not needed for --help
+
     config = prompts.read_config(args.model)
     if not vllm_installed():
         raise UserError(INSTALL_HINT)
