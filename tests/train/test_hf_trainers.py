@@ -57,9 +57,13 @@ def tok():
 def _model(tiny_factory, tok, n_streams: int, seed: int = 0):
     base = tiny_factory("qwen2", vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     model = to_parscale(base, ParScaleConfig(n_streams=n_streams, n_prefix_tokens=4), seed=seed)
-    with torch.no_grad():  # non-zero aggregation weights, so the streams matter in every loss
-        for p in model.model.aggregate_layer[2].parameters() if n_streams > 1 else []:
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + 1)))
+    # Large prefixes and non-zero aggregation weights, so that the streams, and where each query
+    # sits relative to the prefix, visibly change every loss (the N(0, 0.02) init barely does).
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.stream_parameters():
+            if "prefix" in name or "aggregate_layer.2" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
     return model.train()
 
 
