@@ -2,24 +2,19 @@
 
 Every loss the trainers compute is checked against an independent one: each sequence run
 alone (unpadded, one forward per sequence) through the model, scored with a float64
-cross-entropy over the tokens a hand-written rule marks as targets. The chat template is a
-toy one whose markers never occur in the contents (users write digits, the assistant
-letters), so which characters are the assistant's can be read off the text directly.
+cross-entropy over the tokens a hand-written rule marks as targets (`_chatkit`: the toy
+chat template shows which characters are the assistant's).
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from _chartok import char_tokenizer
+from _chatkit import assistant_chars, chat_tokenizer
 from datasets import Dataset
 
 from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import to_parscale
 
-TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
-            "={% generation %}{{ m['content'] }}.\n{% endgeneration %}"
-            "{% else %}_{{ m['content'] }}\n{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}={% endif %}")
 CONVERSATIONS = [
     [("user", "12 3"), ("assistant", "abc"), ("user", "45"), ("assistant", "de fgh")],
     [("user", "7"), ("assistant", "xyz uv")],
@@ -33,25 +28,9 @@ def _messages(turns):
     return [{"role": role, "content": content} for role, content in turns]
 
 
-def assistant_chars(text: str) -> list[bool]:
-    """Which characters the assistant wrote: after '=' up to and including the next newline
-    (its content, the '.' and the newline that end its turn; not the '=' prompt itself)."""
-    out, inside = [], False
-    for ch in text:
-        out.append(inside)
-        if ch == "=":
-            inside = True
-        elif ch == "\n":
-            inside = False
-    return out
-
-
 @pytest.fixture
 def tok():
-    tokenizer = char_tokenizer()
-    tokenizer.add_special_tokens({"eos_token": "<eos>"})
-    tokenizer.chat_template = TEMPLATE
-    return tokenizer
+    return chat_tokenizer()
 
 
 def _model(tiny_factory, tok, n_streams: int, seed: int = 0):

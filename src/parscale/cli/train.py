@@ -60,13 +60,13 @@ def _field_help(cls) -> dict[str, str]:
 
 
 def _choices() -> dict[str, tuple]:
-    from parscale.data.config import SOURCES
+    from parscale.data.config import FORMATS, SOURCES
     from parscale.train.config import DTYPES, TRAIN_MODES
     from parscale.train.presets import PRESETS
     from parscale.train.schedule import SCHEDULES
 
     return {"preset": tuple(PRESETS), "train": TRAIN_MODES, "schedule": SCHEDULES, "dtype": DTYPES,
-            "data_source": SOURCES}
+            "data_source": SOURCES, "data_format": FORMATS}
 
 
 def _flag(name: str) -> str:
