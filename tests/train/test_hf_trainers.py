@@ -86,6 +86,14 @@ def test_trainer_trains_every_weight(tiny_factory, tok, tmp_path):
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.1, losses  # the same 4 rows each step
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters()), "a weight did not learn"
+    # Trainer's own save writes our format: the trained model comes back with its streams
+    from parscale.model.wrapper import ParScaleForCausalLM
+
+    trainer.save_model(str(tmp_path / "saved"))
+    again = ParScaleForCausalLM.from_pretrained(tmp_path / "saved")
+    ids = torch.tensor([tok(TEXTS[0])["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model.eval()(ids).logits)
 
 
 def test_trainer_with_freeze_backbone_trains_only_the_streams(tiny_factory, tok, tmp_path):
