@@ -152,3 +152,22 @@ def test_bad_chat_data_is_one_clear_error(chat_setup, tmp_path, capsys, case):
     assert needle in err, err
     assert "Traceback" not in err
     assert not (run / "metrics.jsonl").exists()
+
+
+def test_two_stage_instruction_tuning_reads_the_tokenizer_of_the_init_model(chat_setup, tmp_path):
+    """Pretrain P = 1 on text with a chat tokenizer, then --init-from it at P = 2 on conversations:
+    the chat run takes the stage-1 model's tokenizer (and its template) without --data-tokenizer."""
+    opts, _, _ = chat_setup
+    text_data = {**micro_setup(tmp_path)["data"], "tokenizer": opts["data"]["tokenizer"]}
+    stage1 = train_in_process(out=str(tmp_path / "p1"), P=1, steps=2,
+                              **{**opts, "data": text_data, "eval_every": 0, "save_every": 0})
+    chat_data = {k: v for k, v in opts["data"].items() if k != "tokenizer"}
+    opts = {k: v for k, v in opts.items() if k != "model_config"}
+    stage2 = train_in_process(out=str(tmp_path / "p2"), init_from=str(stage1), P=2, steps=2,
+                              **{**opts, "data": chat_data, "eval_every": 0, "save_every": 0})
+    records = read_metrics(tmp_path / "p2")
+    assert records[0]["step"] == 0 and records[0]["base_val_loss"] > 0  # the converted model, measured first
+    assert (stage2 / "tokenizer_config.json").is_file()
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(stage2).chat_template == chat_tokenizer().chat_template

@@ -133,6 +133,7 @@ _ARRAYS = ("train", "train_mask", "val", "val_mask")
 
 def prepare_chat(cfg, cache_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict, object, Path]:
     """({train, train_mask, val, val_mask} arrays, their counts, tokenizer, cache entry), cached."""
+    cfg.check_chat_tokenizer_given()
     tokenizer = load_tokenizer(cfg.tokenizer)
     check_chat_tokenizer(tokenizer, cfg.tokenizer)
     where = Path(cache_dir) / f"chat-{_cache_key(cfg, tokenizer)}"
