@@ -151,11 +151,16 @@ def _sequences(batch) -> list[list[int]]:
     return [ids[a:b] for a, b in zip(starts, starts[1:])]
 
 
-@pytest.mark.parametrize("kind,n_streams", [("assistant", 2), ("completion", 2), ("assistant", 4)])
-def test_sft_loss_is_on_the_assistant_tokens_only(tiny_factory, tok, tmp_path, kind, n_streams):
-    """P = 4 with padding is the reported mask-shape failure: it must run and score correctly."""
+@pytest.mark.parametrize("kind,n_streams,frozen", [("assistant", 2, False), ("completion", 2, False),
+                                                    ("assistant", 4, True)])
+def test_sft_loss_is_on_the_assistant_tokens_only(tiny_factory, tok, tmp_path, kind, n_streams, frozen):
+    """P = 4 with padding is the reported mask-shape failure: it must run and score correctly
+    (here with the backbone frozen: then only the streams may change)."""
     model = _model(tiny_factory, tok, n_streams)
-    trainer = _sft(model, tok, tmp_path, kind)
+    if frozen:
+        model.freeze_backbone()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = _sft(model, tok, tmp_path, kind, learning_rate=1e-3)
     batch = next(iter(trainer.get_train_dataloader()))
     assert "attention_mask" in batch and not batch["attention_mask"].bool().all()  # a padded batch
     rows = _sequences(batch)
@@ -168,7 +173,10 @@ def test_sft_loss_is_on_the_assistant_tokens_only(tiny_factory, tok, tmp_path, k
     n_targets = sum(sum(k[1:]) for k in targets)
     got = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(n_targets))
     assert float(got.detach()) == pytest.approx(want, abs=2e-5)
-    assert trainer.train().training_loss > 0  # and a real training step runs
+    assert trainer.train().training_loss > 0  # and real training steps run
+    stream = {n for n, _ in model.stream_parameters()}
+    for name, param in model.named_parameters():
+        assert torch.equal(before[name], param) == (frozen and name not in stream), name
 
 
 def test_sft_with_packing_keeps_each_conversation_to_itself(tiny_factory, tok, tmp_path):

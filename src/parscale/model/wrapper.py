@@ -71,6 +71,8 @@ class ParScaleBody:
     forward = __call__
 
     def __getattr__(self, name: str):
+        if name == "_parscale":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self._parscale.model, name)
 
 
