@@ -77,6 +77,19 @@ def _lm_trainer(model, tok, tmp_path, padding_side="right", **kw):
                    data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
 
 
+def test_base_model_then_lm_head_is_the_model(tiny_factory, tok):
+    """What TRL's fused LM head computes: `base_model` (the whole ParScale body), then `lm_head`."""
+    model = _model(tiny_factory, tok, 2).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 10, 11, 12]])
+    mask = (ids != 0).long()  # one left-padded row
+    with torch.no_grad():
+        body = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        assert body.last_hidden_state.shape == (2, 5, 32)  # B rows, aggregated over the streams
+        torch.testing.assert_close(model.lm_head(body.last_hidden_state),
+                                   model(input_ids=ids, attention_mask=mask).logits)
+    assert model.base_model.config is model.model.config  # other reads go to the decoder
+
+
 # ---------------------------------------------------------------- transformers.Trainer
 def test_trainer_trains_every_weight(tiny_factory, tok, tmp_path):
     model = _model(tiny_factory, tok, 2)
