@@ -5,7 +5,9 @@ state-dict keys are the backbone's own (`model.layers.*`, `lm_head.weight`) plus
 parameters under the released names (`model.layers.{i}.self_attn.prefix_k/prefix_v`,
 `model.aggregate_layer.{0,2}.*`). `generate` only ever sees B rows: the wrapper takes B rows,
 runs P*B rows through the backbone (the cache holds P*B rows of real tokens) and returns B
-rows of logits, so greedy, sampling and static-cache decoding work unchanged.
+rows of logits, so greedy, sampling and static-cache decoding work unchanged. `base_model` is
+the same body without the head (B rows of aggregated hidden states), which is what TRL's fused
+LM head runs, so transformers' Trainer and TRL's SFTTrainer train it like any causal LM.
 """
 from __future__ import annotations
 
