@@ -1,4 +1,4 @@
-"""`parscale train`: pretrain from scratch, or convert a trained P=1 model and post-train it.
+"""`parscale train`: pretrain from scratch, or convert a trained P=1 model and post-train it (text or chat data).
 
 Every `TrainConfig` option is a flag (`--seq-len`, `--P`, ...), every `DataConfig` option a
 `--data-*` flag (`--data-files`, `--data-vocab-size`, ...). `--config run.yaml` gives a
@@ -41,6 +41,12 @@ _HELP = {  # where the dataclasses' own comments are too terse for a help text
 }
 
 
+_EPILOG = ("Instruction tuning: --data-format chat --data-files chats.jsonl --data-tokenizer DIR reads one "
+           '{"messages": [{"role": ..., "content": ...}, ...]} per line, renders it with the tokenizer\'s chat '
+           "template and puts the loss on the assistant turns only (with --init-from, after pretraining). "
+           "The saved model also fine-tunes with transformers' Trainer and TRL's SFTTrainer: "
+           "ParScaleForCausalLM.from_pretrained(RUN_DIR/final), see the README.")
+
 # The spellings `eval` and `generate` use for the same options.
 _ALIASES = {"data_tokenizer": ("--tokenizer",)}
 
@@ -60,13 +66,13 @@ def _field_help(cls) -> dict[str, str]:
 
 
 def _choices() -> dict[str, tuple]:
-    from parscale.data.config import SOURCES
+    from parscale.data.config import FORMATS, SOURCES
     from parscale.train.config import DTYPES, TRAIN_MODES
     from parscale.train.presets import PRESETS
     from parscale.train.schedule import SCHEDULES
 
     return {"preset": tuple(PRESETS), "train": TRAIN_MODES, "schedule": SCHEDULES, "dtype": DTYPES,
-            "data_source": SOURCES}
+            "data_source": SOURCES, "data_format": FORMATS}
 
 
 def _flag(name: str) -> str:
@@ -116,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     from parscale.train.config import TrainConfig
 
     parser = argparse.ArgumentParser(
-        prog="parscale train", description=__doc__.split("\n\n")[0],
+        prog="parscale train", description=__doc__.split("\n\n")[0], epilog=_EPILOG,
     )
     parser.add_argument("--config", help="a YAML file of options (flags override it)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")

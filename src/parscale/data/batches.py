@@ -88,6 +88,14 @@ def batch_at(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed:
     return torch.from_numpy(rows)
 
 
+def masked_labels(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Labels for a batch: the inputs, with -100 (ignored by the loss) where `mask` is 0.
+
+    `mask` holds the rows `batch_at` gives for the same step from the 0/1 loss-mask array
+    (chat data: 1 on the assistant's tokens); None keeps every token in the loss."""
+    return x if mask is None else x.masked_fill(mask == 0, -100)
+
+
 def order_fingerprint(tokens: np.ndarray) -> str:
     """A short hash that tells one packed training array from another: its length and 256
     evenly spaced blocks of 4,096 tokens (a few contiguous reads, even of a huge memory map)."""
@@ -126,8 +134,11 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_nll(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int,
-                 device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1) -> tuple[float, int]:
+                 device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
+                 mask: np.ndarray | None = None) -> tuple[float, int]:
     """(sum of next-token NLLs in nats, number of predictions) over this rank's share of `tokens`.
+
+    With a 0/1 `mask` beside the tokens, only predictions of tokens where it is 1 count.
 
     The batches of `val_batches` are dealt round-robin: rank r takes batches r, r+W, r+2W, ...
     so the shares partition the tokens and summing the pairs over ranks gives the exact
@@ -141,15 +152,17 @@ def evaluate_nll(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch
     n_batches = -(-n_chunks // batch_size) + (1 if tail >= 2 else 0)
     calls = -(-n_batches // world_size)  # forward calls per rank: the largest share
     total, count, first = 0.0, 0, None
-    mine = itertools.islice(val_batches(tokens, seq_len, batch_size), rank, None, world_size)
-    for x in tqdm(mine, total=calls, desc="evaluating", unit="batch", leave=False,
-                  disable=rank != 0 or calls < 8):  # a bar where a long evaluation is worth watching
+    masks = val_batches(mask, seq_len, batch_size) if mask is not None else itertools.repeat(None)
+    mine = itertools.islice(zip(val_batches(tokens, seq_len, batch_size), masks), rank, None, world_size)
+    for x, m in tqdm(mine, total=calls, desc="evaluating", unit="batch", leave=False,
+                     disable=rank != 0 or calls < 8):  # a bar where a long evaluation is worth watching
         first = x if first is None else first
         x = x.to(device)
+        target = masked_labels(x, None if m is None else m.to(device))[:, 1:]  # (b, T-1), -100: not scored
         logits = _logits(model, x)[:, :-1].float()  # (b, T-1, V): position t predicts t+1
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
         total += float(nll.double())
-        count += x[:, 1:].numel()
+        count += int((target != -100).sum())
         calls -= 1
     for _ in range(calls):  # keep in step with the ranks that hold one batch more
         _logits(model, (first if first is not None else torch.from_numpy(
@@ -161,7 +174,7 @@ def evaluate_nll(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch
 def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int,
                   max_tokens: int | None = None, device: str | torch.device = "cpu",
                   reduce: Callable[[list[float]], list[float]] | None = None, rank: int = 0,
-                  world_size: int = 1) -> float:
+                  world_size: int = 1, mask: np.ndarray | None = None) -> float:
     """Mean next-token NLL in nats over the first `max_tokens` tokens (all when None).
 
     Every prediction counts once, whatever batch it falls in: the sum of per-token NLLs
@@ -169,10 +182,12 @@ def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batc
     weighs by its tokens, not as a whole batch. `batch_size` rows go into each forward call.
     With `world_size` > 1 each rank evaluates its share (`evaluate_nll`) and
     `reduce([nll, count])` must return the sums over ranks. The model is put in eval mode
-    for the call and given back in the mode it came in.
+    for the call and given back in the mode it came in. A 0/1 `mask` beside the tokens
+    (chat data) restricts the mean to the predictions of tokens where it is 1.
     """
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
+        mask = None if mask is None else mask[:max_tokens]
     if len(tokens) < 2:
         raise UserError(f"evaluation needs at least 2 tokens, got {len(tokens)}")
     if batch_size < 1 or seq_len < 2:
@@ -180,11 +195,14 @@ def evaluate_loss(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batc
     was_training = model.training
     model.eval()
     try:
-        total, count = evaluate_nll(model, tokens, seq_len, batch_size, device, rank, world_size)
+        total, count = evaluate_nll(model, tokens, seq_len, batch_size, device, rank, world_size, mask)
     finally:
         model.train(was_training)
     if reduce is not None:
         total, count = reduce([total, float(count)])
+    if count == 0:
+        raise UserError("the evaluated tokens hold no token the loss is on (chat data: no assistant token); "
+                        "evaluate more tokens")
     loss = total / count
     if not math.isfinite(loss):
         raise FloatingPointError(f"the evaluation loss is {loss}: the model produces non-finite logits")

@@ -13,6 +13,7 @@ from typing import Any
 from parscale.errors import UserError, reject_unknown_fields
 
 SOURCES = ("stdlib", "files", "dir")
+FORMATS = ("text", "chat")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class DataConfig:
             compare (the training seed goes to `batch_at`, not here).
         dir: a prepared data directory (sharded tokens and their index) to train from; its
             tokenizer is used, and a different `tokenizer` is refused.
+        format: "text" (documents; the loss is on every token) or "chat" (JSON Lines, one
+            {"messages": [{"role": ..., "content": ...}, ...]} per line, rendered with the
+            tokenizer's chat template, the loss on the assistant turns only; needs `tokenizer`,
+            which --init-from provides).
     """
 
     source: str | None = None
@@ -49,6 +54,7 @@ class DataConfig:
     val_tokens: int | None = 131072
     seed: int = 0
     dir: str | None = None
+    format: str = "text"
 
     def __post_init__(self) -> None:
         # Paths become absolute strings, so the config means the same after a `cd` or a resume.
@@ -74,6 +80,10 @@ class DataConfig:
                             "without --data-source")
         if self.dir and (self.files or self.val_files):
             raise UserError("--data-dir reads data prepared from files already; drop --data-files/--data-val-files")
+        if self.format not in FORMATS:
+            raise UserError(f"unknown data format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.format == "chat" and self.source != "files":
+            raise UserError("--data-format chat reads JSON Lines conversations: give them with --data-files")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if not self.text_field:
@@ -82,6 +92,12 @@ class DataConfig:
             raise UserError(f"vocab_size {self.vocab_size} is too small for a byte-level BPE; use at least 257")
         if self.val_tokens is not None and self.val_tokens < 2:
             raise UserError(f"val_tokens must be at least 2 (or None for all), got {self.val_tokens}")
+
+    def check_chat_tokenizer_given(self) -> None:
+        """Chat data needs a tokenizer with a chat template; a BPE trained here has none."""
+        if self.format == "chat" and self.tokenizer is None:
+            raise UserError("--data-format chat needs a tokenizer with a chat template (a trained BPE has none): "
+                            "give its directory with --data-tokenizer, or start from a model with --init-from")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML types (tuples become lists)."""

@@ -27,22 +27,25 @@ from tqdm.auto import tqdm
 
 from parscale.data import corpus, store
 from parscale.data.batches import (
-    batch_at, check_batch, check_seq_len, check_val, check_vocab_size, evaluate_loss, val_batches,
+    batch_at, check_batch, check_seq_len, check_val, check_vocab_size, evaluate_loss, masked_labels, val_batches,
 )
 from parscale.data.config import SOURCES, DataConfig  # noqa: F401 (re-exported)
 from parscale.errors import UserError
 from parscale.data.tokenizer import train_bpe  # noqa: F401 - re-exported, and patched by tests
 
 __all__ = [
-    "DataConfig", "PreparedData", "prepare_data", "prepare_split", "batch_at", "val_batches", "evaluate_loss",
-    "check_seq_len", "check_vocab_size", "check_batch", "check_val", "check_data", "tokenize_documents",
+    "DataConfig", "PreparedData", "prepare_data", "prepare_split", "batch_at", "masked_labels", "val_batches",
+    "evaluate_loss", "check_seq_len", "check_vocab_size", "check_batch", "check_val", "check_data", "tokenize_documents",
 ]
 
 log = logging.getLogger(__name__)
 
 @dataclass
 class PreparedData:
-    """The packed splits and their tokenizer (`train`, `val`: 1-D integer arrays)."""
+    """The packed splits and their tokenizer (`train`, `val`: 1-D integer arrays).
+
+    Chat data (`format="chat"`) also has `train_mask`/`val_mask`: 0/1 arrays beside the
+    tokens, 1 where the loss applies (the assistant's tokens); None means every token."""
 
     train: np.ndarray
     val: np.ndarray
@@ -51,6 +54,8 @@ class PreparedData:
     vocab_size: int
     cache_path: Path
     stats: dict[str, Any] = field(default_factory=dict)
+    train_mask: np.ndarray | None = None
+    val_mask: np.ndarray | None = None
 
 
 def check_data(data: PreparedData, seq_len: int, batch_size: int) -> None:
@@ -112,6 +117,9 @@ def prepare_split(cfg: DataConfig, cache_dir: str | os.PathLike, split: str):
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if cfg.format == "chat":
+        raise UserError("this command scores text data; the held-out loss of chat data is measured by "
+                        "`parscale train --data-format chat` (val_loss in metrics.jsonl)")
     where, index, tok = store.entry(cfg, cache_dir, [split])
     _check_splits(cfg, index, [split])
     tokens = store.split_tokens(where, index, split)
@@ -126,6 +134,8 @@ def prepare_data(cfg: DataConfig, cache_dir: str | os.PathLike) -> PreparedData:
     In a multi-process run, call it on rank 0 first and on the other ranks after a
     barrier: they then read the cache rather than each building it.
     """
+    if cfg.format == "chat":
+        return _prepare_chat_data(cfg, cache_dir)
     where, index, tok = store.entry(cfg, cache_dir, ["train", "val"])
     _check_splits(cfg, index, ["train", "val"])
     train = store.split_tokens(where, index, "train")
@@ -140,3 +150,22 @@ def prepare_data(cfg: DataConfig, cache_dir: str | os.PathLike) -> PreparedData:
              len(train), stats["train_docs"], len(val), stats["val_docs"], len(tok))
     return PreparedData(train=train, val=val, tokenizer=tok, eos_id=int(tok.eos_token_id),
                         vocab_size=len(tok), cache_path=where, stats=stats)
+
+
+def _prepare_chat_data(cfg: DataConfig, cache_dir: str | os.PathLike) -> PreparedData:
+    """Conversations packed like documents, with the assistant-token masks (see `parscale.data.chat`)."""
+    from parscale.data.chat import prepare_chat
+
+    arrays, stats, tok, where = prepare_chat(cfg, cache_dir)
+    val, val_mask = arrays["val"], arrays["val_mask"]
+    if cfg.val_tokens is not None:
+        val, val_mask = val[:cfg.val_tokens], val_mask[:cfg.val_tokens]
+        if not np.any(val_mask[1:]):
+            raise UserError(f"the first {cfg.val_tokens} validation tokens hold no assistant token to score; "
+                            "raise --data-val-tokens")
+    stats = {**stats, "train_tokens": int(len(arrays["train"])), "val_tokens": int(len(val))}
+    log.info("chat data: %d train tokens (%d conversations, %d in the loss), %d val tokens (%d conversations)",
+             stats["train_tokens"], stats["train_docs"], stats["train_targets"], len(val), stats["val_docs"])
+    return PreparedData(train=arrays["train"], val=val, tokenizer=tok, eos_id=int(tok.eos_token_id),
+                        vocab_size=len(tok), cache_path=where, stats=stats,
+                        train_mask=arrays["train_mask"], val_mask=val_mask)

@@ -202,8 +202,11 @@ def save_parscale(model, save_directory: str | os.PathLike, max_shard_size: int 
     (without it, old shards are never read), the new index last (it makes new shards
     visible), and leftovers once the new weights are in place.
     """
-    if kwargs:
-        logger.warning("save_pretrained ignores %s", sorted(kwargs))
+    if not kwargs.pop("is_main_process", True):  # Trainer's multi-process saves: rank 0 writes
+        return
+    ignored = sorted(k for k, v in kwargs.items() if v is not None)  # Trainer passes state_dict=None
+    if ignored:
+        logger.warning("save_pretrained ignores %s", ignored)
     directory = Path(save_directory)
     try:
         _write_files(model, directory, max_shard_size)

@@ -5,7 +5,9 @@ state-dict keys are the backbone's own (`model.layers.*`, `lm_head.weight`) plus
 parameters under the released names (`model.layers.{i}.self_attn.prefix_k/prefix_v`,
 `model.aggregate_layer.{0,2}.*`). `generate` only ever sees B rows: the wrapper takes B rows,
 runs P*B rows through the backbone (the cache holds P*B rows of real tokens) and returns B
-rows of logits, so greedy, sampling and static-cache decoding work unchanged.
+rows of logits, so greedy, sampling and static-cache decoding work unchanged. `base_model` is
+the same body without the head (B rows of aggregated hidden states), which is what TRL's fused
+LM head runs, so transformers' Trainer and TRL's SFTTrainer train it like any causal LM.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.initialization import no_init_weights
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from parscale.model import adapters, autoload, format as checkpoint_format, introspect, kernels, options, streams
 from parscale.model.cache_api import OUTPUT_FIELD, cache_kwargs, output_cache
@@ -40,6 +42,40 @@ def _repeat_rows(tensor: torch.Tensor | None, n_streams: int, batch: int, what: 
     if tensor.shape[0] != batch:
         raise UserError(f"{what} has {tensor.shape[0]} rows but the input has {batch}; pass one row per sample")
     return tensor.repeat(n_streams, *([1] * (tensor.dim() - 1)))  # (n b) ...
+
+
+# Keywords transformers' Trainer passes for the loss only; the backbone never sees them.
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+class ParScaleBody:
+    """`model.base_model`: calling it runs the ParScale body (see `ParScaleForCausalLM.base_model`).
+
+    A plain object, not a module, so the state dict and the module tree stay the released ones;
+    attribute reads go to the shared decoder."""
+
+    def __init__(self, model: "ParScaleForCausalLM") -> None:
+        self._parscale = model
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                 use_cache=None, past_key_values=None, **kwargs) -> BaseModelOutputWithPast:
+        for key in _LOSS_KWARGS:
+            kwargs.pop(key, None)
+        hidden, outputs = self._parscale._body(input_ids, attention_mask, position_ids, cache, inputs_embeds,
+                                               use_cache, past_key_values, **kwargs)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,  # b s h: aggregated over the streams, ready for lm_head
+            **{OUTPUT_FIELD: output_cache(outputs)},
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+    forward = __call__
+
+    def __getattr__(self, name: str):
+        if name == "_parscale":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self._parscale.model, name)
 
 
 class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
@@ -100,6 +136,16 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
     def attention_modules(self) -> list[nn.Module]:
         return introspect.attention_modules(self)
 
+    @property
+    def base_model(self) -> "ParScaleBody":
+        """The body before the head: replicate -> backbone -> aggregate, B rows in and out.
+
+        Code that runs `model.base_model(...)` and then `lm_head` itself (TRL's fused LM head,
+        which `SFTTrainer` installs) would otherwise run the bare decoder on B rows, which the
+        stream prefixes refuse (or, with B a multiple of P, mix up). Attribute reads go to
+        the decoder, as they would with the stock `base_model`."""
+        return ParScaleBody(self)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -116,7 +162,29 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         """B rows in, B rows of logits out; P*B rows inside the backbone and its cache.
 
         The cache comes as `cache` (transformers' current name) or `past_key_values` (its
-        older one); it is handed to the backbone under the name the backbone takes."""
+        older one); it is handed to the backbone under the name the backbone takes. The loss
+        keywords Trainer adds (`num_items_in_batch`, `ignore_index`, `shift_labels`) go to
+        the loss alone; `position_ids` that restart inside a row (packed sequences, with no
+        padding mask) keep attention within each sequence, as in the stock model."""
+        loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        hidden, outputs = self._body(input_ids, attention_mask, position_ids, cache, inputs_embeds,
+                                     use_cache, past_key_values, keep, **kwargs)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None or loss_kwargs.get("shift_labels") is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            **{OUTPUT_FIELD: output_cache(outputs)},
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+    def _body(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, past_key_values,
+              keep: slice | torch.Tensor = slice(None), **kwargs):
+        """(aggregated hidden states [B, s, h] at positions `keep`, the backbone's outputs)."""
         if cache is not None and past_key_values is not None:
             raise UserError("pass the cache once: as cache= or as past_key_values=, not both")
         cache = cache if cache is not None else past_key_values
@@ -136,6 +204,11 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
             raise UserError("ParScale takes a 2D padding mask [batch, seq] (1 = token, 0 = padding)")
         if is_2d and attention_mask.shape[0] == 1 and batch > 1:  # one mask for every row, at every P
             attention_mask = attention_mask.expand(batch, -1)  # b s
+        if position_ids is None and is_2d and cache is None and self.parscale_config.has_prefixes:
+            # Rotary scores between real tokens ignore a shift of every position, but a query's
+            # score against the (unrotated) prefix does not: left padding must not move the
+            # positions, so they count real tokens, as generate's are (Trainer passes none).
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # b s
         outputs = self.model(
             inputs_embeds=_repeat_rows(inputs_embeds, n_streams, batch, "inputs_embeds"),  # (n b) s h
             attention_mask=_repeat_rows(attention_mask, n_streams, batch, "attention_mask"),
@@ -144,22 +217,10 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
             **cache_kwargs(self.model, cache),
             **kwargs,
         )
-        hidden = outputs.last_hidden_state  # (n b) s h, final norm applied per stream
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        hidden = hidden[:, keep]
+        hidden = outputs.last_hidden_state[:, keep]  # (n b) s h, final norm applied per stream
         if n_streams > 1:
             hidden = self.model.aggregate_layer(hidden)  # b s h
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            **{OUTPUT_FIELD: output_cache(outputs)},
-            hidden_states=getattr(outputs, "hidden_states", None),
-            attentions=getattr(outputs, "attentions", None),
-        )
+        return hidden, outputs
 
     # ----- generation hooks -------------------------------------------------------------
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):

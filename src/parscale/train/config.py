@@ -100,6 +100,7 @@ class TrainConfig:
         if self.init_from and self.data.tokenizer is None:
             # Two-stage training keeps the trained model's vocabulary: its tokenizer.
             self.data = dataclasses.replace(self.data, tokenizer=self.init_from)
+        self.data.check_chat_tokenizer_given()
         if self.warmup_steps is None:
             self.warmup_steps = max(1, round(0.05 * self.steps))
 

@@ -43,6 +43,8 @@ def start_row(cfg, data, ckpt: Path | None = None) -> int:
             return int(recorded)
     if not cfg.init_from:
         return 0
+    if getattr(cfg.data, "format", "text") == "chat":  # instruction tuning: a new data set, from its start
+        return 0
     path = Path(cfg.init_from) / RECORD
     if not path.is_file():
         log.info("--init-from has no %s (it was not trained by parscale): the data order starts at its "

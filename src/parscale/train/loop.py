@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from parscale.data.prepare import batch_at, check_data, check_seq_len, evaluate_loss, prepare_data
+from parscale.data.prepare import batch_at, check_data, check_seq_len, evaluate_loss, masked_labels, prepare_data
 from parscale.data.store import default_cache_dir
 from parscale.atomic import atomic_write_json
 from parscale.errors import UserError
@@ -201,7 +201,17 @@ def _evaluate(cfg: TrainConfig, model, data, env: distributed.DistEnv) -> float:
     with _autocast(cfg, env.device):
         return evaluate_loss(model, data.val, seq_len=cfg.seq_len, batch_size=micro, max_tokens=cfg.eval_tokens,
                              device=env.device, reduce=lambda v: distributed.sum_over_ranks(v, env),
-                             rank=env.rank, world_size=env.world_size)
+                             rank=env.rank, world_size=env.world_size, mask=data.val_mask)
+
+
+def _batch(cfg: TrainConfig, env, data, index: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of micro-batch `index` of the data order: this rank's `rows` of it, the
+    labels -100 where the data's loss mask is 0 (chat data: everything but the assistant's tokens)."""
+    where = dict(step=index, batch_size=rows, seq_len=cfg.seq_len, seed=cfg.seed, rank=env.rank,
+                 world_size=env.world_size, first_row=cfg.order_start)
+    x = batch_at(data.train, **where)
+    mask = batch_at(data.train_mask, **where) if data.train_mask is not None else None
+    return x.to(env.device), masked_labels(x, mask).to(env.device)
 
 
 def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple[float, float, float]:
@@ -211,18 +221,19 @@ def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple
     for group in optimizer.param_groups:
         group["lr"] = lr
     micro = cfg.batch_size // cfg.grad_accum
+    batches = [_batch(cfg, env, data, step * cfg.grad_accum + m, micro) for m in range(cfg.grad_accum)]
+    # Every scored token weighs the same in the update, whichever micro-batch holds it: each
+    # micro-batch's loss is its NLL sum over this count (the model shifts the labels).
+    n_targets = max(sum(int((labels[:, 1:] != -100).sum()) for _, labels in batches), 1)
     loss_sum = 0.0
-    for m in range(cfg.grad_accum):
-        x = batch_at(data.train, step=step * cfg.grad_accum + m, batch_size=micro, seq_len=cfg.seq_len,
-                     seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                     first_row=cfg.order_start).to(env.device)
+    for m, (x, labels) in enumerate(batches):
         last = m == cfg.grad_accum - 1
         sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
         with sync, _autocast(cfg, env.device):
-            loss = wrapped(input_ids=x, labels=x).loss  # labels = inputs; the model shifts them
-            (loss / cfg.grad_accum).backward()
+            loss = wrapped(input_ids=x, labels=labels, num_items_in_batch=n_targets).loss
+            loss.backward()
         loss_sum += loss.item()
-    train_loss = distributed.mean_over_ranks(loss_sum / cfg.grad_accum, env)
+    train_loss = distributed.mean_over_ranks(loss_sum, env)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -249,10 +260,8 @@ def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple
 def _log_step0(cfg, model, wrapped, data, env, metrics: MetricsLog, base_val) -> None:
     """Two-stage runs: the converted model's losses before any update."""
     with torch.no_grad(), _autocast(cfg, env.device):
-        x = batch_at(data.train, step=0, batch_size=cfg.batch_size // cfg.grad_accum, seq_len=cfg.seq_len,
-                     seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                     first_row=cfg.order_start).to(env.device)
-        train_loss = distributed.mean_over_ranks(float(wrapped(input_ids=x, labels=x).loss), env)
+        x, labels = _batch(cfg, env, data, 0, cfg.batch_size // cfg.grad_accum)
+        train_loss = distributed.mean_over_ranks(float(wrapped(input_ids=x, labels=labels).loss), env)
     val = _evaluate(cfg, model, data, env)
     record = {"step": 0, "tokens": 0, "train_loss": train_loss, "lr": 0.0, "tokens_per_s": 0.0,
               "val_loss": val, "base_val_loss": base_val}

@@ -1,0 +1,50 @@
+"""Which tokens of a conversation are the assistant's, for a ChatML-style template with special tokens."""
+from __future__ import annotations
+
+import pytest
+from _chartok import char_tokenizer
+
+from parscale.data.chat import encode_conversation
+from parscale.errors import UserError
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _tokenizer(template: str):
+    tok = char_tokenizer()
+    tok.add_special_tokens({"eos_token": "<|endoftext|>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = template
+    return tok
+
+
+def test_the_assistant_tokens_are_its_content_and_end_of_turn():
+    tok = _tokenizer(CHATML)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "12"},
+                {"role": "assistant", "content": "twelve"}, {"role": "user", "content": "3"},
+                {"role": "assistant", "content": "three"}]
+    ids, mask = encode_conversation(tok, messages)
+    # by hand: one token per character, one per special token; the assistant turns add
+    # "twelve<|im_end|>\n" and "three<|im_end|>\n" after their "<|im_start|>assistant\n" headers
+    expected_ids, expected_mask = [], []
+    for m in messages:
+        head = [tok.convert_tokens_to_ids("<|im_start|>")] + tok(m["role"] + "\n", add_special_tokens=False)["input_ids"]
+        body = tok(m["content"], add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+        body += tok("\n", add_special_tokens=False)["input_ids"]
+        expected_ids += head + body
+        expected_mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(body)
+    assert ids == expected_ids
+    assert mask == expected_mask
+    assert tok.decode([i for i, k in zip(ids, mask) if k]) == "twelve<|im_end|>\nthree<|im_end|>\n"
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused():
+    # the last assistant turn is shown in capitals, the earlier ones not: a conversation's
+    # beginning is not a prefix of the whole
+    rewriting = ("{% for m in messages %}{% if loop.last and m['role'] == 'assistant' %}{{ m['content'] | upper }}"
+                 "{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}")
+    tok = _tokenizer(rewriting)
+    messages = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "one"},
+                {"role": "user", "content": "2"}, {"role": "assistant", "content": "two"}]
+    with pytest.raises(UserError, match="rewrites earlier turns"):
+        encode_conversation(tok, messages)
