@@ -107,3 +107,23 @@ def test_rolling_loglikelihood_and_generate_until_match_our_model(setup):
     ours = full.generate(prompt_ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
     assert generated == tok.decode(ours[0, prompt_ids.shape[1]:], skip_special_tokens=True)
     assert math.isfinite(rolling)
+
+
+@pytest.mark.slow
+def test_the_command_line_takes_lm_evals_own_spellings(setup, tmp_path, monkeypatch):
+    """`parscale lm-eval --model_args ... --include_path ...`, as lm-eval's docs spell them, through our CLI."""
+    from parscale.cli.main import main
+
+    root, tok, full = setup
+    monkeypatch.chdir(tmp_path)
+    code = main(["lm-eval", "--model", "parscale", "--model_args", f"pretrained={root / 'base'},streams={root / 'p2'}",
+                 "--include_path", str(root / "tasks"), "--tasks", "parscale_tiny_mc", "--device", "cpu",
+                 "--output_path", str(tmp_path / "out")])
+    assert code == 0
+    [results] = list((tmp_path / "out").rglob("results_*.json"))
+    acc = json.loads(results.read_text())["results"]["parscale_tiny_mc"]["acc,none"]
+    correct = 0
+    for q in QUESTIONS:
+        ours = [_our_loglikelihood(full, tok, q["question"], " " + c) for c in q["choices"]]
+        correct += int(max(range(len(ours)), key=ours.__getitem__) == q["answer"])
+    assert acc == pytest.approx(correct / len(QUESTIONS))

@@ -31,6 +31,8 @@ VERBS: dict[str, str] = {
     "data": "prepare a large corpus as sharded token files (`parscale data prepare --help`)",
 }
 
+PASS_THROUGH = {"lm-eval"}  # verbs whose arguments belong to another program's parser
+
 
 def _usage() -> str:
     lines = ["usage: parscale VERB [options]   (parscale VERB --help for a verb's options)",
@@ -68,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in ("-V", "--version"):
         print(_version())
         return 0
-    verb, rest = argv[0], [_dashes(arg) for arg in argv[1:]]
+    verb = argv[0]
+    # lm-eval's own command line takes its own spellings (--model_args): passed on untouched
+    rest = argv[1:] if verb in PASS_THROUGH else [_dashes(arg) for arg in argv[1:]]
     if verb not in VERBS:
         print(f"parscale: error: {unknown_choice('verb', verb, VERBS)}", file=sys.stderr)
         return 2
