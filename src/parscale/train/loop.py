@@ -29,7 +29,7 @@ from parscale.data.prepare import batch_at, check_data, check_seq_len, evaluate_
 from parscale.data.store import default_cache_dir
 from parscale.atomic import atomic_write_json
 from parscale.errors import UserError
-from parscale.interrupt import Interrupted, deferred_stop
+from parscale.interrupt import STOP_NOTICE, Interrupted, deferred_stop
 from parscale.model.diagnostics import capture_stream_states, pairwise_cosine, stream_diagnostics
 from parscale.train import checkpoint as ckpt_io
 from parscale.train import convert, data_order, distributed
@@ -53,17 +53,20 @@ class NonFiniteLoss(UserError):
     """The loss or gradient became NaN/inf: the run stops before applying that update."""
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Run (or continue) the training run `cfg` describes; returns the final model's directory."""
+def train(cfg: TrainConfig, resume: bool = False, stop_notice: str = STOP_NOTICE) -> Path:
+    """Run (or continue) the training run `cfg` describes; returns the final model's directory.
+
+    `stop_notice`: the line printed on the first Ctrl-C ("" for none: a caller such as the demo
+    that runs several trainers prints its own)."""
     env = distributed.init_distributed(cfg.device)
     try:
         with run_lock(cfg.run_dir, enabled=env.is_main):  # one trainer per run directory
-            return _run(cfg, env, resume)
+            return _run(cfg, env, resume, stop_notice)
     finally:
         distributed.shutdown(env)
 
 
-def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool) -> Path:
+def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool, stop_notice: str) -> Path:
     run_dir = cfg.run_dir
     _check_batch_split(cfg, env)
     distributed.main_first(lambda: _prepare_run_dir(cfg, resume), env)
@@ -99,7 +102,7 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool) -> Path:
         metrics.truncate_after(start if ckpt is not None else -1)
     if start == 0 and cfg.init_from:
         _log_step0(cfg, model, wrapped, data, env, metrics, base_val)
-    _loop(cfg, env, model, wrapped, optimizer, data, metrics, start)
+    _loop(cfg, env, model, wrapped, optimizer, data, metrics, start, stop_notice)
     return _save_final(cfg, env, model, optimizer, data)
 
 
@@ -312,13 +315,14 @@ def _resume_hint(cfg: TrainConfig) -> str:
     return f"continue with: parscale train --resume {cfg.run_dir}"
 
 
-def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: MetricsLog, start: int) -> None:
+def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: MetricsLog, start: int,
+          stop_notice: str = STOP_NOTICE) -> None:
     tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not env.is_main, dynamic_ncols=True)
     model.train()
     # Ctrl-C / SIGTERM: finish the update (and its evaluation), keep a checkpoint, then stop.
     at_once = lambda: f"stopped at once; the last checkpoint is kept, {_resume_hint(cfg)}"  # noqa: E731
-    with bar, deferred_stop(at_once) as stop:  # the bar closes on errors too (a NaN stop)
+    with bar, deferred_stop(at_once, stop_notice) as stop:  # the bar closes on errors too (a NaN stop)
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             train_loss, norm, lr = _update(cfg, env, wrapped, optimizer, data, step)
