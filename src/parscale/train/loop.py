@@ -177,13 +177,8 @@ def _setup_model(cfg: TrainConfig, data, ckpt: Path | None, env: distributed.Dis
 
 
 def _prefix_options(cfg: TrainConfig) -> dict:
-    """The prefix options, only where they differ from the defaults (a P=1 run has no prefixes)."""
-    options = {}
-    if cfg.prefix_init_std != 0.02:
-        options["prefix_init_std"] = cfg.prefix_init_std
-    if cfg.prefix_mlp_hidden:
-        options["prefix_mlp_hidden"] = cfg.prefix_mlp_hidden
-    return options
+    """How the prefixes are initialised and parameterised (see `ParScaleConfig`)."""
+    return {"prefix_init_std": cfg.prefix_init_std, "prefix_mlp_hidden": cfg.prefix_mlp_hidden}
 
 
 def _check_resumed_model(cfg: TrainConfig, model, vocab_size: int) -> None:
