@@ -86,6 +86,14 @@ def test_every_artifact_is_written_and_well_formed(smoke):
             assert isinstance(r[key], kind), (r["name"], key)
         assert r["decode_ms_per_token"] > 0 and r["train_seconds"] > 0 and r["train_flops"] > 0
     assert "paper's data" in (out / "report.md").read_text()
+    for r in summary["runs"]:  # the stream diagnostics: for every P > 1 run, none for one stream
+        if r["P"] > 1:
+            s = r["streams"]
+            assert -1 <= s["stream_cosine"] <= 1 and 1 / r["P"] <= s["top_weight"] <= 1, r["name"]
+            assert 0 <= s["weight_entropy"] <= 1, r["name"]
+        else:
+            assert r["streams"] is None, r["name"]
+    assert "| stream cos | top weight | weight entropy |" in (out / "report.md").read_text()
     assert "| p1-prefix |" in stdout  # the table is printed too
 
 
