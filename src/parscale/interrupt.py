@@ -74,18 +74,22 @@ class StopRequest:
         return self.signum is not None
 
 
+STOP_NOTICE = "stopping after this step (a checkpoint is being kept); press Ctrl-C again to stop at once"
+
+
 @contextlib.contextmanager
-def deferred_stop(at_once: Callable[[], str] = lambda: "") -> Iterator[StopRequest]:
-    """The first signal sets the yielded request; a second raises `Interrupted(at_once())`."""
+def deferred_stop(at_once: Callable[[], str] = lambda: "", notice: str = STOP_NOTICE) -> Iterator[StopRequest]:
+    """The first signal sets the yielded request and prints `notice` (none if empty); a second
+    raises `Interrupted(at_once())`."""
     request = StopRequest()
+    line = f"\n{notice}\n".encode() if notice else b""  # encoded now, not inside the handler
 
     def handler(signum, frame):
         if request.signum is not None:
             raise Interrupted(signum, at_once())
         request.signum = signum
-        # os.write: the one output call that is safe inside a signal handler.
-        os.write(2, b"\nstopping after this step (a checkpoint is being kept); "
-                    b"press Ctrl-C again to stop at once\n")
+        if line:
+            os.write(2, line)  # os.write: the one output call that is safe inside a signal handler
 
     with _handlers(handler):
         yield request

@@ -1,8 +1,9 @@
 """`parscale demo --budget smoke` end to end, checked against what it is built from.
 
 One smoke demo (a handful of stdlib modules, a few steps per run, two runs at a time) is run
-as a subprocess through the CLI, then checked against each run's own metrics.jsonl, the saved
-safetensors files, and an independent rebuild of the initial backbone.
+as a subprocess through the CLI, stopped once with a real Ctrl-C (SIGINT) and rerun to the end,
+then checked against each run's own metrics.jsonl, the saved safetensors files, and an
+independent rebuild of the initial backbone.
 """
 from __future__ import annotations
 
@@ -26,12 +27,39 @@ FROM_SCRATCH_TINY = ("p1", "p2", "p4", "p1-prefix")  # one seed: one initial bac
 pytestmark = pytest.mark.xdist_group("demo")
 
 
+SMOKE_FLAGS = ["--budget", "smoke"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def interrupted(tmp_path_factory):
+    """The smoke demo, stopped by one real SIGINT once the longest run (p4) has logged an update:
+    (OUT, the finished process, the checkpoints each run kept). The `smoke` fixture then reruns it."""
+    import signal
+    import time
+
     out = tmp_path_factory.mktemp("demo") / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "parscale", "demo", "--budget", "smoke", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=1800)  # a hang guard; minutes only under heavy load
+    proc = subprocess.Popen([sys.executable, "-m", "parscale", "demo", *SMOKE_FLAGS, "--out", str(out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "runs" / "p4" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 900  # a hang guard
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+    kept = {run.name: sorted(c.name for c in run.glob("ckpt-*")) for run in (out / "runs").iterdir()}
+    return out, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), kept
+
+
+@pytest.fixture(scope="module")
+def smoke(interrupted):
+    out = interrupted[0]
+    proc = subprocess.run([sys.executable, "-m", "parscale", "demo", *SMOKE_FLAGS, "--out", str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=1800)  # a hang guard; minutes only under heavy load
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     return out, summary, DemoConfig.preset(str(out), budget="smoke"), proc.stdout
@@ -58,6 +86,14 @@ def test_every_artifact_is_written_and_well_formed(smoke):
             assert isinstance(r[key], kind), (r["name"], key)
         assert r["decode_ms_per_token"] > 0 and r["train_seconds"] > 0 and r["train_flops"] > 0
     assert "paper's data" in (out / "report.md").read_text()
+    for r in summary["runs"]:  # the stream diagnostics: for every P > 1 run, none for one stream
+        if r["P"] > 1:
+            s = r["streams"]
+            assert -1 <= s["stream_cosine"] <= 1 and 1 / r["P"] <= s["top_weight"] <= 1, r["name"]
+            assert 0 <= s["weight_entropy"] <= 1, r["name"]
+        else:
+            assert r["streams"] is None, r["name"]
+    assert "| stream cos | top weight | weight entropy |" in (out / "report.md").read_text()
     assert "| p1-prefix |" in stdout  # the table is printed too
 
 
@@ -172,6 +208,38 @@ def test_full_budget_is_paired_over_four_seeds_and_three_sizes():
     a, b = (train_config(cfg, next(s for s in specs if s.name == n)).to_dict() for n in ("p2-s1", "p1-prefix-s1"))
     differ = {k for k in a if a[k] != b[k]}
     assert differ == {"out", "P", "prefix_at_p1"}
+    # Each prefix attempt changes P=2 and its control alike, and only in its one option.
+    by_name = {s.name: train_config(cfg, s).to_dict() for s in specs if s.seed == 1}
+    attempts = {"init0.002": {"prefix_init_std": 0.002}, "init0.2": {"prefix_init_std": 0.2},
+                "slr3": {"stream_lr_mult": 3.0}, "slr0.3": {"stream_lr_mult": 0.3}, "mlp": {"prefix_mlp_hidden": 128}}
+    for name, option in attempts.items():
+        for arm in ("p2", "p1-prefix"):
+            got, base = by_name[f"{arm}-{name}-s1"], by_name[f"{arm}-s1"]
+            assert {k: got[k] for k in got if got[k] != base[k] and k != "out"} == option, (arm, name)
+    for coef in (0.1, 1.0):
+        got = by_name[f"p2-penalty{coef:g}-s1"]
+        assert {k: got[k] for k in got if got[k] != by_name["p2-s1"][k] and k != "out"} == \
+            {"stream_similarity_penalty": coef}
+    assert len(specs) == 4 * 31
+
+
+def test_a_run_trained_before_the_new_options_is_still_reused(tmp_path):
+    """A config.yaml without the options added later (they were at their defaults) is the same run."""
+    import yaml
+
+    from parscale.demo.runner import ensure_run
+
+    cfg = DemoConfig.preset(str(tmp_path), budget="quick")
+    tc = train_config(cfg, plan(cfg)[1])  # p2
+    old = {k: v for k, v in tc.to_dict().items()
+           if k not in ("prefix_init_std", "prefix_mlp_hidden", "stream_lr_mult", "stream_similarity_penalty")}
+    (tc.run_dir / "final").mkdir(parents=True)
+    (tc.run_dir / "final" / "config.json").write_text("{}")
+    (tc.run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    assert ensure_run(tc) == (tc.run_dir / "final", "reused")
+    (tc.run_dir / "config.yaml").write_text(yaml.safe_dump({**old, "prefix_init_std": 0.2}))
+    with pytest.raises(UserError, match="other options .*prefix_init_std"):
+        ensure_run(tc)
 
 
 def test_budgets_and_flags():
@@ -191,3 +259,28 @@ def test_cli_reports_bad_flags_in_one_line(capsys):
     assert "--scale" in capsys.readouterr().err
     assert main(["demo", "--quick", "--budget", "full", "--out", "unused"]) == 2
     assert "--quick" in capsys.readouterr().err
+
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_the_demo_notice_keeps_checkpoints_and_a_rerun_resumes(interrupted, smoke):
+    from parscale.demo.runner import STOP_NOTICE
+    from parscale.interrupt import STOP_NOTICE as TRAIN_NOTICE
+
+    out, stopped_proc, kept = interrupted
+    stdout, stderr = stopped_proc.stdout, stopped_proc.stderr
+    assert stopped_proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines.count(STOP_NOTICE) == 1 and TRAIN_NOTICE not in stderr  # the demo speaks once, its runs do not
+    finished = stdout.count("[demo] trained ")
+    assert lines[-1] == (f"parscale demo: stopped with {finished} of 8 runs finished; finished runs and "
+                         f"checkpoints are kept, continue with: parscale demo {' '.join(SMOKE_FLAGS)} --out {out}")
+    stopped = [line.split()[2].rstrip(";") for line in stdout.splitlines() if line.startswith("[demo] stopped ")]
+    assert "p4" in stopped, stdout  # the run that had logged an update stopped mid-run ...
+    p4_steps = [r["step"] for r in read_metrics(out / "runs" / "p4" / "metrics.jsonl")]
+    assert p4_steps == list(range(1, DemoConfig.preset("x", budget="smoke").steps + 1))  # resumed without a gap
+    rerun = smoke[3]
+    assert kept["p4"] and kept["p4"][-1] != "ckpt-0000004", kept  # ... kept a checkpoint of the update it was in
+    for name in stopped:  # ... and the rerun resumed every stopped run
+        assert f"[demo] resumed {name} " in rerun, rerun
+    assert "[demo] trained p4" not in rerun

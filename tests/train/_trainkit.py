@@ -70,7 +70,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train_in_process(**fields):
+def train_in_process(resume: bool = False, **fields):
     """`train(TrainConfig(**fields))` here, on one thread like the subprocess runs, so an
     in-process reference run does the same arithmetic as `run_train` (and saves a process start)."""
     import torch
@@ -80,6 +80,6 @@ def train_in_process(**fields):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train(TrainConfig(**fields))
+        return train(TrainConfig(**fields), resume=resume)
     finally:
         torch.set_num_threads(threads)

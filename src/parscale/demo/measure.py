@@ -88,28 +88,16 @@ def decode_ms(final: Path, decode_tokens: int) -> dict[str, float]:
 
 
 def stream_diagnostics(model, tokens, seq_len: int = 128, rows: int = 8) -> dict[str, float] | None:
-    """How different the streams are on held-out text: the mean pairwise cosine of their final
-    hidden states, and the mean weight the aggregation gives its favourite stream."""
+    """How different the streams are on held-out text (`parscale.model.diagnostics`): the mean
+    pairwise cosine of their final hidden states, the aggregation's mean top weight and its mean
+    entropy relative to log P. None at P = 1 (one stream: nothing to compare)."""
     import torch
 
-    n = model.parscale_config.n_streams
-    if n < 2:
-        return None
+    from parscale.model.diagnostics import stream_diagnostics as measure_streams
+
     rows = max(1, min(rows, len(tokens) // seq_len))
     x = torch.as_tensor(tokens[:rows * seq_len].astype("int64")).view(rows, seq_len)  # b s
-    seen: dict[str, torch.Tensor] = {}
-    head = model.model.aggregate_layer
-    hook = head.register_forward_hook(lambda mod, args, out: seen.setdefault("h", args[0]))
-    try:
-        with torch.no_grad():
-            model(input_ids=x)
-            hidden = seen["h"].float()  # (n b) s h
-            weights = head.stream_weights(hidden)  # b s n
-    finally:
-        hook.remove()
-    per = torch.nn.functional.normalize(hidden.view(n, rows, seq_len, -1), dim=-1)  # n b s h
-    cos = [(per[i] * per[j]).sum(-1).mean() for i in range(n) for j in range(i + 1, n)]
-    return {"stream_cosine": float(torch.stack(cos).mean()), "top_weight": float(weights.max(-1).values.mean())}
+    return measure_streams(model, x)
 
 
 def backbone_identical(final: Path, source: Path) -> dict[str, Any]:

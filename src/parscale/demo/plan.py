@@ -49,6 +49,10 @@ class RunSpec:
     steps_factor: int = 1             # x the budget's steps (the "more tokens" attempt)
     attn_smooth: float = 0.01
     lr: float | None = None           # None: BASE_LR scaled by 128 / hidden
+    prefix_init_std: float = 0.02     # the attempts' options (see TrainConfig); defaults = the main runs
+    stream_lr_mult: float = 1.0
+    prefix_mlp_hidden: int = 0
+    stream_penalty: float = 0.0
     group: str = "scratch"            # scratch | two-stage | size | attempt
     setting: str = ""                 # the name without its seed: what seeds are averaged over
 
@@ -177,7 +181,24 @@ def _seed_runs(cfg: DemoConfig, seed: int) -> list[RunSpec]:
             run("p1-prefix-4x", "P=1 + prefix, 4x the tokens", prefix_at_p1=True, steps_factor=4, group="attempt"),
             run("p2-4x", "P=2, 4x the tokens", P=2, steps_factor=4, group="attempt"),
         ]
+        # Options that change the prefix change the control's prefix too, so each gets a paired control.
+        for name, what, options in PREFIX_ATTEMPTS:
+            runs += [run(f"p2-{name}", f"P=2, {what}", P=2, group="attempt", **options),
+                     run(f"p1-prefix-{name}", f"P=1 + prefix, {what}", prefix_at_p1=True, group="attempt", **options)]
+        runs += [run(f"p2-penalty{c:g}", f"P=2, stream-similarity penalty {c:g}", P=2, stream_penalty=c,
+                     group="attempt") for c in PENALTIES]
     return runs
+
+
+# The full budget's attempts on the prefixes: (name, label, RunSpec options).
+PREFIX_ATTEMPTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("init0.002", "prefix init std 0.002 (10x smaller)", {"prefix_init_std": 0.002}),
+    ("init0.2", "prefix init std 0.2 (10x larger)", {"prefix_init_std": 0.2}),
+    ("slr3", "3x learning rate on the stream parameters", {"stream_lr_mult": 3.0}),
+    ("slr0.3", "0.3x learning rate on the stream parameters", {"stream_lr_mult": 0.3}),
+    ("mlp", "prefixes produced by a 128-wide MLP", {"prefix_mlp_hidden": 128}),
+)
+PENALTIES = (0.1, 1.0)  # x the mean pairwise cosine of the streams' final hidden states
 
 
 def plan(cfg: DemoConfig) -> list[RunSpec]:
@@ -204,6 +225,8 @@ def train_config(cfg: DemoConfig, spec: RunSpec):
     common = dict(out=str(run_dir(cfg, spec.name)), P=spec.P, train=spec.train, steps=steps, seed=spec.seed,
                   lr=learning_rate(spec), min_lr_ratio=MIN_LR_RATIO, attn_smooth=spec.attn_smooth,
                   eval_every=every, save_every=every, eval_tokens=cfg.eval_tokens, keep_last=1,
+                  prefix_init_std=spec.prefix_init_std, stream_lr_mult=spec.stream_lr_mult,
+                  prefix_mlp_hidden=spec.prefix_mlp_hidden, stream_similarity_penalty=spec.stream_penalty,
                   data=cfg.data, cache_dir=str(cfg.out_dir / "data"))
     if spec.source:
         return TrainConfig(init_from=str(run_dir(cfg, spec.source) / "final"), **common)

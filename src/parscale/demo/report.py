@@ -49,9 +49,10 @@ def runs_table(summary: dict[str, Any]) -> str:
                      _f(r["delta_vs_control"]), f"{r['train_seconds']:.0f} s", _si(r["train_flops"]),
                      _si(r["non_embedding_params"]), _si(r["extra_params"]), _f(r["decode_ms_per_token"], ".2f"),
                      _f(r["decode_ms_per_token_bf16"], ".2f"), _f(s.get("stream_cosine"), ".3f"),
-                     _f(s.get("top_weight"), ".2f")])
+                     _f(s.get("top_weight"), ".2f"), _f(s.get("weight_entropy"), ".2f")])
     return _table(["run", "what", "P", "val loss", "Δ vs P=1", "Δ vs control", "train time", "train FLOPs",
-                   "non-emb params", "extra params", "decode ms/tok fp32", "bf16", "stream cos", "top weight"], rows)
+                   "non-emb params", "extra params", "decode ms/tok fp32", "bf16", "stream cos", "top weight",
+                   "weight entropy"], rows)
 
 
 def init_table(summary: dict[str, Any]) -> str:
@@ -132,8 +133,10 @@ def findings(summary: dict[str, Any]) -> list[str]:
     if streams:
         cos = [r["streams"]["stream_cosine"] for r in streams]
         top = [r["streams"]["top_weight"] for r in streams]
-        out.append(f"The streams stay alike: their final hidden states have cosine {min(cos):.3f}–{max(cos):.3f}, "
-                   f"and the aggregation gives its favourite stream {min(top):.2f}–{max(top):.2f} of the weight.")
+        ent = [r["streams"].get("weight_entropy") for r in streams if r["streams"].get("weight_entropy") is not None]
+        out.append(f"How alike the streams are: their final hidden states have cosine {min(cos):.3f}–{max(cos):.3f}, "
+                   f"and the aggregation gives its favourite stream {min(top):.2f}–{max(top):.2f} of the weight"
+                   + (f" (entropy {min(ent):.2f}–{max(ent):.2f} of log P; 1 would be uniform)." if ent else "."))
     post = [r for r in summary["runs"] if r["group"] == "two-stage" and r["train"] == "streams"]
     if post:
         gaps = ", ".join(f"{r['name']} {r['delta_vs_control']:+.4f}" for r in post if r["delta_vs_control"] is not None)
@@ -176,8 +179,9 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "`Δ vs P=1`: final loss minus the P=1 run of the same seed and size (negative is better). `Δ vs "
         "control`: two-stage runs against `post-p1-control`. `train time`: the update steps only. `extra "
         "params`: non-embedding parameters beyond the P=1 baseline. Decode: the fastest of the timed steps "
-        "at batch 1, one thread (`parscale.cost.measure`). `stream cos` and `top weight`: how alike the "
-        "streams' final hidden states are, and the aggregation's largest weight, on held-out text.",
+        "at batch 1, one thread (`parscale.cost.measure`). `stream cos`, `top weight` and `weight entropy` "
+        "(P > 1 only): the mean pairwise cosine of the streams' final hidden states, and the aggregation's "
+        "mean largest weight and mean entropy over log P (1: uniform, 0: one stream), on held-out text.",
         "![validation curves](curves.png)\n\n![final loss against P](loss_vs_p.png)",
         "![loss against decode latency](loss_vs_latency.png)\n\n![loss against training FLOPs](loss_vs_flops.png)",
         "## Shared initialisation and one backbone for every stream set\n\n" + init_table(summary)

@@ -6,11 +6,18 @@ is an ordinary trainer run in its own process (`spawn`: no state shared with the
 a run starts when the run it converts has finished, longest first among the ready ones.
 Data are tokenized by the parent before the runs that read them start, so no two processes
 build the same cache.
+
+Ctrl-C: the workers sit in their own process group, so a terminal's Ctrl-C reaches only the
+parent. It prints one notice, forwards one stop to every running run (each finishes its
+update, keeps a checkpoint and returns), starts nothing new, and then stops with exit 130;
+rerunning the command resumes. A second Ctrl-C is forwarded too, and everything stops at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -20,10 +27,13 @@ from typing import Any
 import yaml
 
 from parscale.errors import UserError
+from parscale.interrupt import Interrupted, deferred_stop
 
 log = logging.getLogger(__name__)
 # Relative cost of one update, by P and model, for ordering the queue (longest first).
 _COST = {1: 1.0, 2: 1.8, 4: 3.2}
+STOP_NOTICE = ("stopping: every running run finishes its current step and keeps a checkpoint, then the demo "
+               "stops (rerun the same command to resume); press Ctrl-C again to stop at once")
 
 
 # ---------------------------------------------------------------- one run (in a worker)
@@ -37,38 +47,63 @@ def _comparable(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def ensure_run(tc) -> tuple[Path, str]:
-    """Train a run, resume it, or reuse it if finished: (final model dir, what was done)."""
+def ensure_run(tc, stop_notice: str = STOP_NOTICE) -> tuple[Path, str]:
+    """Train a run, resume it, or reuse it if finished: (final model dir, what was done).
+
+    `stop_notice` is what the trainer prints on a first Ctrl-C ("" in a worker: the parent speaks)."""
     from parscale.train.loop import train
 
     saved = tc.run_dir / "config.yaml"
     if not saved.is_file():
-        return train(tc), "trained"
+        return train(tc, stop_notice=stop_notice), "trained"
     have = _comparable(yaml.safe_load(saved.read_text()) or {})
     want = _comparable(yaml.safe_load(yaml.safe_dump(tc.to_dict())))
-    # A key one side lacks counts as None: an option added later with a None default is no change.
-    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    # A key one side lacks counts as its default: an option added later is no change.
+    defaults = {f.name: f.default for f in dataclasses.fields(tc) if f.default is not dataclasses.MISSING}
+    diff = sorted(k for k in set(have) | set(want) if have.get(k, defaults.get(k)) != want.get(k, defaults.get(k)))
     if diff:
         raise UserError(f"{tc.run_dir} was trained with other options ({', '.join(diff)}); "
                         "delete that run directory or choose another --out")
     if (tc.run_dir / "final" / "config.json").is_file():
         return tc.run_dir / "final", "reused"
     log.info("resuming the interrupted run %s", tc.run_dir)
-    return train(tc, resume=True), "resumed"
+    return train(tc, resume=True, stop_notice=stop_notice), "resumed"
 
 
 def _init_worker() -> None:
     import torch
 
+    os.setpgrp()  # out of the terminal's process group: a Ctrl-C reaches the parent, which forwards it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # idle between runs: a forwarded stop has nothing to stop
     os.environ["TQDM_DISABLE"] = "1"  # two bars from two processes would garble the terminal
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
 
-def _job(tc) -> tuple[str, str, float]:
+def _job(tc, stop_notice: str = STOP_NOTICE) -> dict[str, Any]:
+    """One run: {final, action, wall_seconds}, action "interrupted" (with the signal) if stopped."""
     start = time.perf_counter()
-    final, action = ensure_run(tc)
-    return str(final), action, time.perf_counter() - start
+    try:
+        final, action = ensure_run(tc, stop_notice)
+    except Interrupted as err:  # returned, not raised: the parent decides what the demo does next
+        return {"final": None, "action": "interrupted", "signum": err.signum,
+                "wall_seconds": time.perf_counter() - start}
+    return {"final": str(final), "action": action, "wall_seconds": time.perf_counter() - start}
+
+
+def _worker_job(tc) -> dict[str, Any]:
+    """`_job` in a worker process, where the parent's forwarded SIGINT is the stop request."""
+    start = time.perf_counter()
+    # Before the trainer's loop (which defers the stop to the end of its update) a stop ends
+    # the run at once: nothing would be kept by going on.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _job(tc, stop_notice="")
+    except KeyboardInterrupt:
+        return {"final": None, "action": "interrupted", "signum": int(signal.SIGINT),
+                "wall_seconds": time.perf_counter() - start}
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _bench(steps: int) -> float:
@@ -99,6 +134,21 @@ class Pool:
         if workers > 1:
             self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
                                             initializer=_init_worker)
+
+    def submit_run(self, tc) -> Future:
+        """A run: in a worker (silent on Ctrl-C, the parent speaks), or here with the demo's notice."""
+        return self.submit(_worker_job, tc) if self.pool is not None else self.submit(_job, tc, STOP_NOTICE)
+
+    def signal_workers(self, signum: int) -> None:
+        """Send `signum` to every worker process (those between runs ignore it)."""
+        if self.pool is None:
+            return
+        # concurrent.futures has no public list of its worker processes; `_processes` maps pid -> Process.
+        for pid in list(getattr(self.pool, "_processes", None) or {}):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:  # it has just exited
+                pass
 
     def submit(self, fn, *args) -> Future:
         if self.pool is not None:
@@ -148,7 +198,8 @@ def _cost(cfg, spec) -> float:
 def train_all(cfg, specs, pool: Pool, prepare) -> dict[str, dict[str, Any]]:
     """Run every spec once its source is done; `prepare(tc)` tokenizes a run's data first.
 
-    Returns {name: {final, action, wall_seconds}} in the order the runs finished."""
+    Returns {name: {final, action, wall_seconds}} in the order the runs finished. On Ctrl-C (or
+    SIGTERM) the running runs stop after their update with a checkpoint and `Interrupted` is raised."""
     from parscale.demo.plan import train_config
 
     configs = {s.name: train_config(cfg, s) for s in specs}
@@ -157,22 +208,40 @@ def train_all(cfg, specs, pool: Pool, prepare) -> dict[str, dict[str, Any]]:
     done: dict[str, dict[str, Any]] = {}
     running: dict[Future, str] = {}
     prepared: set[str] = set()
-    while pending or running:
-        ready = [s for s in pending if s.source is None or s.source in done]
-        while ready and len(running) < pool.workers:
-            spec = ready.pop(0)
-            pending.remove(spec)
-            tc = configs[spec.name]
-            key = str(tc.data.to_dict())
-            if key not in prepared:  # in the parent, once per tokenizer: no two workers build one cache
-                prepare(tc)
-                prepared.add(key)
-            print(f"[demo] start {spec.name}: {spec.label} ({tc.steps} steps)", flush=True)
-            running[pool.submit(_job, tc)] = spec.name
-        finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-        for fut in finished:
-            name = running.pop(fut)
-            final, action, wall = fut.result()
-            done[name] = {"final": final, "action": action, "wall_seconds": wall}
-            print(f"[demo] {action} {name} in {wall:.0f} s ({len(done)}/{len(specs)})", flush=True)
+    stopped: list[int] = []  # the signal of each run that stopped early
+
+    def at_once() -> str:  # the second Ctrl-C: the runs get their second stop too
+        pool.signal_workers(signal.SIGINT)
+        return "stopped at once"
+
+    forwarded = False
+    with deferred_stop(at_once, STOP_NOTICE) as stop:
+        while (pending and not stop and not stopped) or running:
+            if stop and not forwarded:
+                pool.signal_workers(signal.SIGINT)  # each running run finishes its update and keeps a checkpoint
+                forwarded = True
+            ready = [s for s in pending if s.source is None or s.source in done]
+            while ready and len(running) < pool.workers and not stop and not stopped:
+                spec = ready.pop(0)
+                pending.remove(spec)
+                tc = configs[spec.name]
+                key = str(tc.data.to_dict())
+                if key not in prepared:  # in the parent, once per tokenizer: no two workers build one cache
+                    prepare(tc)
+                    prepared.add(key)
+                print(f"[demo] start {spec.name}: {spec.label} ({tc.steps} steps)", flush=True)
+                running[pool.submit_run(tc)] = spec.name
+            finished, _ = wait(list(running), timeout=0.1, return_when=FIRST_COMPLETED)  # and forward a stop soon
+            for fut in finished:
+                name = running.pop(fut)
+                result = fut.result()
+                if result["action"] == "interrupted":
+                    stopped.append(result["signum"])
+                    print(f"[demo] stopped {name}; its last checkpoint is kept", flush=True)
+                    continue
+                done[name] = {k: result[k] for k in ("final", "action", "wall_seconds")}
+                print(f"[demo] {result['action']} {name} in {result['wall_seconds']:.0f} s "
+                      f"({len(done)}/{len(specs)})", flush=True)
+    if stop or stopped:
+        raise Interrupted(stop.signum or stopped[0], f"stopped with {len(done)} of {len(specs)} runs finished")
     return done

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from parscale.demo.plan import DemoConfig, RunSpec, plan, run_dir, train_config
+from parscale.demo.plan import PENALTIES, PREFIX_ATTEMPTS, DemoConfig, RunSpec, plan, run_dir, train_config
 from parscale.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,9 @@ def read_run(cfg: DemoConfig, spec: RunSpec, done: dict[str, Any], val_tokens) -
     run: dict[str, Any] = {"name": spec.name, "label": spec.label, "P": spec.P, "kind": spec.kind,
                            "preset": spec.preset, "group": spec.group, "setting": spec.setting, "seed": spec.seed,
                            "source": spec.source, "train": spec.train, "attn_smooth": spec.attn_smooth,
-                           "lr": tc.lr, "action": done["action"], "wall_seconds": done["wall_seconds"]}
+                           "lr": tc.lr, "prefix_init_std": spec.prefix_init_std, "stream_lr_mult": spec.stream_lr_mult,
+                           "prefix_mlp_hidden": spec.prefix_mlp_hidden, "stream_penalty": spec.stream_penalty,
+                           "action": done["action"], "wall_seconds": done["wall_seconds"]}
     run.update(measure.metrics(tc))
     run.update(measure.params(model))
     run["train_flops"] = measure.train_flops(model, tc)
@@ -150,6 +152,9 @@ def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     pairs = [("p2", "p1"), ("p4", "p1"), ("p1-prefix", "p1"), ("p1-wide", "p1"), ("p2", "p1-prefix"),
              ("p4", "p1-prefix"), ("p2", "p1-wide"), ("post-p2-streams", "post-p1-control"),
              ("post-p4-streams", "post-p1-control"), ("p2-smooth0.1", "p2"), ("p2-4x", "p1-prefix-4x")]
+    for name, _, _ in PREFIX_ATTEMPTS:  # each prefix attempt: against its own control, and against plain P=2
+        pairs += [(f"p2-{name}", f"p1-prefix-{name}"), (f"p2-{name}", "p2")]
+    pairs += [(f"p2-penalty{c:g}", "p1-prefix") for c in PENALTIES] + [(f"p2-penalty{c:g}", "p2") for c in PENALTIES]
     return [c for c in (paired(runs, a, b) for a, b in pairs) if c is not None]
 
 

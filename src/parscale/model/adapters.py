@@ -39,7 +39,7 @@ from parscale.model.format import read_json
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_TYPE = "PARSCALE_STREAMS"
-STREAM_MARKERS = ("prefix_k", "prefix_v", "aggregate_layer.")
+STREAM_MARKERS = ("prefix_k", "prefix_v", "aggregate_layer.", "prefix_encoder.")
 FORMAT_VERSION = 1
 
 

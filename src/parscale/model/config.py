@@ -36,6 +36,13 @@ class ParScaleConfig:
         prefix_at_p1: P = 1 with one learnable prefix and no aggregation. Not a released
             layout: it is the control that separates what a prefix (an attention sink) gains
             from what several streams gain. False keeps P = 1 the plain model.
+        prefix_init_std: the standard deviation of the prefixes' N(0, std) initialisation. An
+            initialisation setting only: checkpoints do not record it (they hold the prefixes).
+        prefix_mlp_hidden: 0 learns the prefixes directly. N > 0 reparameterises them, as
+            P-tuning v2 and PEFT's `prefix_projection` do: a learnable embedding per stream and
+            prefix slot, through `Linear(H, N) -> tanh -> Linear(N, layers*2*kv*head_dim)`,
+            produces every layer's K/V prefixes. A training-time choice: `save_pretrained`
+            writes the prefixes it produces, so the saved model is a plain ParScale model.
 
     >>> ParScaleConfig(n_streams=4).n_prefix_tokens
     48
@@ -45,6 +52,8 @@ class ParScaleConfig:
     n_prefix_tokens: int = 48
     attn_smooth: float = 0.01
     prefix_at_p1: bool = False
+    prefix_init_std: float = 0.02
+    prefix_mlp_hidden: int = 0
 
     def __post_init__(self) -> None:
         _check_int("n_streams", self.n_streams, 1, "use n_streams=1 for the plain model or e.g. 2, 4, 8")
@@ -63,6 +72,16 @@ class ParScaleConfig:
         if self.prefix_at_p1 and self.n_streams != 1:
             raise UserError(f"prefix_at_p1 is for n_streams=1 (every stream of P={self.n_streams} already "
                             "has its prefix); drop prefix_at_p1")
+        std = self.prefix_init_std
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0.0 < float(std) < float("inf"):
+            raise UserError(f"prefix_init_std must be a positive number, got {std!r}; the default is 0.02 "
+                            "(zero would make every stream identical, and identical streams never diverge)")
+        object.__setattr__(self, "prefix_init_std", float(std))
+        _check_int("prefix_mlp_hidden", self.prefix_mlp_hidden, 0, "0 learns the prefixes directly, e.g. 64 "
+                   "produces them with a small MLP")
+        if self.prefix_mlp_hidden and not self.has_prefixes:
+            raise UserError("prefix_mlp_hidden produces prefixes, and a plain P = 1 model has none; "
+                            "use n_streams >= 2 or prefix_at_p1=True, or drop prefix_mlp_hidden")
 
     @property
     def has_prefixes(self) -> bool:
@@ -70,10 +89,12 @@ class ParScaleConfig:
         return self.n_streams > 1 or self.prefix_at_p1
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields; `prefix_at_p1` only when set, so files without it keep their old layout."""
+        """The fields; the optional ones only when they differ from their defaults, so files
+        written without them keep their old layout."""
         data = asdict(self)
-        if not self.prefix_at_p1:
-            del data["prefix_at_p1"]
+        for name, default in (("prefix_at_p1", False), ("prefix_init_std", 0.02), ("prefix_mlp_hidden", 0)):
+            if data[name] == default:
+                del data[name]
         return data
 
     @classmethod

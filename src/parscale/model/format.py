@@ -104,8 +104,12 @@ def _is_tied(model) -> bool:
 
 
 def weights_to_save(model) -> dict[str, torch.Tensor]:
-    """The state dict under the released key names; the tied lm_head is left out."""
+    """The state dict under the released key names; the tied lm_head is left out, and a prefix
+    encoder's output is written as ordinary prefixes (the saved model is a plain ParScale model)."""
     state = model.state_dict()
+    if getattr(model, "prefix_encoder", None) is not None:  # the prefixes it produces, not the MLP
+        state = {k: v for k, v in state.items() if not k.startswith("prefix_encoder.")}
+        state.update(model.materialised_prefixes())
     if _is_tied(model):
         state.pop("lm_head.weight", None)
     return {key: tensor.detach().contiguous().cpu() for key, tensor in state.items()}

@@ -12,6 +12,7 @@ LM head runs, so transformers' Trainer and TRL's SFTTrainer train it like any ca
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -117,7 +118,57 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
             self.model.aggregate_layer = AggregationHead(
                 base.config.hidden_size, n_streams, parscale_config.attn_smooth, device=ref.device, dtype=ref.dtype
             )
+        self.prefix_encoder: streams.PrefixEncoder | None = None
+        if parscale_config.prefix_mlp_hidden:
+            self.attach_prefix_encoder(parscale_config.prefix_mlp_hidden)
         kernels.enable(self)  # few-row CPU inference through the skinny kernel; stock matmul otherwise
+
+    # ----- the reparameterised prefix (see `streams.PrefixEncoder`) -----------------------
+    def attach_prefix_encoder(self, hidden: int, generator: torch.Generator | None = None) -> None:
+        """Replace the learned prefixes by an MLP that produces them (`prefix_mlp_hidden`).
+
+        With `generator` the MLP is initialised at once (prefix std `prefix_init_std`);
+        without, its weights are left for a `load_state_dict` to fill.
+        """
+        if not self.parscale_config.has_prefixes:
+            raise UserError("a plain P = 1 model has no prefixes to reparameterise")
+        if self.prefix_encoder is not None:
+            raise UserError("the model already has a prefix encoder")
+        attentions = self.attention_modules()
+        n_streams, n_kv, n_prefix, head_dim = attentions[0].prefix_k.shape
+        ref = self.lm_head.weight
+        encoder = streams.PrefixEncoder(n_streams, n_prefix, self.config.hidden_size, hidden, len(attentions),
+                                        n_kv, head_dim, device=ref.device, dtype=ref.dtype)
+        for attention in attentions:  # the encoder's output takes their place in every forward
+            del attention.prefix_k, attention.prefix_v
+        self.prefix_encoder = encoder
+        self.parscale_config = dataclasses.replace(self.parscale_config, prefix_mlp_hidden=hidden)
+        if generator is not None:
+            encoder.reset_parameters(generator, self.parscale_config.prefix_init_std)
+        streams.install_encoded_prefixes(attentions, encoder)
+
+    def materialised_prefixes(self) -> dict[str, torch.Tensor]:
+        """The prefixes the encoder produces now, under the released state-dict keys."""
+        if self.prefix_encoder is None:
+            raise UserError("the model has no prefix encoder; its prefixes are in its state dict")
+        names = {id(module): name for name, module in self.named_modules()}
+        with torch.no_grad():
+            prefixes = self.prefix_encoder()  # layers 2 P kv T d
+        out = {}
+        for attention, (k, v) in zip(self.attention_modules(), prefixes):
+            out[f"{names[id(attention)]}.prefix_k"], out[f"{names[id(attention)]}.prefix_v"] = k, v
+        return out
+
+    def merge_prefix_encoder(self) -> "ParScaleForCausalLM":
+        """Turn the encoder's output into ordinary prefix parameters and drop the encoder
+        (like PEFT's `merge_and_unload`): the model becomes a plain ParScale model."""
+        with torch.no_grad():
+            prefixes = self.prefix_encoder()  # layers 2 P kv T d (raises below if there is none)
+        for attention, (k, v) in zip(self.attention_modules(), prefixes):
+            attention.prefix_k, attention.prefix_v = nn.Parameter(k.clone()), nn.Parameter(v.clone())
+        self.prefix_encoder = None
+        self.parscale_config = dataclasses.replace(self.parscale_config, prefix_mlp_hidden=0)
+        return self
 
     def use_fast_kernels(self, enabled: bool = True) -> None:
         """Switch the CPU decode kernel on (the default) or off (the stock `F.linear` everywhere)."""
@@ -189,6 +240,8 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
             raise UserError("pass the cache once: as cache= or as past_key_values=, not both")
         cache = cache if cache is not None else past_key_values
         n_streams = self.parscale_config.n_streams
+        if self.prefix_encoder is not None:
+            streams.install_encoded_prefixes(self.attention_modules(), self.prefix_encoder)
         if self.parscale_config.has_prefixes and self.config._attn_implementation != streams.ATTN_IMPLEMENTATION:
             raise UserError(
                 f"attn_implementation is {self.config._attn_implementation!r}, which would ignore the stream prefixes; "
@@ -268,6 +321,8 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         return self._active_streams
 
     def _remember_active(self) -> None:
+        if self.prefix_encoder is not None:
+            raise UserError("stream sets hold plain prefixes; call merge_prefix_encoder() first")
         if self._active_streams is not None:  # the very tensors now installed (they may have been trained)
             self._stream_sets[self._active_streams] = adapters.capture(self)
 
@@ -355,7 +410,7 @@ class Qwen2ParScaleForCausalLM(ParScaleForCausalLM):
 
 
 def init_stream_parameters(model: ParScaleForCausalLM, seed: int = 0) -> None:
-    """Prefixes ~ N(0, 0.02), aggregation first layer U(±1/sqrt(fan_in)), last layer zero.
+    """Prefixes ~ N(0, prefix_init_std) (or the prefix encoder, see `streams.PrefixEncoder`), aggregation first layer U(±1/sqrt(fan_in)), last layer zero.
 
     All draws come from one `torch.Generator(seed)`, so the backbone and the stream
     parameters are independent random draws. The zero last layer makes the initial
@@ -364,7 +419,11 @@ def init_stream_parameters(model: ParScaleForCausalLM, seed: int = 0) -> None:
     if not model.parscale_config.has_prefixes:
         return
     generator = torch.Generator().manual_seed(seed)
-    streams.init_prefixes_normal(model.attention_modules(), generator)
+    std = model.parscale_config.prefix_init_std
+    if model.prefix_encoder is not None:
+        model.prefix_encoder.reset_parameters(generator, std)
+    else:
+        streams.init_prefixes_normal(model.attention_modules(), generator, std)
     if model.parscale_config.n_streams > 1:
         model.model.aggregate_layer.reset_parameters(generator)
 

@@ -126,6 +126,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optim_state: dict[str, Any]
     run_dir = Path(run_dir)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=run_dir))
     model.save_pretrained(tmp / "model")
+    from parscale.train.convert import save_prefix_encoder
+
+    save_prefix_encoder(model, tmp)  # model/ holds the prefixes an MLP produced; the MLP goes beside it
     if os.environ.get(KILL_ENV) == str(step):
         log.warning("%s=%s: killing the process mid-checkpoint (test fault injection)", KILL_ENV, step)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -47,6 +47,8 @@ class TrainConfig:
     prefix_tokens: int = 48             # learnable key/value prefix length per stream and layer
     attn_smooth: float = 0.01           # aggregation smoothing (the paper's epsilon)
     prefix_at_p1: bool = False          # P=1 with one learnable prefix: the control for the streams
+    prefix_init_std: float = 0.02       # std of the prefixes' N(0, std) initialisation
+    prefix_mlp_hidden: int = 0          # >0: an MLP of this width produces the prefixes (saved as plain prefixes)
     train: str = "full"                 # full: all weights learn | streams: backbone frozen
     # --- data
     data: Any = field(default_factory=_default_data)   # a parscale.data.prepare.DataConfig
@@ -65,6 +67,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0              # 0 disables clipping
+    stream_lr_mult: float = 1.0         # x the learning rate for the stream parameters (prefixes, aggregation)
+    stream_similarity_penalty: float = 0.0  # + this x the streams' mean pairwise hidden-state cosine in the loss
     # --- evaluation and checkpoints
     eval_every: int = 100               # 0: only at the end
     eval_tokens: int | None = None      # held-out tokens per evaluation (None: all kept by data)
@@ -124,6 +128,11 @@ class TrainConfig:
                             "add --init-from DIR (or use --train full)")
         if self.prefix_at_p1 and self.P != 1:
             raise UserError(f"--prefix-at-p1 gives a P=1 model one prefix; it cannot be combined with --P {self.P}")
+        if self.prefix_mlp_hidden and self.P == 1 and not self.prefix_at_p1:
+            raise UserError("--prefix-mlp-hidden produces prefixes, which a plain P=1 model has none of; "
+                            "add --P 2 (or more) or --prefix-at-p1")
+        if self.stream_similarity_penalty and self.P < 2:
+            raise UserError("--stream-similarity-penalty compares streams, so it needs --P 2 or more")
         if self.train == "streams" and self.P < 2:
             raise UserError("--train streams trains only the stream parameters, which exist for P >= 2; "
                             "add --P 2 (or more), or use --train full")
@@ -139,6 +148,10 @@ class TrainConfig:
             (self.P >= 1, "--P must be at least 1"),
             (self.prefix_tokens >= 1 or self.P == 1, "--prefix-tokens must be at least 1 when P > 1"),
             (0.0 <= self.attn_smooth < 1.0, "--attn-smooth must be in [0, 1)"),
+            (self.prefix_init_std > 0, "--prefix-init-std must be positive (zero prefixes keep the streams identical)"),
+            (self.prefix_mlp_hidden >= 0, "--prefix-mlp-hidden must be >= 0 (0: learn the prefixes directly)"),
+            (self.stream_lr_mult > 0, "--stream-lr-mult must be positive (1: the same rate as the backbone)"),
+            (self.stream_similarity_penalty >= 0, "--stream-similarity-penalty must be >= 0 (0: off)"),
             (self.seq_len >= 2, "--seq-len must be at least 2 (one input and one target token)"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
             (self.batch_size % self.grad_accum == 0,

@@ -32,8 +32,10 @@ def _parscale_api():
 
 
 def wrap_streams(base: torch.nn.Module, P: int, prefix_tokens: int, attn_smooth: float, seed: int,
-                 prefix_at_p1: bool = False):
-    """Wrap a transformers causal LM with P streams (P=1: the exact base model, unless `prefix_at_p1`)."""
+                 prefix_at_p1: bool = False, **prefix_options):
+    """Wrap a transformers causal LM with P streams (P=1: the exact base model, unless `prefix_at_p1`).
+
+    `prefix_options`: `prefix_init_std`, `prefix_mlp_hidden` (see `ParScaleConfig`)."""
     api = _parscale_api()
     if api is None:
         if P != 1 or prefix_at_p1:
@@ -41,19 +43,45 @@ def wrap_streams(base: torch.nn.Module, P: int, prefix_tokens: int, attn_smooth:
         return base
     ParScaleConfig, _, to_parscale = api
     cfg = ParScaleConfig(n_streams=P, n_prefix_tokens=prefix_tokens, attn_smooth=attn_smooth,
-                         prefix_at_p1=prefix_at_p1)
+                         prefix_at_p1=prefix_at_p1, **prefix_options)
     return to_parscale(base, cfg, seed=seed)
 
 
 def model_from_scratch(hf_config, P: int, prefix_tokens: int, attn_smooth: float, seed: int,
-                       prefix_at_p1: bool = False):
+                       prefix_at_p1: bool = False, **prefix_options):
     """A freshly initialised model; the backbone init depends only on `seed` (the stream
     parameters come from their own generator), so runs of one seed share their backbone."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    return wrap_streams(base, P, prefix_tokens, attn_smooth, seed, prefix_at_p1)
+    return wrap_streams(base, P, prefix_tokens, attn_smooth, seed, prefix_at_p1, **prefix_options)
+
+
+PREFIX_ENCODER_FILE = "prefix_encoder.safetensors"  # beside a checkpoint's model/, read only to resume
+
+
+def save_prefix_encoder(model: torch.nn.Module, directory: Path) -> None:
+    """A checkpoint's copy of the prefix MLP: `model/` holds only the prefixes it produced, and a
+    resumed run must go on training the MLP itself to repeat an uninterrupted run."""
+    from safetensors.torch import save_file
+
+    encoder = getattr(model, "prefix_encoder", None)
+    if encoder is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()},
+                  str(Path(directory) / PREFIX_ENCODER_FILE))
+
+
+def restore_prefix_encoder(model: torch.nn.Module, checkpoint: Path, hidden: int) -> None:
+    """Put the checkpoint's prefix MLP back on a model loaded from its plain `model/`."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / PREFIX_ENCODER_FILE
+    if not path.is_file():
+        raise UserError(f"{checkpoint} has no {PREFIX_ENCODER_FILE}, so the run's prefix MLP "
+                        "(--prefix-mlp-hidden) cannot be resumed; start the run again in a new --out")
+    model.attach_prefix_encoder(hidden)
+    model.prefix_encoder.load_state_dict(load_file(str(path)), strict=True)
 
 
 def backbone_digest(model: torch.nn.Module) -> str:
@@ -139,7 +167,8 @@ def unsharded_replica(model: torch.nn.Module, full_state: dict[str, torch.Tensor
     base = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
     pcfg = getattr(model, "parscale_config", None)
     replica = base if pcfg is None else wrap_streams(base, pcfg.n_streams, pcfg.n_prefix_tokens,
-                                                     pcfg.attn_smooth, seed=0, prefix_at_p1=pcfg.prefix_at_p1)
+                                                     pcfg.attn_smooth, seed=0, prefix_at_p1=pcfg.prefix_at_p1,
+                                                     prefix_mlp_hidden=pcfg.prefix_mlp_hidden)
     replica.load_state_dict(full_state, strict=True)
     return replica
 
@@ -168,14 +197,25 @@ def trainable_report(model: torch.nn.Module) -> str:
             f"trainable%: {100.0 * trainable / max(1, total):.4f}")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on >=2-D weights; never on prefixes, norms, biases or frozen weights."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, stream_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW groups: decay on >=2-D weights; never on prefixes, norms, biases or frozen weights.
+
+    With `stream_lr_mult` != 1 the stream parameters (prefixes or their encoder, aggregation)
+    get groups of their own whose `lr_scale` the loop multiplies into every step's rate; at 1
+    the layout stays the two groups that earlier runs' optimizer states hold."""
+    from parscale.model.adapters import is_stream_key
+
+    groups = {(stream, decays): [] for stream in (False, True) for decays in (True, False)}
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if p.ndim < 2 or "prefix" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        stream = stream_lr_mult != 1.0 and is_stream_key(name)
+        groups[stream, not (p.ndim < 2 or "prefix" in name)].append(p)
+    out = [{"params": groups[False, True], "weight_decay": weight_decay, "lr_scale": 1.0},
+           {"params": groups[False, False], "weight_decay": 0.0, "lr_scale": 1.0}]
+    if stream_lr_mult != 1.0:
+        out += [{"params": groups[True, True], "weight_decay": weight_decay, "lr_scale": stream_lr_mult},
+                {"params": groups[True, False], "weight_decay": 0.0, "lr_scale": stream_lr_mult}]
+    return out

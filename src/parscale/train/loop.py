@@ -29,7 +29,8 @@ from parscale.data.prepare import batch_at, check_data, check_seq_len, evaluate_
 from parscale.data.store import default_cache_dir
 from parscale.atomic import atomic_write_json
 from parscale.errors import UserError
-from parscale.interrupt import Interrupted, deferred_stop
+from parscale.interrupt import STOP_NOTICE, Interrupted, deferred_stop
+from parscale.model.diagnostics import capture_stream_states, pairwise_cosine, stream_diagnostics
 from parscale.train import checkpoint as ckpt_io
 from parscale.train import convert, data_order, distributed
 from parscale.train.config import TrainConfig, dump_yaml
@@ -52,17 +53,20 @@ class NonFiniteLoss(UserError):
     """The loss or gradient became NaN/inf: the run stops before applying that update."""
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Run (or continue) the training run `cfg` describes; returns the final model's directory."""
+def train(cfg: TrainConfig, resume: bool = False, stop_notice: str = STOP_NOTICE) -> Path:
+    """Run (or continue) the training run `cfg` describes; returns the final model's directory.
+
+    `stop_notice`: the line printed on the first Ctrl-C ("" for none: a caller such as the demo
+    that runs several trainers prints its own)."""
     env = distributed.init_distributed(cfg.device)
     try:
         with run_lock(cfg.run_dir, enabled=env.is_main):  # one trainer per run directory
-            return _run(cfg, env, resume)
+            return _run(cfg, env, resume, stop_notice)
     finally:
         distributed.shutdown(env)
 
 
-def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool) -> Path:
+def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool, stop_notice: str) -> Path:
     run_dir = cfg.run_dir
     _check_batch_split(cfg, env)
     distributed.main_first(lambda: _prepare_run_dir(cfg, resume), env)
@@ -85,7 +89,7 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool) -> Path:
         dump_yaml(asked, run_dir / "config.yaml")
     model.to(env.device)
     wrapped = distributed.wrap_model(model, env, cfg.fsdp)
-    optimizer = torch.optim.AdamW(convert.param_groups(model, cfg.weight_decay), lr=cfg.lr,
+    optimizer = torch.optim.AdamW(convert.param_groups(model, cfg.weight_decay, cfg.stream_lr_mult), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=env.is_main)
     start = 0
@@ -98,7 +102,7 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool) -> Path:
         metrics.truncate_after(start if ckpt is not None else -1)
     if start == 0 and cfg.init_from:
         _log_step0(cfg, model, wrapped, data, env, metrics, base_val)
-    _loop(cfg, env, model, wrapped, optimizer, data, metrics, start)
+    _loop(cfg, env, model, wrapped, optimizer, data, metrics, start, stop_notice)
     return _save_final(cfg, env, model, optimizer, data)
 
 
@@ -147,16 +151,19 @@ def _setup_model(cfg: TrainConfig, data, ckpt: Path | None, env: distributed.Dis
     if ckpt is not None:
         model = convert.load_trained(ckpt / "model")
         _check_resumed_model(cfg, model, data.vocab_size)
+        if cfg.prefix_mlp_hidden:
+            convert.restore_prefix_encoder(model, ckpt, cfg.prefix_mlp_hidden)
     elif cfg.init_from:
         base = convert.load_base_model(cfg.init_from)
         if base.config.vocab_size < data.vocab_size:
             raise UserError(f"the tokenizer has {data.vocab_size} tokens but the model in "
                             f"--init-from has only {base.config.vocab_size} embeddings")
         base_val = _evaluate(cfg, base.to(env.device), data, env)
-        model = convert.wrap_streams(base, cfg.P, cfg.prefix_tokens, cfg.attn_smooth, cfg.seed)
+        model = convert.wrap_streams(base, cfg.P, cfg.prefix_tokens, cfg.attn_smooth, cfg.seed,
+                                     **_prefix_options(cfg))
     else:
-        model = convert.model_from_scratch(_hf_config(cfg, data.vocab_size), cfg.P,
-                                           cfg.prefix_tokens, cfg.attn_smooth, cfg.seed, cfg.prefix_at_p1)
+        model = convert.model_from_scratch(_hf_config(cfg, data.vocab_size), cfg.P, cfg.prefix_tokens,
+                                           cfg.attn_smooth, cfg.seed, cfg.prefix_at_p1, **_prefix_options(cfg))
         if env.is_main:  # which runs started from the same backbone (compared by the demo)
             atomic_write_json(cfg.run_dir / INIT_FILE, {"backbone_sha256": convert.backbone_digest(model)})
     convert.set_train_mode(model, cfg.train)
@@ -167,6 +174,11 @@ def _setup_model(cfg: TrainConfig, data, ckpt: Path | None, env: distributed.Dis
         else:
             log.info("%s", report)
     return model, base_val
+
+
+def _prefix_options(cfg: TrainConfig) -> dict:
+    """How the prefixes are initialised and parameterised (see `ParScaleConfig`)."""
+    return {"prefix_init_std": cfg.prefix_init_std, "prefix_mlp_hidden": cfg.prefix_mlp_hidden}
 
 
 def _check_resumed_model(cfg: TrainConfig, model, vocab_size: int) -> None:
@@ -214,12 +226,40 @@ def _batch(cfg: TrainConfig, env, data, index: int, rows: int) -> tuple[torch.Te
     return x.to(env.device), masked_labels(x, mask).to(env.device)
 
 
+def _stream_diagnostics(cfg: TrainConfig, model, data, env: distributed.DistEnv) -> dict[str, float]:
+    """Stream cosine, top weight and weight entropy on the first held-out sequences (P > 1 only;
+    every rank runs the same rows, so a sharded model's collectives line up)."""
+    if cfg.P < 2:
+        return {}
+    rows = max(1, min(cfg.batch_size // cfg.grad_accum, len(data.val) // cfg.seq_len))
+    x = torch.as_tensor(np.asarray(data.val[: rows * cfg.seq_len], dtype=np.int64)).view(rows, cfg.seq_len)  # b s
+    with _autocast(cfg, env.device):
+        return stream_diagnostics(model, x.to(env.device)) or {}
+
+
+def model_of(wrapped):
+    """The model inside a DDP wrapper (FSDP2 shards the model in place, so it is the model itself)."""
+    return getattr(wrapped, "module", wrapped)
+
+
+def penalised_loss(wrapped, model, x: torch.Tensor, coef: float, labels: torch.Tensor | None = None,
+                   **loss_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(language-model loss, the loss to minimise): the second adds `coef` x the mean pairwise
+    cosine of the streams' final hidden states, pushing the streams apart (0: the same loss).
+    `labels` default to the inputs (the model shifts them); `loss_kwargs` go to the loss."""
+    with capture_stream_states(model, enabled=coef > 0) as seen:
+        loss = wrapped(input_ids=x, labels=x if labels is None else labels, **loss_kwargs).loss
+    if not seen:
+        return loss, loss
+    return loss, loss + coef * pairwise_cosine(seen[0], model.parscale_config.n_streams)
+
+
 def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple[float, float, float]:
     """One optimizer update (with accumulation); returns (global train loss, grad norm, lr)."""
     lr = lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
                schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # stream parameters may have their own multiple
     micro = cfg.batch_size // cfg.grad_accum
     batches = [_batch(cfg, env, data, step * cfg.grad_accum + m, micro) for m in range(cfg.grad_accum)]
     # Every scored token weighs the same in the update, whichever micro-batch holds it: each
@@ -230,8 +270,11 @@ def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple
         last = m == cfg.grad_accum - 1
         sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
         with sync, _autocast(cfg, env.device):
-            loss = wrapped(input_ids=x, labels=labels, num_items_in_batch=n_targets).loss
-            loss.backward()
+            loss, total = penalised_loss(wrapped, model_of(wrapped), x, cfg.stream_similarity_penalty,
+                                         labels=labels, num_items_in_batch=n_targets)
+            # the language-model part is already a share of the update's mean; the penalty is
+            # averaged over the micro-batches
+            (loss + (total - loss) / cfg.grad_accum).backward()
         loss_sum += loss.item()
     train_loss = distributed.mean_over_ranks(loss_sum, env)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -281,13 +324,14 @@ def _resume_hint(cfg: TrainConfig) -> str:
     return f"continue with: parscale train --resume {cfg.run_dir}"
 
 
-def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: MetricsLog, start: int) -> None:
+def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: MetricsLog, start: int,
+          stop_notice: str = STOP_NOTICE) -> None:
     tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not env.is_main, dynamic_ncols=True)
     model.train()
     # Ctrl-C / SIGTERM: finish the update (and its evaluation), keep a checkpoint, then stop.
     at_once = lambda: f"stopped at once; the last checkpoint is kept, {_resume_hint(cfg)}"  # noqa: E731
-    with bar, deferred_stop(at_once) as stop:  # the bar closes on errors too (a NaN stop)
+    with bar, deferred_stop(at_once, stop_notice) as stop:  # the bar closes on errors too (a NaN stop)
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             train_loss, norm, lr = _update(cfg, env, wrapped, optimizer, data, step)
@@ -297,6 +341,7 @@ def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: Metri
                       "grad_norm": norm, "tokens_per_s": tok_s}
             if _due(done, cfg.eval_every, cfg.steps):
                 record["val_loss"] = _evaluate(cfg, model, data, env)
+                record.update(_stream_diagnostics(cfg, model, data, env))
                 model.train()
             metrics.write(record)
             if "val_loss" in record and env.is_main:

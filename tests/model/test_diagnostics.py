@@ -1,0 +1,84 @@
+"""Stream diagnostics against plain loops: pairwise cosine of the streams' final hidden states,
+and the aggregation's top weight and relative entropy, recomputed here from the backbone and
+the aggregation head's weights in float64."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parscale.model.config import ParScaleConfig
+from parscale.model.diagnostics import pairwise_cosine, stream_diagnostics, weight_stats
+from parscale.model.wrapper import to_parscale
+
+
+def _loop_cosine(states: list[torch.Tensor]) -> float:
+    """states: P tensors `b s h`; the mean over pairs i < j and tokens of cos(h_i, h_j), float64."""
+    values = []
+    for i in range(len(states)):
+        for j in range(i + 1, len(states)):
+            for b in range(states[i].shape[0]):
+                for s in range(states[i].shape[1]):
+                    values.append(F.cosine_similarity(states[i][b, s].double(), states[j][b, s].double(), dim=0))
+    return float(torch.stack(values).mean())
+
+
+@pytest.mark.parametrize("n_streams", [2, 3, 4])
+def test_pairwise_cosine_equals_a_loop_over_pairs(n_streams):
+    gen = torch.Generator().manual_seed(n_streams)
+    base = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64)
+    states = [base + 0.7 * torch.randn(2, 5, 6, generator=gen, dtype=torch.float64) for _ in range(n_streams)]
+    hidden = torch.cat(states)  # (n b) s h, stream-major as in the model
+    got = pairwise_cosine(hidden, n_streams)
+    assert got.dtype == torch.float64
+    assert float(got) == pytest.approx(_loop_cosine(states), abs=1e-12)
+    assert float(pairwise_cosine(torch.cat([states[0]] * n_streams), n_streams)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_weight_stats_by_hand():
+    w = torch.tensor([[[1.0, 0.0], [0.5, 0.5], [0.9, 0.1]]])  # b=1 s=3 n=2
+    entropies = [0.0, math.log(2), -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))]
+    got = weight_stats(w)
+    assert got["top_weight"] == pytest.approx((1.0 + 0.5 + 0.9) / 3, abs=1e-7)
+    assert got["weight_entropy"] == pytest.approx(sum(entropies) / 3 / math.log(2), abs=1e-7)
+
+
+def test_stream_diagnostics_equal_plain_loops_on_a_tiny_model(tiny_factory):
+    n_streams, eps = 3, 0.05
+    model = to_parscale(tiny_factory("qwen2"), ParScaleConfig(n_streams, 4, attn_smooth=eps), seed=2).eval()
+    with torch.no_grad():  # non-uniform aggregation weights
+        model.model.aggregate_layer[2].weight.normal_(generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(2, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    got = stream_diagnostics(model, ids)
+
+    with torch.no_grad():  # the streams' final states straight from the backbone, one stream at a time
+        emb = model.get_input_embeddings()(ids)
+        rows = model.model(inputs_embeds=emb.repeat(n_streams, 1, 1)).last_hidden_state  # (n b) s h
+    states = list(rows.view(n_streams, 2, 6, -1))
+    assert got["stream_cosine"] == pytest.approx(_loop_cosine(states), abs=1e-6)
+
+    head = model.model.aggregate_layer
+    w1, b1, w2, b2 = (t.detach().double() for t in (head[0].weight, head[0].bias, head[2].weight, head[2].bias))
+    tops, entropies = [], []
+    for b in range(2):
+        for s in range(6):
+            # the released interleaving: feature index h*P + n
+            feat = torch.stack([states[n][b, s].double() for n in range(n_streams)], dim=1).flatten()
+            hidden = w1 @ feat + b1
+            scores = w2 @ (hidden * torch.sigmoid(hidden)) + b2
+            weights = torch.softmax(scores, dim=0) * (1 - eps) + eps / n_streams
+            tops.append(float(weights.max()))
+            entropies.append(float(-(weights * weights.log()).sum()) / math.log(n_streams))
+    assert max(tops) - min(tops) > 0.01  # the weights really vary
+    assert got["top_weight"] == pytest.approx(sum(tops) / len(tops), abs=1e-6)
+    assert got["weight_entropy"] == pytest.approx(sum(entropies) / len(entropies), abs=1e-6)
+    assert not model.training
+
+
+def test_p1_models_have_no_stream_diagnostics(tiny_factory):
+    ids = torch.randint(2, 97, (1, 5))
+    assert stream_diagnostics(to_parscale(tiny_factory("qwen2"), ParScaleConfig(1)), ids) is None
+    control = to_parscale(tiny_factory("qwen2"), ParScaleConfig(1, 3, prefix_at_p1=True))
+    assert stream_diagnostics(control, ids) is None
