@@ -284,3 +284,16 @@ def test_ctrl_c_prints_the_demo_notice_keeps_checkpoints_and_a_rerun_resumes(int
     for name in stopped:  # ... and the rerun resumed every stopped run
         assert f"[demo] resumed {name} " in rerun, rerun
     assert "[demo] trained p4" not in rerun
+
+
+def test_a_demo_recorded_before_a_new_option_existed_is_still_the_same_demo(tmp_path):
+    from parscale.demo.study import DEMO_FILE, check_demo_dir
+
+    cfg = DemoConfig.preset(tmp_path / "demo", "smoke")
+    check_demo_dir(cfg)
+    recorded = json.loads((tmp_path / "demo" / DEMO_FILE).read_text())
+    del recorded["data"]["format"], recorded["eval_tokens"]  # as written by a version without these keys
+    (tmp_path / "demo" / DEMO_FILE).write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match="other settings.*eval_tokens"):  # absent = the default, not smoke's value
+        check_demo_dir(cfg)
+    check_demo_dir(DemoConfig.preset(tmp_path / "demo", "smoke", eval_tokens=DemoConfig.eval_tokens))
