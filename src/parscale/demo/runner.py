@@ -60,6 +60,8 @@ def ensure_run(tc, stop_notice: str = STOP_NOTICE) -> tuple[Path, str]:
     want = _comparable(yaml.safe_load(yaml.safe_dump(tc.to_dict())))
     # A key one side lacks counts as its default: an option added later is no change.
     defaults = {f.name: f.default for f in dataclasses.fields(tc) if f.default is not dataclasses.MISSING}
+    data_defaults = _comparable({"data": type(tc.data)().to_dict()})["data"]  # the same for the data's own keys
+    have["data"], want["data"] = ({**data_defaults, **side["data"]} for side in (have, want))
     diff = sorted(k for k in set(have) | set(want) if have.get(k, defaults.get(k)) != want.get(k, defaults.get(k)))
     if diff:
         raise UserError(f"{tc.run_dir} was trained with other options ({', '.join(diff)}); "
