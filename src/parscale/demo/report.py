@@ -95,10 +95,15 @@ def parallel_line(summary: dict[str, Any]) -> str:
     p = summary["parallel"]
     if p.get("workers", 1) < 2:
         return "Runs went one at a time (`--workers 1`)."
-    return (f"Two identical {p['steps']}-step training jobs took {p['sequential_s']:.1f} s one after the other "
-            f"and {p['parallel_s']:.1f} s two at a time: **{p['speedup']:.2f}x** the throughput. The runs "
-            f"themselves took {p['runs_wall_s'] / 60:.1f} min of wall time, against {p['runs_sum_s'] / 60:.1f} min "
-            "summed over runs (each slowed somewhat by its neighbour).")
+    check = (f"Two identical {p['steps']}-step training jobs took {p['sequential_s']:.1f} s one after the other "
+             f"and {p['parallel_s']:.1f} s two at a time: **{p['speedup']:.2f}x** the throughput.")
+    reused = p.get("reused", 0)
+    if reused:  # a reused run took no time now: the wall clock of this invocation says nothing about training
+        return (f"{check} {reused} of {p.get('runs', reused)} runs were reused from an earlier `parscale demo` "
+                "in this directory, so this invocation's wall time is not a training time; the table's train "
+                "times are each run's own.")
+    return (f"{check} The runs themselves took {p['runs_wall_s'] / 60:.1f} min of wall time, against "
+            f"{p['runs_sum_s'] / 60:.1f} min summed over runs (each slowed somewhat by its neighbour).")
 
 
 # ---------------------------------------------------------------- the reading

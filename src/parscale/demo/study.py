@@ -237,6 +237,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         done = runner.train_all(cfg, specs, pool, _prepare)
         parallel["runs_wall_s"] = time.perf_counter() - t0
     parallel["runs_sum_s"] = sum(d["wall_seconds"] for d in done.values())
+    parallel["reused"] = sum(d["action"] == "reused" for d in done.values())
+    parallel["runs"] = len(done)
     print("[demo] measuring every run (held-out metrics, decode latency in float32 and bfloat16)", flush=True)
     val = prepare_data(cfg.data, cache_dir=cfg.out_dir / "data").val[: cfg.eval_tokens]
     runs = [read_run(cfg, spec, done[spec.name], val) for spec in specs]
