@@ -166,7 +166,7 @@ def test_the_start_of_the_data_order_follows_the_documented_rule(tmp_path, caplo
     source.mkdir()
     stage1 = SimpleNamespace(order_start=None, init_from=None, seq_len=32, seed=0, steps=10, batch_size=4)
     data_order.write_record(source, stage1, data)
-    cfg = SimpleNamespace(order_start=None, init_from=str(source), seq_len=32, seed=0)
+    cfg = SimpleNamespace(order_start=None, init_from=str(source), seq_len=32, seed=0, data=SimpleNamespace(format="text"))
     assert data_order.start_row(cfg, data) == 40
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
