@@ -95,3 +95,13 @@ def test_every_import_the_docs_show_works():
                   if line.strip().startswith(("from parscale", "import parscale"))}
     assert lines  # the docs do show imports
     subprocess.run([sys.executable, "-c", "\n".join(sorted(lines))], check=True)
+
+
+def test_test_modules_have_unique_names():
+    """The test folders have no __init__.py, so pytest imports each test module by its bare name:
+    two files of one name in two folders stop the whole collection."""
+    from collections import Counter
+
+    tests = Path(__file__).resolve().parent
+    names = Counter(path.name for path in tests.rglob("test_*.py"))
+    assert not [name for name, count in names.items() if count > 1]
