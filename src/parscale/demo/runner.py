@@ -47,6 +47,14 @@ def _comparable(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def fill_missing(have: Any, defaults: Any) -> Any:
+    """`have` with the keys it lacks (at any depth) taken from `defaults`: a config recorded
+    before an option existed had that option at its default."""
+    if not (isinstance(have, dict) and isinstance(defaults, dict)):
+        return have
+    return {**defaults, **{k: fill_missing(v, defaults.get(k)) for k, v in have.items()}}
+
+
 def ensure_run(tc, stop_notice: str = STOP_NOTICE) -> tuple[Path, str]:
     """Train a run, resume it, or reuse it if finished: (final model dir, what was done).
 
@@ -60,9 +68,9 @@ def ensure_run(tc, stop_notice: str = STOP_NOTICE) -> tuple[Path, str]:
     want = _comparable(yaml.safe_load(yaml.safe_dump(tc.to_dict())))
     # A key one side lacks counts as its default: an option added later is no change.
     defaults = {f.name: f.default for f in dataclasses.fields(tc) if f.default is not dataclasses.MISSING}
-    data_defaults = _comparable({"data": type(tc.data)().to_dict()})["data"]  # the same for the data's own keys
-    have["data"], want["data"] = ({**data_defaults, **side["data"]} for side in (have, want))
-    diff = sorted(k for k in set(have) | set(want) if have.get(k, defaults.get(k)) != want.get(k, defaults.get(k)))
+    defaults = _comparable({**defaults, "data": type(tc.data)().to_dict()})
+    have, want = fill_missing(have, defaults), fill_missing(want, defaults)
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
     if diff:
         raise UserError(f"{tc.run_dir} was trained with other options ({', '.join(diff)}); "
                         "delete that run directory or choose another --out")

@@ -34,13 +34,14 @@ SEED_NOISE = 0.045
 def check_demo_dir(cfg: DemoConfig) -> None:
     """Record the demo config in OUT, or refuse an OUT that holds a demo with other settings."""
     from parscale.demo.report import write_text
+    from parscale.demo.runner import fill_missing
 
     path = cfg.out_dir / DEMO_FILE
     want = json.loads(json.dumps(cfg.identity()))
     if path.is_file():
         # an option added since that demo was recorded did not exist then: it had its default
         defaults = json.loads(json.dumps(type(cfg)(out=cfg.out, data=type(cfg.data)()).identity()))
-        have = _fill_missing(json.loads(path.read_text()), defaults)
+        have = fill_missing(json.loads(path.read_text()), defaults)
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if diff:
             detail = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in diff)
@@ -49,13 +50,6 @@ def check_demo_dir(cfg: DemoConfig) -> None:
         return
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(want, indent=1, sort_keys=True) + "\n")
-
-
-def _fill_missing(have: Any, defaults: Any) -> Any:
-    """`have` with the keys it lacks (at any depth) taken from `defaults`."""
-    if not (isinstance(have, dict) and isinstance(defaults, dict)):
-        return have
-    return {**defaults, **{k: _fill_missing(v, defaults.get(k)) for k, v in have.items()}}
 
 
 def machine() -> dict[str, Any]:
