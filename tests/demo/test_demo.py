@@ -298,3 +298,23 @@ def test_a_demo_recorded_before_a_new_option_existed_is_still_the_same_demo(tmp_
     with pytest.raises(UserError, match="other settings.*eval_tokens"):  # absent = the default, not smoke's value
         check_demo_dir(cfg)
     check_demo_dir(DemoConfig.preset(tmp_path / "demo", "smoke", eval_tokens=DemoConfig.eval_tokens))
+
+
+def test_seeds_option_runs_every_setting_over_paired_seeds(monkeypatch, tmp_path):
+    """`--seeds N` gives the budget's design N seeds (0..N-1, shifted by --seed), nothing else changed."""
+    import parscale.demo.study as study
+    from parscale.cli.demo import main
+
+    seen = []
+    monkeypatch.setattr(study, "run_demo", seen.append)
+    assert main(["--out", str(tmp_path / "a"), "--budget", "quick", "--seeds", "3", "--seed", "5", "--no-measure"]) == 0
+    cfg = seen[0]
+    assert cfg.seeds == (5, 6, 7)
+    one = DemoConfig.preset(str(tmp_path / "a"), budget="quick", seed=5, measure=False, workers=cfg.workers)
+    assert {k: v for k, v in cfg.to_dict().items() if k != "seeds"} == \
+        {k: v for k, v in one.to_dict().items() if k != "seeds"}
+    specs = plan(cfg)
+    assert {s.setting for s in specs if s.seed == 5} == {s.setting for s in specs if s.seed == 7}
+    assert len(specs) == 3 * len(plan(one))
+    with pytest.raises(UserError, match="--seeds must be at least 1"):
+        main(["--out", str(tmp_path / "b"), "--seeds", "0"])

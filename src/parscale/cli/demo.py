@@ -1,6 +1,6 @@
 """`parscale demo`: the mini-study (about 10 minutes on two CPU cores at the default budget).
 
-    parscale demo [--out runs/demo] [--budget smoke|quick|default|full] [--scale F] [--seed S]
+    parscale demo [--out runs/demo] [--budget smoke|quick|default|full] [--scale F] [--seed S] [--seeds N]
 
 Re-running with the same flags reuses the finished runs, resumes an interrupted one and
 rewrites the report; other flags on an existing --out are refused.
@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the same as --budget quick (kept for old scripts)")
     p.add_argument("--scale", type=float, default=1.0, metavar="F", help="multiply every step count by F (default 1)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="added to every run's seed (default 0)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="paired seeds per setting (default: the budget's, 1, or 4 for full); with N >= 2 the "
+                        "report gives each comparison's mean paired difference and standard error")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="runs at a time, one thread each (default 2 on a machine with 2 or more cores, else 1)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
@@ -44,6 +47,8 @@ def main(argv: list[str]) -> int:
     from parscale.demo.plan import DemoConfig
     from parscale.demo.study import run_demo
 
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {args.seeds}")
     if args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     if args.quick and args.budget not in (None, "quick"):
@@ -54,8 +59,9 @@ def main(argv: list[str]) -> int:
     import torch
 
     torch.set_num_threads(args.threads)  # process-wide, so set here at the entry point only
+    options = {} if args.seeds is None else {"seeds": tuple(range(args.seeds))}
     cfg = DemoConfig.preset(args.out, budget=budget, scale=args.scale, seed=args.seed, workers=workers,
-                            measure=not args.no_measure)
+                            measure=not args.no_measure, **options)
     try:
         run_demo(cfg)
     except Interrupted as err:  # the run's own hint names `parscale train`; the demo resumes itself
