@@ -66,6 +66,47 @@ def test_bfloat16_product_rounds_once_from_float32(lib, rows, k):
     assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
 
 
+def _raw_bf16(lib, fn_name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The kernel's float32 result before the final rounding to bfloat16."""
+    out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    getattr(lib, fn_name)(x.data_ptr(), x.shape[0], x.shape[1], w.data_ptr(), b.data_ptr(), out.data_ptr(),
+                          w.shape[0], torch.get_num_threads())
+    return out
+
+
+@pytest.mark.parametrize("rows", [1, 5, 9, 12, 16])
+@pytest.mark.parametrize("k", [64, 1024])
+def test_amx_bfloat16_product_matches_float64(native_lib, rows, k):
+    if not native_lib.amx:
+        pytest.skip("this CPU (or its OS) has no AMX tiles")
+    gen = torch.Generator().manual_seed(rows + k)
+    x, w = torch.randn(rows, k, generator=gen).bfloat16(), torch.randn(48, k, generator=gen).bfloat16()
+    b = torch.randn(48, generator=gen).bfloat16()
+    exact = F.linear(x.double(), w.double(), b.double())  # the bf16 inputs are exact in float64
+    got = _raw_bf16(native_lib, "parscale_skinny_bf16_amx", x, w, b).double()
+    # float32 sums of k exact products: well within 1e-5 of the largest partial sums (~sqrt(k))
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5 * k**0.5)
+
+
+def test_amx_is_taken_from_nine_rows_where_the_shapes_allow(native_lib, monkeypatch):
+    if not native_lib.amx:
+        pytest.skip("this CPU (or its OS) has no AMX tiles")
+    taken = []
+    original = kernels._use_amx
+    monkeypatch.setattr(kernels, "_use_amx", lambda *a: taken.append(original(*a)) or taken[-1])
+    gen = torch.Generator().manual_seed(0)
+    for rows, k, n in ((8, 64, 48), (9, 64, 48), (16, 64, 48), (9, 48, 48), (9, 64, 40)):
+        x, w = torch.randn(rows, k, generator=gen).bfloat16(), torch.randn(n, k, generator=gen).bfloat16()
+        native_lib.use_amx = True
+        fast = kernels.skinny_linear(x, w, None, native_lib)
+        native_lib.use_amx = False
+        plain = kernels.skinny_linear(x, w, None, native_lib)
+        native_lib.use_amx = True
+        # both round the same float32 sums (up to summation order) to bfloat16 once
+        assert ((fast.double() - plain.double()).abs() <= plain.double().abs() * 2**-7 + 1e-6).all()
+    assert taken[::2] == [False, True, True, False, False] and not any(taken[1::2])  # (default, switched off)
+
+
 def _model(factory, n_streams: int, seed: int = 0):
     model = to_parscale(factory("qwen2", intermediate_size=72), ParScaleConfig(n_streams, 3), seed=seed)
     with torch.no_grad():  # non-uniform aggregation, so the streams matter

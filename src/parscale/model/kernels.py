@@ -33,6 +33,7 @@ from parscale.cache import cache_dir
 logger = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # above this the stock GEMM is compute-efficient; measured in benchmarks/decode.py
+AMX_MIN_ROWS = 9  # from here the AMX tiles beat vdpbf16ps (csrc/skinny_linear.cpp, run_amx)
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "skinny_linear.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
@@ -98,12 +99,22 @@ def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the C signatures (ctypes would otherwise guess them from the Python values)."""
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    for fn in (lib.parscale_skinny_f32, lib.parscale_skinny_bf16, lib.parscale_skinny_bf16_dot):
+    for fn in (lib.parscale_skinny_f32, lib.parscale_skinny_bf16, lib.parscale_skinny_bf16_dot,
+               lib.parscale_skinny_bf16_amx):
         fn.argtypes = [pointer, size, size, pointer, pointer, pointer, size, ctypes.c_int]
         fn.restype = None
     lib.parscale_skinny_has_bf16_dot.restype = ctypes.c_int
+    lib.parscale_skinny_has_amx.restype = ctypes.c_int
     lib.bf16_dot = bool(lib.parscale_skinny_has_bf16_dot())
+    lib.amx = lib.bf16_dot and bool(lib.parscale_skinny_has_amx())  # built for AMX and the OS grants it
+    lib.use_amx = True  # the tests and benchmarks switch it off to compare with the vdpbf16ps path
     return lib
+
+
+def _use_amx(lib: ctypes.CDLL, rows: int, k: int, n_out: int) -> bool:
+    """The AMX tiles take whole 32-wide K chunks and 16-row blocks of the weight, and pay off from
+    AMX_MIN_ROWS rows (below, the vdpbf16ps path is as fast or faster)."""
+    return getattr(lib, "amx", False) and lib.use_amx and rows >= AMX_MIN_ROWS and k % 32 == 0 and n_out % 16 == 0
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lib: ctypes.CDLL) -> torch.Tensor:
@@ -111,7 +122,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     n_out, k = weight.shape
     if weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and getattr(lib, "bf16_dot", False):
         rows = x.reshape(-1, k).contiguous()  # M K, bfloat16: the CPU's bfloat16 dot product takes it as is
-        fn = lib.parscale_skinny_bf16_dot
+        amx = _use_amx(lib, rows.shape[0], k, n_out)
+        fn = lib.parscale_skinny_bf16_amx if amx else lib.parscale_skinny_bf16_dot
     else:
         rows = x.reshape(-1, k).float().contiguous()  # M K, float32 (bfloat16 inputs are widened)
         fn = lib.parscale_skinny_f32 if weight.dtype == torch.float32 else lib.parscale_skinny_bf16
