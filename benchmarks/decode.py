@@ -48,7 +48,7 @@ def cpu_info() -> dict:
     return {"model": name, "flags": flags}
 
 
-def build(layers: int, dtype: torch.dtype, streams: list[int], seed: int = 0) -> dict:
+def build(layers: int, dtype: torch.dtype, streams: list[int], seed: int = 0, plain: bool = True) -> dict:
     """One random backbone per dtype; every variant is a copy of it (same weights)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -59,10 +59,54 @@ def build(layers: int, dtype: torch.dtype, streams: list[int], seed: int = 0) ->
                          num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False,
                          max_position_embeddings=4096)
     base = Qwen2ForCausalLM(config).to(dtype).eval()
-    models = {"plain": copy.deepcopy(base)}
+    models = {"plain": copy.deepcopy(base)} if plain else {}
     for p in streams:
-        models[f"P{p}"] = to_parscale(copy.deepcopy(base), ParScaleConfig(n_streams=p), seed=seed).eval()
+        models[f"P{p}"] = to_parscale(copy.deepcopy(base) if plain or len(streams) > 1 else base,
+                                      ParScaleConfig(n_streams=p), seed=seed).eval()
     return models
+
+
+def peak_rss_row(args: argparse.Namespace) -> int:
+    """`--rss-row DTYPE,KEY,B`: this process builds one model and decodes once, then prints its
+    peak RSS while decoding (VmHWM) and its RSS once the model was built, in bytes, as JSON. A process per
+    configuration, because the timing process holds every model and its allocator keeps freed
+    memory, so its own peak says nothing about one configuration."""
+    dtype, key, batch = args.rss_row.split(",")
+    from parscale.cost.measure import timed_generate
+
+    streams = [] if key == "plain" else [int(key[1:])]
+    model = build(args.layers, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype], streams,
+                  plain=key == "plain")[key]
+    built = _status_bytes("VmRSS")
+    # Reset the peak (Linux's clear_refs "5"): building in float32 before a bfloat16 cast peaks
+    # higher than decoding does, and that is not the configuration's cost.
+    Path("/proc/self/clear_refs").write_text("5")
+    ids = torch.randint(0, 32000, (int(batch), args.prompt), generator=torch.Generator().manual_seed(0))
+    timed_generate(model, ids, args.new_tokens)
+    print(json.dumps({"peak_rss": _status_bytes("VmHWM"), "built_rss": built}))
+    return 0
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure_peak_rss(args: argparse.Namespace, rows: list[tuple]) -> dict[tuple, dict]:
+    """Peak RSS of each (dtype, model, batch) decoded alone, in a fresh process (Linux only)."""
+    import subprocess
+
+    if not Path("/proc/self/status").exists():
+        return {}
+    found = {}
+    for dtype, key, batch in sorted({(r[0], r[1], r[4]) for r in rows if r[2] != "stock"}):
+        cmd = [sys.executable, __file__, "--rss-row", f"{dtype},{key},{batch}", "--layers", str(args.layers),
+               "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        found[(dtype, key, batch)] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
 
 
 def step_bytes(model, cache_bytes_per_token: float, mean_tokens: float) -> float:
@@ -99,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu: CPU time per step (with --threads 1, steadier on a machine shared with other work)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock-path rows")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-rss", action="store_true", help="skip the per-configuration peak RSS (a process each)")
+    parser.add_argument("--rss-row", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.rss_row:
+        return peak_rss_row(args)
     from parscale.cost.hardware import copy_bandwidth
     from parscale.cost.measure import timed_generate
     from parscale.model import kernels
@@ -140,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 prefill.setdefault((dtype, impl), []).append(pre)
         print(f"round {rep + 1}/{args.reps} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     bandwidth = statistics.median(bandwidths)
+    rss = {} if args.no_rss else measure_peak_rss(args, rows)  # after the timing: it must not disturb it
     mean_tokens = args.prompt + args.new_tokens / 2
     results = []
     for row in rows:
@@ -148,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         floor = step_bytes(models[dtype][key], per_token[row], mean_tokens) / bandwidth
         results.append({"dtype": dtype, "impl": impl, "P": p, "batch_size": b, "ms_per_token": med * 1e3,
                         "min_ms": min(times[row]) * 1e3, "max_ms": max(times[row]) * 1e3, "floor_ms": floor * 1e3,
-                        "x_floor": med / floor, "kv_bytes_per_token": per_token[row]})
+                        "x_floor": med / floor, "kv_bytes_per_token": per_token[row],
+                        "peak_rss_bytes": rss.get((dtype, key, b), {}).get("peak_rss"),
+                        "built_rss_bytes": rss.get((dtype, key, b), {}).get("built_rss")})
     base = {(r["dtype"], r["impl"], r["batch_size"]): r["ms_per_token"] for r in results if r["P"] == 1}
     for r in results:
         r["x_P1"] = r["ms_per_token"] / base[(r["dtype"], r["impl"], r["batch_size"])]
@@ -160,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
               "kernel": kernels.library() is not None, "layers": args.layers, "prompt": args.prompt,
               "new_tokens": args.new_tokens, "reps": args.reps, "rows": results,
               "prefill_ms": {f"{d}/{i}": [s * 1e3 for s in v] for (d, i), v in prefill.items()},
-              "goals": goals, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "goals": goals, "timing_process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "seconds": time.perf_counter() - start, "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,11 +230,12 @@ def format_table(results: list[dict], bandwidth: float, args: argparse.Namespace
              f"{bandwidth / 1e9:.1f} GB/s; {args.clock} clock; {args.layers} layers, prompt {args.prompt}, {args.new_tokens} new tokens, "
              f"median of {args.reps} interleaved rounds",
              f"{'dtype':<9} {'path':<6} {'P':>2} {'B':>2} {'ms/token':>9} {'min':>7} {'max':>7} {'floor':>7} "
-             f"{'x floor':>7} {'x P=1':>6} {'KV B/tok':>9}"]
+             f"{'x floor':>7} {'x P=1':>6} {'KV B/tok':>9} {'peak RSS MB':>11}"]
     for r in results:
         lines.append(f"{r['dtype']:<9} {r['impl']:<6} {r['P']:>2} {r['batch_size']:>2} {r['ms_per_token']:>9.1f} "
                      f"{r['min_ms']:>7.1f} {r['max_ms']:>7.1f} {r['floor_ms']:>7.1f} {r['x_floor']:>7.2f} "
-                     f"{r['x_P1']:>6.2f} {r['kv_bytes_per_token']:>9.0f}")
+                     f"{r['x_P1']:>6.2f} {r['kv_bytes_per_token']:>9.0f} "
+                     f"{r['peak_rss_bytes'] / 2**20 if r.get('peak_rss_bytes') else float('nan'):>11.0f}")
     return "\n".join(lines)
 
 
