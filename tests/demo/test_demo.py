@@ -243,6 +243,58 @@ def test_a_run_trained_before_the_new_options_is_still_reused(tmp_path):
         ensure_run(tc)
 
 
+def test_finished_runs_are_reused_without_a_worker_and_said_to_be(tmp_path, capsys):
+    """A rerun in the same OUT: finished runs print "reuse", an interrupted one "resume", a new
+    one "start"; only the last two go to a worker and have their data prepared."""
+    from concurrent.futures import Future
+
+    import yaml
+
+    from parscale.demo.runner import train_all
+
+    cfg = DemoConfig.preset(str(tmp_path), budget="smoke")
+    specs = plan(cfg)
+    states = {s.name: "finished" for s in specs} | {"p4": "interrupted", "p2": "new"}
+    for spec in specs:
+        tc = train_config(cfg, spec)
+        if states[spec.name] != "new":
+            tc.run_dir.mkdir(parents=True)
+            (tc.run_dir / "config.yaml").write_text(yaml.safe_dump(tc.to_dict()))
+        if states[spec.name] == "finished":
+            (tc.run_dir / "final").mkdir()
+            (tc.run_dir / "final" / "config.json").write_text("{}")
+
+    class Pool:
+        workers, submitted = 2, []
+
+        def submit_run(self, tc):  # what a worker's `ensure_run` returns, without the training
+            self.submitted.append(tc.run_dir.name)
+            fut = Future()
+            fut.set_result({"final": str(tc.run_dir / "final"), "wall_seconds": 1.0, "action": actions[states[tc.run_dir.name]]})
+            return fut
+
+        def signal_workers(self, signum):
+            raise AssertionError("nothing was stopped")
+
+    actions = {"finished": "reused", "interrupted": "resumed", "new": "trained"}
+    prepared = []
+    done = train_all(cfg, specs, Pool(), lambda tc: prepared.append(tc.run_dir.name))
+    assert sorted(Pool.submitted) == ["p2", "p4"] and prepared and set(prepared) <= {"p2", "p4"}
+    assert {name: d["action"] for name, d in done.items()} == {name: actions[state] for name, state in states.items()}
+    said: dict[str, list[str]] = {}
+    for line in capsys.readouterr().out.splitlines():
+        said.setdefault(line.split()[2].rstrip(":"), []).append(line)
+    for spec in specs:
+        verb = {"finished": "reuse", "interrupted": "resume", "new": "start"}[states[spec.name]]
+        first, *then = said[spec.name]
+        assert first.startswith(f"[demo] {verb} {spec.name}: {spec.label} ("), first
+        if verb == "reuse":  # one line, and nothing else about it
+            assert first.endswith(f"(finished earlier; {list(done).index(spec.name) + 1}/{len(specs)})") and not then
+        else:  # and the worker's result when it comes
+            assert then == [f"[demo] {done[spec.name]['action']} {spec.name} in 1 s "
+                            f"({list(done).index(spec.name) + 1}/{len(specs)})"]
+
+
 def test_budgets_and_flags():
     with pytest.raises(UserError, match="--scale"):
         DemoConfig.preset("x", scale=0)
@@ -283,8 +335,12 @@ def test_ctrl_c_prints_the_demo_notice_keeps_checkpoints_and_a_rerun_resumes(int
     rerun = smoke[3]
     assert kept["p4"] and kept["p4"][-1] != "ckpt-0000004", kept  # ... kept a checkpoint of the update it was in
     for name in stopped:  # ... and the rerun resumed every stopped run
-        assert f"[demo] resumed {name} " in rerun, rerun
+        assert f"[demo] resume {name}: " in rerun and f"[demo] resumed {name} " in rerun, rerun
     assert "[demo] trained p4" not in rerun
+    # the runs that finished before the stop are reused, and said to be: not started again
+    for name in [line.split()[2] for line in stdout.splitlines() if line.startswith("[demo] trained ")]:
+        assert f"[demo] reuse {name}: " in rerun and "(finished earlier; " in rerun, rerun
+        assert f"[demo] start {name}:" not in rerun and f"[demo] resume {name}:" not in rerun, rerun
 
 
 def test_a_demo_recorded_before_a_new_option_existed_is_still_the_same_demo(tmp_path):

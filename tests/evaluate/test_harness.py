@@ -1,10 +1,11 @@
 """lm-evaluation-harness: our model (a backbone + a stream adapter) scores a tiny local
 multiple-choice task exactly as our own log-likelihood computation does; rolling
-log-likelihood and generate_until agree with our model too. Offline: the task and its data
-are written by the test."""
+log-likelihood and generate_until agree with our model too; lm-eval does not warn that it
+was handed a loaded model. Offline: the task and its data are written by the test."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -37,6 +38,11 @@ doc_to_target: "{{{{answer}}}}"
 metric_list:
   - metric: acc
 """
+# What HFLM warns when `pretrained` is a loaded model rather than a name (ours loads its own).
+LOADED_MODEL_WARNINGS = ("`pretrained` model kwarg is not of type `str`",
+                         "Passed an already-initialized model through `pretrained`")
+# A warning lm-eval does give here: the task above names no aggregation for its metric.
+OTHER_WARNING = "metric acc is defined, but aggregation is not"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +80,8 @@ def _our_loglikelihood(model, tok, context: str, continuation: str) -> float:
 
 
 @pytest.mark.slow
-def test_simple_evaluate_scores_equal_our_own_loglikelihoods(setup):
+def test_simple_evaluate_scores_equal_our_own_loglikelihoods(setup, caplog):
+    caplog.set_level(logging.WARNING, logger="lm_eval")
     root, tok, full = setup
     out = lm_eval.simple_evaluate(model="parscale", model_args=f"pretrained={root / 'base'},streams={root / 'p2'}",
                                   tasks=["parscale_tiny_mc"], task_manager=TaskManager(include_path=str(root / "tasks"), include_defaults=False),
@@ -88,6 +95,9 @@ def test_simple_evaluate_scores_equal_our_own_loglikelihoods(setup):
         assert theirs == pytest.approx(ours, abs=1e-4)
         correct += int(max(range(len(ours)), key=ours.__getitem__) == sample["doc"]["answer"])
     assert out["results"]["parscale_tiny_mc"]["acc,none"] == pytest.approx(correct / len(QUESTIONS))
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval") and r.levelno >= logging.WARNING]
+    assert not [m for m in warned if m.startswith(LOADED_MODEL_WARNINGS)]
+    assert any(OTHER_WARNING in m for m in warned)  # lm-eval's other warnings still reach the log
 
 
 def test_rolling_loglikelihood_and_generate_until_match_our_model(setup):
@@ -110,8 +120,9 @@ def test_rolling_loglikelihood_and_generate_until_match_our_model(setup):
 
 
 @pytest.mark.slow
-def test_the_command_line_takes_lm_evals_own_spellings(setup, tmp_path, monkeypatch):
-    """`parscale lm-eval --model_args ... --include_path ...`, as lm-eval's docs spell them, through our CLI."""
+def test_the_command_line_takes_lm_evals_own_spellings(setup, tmp_path, monkeypatch, capfd):
+    """`parscale lm-eval --model_args ... --include_path ...`, as lm-eval's docs spell them, through our
+    CLI; its output has lm-eval's warnings but not the two about a loaded model."""
     from parscale.cli.main import main
 
     root, tok, full = setup
@@ -120,6 +131,10 @@ def test_the_command_line_takes_lm_evals_own_spellings(setup, tmp_path, monkeypa
                  "--include_path", str(root / "tasks"), "--tasks", "parscale_tiny_mc", "--device", "cpu",
                  "--output_path", str(tmp_path / "out")])
     assert code == 0
+    printed = capfd.readouterr()
+    printed = printed.out + printed.err
+    assert not [m for m in LOADED_MODEL_WARNINGS if m in printed]
+    assert OTHER_WARNING in printed
     [results] = list((tmp_path / "out").rglob("results_*.json"))
     acc = json.loads(results.read_text())["results"]["parscale_tiny_mc"]["acc,none"]
     correct = 0

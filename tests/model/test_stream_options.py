@@ -129,3 +129,32 @@ def test_stream_sets_refuse_an_unmerged_encoder(tiny_factory, tmp_path):
         model.save_streams(tmp_path / "adapter")
     model.merge_prefix_encoder().save_streams(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_merge_prefix_encoder_installs_the_materialised_prefixes(tiny_factory, tmp_path):
+    """Merging turns what `materialised_prefixes` gives into the model's own prefix parameters:
+    the same tensors under the same keys, trainable, the same logits, and a saved file (and
+    config) of a plain model; with no encoder there is nothing to merge."""
+    model = _train_a_little(_mlp_model(tiny_factory))
+    ids = _ids()
+    with torch.no_grad():
+        want_logits = model(ids).logits
+    want = {key: tensor.clone() for key, tensor in model.materialised_prefixes().items()}
+    assert sorted(want) == sorted(f"model.layers.{i}.self_attn.prefix_{kv}" for i in range(2) for kv in "kv")
+    model.merge_prefix_encoder()
+    assert model.prefix_encoder is None and model.parscale_config.prefix_mlp_hidden == 0
+    params = dict(model.named_parameters())
+    assert not any(key.startswith("prefix_encoder") for key in model.state_dict())
+    for key, tensor in want.items():
+        assert isinstance(params[key], torch.nn.Parameter) and params[key].requires_grad
+        assert torch.equal(params[key].detach(), tensor)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want_logits)
+    model.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert not any(key.startswith("prefix_encoder") for key in saved)
+    for key, tensor in want.items():
+        assert torch.equal(saved[key], tensor)
+    assert not any("mlp" in key for key in json.loads((tmp_path / "config.json").read_text()))
+    with pytest.raises(UserError, match="no prefix encoder"):
+        model.merge_prefix_encoder()

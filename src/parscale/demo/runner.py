@@ -55,15 +55,12 @@ def fill_missing(have: Any, defaults: Any) -> Any:
     return {**defaults, **{k: fill_missing(v, defaults.get(k)) for k, v in have.items()}}
 
 
-def ensure_run(tc, stop_notice: str = STOP_NOTICE) -> tuple[Path, str]:
-    """Train a run, resume it, or reuse it if finished: (final model dir, what was done).
-
-    `stop_notice` is what the trainer prints on a first Ctrl-C ("" in a worker: the parent speaks)."""
-    from parscale.train.loop import train
-
+def run_state(tc) -> str:
+    """What OUT holds of a run: "new" (nothing yet), "finished" or "interrupted" (a checkpoint to
+    resume from); a run recorded there with other options is refused with a `UserError`."""
     saved = tc.run_dir / "config.yaml"
     if not saved.is_file():
-        return train(tc, stop_notice=stop_notice), "trained"
+        return "new"
     have = _comparable(yaml.safe_load(saved.read_text()) or {})
     want = _comparable(yaml.safe_load(yaml.safe_dump(tc.to_dict())))
     # A key one side lacks counts as its default: an option added later is no change.
@@ -74,7 +71,19 @@ def ensure_run(tc, stop_notice: str = STOP_NOTICE) -> tuple[Path, str]:
     if diff:
         raise UserError(f"{tc.run_dir} was trained with other options ({', '.join(diff)}); "
                         "delete that run directory or choose another --out")
-    if (tc.run_dir / "final" / "config.json").is_file():
+    return "finished" if (tc.run_dir / "final" / "config.json").is_file() else "interrupted"
+
+
+def ensure_run(tc, stop_notice: str = STOP_NOTICE) -> tuple[Path, str]:
+    """Train a run, resume it, or reuse it if finished: (final model dir, what was done).
+
+    `stop_notice` is what the trainer prints on a first Ctrl-C ("" in a worker: the parent speaks)."""
+    from parscale.train.loop import train
+
+    state = run_state(tc)
+    if state == "new":
+        return train(tc, stop_notice=stop_notice), "trained"
+    if state == "finished":
         return tc.run_dir / "final", "reused"
     log.info("resuming the interrupted run %s", tc.run_dir)
     return train(tc, resume=True, stop_notice=stop_notice), "resumed"
@@ -206,7 +215,8 @@ def _cost(cfg, spec) -> float:
 
 
 def train_all(cfg, specs, pool: Pool, prepare) -> dict[str, dict[str, Any]]:
-    """Run every spec once its source is done; `prepare(tc)` tokenizes a run's data first.
+    """Run every spec once its source is done; `prepare(tc)` tokenizes a run's data first. A run
+    that finished in an earlier demo is reused here, without a worker, and said to be.
 
     Returns {name: {final, action, wall_seconds}} in the order the runs finished. On Ctrl-C (or
     SIGTERM) the running runs stop after their update with a checkpoint and `Interrupted` is raised."""
@@ -235,11 +245,18 @@ def train_all(cfg, specs, pool: Pool, prepare) -> dict[str, dict[str, Any]]:
                 spec = ready.pop(0)
                 pending.remove(spec)
                 tc = configs[spec.name]
+                state = run_state(tc)
+                if state == "finished":  # nothing to run, so no worker and no data: said as a reuse, not a start
+                    done[spec.name] = {"final": str(tc.run_dir / "final"), "action": "reused", "wall_seconds": 0.0}
+                    print(f"[demo] reuse {spec.name}: {spec.label} (finished earlier; {len(done)}/{len(specs)})",
+                          flush=True)
+                    continue
                 key = str(tc.data.to_dict())
                 if key not in prepared:  # in the parent, once per tokenizer: no two workers build one cache
                     prepare(tc)
                     prepared.add(key)
-                print(f"[demo] start {spec.name}: {spec.label} ({tc.steps} steps)", flush=True)
+                verb = "resume" if state == "interrupted" else "start"
+                print(f"[demo] {verb} {spec.name}: {spec.label} ({tc.steps} steps)", flush=True)
                 running[pool.submit_run(tc)] = spec.name
             finished, _ = wait(list(running), timeout=0.1, return_when=FIRST_COMPLETED)  # and forward a stop soon
             for fut in finished:

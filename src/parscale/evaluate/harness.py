@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
@@ -33,7 +34,8 @@ class ParScaleLM(HFLM):
         streams: an adapter directory (`parscale streams`), switched on after loading.
         tokenizer: a tokenizer directory (default: `pretrained`).
         dtype: "float32", "bfloat16", "float16" or "auto" (the checkpoint's).
-        Every other keyword is HFLM's (batch_size, max_length, device, ...).
+        Every other keyword is HFLM's (batch_size, max_length, device, ...); its model-loading
+        ones (parallelize, peft, delta, ...) do not apply to a model loaded here.
     """
 
     def __init__(self, pretrained: str, streams: str | None = None, tokenizer: str | None = None,
@@ -50,7 +52,22 @@ class ParScaleLM(HFLM):
         tok = AutoTokenizer.from_pretrained(tokenizer or pretrained, local_files_only=True)
         logger.info("lm-eval model: %s, P=%d (%s)", pretrained, model.parscale_config.n_streams,
                     model.active_streams or "base")
-        super().__init__(pretrained=model, tokenizer=tok, device=device, backend="causal", **kwargs)
+        # HFLM is given the directory, not the model: handed a loaded model it warns twice on
+        # every run; given a name it loads through `_get_config` and `_create_model`, the
+        # methods it asks subclasses to override, and ours below hand over this model. The
+        # name is made absolute because HFLM looks names up on the Hugging Face Hub for its
+        # results record (`get_model_info`), and an absolute path is never a Hub name.
+        self._loaded = model
+        super().__init__(pretrained=str(Path(pretrained).resolve()), tokenizer=tok, device=device,
+                         backend="causal", **kwargs)
+
+    def _get_config(self, pretrained: str, **kwargs) -> None:
+        """HFLM's hook for reading the config: the config of the model loaded in `__init__`."""
+        self._config = self._loaded.config
+
+    def _create_model(self, pretrained: str, **kwargs) -> None:
+        """HFLM's hook for loading the model: the model loaded in `__init__` (with `streams`)."""
+        self._model = self._loaded
 
 
 def main(argv: list[str]) -> int:

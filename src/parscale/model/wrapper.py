@@ -162,10 +162,9 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
     def merge_prefix_encoder(self) -> "ParScaleForCausalLM":
         """Turn the encoder's output into ordinary prefix parameters and drop the encoder
         (like PEFT's `merge_and_unload`): the model becomes a plain ParScale model."""
-        with torch.no_grad():
-            prefixes = self.prefix_encoder()  # layers 2 P kv T d (raises below if there is none)
-        for attention, (k, v) in zip(self.attention_modules(), prefixes):
-            attention.prefix_k, attention.prefix_v = nn.Parameter(k.clone()), nn.Parameter(v.clone())
+        for key, prefix in self.materialised_prefixes().items():  # a UserError if there is no encoder
+            module, name = key.rsplit(".", 1)
+            setattr(self.get_submodule(module), name, nn.Parameter(prefix.clone()))
         self.prefix_encoder = None
         self.parscale_config = dataclasses.replace(self.parscale_config, prefix_mlp_hidden=0)
         return self
