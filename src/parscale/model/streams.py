@@ -9,8 +9,14 @@ by the prefix columns, and hands over to the stock sdpa function, which handles 
 
 A decode step (one query per row) takes `decode_attention` instead: the stock path would copy
 the whole cache twice per layer and step (the prefix concatenation, then sdpa's `repeat_kv`,
-which transformers applies whenever a mask is given on CPU); scoring the prefix and the cache
-separately under one softmax reads each once, in its grouped-query layout.
+which transformers applies whenever a mask is given on CPU). On CPU it attends to the cache and
+to the prefix separately with torch's fused flash-attention kernel, in the cache's own dtype
+with float32 accumulation: each KV head's query heads are that head's queries (grouped-query
+layout, the cache neither repeated nor converted), and for the prefix every row of a stream is
+one of that stream's queries (the `[P, kv, T, d]` prefix never expanded to rows). The two
+partial results are merged in float32 by their log-sum-exps, which equals one softmax over
+`[prefix ; cache]`. Off the CPU, and under autograd, the same split is computed with float32
+matmuls.
 
 The matching mask function is registered too: without one, transformers skips mask
 creation for unknown attention names (padding silently ignored), and the stock sdpa mask
@@ -87,10 +93,51 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """One query per row over `[its stream's prefix ; the cache]`, without joining or repeating them.
 
     query `[rows, heads, 1, d]`, key/value `[rows, kv, L, d]`, prefixes `[P, kv, T, d]`, the mask
-    `[rows or 1, 1, 1, L]` (bool: True = visible; or additive float) or None. Scores and the
-    softmax are float32 (as sdpa accumulates); returns `[rows, 1, heads, d]` like the stock
-    attention functions.
+    `[rows or 1, 1, 1, L]` (bool: True = visible; or additive float) or None. Returns
+    `[rows, 1, heads, d]` like the stock attention functions.
+
+    On CPU, two calls of torch's fused flash-attention kernel, each in the input dtype with
+    float32 accumulation, each returning its log-sum-exp: the cache part with every row's query
+    heads of one KV head as that head's queries (`[rows, kv, groups, d]`; they share one
+    position, so they need no causality among them), the prefix part with every row of one
+    stream as that stream's queries (`[P, kv, batch*groups, d]` against `[P, kv, T, d]`, the
+    prefix never repeated per row). The two partial results are then merged in float32 by their
+    log-sum-exps, which is the softmax over the joined keys.
     """
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, prefix_k, prefix_v))
+    # Kept on the float32 path: off the CPU (the fused kernel is CPU-only), and under autograd
+    # (the kernel's log-sum-exp has no gradient, so the merge would drop part of it).
+    if query.device.type != "cpu" or _flash_cpu is None or tracked:
+        return _decode_attention_float32(query, key, value, mask, prefix_k, prefix_v, scaling)
+    rows, heads, _, dim = query.shape
+    n_streams, kv, n_prefix, _ = prefix_k.shape
+    groups, batch = heads // kv, rows // n_streams
+    dtype = query.dtype
+    q = query.reshape(rows, kv, groups, dim)  # rows kv g d (heads are kv-major); a view
+    if mask is not None:
+        mask = mask[..., -1:, :].reshape(mask.shape[0], 1, 1, -1).to(query.device)  # rows|1 1 1 L
+        lowest = torch.finfo(dtype).min  # not -inf: a fully hidden cache then weighs 0 in the merge
+        if mask.dtype == torch.bool:  # the kernel takes additive masks only
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, lowest)
+        else:
+            mask = mask.to(dtype).clamp(min=lowest)
+    out, lse = _flash_cpu(q, key, value, attn_mask=mask, scale=scaling)  # rows kv g d, rows kv g
+    q_streams = q.reshape(n_streams, batch, kv, groups, dim).transpose(1, 2).reshape(n_streams, kv, batch * groups, dim)
+    prefix_out, prefix_lse = _flash_cpu(q_streams, prefix_k.to(dtype), prefix_v.to(dtype), scale=scaling)
+    prefix_out = prefix_out.reshape(n_streams, kv, batch, groups, dim).transpose(1, 2).reshape(rows, kv, groups, dim)
+    prefix_lse = prefix_lse.reshape(n_streams, kv, batch, groups).transpose(1, 2).reshape(rows, kv, groups)
+    # softmax over both parts: the cache's share is e^lse / (e^lse + e^prefix_lse)
+    share = torch.sigmoid(lse - prefix_lse).unsqueeze(-1)  # rows kv g 1, float32 (float64 for float64)
+    merged = torch.lerp(prefix_out.to(share.dtype), out.to(share.dtype), share)  # rows kv g d
+    return merged.reshape(rows, 1, heads, dim).to(dtype)  # rows 1 heads d
+
+
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _decode_attention_float32(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                              prefix_k: torch.Tensor, prefix_v: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`decode_attention` off the CPU and under autograd: scores and one softmax over both parts, in float32."""
     rows, heads, _, dim = query.shape
     n_streams, kv, n_prefix, _ = prefix_k.shape
     groups, batch = heads // kv, rows // n_streams
