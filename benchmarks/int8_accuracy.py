@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     float_bytes = sum(m.weight.numel() * m.weight.element_size() for n, m in float_model.named_modules()
                       if isinstance(m, torch.nn.Linear) and "aggregate_layer" not in n)
     result = {
-        "command": "python benchmarks/int8_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": f"python benchmarks/int8_accuracy.py --run {os.path.relpath(args.run)}",  # no machine paths
         "run": run_name(args.run), "P": float_model.parscale_config.n_streams,
         "eval_tokens": min(tc.eval_tokens or len(val), len(val)), "seq_len": tc.seq_len,
         "val_loss_float32": losses["float32"], "val_loss_int8": losses["int8"],
