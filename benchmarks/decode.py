@@ -13,6 +13,8 @@ the copy bandwidth measured in the same run (on the same clock as the steps). Re
 every row once) and every row reports the median over rounds with min and max, so a burst
 of load from other processes moves all rows alike; ratios are taken from medians of one run.
 Writes benchmarks/results/decode.json with the CPU's name and its AVX-512/AMX flags.
+`--int8` adds rows with path `int8` at every P: the same model after `quantize_int8()` (int8
+weights, activations in the row's dtype); their floor counts the int8 weight bytes.
 """
 from __future__ import annotations
 
@@ -111,9 +113,12 @@ def measure_peak_rss(args: argparse.Namespace, rows: list[tuple]) -> dict[tuple,
 
 def step_bytes(model, cache_bytes_per_token: float, mean_tokens: float) -> float:
     """Bytes one decode step must read: weights (not the input embedding: one row of it) + KV cache."""
+    from parscale.model import quantize
+
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += quantize.int8_bytes(model)  # int8 weights and scales are buffers, not parameters
     if not tied:
         weights -= embedding.numel() * embedding.element_size()
     return weights + cache_bytes_per_token * mean_tokens
@@ -142,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: CPU time per step (with --threads 1, steadier on a machine shared with other work)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock-path rows")
+    parser.add_argument("--int8", action="store_true", help="add rows for the weight-only int8 opt-in (quantize_int8)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-rss", action="store_true", help="skip the per-configuration peak RSS (a process each)")
     parser.add_argument("--rss-row", help=argparse.SUPPRESS)
@@ -157,9 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batch_size.split(",")]
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     models = {name: build(args.layers, dtypes[name], streams) for name in args.dtype.split(",")}
-    impls = ["ours"] + ([] if args.no_stock else ["stock"])
+    impls = ["ours"] + ([] if args.no_stock else ["stock"]) + (["int8"] if args.int8 else [])
+    for variants in models.values() if args.int8 else []:  # int8 copies of the same weights
+        for p in streams:
+            variants[f"P{p}-int8"] = copy.deepcopy(variants[f"P{p}"]).quantize_int8()
     rows = [(d, "plain", "plain", 1, b) for d in models for b in batches]
-    rows += [(d, f"P{p}", impl, p, b) for d in models for impl in impls for p in streams for b in batches]
+    rows += [(d, f"P{p}" + ("-int8" if impl == "int8" else ""), impl, p, b)
+             for d in models for impl in impls for p in streams for b in batches]
     gen = torch.Generator().manual_seed(0)
     prompts = {b: torch.randint(0, 32000, (b, args.prompt), generator=gen) for b in batches}
     long_prompt = torch.randint(0, 32000, (1, args.prefill_length), generator=gen)
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:  # warm-up: page faults, the kernel build, first-call dispatch
         dtype, key, impl, p, b = row
         if impl != "plain":
-            models[dtype][key].use_fast_kernels(impl == "ours")
+            models[dtype][key].use_fast_kernels(impl != "stock")
         timed_generate(models[dtype][key], prompts[b], 2)
     for rep in range(args.reps):
         bandwidths.append(copy_bandwidth(256, 3, time.process_time if args.clock == "cpu" else time.perf_counter))
@@ -180,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype, key, impl, p, b = row
             model = models[dtype][key]
             if impl != "plain":
-                model.use_fast_kernels(impl == "ours")
+                model.use_fast_kernels(impl != "stock")
             step, per_token[row] = run_row(model, prompts[b], args.new_tokens, args.clock)
             times[row].append(step)
             if args.prefill_length and p == 1 and b == batches[0] and impl != "stock":

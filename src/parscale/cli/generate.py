@@ -6,12 +6,15 @@
     parscale generate --model runs/p1/final --streams p4=runs/p4/final-streams --prompt "def "
     parscale generate --model ParScale-1.8B-P4-Inst --chat --system "Be brief." --prompt "What is 2+2?"
     parscale generate --model ParScale-1.8B-P4-Inst --chat --interactive --do-sample --temperature 0.7
+    parscale generate --model runs/p4/final --prompt "def " --int8
 
 Greedy and sampled tokens are printed as they are produced (transformers' `TextStreamer`);
 beam search only knows its best sequence at the end, so it prints then. The tokenizer is read
 from the model directory unless `--tokenizer DIR` names another one. The model directory may
 hold our files, a released `qwen2_parscale` checkpoint or a plain transformers model (which
 runs as P = 1); `--streams` loads a stream adapter onto it (see `parscale streams`).
+`--int8` quantizes the backbone's weights to int8 after loading (`quantize_int8()`): less
+memory and faster CPU decoding, at a small accuracy cost.
 
 `--chat` wraps the prompt as a user message in the tokenizer's chat template and prints only
 the answer. `--interactive` reads one prompt per line from stdin and answers each; with
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="compute dtype (default auto: the checkpoint's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto: a GPU if there is one)")
+    p.add_argument("--int8", action="store_true",
+                   help="weight-only int8 for the backbone and lm_head after loading (CPU decoding reads a quarter "
+                        "of the float32 weight bytes; a small accuracy cost, see docs/model.md)")
     return p
 
 
@@ -133,6 +139,8 @@ def load(args: argparse.Namespace) -> tuple[ParScaleForCausalLM, PreTrainedToken
     if args.stream_spec is not None:
         name, directory = args.stream_spec
         model.set_streams(model.load_streams(directory, name=name))
+    if args.int8:
+        model.quantize_int8()
     return model, tokenizer
 
 

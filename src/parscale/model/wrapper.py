@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from parscale.model import adapters, autoload, format as checkpoint_format, introspect, kernels, options, streams
+from parscale.model import adapters, autoload, format as checkpoint_format, introspect, kernels, options, quantize, streams
 from parscale.model.cache_api import OUTPUT_FIELD, cache_kwargs, output_cache
 from parscale.model.aggregation import AggregationHead
 from parscale.model.auto import Qwen2ParScaleConfig
@@ -172,6 +172,22 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
     def use_fast_kernels(self, enabled: bool = True) -> None:
         """Switch the CPU decode kernel on (the default) or off (the stock `F.linear` everywhere)."""
         kernels.enable(self, enabled)
+        quantize.enable(self, enabled)  # int8 layers (after quantize_int8): their kernel, or dequantised weights
+
+    def quantize_int8(self) -> "ParScaleForCausalLM":
+        """Weight-only int8 for CPU decoding (opt-in; see `quantize`): the backbone's Linear layers
+        and the lm_head (unless tied to the embeddings) get int8 weights with per-row float32
+        scales; the prefixes and the aggregation MLP keep their dtype. Inference only, and the
+        model can no longer be saved (save before, quantize after loading). Returns the model."""
+        embedding = self.get_input_embeddings().weight
+        skip = {name for name, m in self.named_modules() if name.endswith("aggregate_layer")}
+        if self.prefix_encoder is not None:
+            skip.add("prefix_encoder")
+        if isinstance(self.lm_head, nn.Linear) and self.lm_head.weight is embedding:
+            skip.add("lm_head")  # tied: the embedding table stays as it is, and so does the head
+        saved = quantize.quantize_int8(self, skip=skip)
+        logger.info("int8 weights: %.1f MB saved", saved / 1e6)
+        return self
 
     # ----- the forward pass -------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
@@ -370,6 +386,7 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "50GB", **kwargs) -> None:
         """config.json + model.safetensors (or shards above `max_shard_size`, e.g. "2GB") in the
         released `qwen2_parscale` layout (see `format`); replaces the weights of an earlier save."""
+        quantize.check_savable(self)  # int8 layers would write a checkpoint nothing loads
         checkpoint_format.save_parscale(self, save_directory, max_shard_size=max_shard_size, **kwargs)
 
     @classmethod

@@ -1,0 +1,90 @@
+"""The few-row products behind `quantize_int8()`: int8 candidates against the float32 and bfloat16 kernel.
+
+    python benchmarks/int8_product.py [--rows 1,2,4,8] [--threads 1,2] [--reps 5] [--matrices 48]
+
+The issue's workload: 48 weight matrices of 2816 x 1024 (as many as the 16-layer decode model's
+gate/up/down projections), multiplied by M rows, timed over all 48 in a row. Variants:
+`f32` and `bf16` (`kernels.skinny_linear`, the default decode path), `int8` (our int8 kernel,
+float32 or bfloat16 activations) and `torch_int8pack` (`torch._weight_int8pack_mm`, torch's CPU
+int8 weight-only kernel). Repetitions are interleaved (each round runs every variant once) and
+the table gives the best of the rounds, in ms. Writes benchmarks/results/int8_product.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "int8_product.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1,2,4,8")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--matrices", type=int, default=48)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from decode import cpu_info
+
+    from parscale.model import kernels, quantize
+
+    lib, lib8 = kernels.library(), quantize.library()
+    if lib is None or lib8 is None:
+        print("the kernels cannot be built here (no C++ compiler)", file=sys.stderr)
+        return 1
+    gen = torch.Generator().manual_seed(0)
+    w32 = [torch.randn(2816, 1024, generator=gen) * 0.02 for _ in range(args.matrices)]
+    w16 = [w.bfloat16() for w in w32]
+    q8 = [quantize.quantize_weight(w) for w in w32]
+    s16 = [s.bfloat16() for _, s in q8]
+    variants = {
+        "f32": lambda x32, x16: [kernels.skinny_linear(x32, w, None, lib) for w in w32],
+        "bf16": lambda x32, x16: [kernels.skinny_linear(x16, w, None, lib) for w in w16],
+        "int8 (x f32)": lambda x32, x16: [quantize.int8_linear(x32, q, s, None, lib8) for q, s in q8],
+        "int8 (x bf16)": lambda x32, x16: [quantize.int8_linear(x16, q, s, None, lib8) for q, s in q8],
+        "torch_int8pack (x f32)": lambda x32, x16: [torch._weight_int8pack_mm(x32, q, s) for q, s in q8],
+        "torch_int8pack (x bf16)": lambda x32, x16: [torch._weight_int8pack_mm(x16, q, s) for (q, _), s in zip(q8, s16)],
+    }
+    rows = [int(m) for m in args.rows.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    best: dict[tuple, float] = {}
+    for rep in range(args.reps):
+        for t in threads:
+            torch.set_num_threads(t)
+            for m in rows:
+                x32 = torch.randn(m, 1024, generator=gen)
+                x16 = x32.bfloat16()
+                for name, run in variants.items():
+                    if rep == 0:
+                        run(x32, x16)  # warm-up: first-call dispatch, page faults
+                    start = time.perf_counter()
+                    run(x32, x16)
+                    elapsed = (time.perf_counter() - start) * 1e3
+                    best[(name, t, m)] = min(best.get((name, t, m), float("inf")), elapsed)
+        print(f"round {rep + 1}/{args.reps} done", file=sys.stderr)
+    cpu = cpu_info()
+    print(f"{cpu['model']} ({' '.join(cpu['flags'])}); {args.matrices} matrices of 2816 x 1024, "
+          f"best of {args.reps} interleaved rounds, ms; int8 kernel path: {lib8.isa}")
+    print(f"{'variant':<24} {'threads':>7} " + " ".join(f"{f'M={m}':>7}" for m in rows))
+    for t in threads:
+        for name in variants:
+            print(f"{name:<24} {t:>7} " + " ".join(f"{best[(name, t, m)]:>7.1f}" for m in rows))
+    result = {"command": "python benchmarks/int8_product.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "cpu": cpu, "torch": torch.__version__, "int8_isa": lib8.isa, "matrices": args.matrices,
+              "reps": args.reps, "best_ms": [{"variant": n, "threads": t, "rows": m, "ms": v}
+                                             for (n, t, m), v in best.items()]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Weight-only int8 for CPU decoding: an opt-in that reads a quarter of the float32 weight bytes.
+
+`quantize_int8(module)` replaces the plain `nn.Linear` layers of any module tree (the decode
+kernel's `SkinnyLinear` included) by `Int8Linear`: symmetric int8 weights per output row
+(scale = max|w_row| / 127, so |w - q * scale| <= scale / 2 for every element), float32
+scales, the bias kept as it was. `ParScaleForCausalLM.quantize_int8()` applies it to the
+backbone and the lm_head (not to a head tied to the embeddings, nor to the stream parameters:
+the prefixes and the aggregation MLP keep their dtype).
+
+Decoding with few rows on the CPU takes `csrc/int8_linear.cpp`, the skinny kernel's scheme with
+int8 weight rows widened to float32 in registers (AVX-512, AVX2/FMA or plain C++, built at first
+use like `kernels`). torch's own `torch._weight_int8pack_mm` does the same product, but on
+the issue's workload (48 matrices of 2816 x 1024, M = 1-8 rows, one thread, best of 5,
+benchmarks/int8_product.py) it took 35-81 ms with bfloat16 activations and 308-2419 ms with
+float32 ones, against 29-60 ms for this kernel with either, so the opt-in uses this kernel
+(benchmarks/README.md has the table). Many rows
+(prefill), other devices or no compiler take `F.linear` with the weights dequantised to the
+activations' dtype. The layers are for inference only: training or autograd through them
+raises a `UserError`, and so does saving (quantize after loading).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parscale.cache import cache_dir
+from parscale.errors import UserError
+from parscale.model import kernels
+
+logger = logging.getLogger(__name__)
+
+MAX_ROWS = kernels.MAX_ROWS  # above this the dequantised stock GEMM is compute-efficient
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_linear.cpp"
+SAVE_FIX = "save before quantize_int8(); quantize after loading"
+
+
+# ---------------------------------------------------------------- the kernel
+def _build_name(flags: tuple[str, ...]) -> str:
+    """A name unique to the source, the flags, torch and the CPU (as `kernels._build_name`)."""
+    digest = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), " ".join(kernels._FLAGS + list(flags)).encode(), torch.__version__.encode(),
+                 platform.machine().encode(), kernels._cpu_model().encode()):
+        digest.update(part)
+    return f"parscale_int8_{digest.hexdigest()[:12]}"
+
+
+@functools.lru_cache(maxsize=None)
+def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled int8 kernel, built once per CPU and torch version like `kernels.library`, or
+    None if it cannot be built. `flags` select narrower instruction paths (the tests use them)."""
+    name = _build_name(flags)
+    build = cache_dir("kernels", name)
+    built = build / f"{name}.so"
+    try:
+        try:
+            return _bind(ctypes.CDLL(str(built)))
+        except OSError:
+            pass
+        from torch.utils.cpp_extension import load
+
+        kernels._ninja_on_path()
+        logger.info("compiling the CPU int8 kernel once into %s", build)
+        build.mkdir(parents=True, exist_ok=True)
+        load(name, [str(_SOURCE)], extra_cflags=kernels._FLAGS + list(flags), extra_ldflags=["-fopenmp"],
+             build_directory=str(build), is_python_module=False)
+        return _bind(ctypes.CDLL(str(built)))
+    except Exception as error:  # no compiler, no ninja, a failed build: the dequantised path still works
+        logger.warning("the CPU int8 kernel is unavailable (%s); int8 layers use dequantised weights", error)
+        return None
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.parscale_int8_f32.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, ctypes.c_int]
+    lib.parscale_int8_f32.restype = None
+    lib.parscale_int8_isa.restype = ctypes.c_int
+    lib.isa = {2: "avx512", 1: "avx2", 0: "generic"}[lib.parscale_int8_isa()]
+    return lib
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                lib: ctypes.CDLL) -> torch.Tensor:
+    """`F.linear(x, qweight * scale[:, None], bias)` by the kernel, in x's dtype; x on the CPU,
+    float32 or bfloat16 (widened to float32), qweight [N, K] int8, scale [N] float32."""
+    n_out, k = qweight.shape
+    rows = x.reshape(-1, k).float().contiguous()  # M K
+    bias32 = bias.float().contiguous() if bias is not None else None
+    out = torch.empty(rows.shape[0], n_out, dtype=torch.float32)  # M N
+    lib.parscale_int8_f32(rows.data_ptr(), rows.shape[0], k, qweight.data_ptr(), scale.data_ptr(),
+                          bias32.data_ptr() if bias32 is not None else None, out.data_ptr(), n_out,
+                          torch.get_num_threads())
+    return out.to(x.dtype).reshape(*x.shape[:-1], n_out)  # ... N
+
+
+# ---------------------------------------------------------------- quantization
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [N, K], float32 scale [N]): symmetric per output row, scale = max|w_row| / 127.
+    An all-zero row gets scale 1 (its int8 values are 0, so it dequantises to zeros)."""
+    w = weight.detach().float()
+    peak = w.abs().amax(dim=1)  # N
+    scale = torch.where(peak > 0, peak / 127, torch.ones_like(peak))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 weights an int8 layer stands for: q * scale, per row."""
+    return qweight.float() * scale[:, None]
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer with int8 weights and float32 per-row scales, for inference only.
+
+    Few-row CPU inference (decoding) runs the int8 kernel; anything else (prefill, other
+    devices, no compiler, `use_kernel = False`) runs `F.linear` on the weights dequantised to
+    the activations' dtype. The output has the activations' dtype. `weight` gives the
+    dequantised weights in the original dtype (a copy made on each access), for code that
+    reads a layer's dtype, device or shape.
+    """
+
+    use_kernel: bool = True
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype = linear.weight.dtype
+        q, scale = quantize_weight(linear.weight)
+        self.register_buffer("qweight", q.to(linear.weight.device))
+        self.register_buffer("scale", scale.to(linear.weight.device))
+        self.bias = linear.bias  # the same Parameter, in its dtype (or None)
+        self.train(linear.training)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize(self.qweight, self.scale).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))):
+            raise UserError("int8 layers are for inference only: call model.eval() and run under torch.no_grad() "
+                            "(generate does), or train the float model and call quantize_int8() after training")
+        if self.use_kernel and self._eligible(x):
+            lib = library()
+            if lib is not None:
+                return int8_linear(x, self.qweight, self.scale, self.bias, lib)
+        weight = dequantize(self.qweight, self.scale).to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _eligible(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and self.qweight.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                and not torch.compiler.is_compiling() and x.dim() > 0
+                and 0 < x.numel() <= MAX_ROWS * self.in_features)
+
+
+def quantize_int8(module: nn.Module, skip: set[str] | frozenset[str] = frozenset()) -> int:
+    """Replace the plain `nn.Linear`/`SkinnyLinear` layers of `module` by `Int8Linear`, in place.
+
+    Layers whose qualified name is in `skip`, or that lie under such a name, are left alone,
+    as are Linear subclasses other than the decode kernel's (adapter or quantized layers).
+    Returns the float weight bytes replaced minus the int8 bytes that took their place.
+    """
+    def skipped(name: str) -> bool:
+        return any(name == s or name.startswith(s + ".") for s in skip)
+
+    targets = [(name, m) for name, m in module.named_modules()
+               if (type(m) is nn.Linear or isinstance(m, kernels.SkinnyLinear)) and not skipped(name)]
+    saved = 0
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        replacement = Int8Linear(linear)
+        before = linear.weight.numel() * linear.weight.element_size()
+        saved += before - replacement.qweight.numel() - replacement.scale.numel() * 4
+        setattr(parent, attr, replacement)
+    return saved
+
+
+def enable(module: nn.Module, enabled: bool = True) -> int:
+    """Let the `Int8Linear` layers of `module` take the int8 kernel (or always the dequantised
+    `F.linear`); returns how many there are."""
+    count = 0
+    for m in module.modules():
+        if isinstance(m, Int8Linear):
+            m.use_kernel = enabled
+            count += 1
+    return count
+
+
+def check_savable(module: nn.Module) -> None:
+    """A UserError if `module` holds int8 layers: their checkpoint could not be loaded back."""
+    if any(isinstance(m, Int8Linear) for m in module.modules()):
+        raise UserError(f"this model was quantized to int8 and cannot be saved in that form; {SAVE_FIX}")
+
+
+def int8_bytes(module: nn.Module) -> int:
+    """The bytes of the int8 weights and their scales in `module` (not counted by `parameters()`)."""
+    return sum(b.numel() * b.element_size() for m in module.modules() if isinstance(m, Int8Linear)
+               for b in (m.qweight, m.scale))

@@ -1,0 +1,202 @@
+"""Weight-only int8 (`quantize_int8()`): the product, the model against dequantised weights, the refusals."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parscale.errors import UserError
+from parscale.model import kernels, quantize
+from parscale.model.config import ParScaleConfig
+from parscale.model.wrapper import to_parscale
+
+# The instruction paths of the int8 kernel on this CPU, as in test_kernels.py.
+ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "generic": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
+
+
+@pytest.fixture(scope="module", params=list(ISA_FLAGS))
+def lib(request):
+    built = quantize.library(ISA_FLAGS[request.param])
+    if built is None:
+        pytest.skip("no C++ compiler: the int8 kernel cannot be built here")
+    return built
+
+
+def _reference_dequantised(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-row int8 and back, written out here independently of `quantize`."""
+    w = w.double()
+    scale = w.abs().max(dim=1, keepdim=True).values / 127
+    scale[scale == 0] = 1
+    return (w / scale).round().clamp(-127, 127) * scale
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_product_matches_float64_with_dequantised_weights(lib, rows, with_bias):
+    # K = 83: tails after the 16- and 8-wide loops; N = 19: rows left after the 8/4/2-row steps.
+    gen = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(2, rows, 83, generator=gen), torch.randn(19, 83, generator=gen), torch.randn(19, generator=gen)
+    w[3] = 0  # an all-zero row
+    q, scale = quantize.quantize_weight(w)
+    bias = b if with_bias else None
+    got = quantize.int8_linear(x, q, scale, bias, lib)
+    want = F.linear(x.double(), _reference_dequantised(w), b.double() if with_bias else None)
+    assert got.shape == (2, rows, 19) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[:, :, 3], torch.zeros_like(got[:, :, 3]) + (b[3] if with_bias else 0))
+
+
+def test_bfloat16_activations_give_bfloat16_rounded_once(lib):
+    gen = torch.Generator().manual_seed(7)
+    x, w = torch.randn(3, 83, generator=gen).bfloat16(), torch.randn(21, 83, generator=gen)
+    q, scale = quantize.quantize_weight(w)
+    got = quantize.int8_linear(x, q, scale, None, lib)
+    exact = F.linear(x.double(), _reference_dequantised(w))
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5).all()
+
+
+def test_quantization_error_is_at_most_half_a_step():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 200, generator=gen) * torch.logspace(-4, 2, 64)[:, None]  # rows of very different size
+    w[5] = 0
+    q, scale = quantize.quantize_weight(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and int(q.abs().max()) <= 127
+    err = (w.double() - q.double() * scale.double()[:, None]).abs()
+    assert (err <= scale.double()[:, None] / 2 * (1 + 1e-6)).all()
+    assert torch.equal(q[5], torch.zeros_like(q[5])) and torch.isfinite(scale).all()
+    peak = w.abs().amax(1)
+    assert torch.equal(scale, torch.where(peak > 0, peak / 127, torch.ones(64)))
+
+
+def _model(factory, n_streams: int, seed: int = 0):
+    # llama's tiny config is untied, so the lm_head is quantized too; biases on q/k/v via qwen2 below
+    model = to_parscale(factory("llama", intermediate_size=72), ParScaleConfig(n_streams, 3), seed=seed)
+    with torch.no_grad():  # non-uniform aggregation, so the streams matter
+        for p in model.model.aggregate_layer[2].parameters() if n_streams > 1 else []:
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + 100)))
+    kernels.enable(model, False)  # the float kernel is test_kernels.py's subject; here only int8 is compiled
+    return model.eval()
+
+
+def _dequantised_copy(model):
+    """The same model in float32 with every quantizable Linear weight replaced by its int8 value."""
+    ref = copy.deepcopy(model)
+    embedding = ref.get_input_embeddings().weight
+    with torch.no_grad():
+        for name, module in ref.named_modules():
+            if isinstance(module, nn.Linear) and "aggregate_layer" not in name and module.weight is not embedding:
+                module.weight.copy_(_reference_dequantised(module.weight).float())
+    ref.use_fast_kernels(False)  # the stock F.linear: an independent computation
+    return ref
+
+
+@pytest.mark.parametrize("n_streams", [1, 2, 4])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_quantized_model_equals_dequantised_float_model(tiny_factory, monkeypatch, n_streams, batch):
+    if quantize.library() is None:
+        pytest.skip("no C++ compiler")
+    model = _model(tiny_factory, n_streams)
+    ref = _dequantised_copy(model)
+    aggregate = {n: p.clone() for n, p in model.named_parameters() if "aggregate_layer" in n or "prefix" in n}
+    assert model.quantize_int8() is model
+    converted = [n for n, m in model.named_modules() if isinstance(m, quantize.Int8Linear)]
+    assert "lm_head" in converted and len(converted) == 2 * 7 + 1  # q k v o gate up down per layer, and the head
+    for name, param in model.named_parameters():  # stream parameters untouched, in their dtype
+        if name in aggregate:
+            assert torch.equal(param, aggregate[name]) and param.dtype == torch.float32
+    calls = [0]
+    original = quantize.int8_linear
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(quantize, "int8_linear", counted)
+    ids = torch.randint(2, 97, (batch, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1:, :2] = 0  # left padding on every row but the first
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                  output_scores=True, pad_token_id=0)
+    with torch.no_grad():
+        got, want = model.generate(ids, **kwargs), ref.generate(ids, **kwargs)
+        logits, ref_logits = model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    assert calls[0] > 0  # decoding took the int8 kernel
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)  # prefill: the dequantised path
+
+
+def test_bfloat16_model_decodes_in_bfloat16(tiny_factory):
+    model = _model(tiny_factory, 2).to(torch.bfloat16).quantize_int8()
+    ids = torch.randint(2, 97, (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = model(ids).logits
+        step = model.lm_head(torch.randn(1, 1, 32).bfloat16())
+    assert out.dtype == torch.bfloat16 and step.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert model.model.aggregate_layer[0].weight.dtype == torch.bfloat16
+
+
+def test_tied_head_and_biases(tiny_factory):
+    model = to_parscale(tiny_factory("qwen2"), ParScaleConfig(2, 3), seed=0).eval()  # tied embeddings, q/k/v biases
+    kernels.enable(model, False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.bias"):  # initialised to zero: make them count
+                param.normal_(generator=torch.Generator().manual_seed(len(name)))
+    ref = _dequantised_copy(model)
+    model.quantize_int8()
+    assert type(model.lm_head) is not quantize.Int8Linear
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    attention = model.model.layers[0].self_attn
+    assert isinstance(attention.q_proj, quantize.Int8Linear) and attention.q_proj.bias is not None
+    for length in (4, 20):  # 8 rows through the backbone: the kernel; 40: the dequantised F.linear
+        ids = torch.randint(2, 97, (1, length), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_save_and_training_are_refused(tiny_factory, tmp_path):
+    model = _model(tiny_factory, 2).quantize_int8()
+    with pytest.raises(UserError, match=r"save before quantize_int8\(\); quantize after loading"):
+        model.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    ids = torch.randint(2, 97, (1, 4), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(UserError, match="inference only"):
+        model(ids)  # autograd: the embeddings require grad
+    with pytest.raises(UserError, match="inference only"), torch.no_grad():
+        model.train()(ids)
+
+
+def test_stock_switch_takes_the_dequantised_path(tiny_factory, monkeypatch):
+    model = _model(tiny_factory, 2).quantize_int8()
+    monkeypatch.setattr(quantize, "int8_linear", lambda *a, **k: pytest.fail("kernel used with kernels off"))
+    model.use_fast_kernels(False)
+    with torch.no_grad():
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert kernels.enable(model, True) > 0  # the aggregation MLP's Linear layers are still plain
+
+
+def test_generate_cli_int8_runs(tmp_path, tiny_factory, capsys, monkeypatch):
+    from _chartok import char_tokenizer
+
+    from parscale.cli.generate import main
+
+    monkeypatch.setattr(kernels, "library", lambda *a: None)  # the float kernel (aggregation MLP) is not built here
+    calls = [0]
+    original = quantize.int8_linear
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(quantize, "int8_linear", counted)
+    model = _model(tiny_factory, 2)
+    model.save_pretrained(tmp_path / "model")
+    char_tokenizer().save_pretrained(tmp_path / "model")
+    assert main(["--model", str(tmp_path / "model"), "--prompt", "def f(", "--max-new-tokens", "4", "--int8"]) == 0
+    assert capsys.readouterr().out.startswith("def f(") and calls[0] > 0
