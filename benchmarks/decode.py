@@ -19,6 +19,7 @@ weights, activations in the row's dtype); their floor counts the int8 weight byt
 from __future__ import annotations
 
 import argparse
+import ctypes
 import copy
 import json
 import os
@@ -76,9 +77,15 @@ def peak_rss_row(args: argparse.Namespace) -> int:
     dtype, key, batch = args.rss_row.split(",")
     from parscale.cost.measure import timed_generate
 
-    streams = [] if key == "plain" else [int(key[1:])]
+    base_key, int8 = key.removesuffix("-int8"), key.endswith("-int8")
+    streams = [] if base_key == "plain" else [int(base_key[1:])]
     model = build(args.layers, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype], streams,
-                  plain=key == "plain")[key]
+                  plain=base_key == "plain")[base_key]
+    if int8:
+        model.quantize_int8()
+    # Hand freed heap pages back (the float32 build, the replaced weights): glibc keeps them otherwise,
+    # and they would count against the configuration.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     built = _status_bytes("VmRSS")
     # Reset the peak (Linux's clear_refs "5"): building in float32 before a bfloat16 cast peaks
     # higher than decoding does, and that is not the configuration's cost.
@@ -212,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                         "built_rss_bytes": rss.get((dtype, key, b), {}).get("built_rss")})
     base = {(r["dtype"], r["impl"], r["batch_size"]): r["ms_per_token"] for r in results if r["P"] == 1}
     for r in results:
-        r["x_P1"] = r["ms_per_token"] / base[(r["dtype"], r["impl"], r["batch_size"])]
+        one = base.get((r["dtype"], r["impl"], r["batch_size"]))  # absent when --P leaves out 1
+        r["x_P1"] = r["ms_per_token"] / one if one else None
     print(format_table(results, bandwidth, args))
     goals = goal_lines(results, prefill)
     print("\n".join(goals))
@@ -244,7 +252,7 @@ def format_table(results: list[dict], bandwidth: float, args: argparse.Namespace
     for r in results:
         lines.append(f"{r['dtype']:<9} {r['impl']:<6} {r['P']:>2} {r['batch_size']:>2} {r['ms_per_token']:>9.1f} "
                      f"{r['min_ms']:>7.1f} {r['max_ms']:>7.1f} {r['floor_ms']:>7.1f} {r['x_floor']:>7.2f} "
-                     f"{r['x_P1']:>6.2f} {r['kv_bytes_per_token']:>9.0f} "
+                     f"{r['x_P1'] if r['x_P1'] is not None else float('nan'):>6.2f} {r['kv_bytes_per_token']:>9.0f} "
                      f"{r['peak_rss_bytes'] / 2**20 if r.get('peak_rss_bytes') else float('nan'):>11.0f}")
     return "\n".join(lines)
 
