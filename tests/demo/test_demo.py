@@ -374,3 +374,47 @@ def test_seeds_option_runs_every_setting_over_paired_seeds(monkeypatch, tmp_path
     assert len(specs) == 3 * len(plan(one))
     with pytest.raises(UserError, match="--seeds must be at least 1"):
         main(["--out", str(tmp_path / "b"), "--seeds", "0"])
+
+
+def test_loss_vs_p_draws_one_line_per_seed(tmp_path, monkeypatch):
+    """With several seeds, each seed's P = 1, 2, 4 runs are joined on their own; pooling them
+    into one sorted line zig-zags between seeds and pairs runs that share nothing."""
+    from parscale.demo import plots
+
+    runs = [{"group": "scratch", "kind": "p1" if p == 1 else "streams", "P": p, "seed": seed,
+             "val_loss": 4.0 + seed - 0.1 * p} for seed in (0, 1) for p in (1, 2, 4)]
+    runs.append({"group": "scratch", "kind": "prefix", "P": 1, "seed": 0, "val_loss": 3.5})
+    drawn = {}
+    monkeypatch.setattr(plots, "atomic_save_figure", lambda fig, path, **kw: drawn.setdefault("fig", fig))
+    plots.plot_loss_vs_p({"runs": runs}, tmp_path / "p.png")
+    lines = [list(zip(*line.get_data())) for line in drawn["fig"].axes[0].get_lines()]
+    expected = [[(p, 4.0 + seed - 0.1 * p) for p in (1, 2, 4)] for seed in (0, 1)]
+    assert sorted(lines) == sorted(expected)
+
+
+def test_only_picks_settings_and_the_runs_they_continue_from(tmp_path):
+    """`--only` keeps the named settings over every seed plus the sources of two-stage runs,
+    and refuses a name the budget does not have, listing the ones it has."""
+    cfg = DemoConfig.preset(str(tmp_path), budget="full", seeds=(0, 1), only=("post-p2-streams", "p2-smooth0.1"))
+    names = [s.name for s in plan(cfg)]
+    assert names == ["p1-s0", "post-p2-streams-s0", "p2-smooth0.1-s0", "p1-s1", "post-p2-streams-s1", "p2-smooth0.1-s1"]
+    assert cfg.identity() == DemoConfig.preset(str(tmp_path), budget="full", seeds=(0, 1)).identity()
+    with pytest.raises(UserError, match=r"no setting 'p2-smooth0.1'.*its settings are p1, p2"):
+        plan(DemoConfig.preset(str(tmp_path), budget="default", only=("p2", "p2-smooth0.1")))
+
+
+@pytest.mark.slow
+def test_only_into_a_finished_out_reuses_its_runs_and_reports_just_those(smoke, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(smoke[0], out)
+    proc = subprocess.run([sys.executable, "-m", "parscale", "demo", *SMOKE_FLAGS, "--out", str(out),
+                           "--only", "p2,post-p2-streams", "--no-measure"],
+                          env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["name"] for r in summary["runs"]] == ["p1", "p2", "post-p2-streams"]
+    assert {r["action"] for r in summary["runs"]} == {"reused"}
+    assert {r["name"]: r["val_loss"] for r in summary["runs"]} == \
+        {name: r["val_loss"] for name, r in _runs(smoke[1]).items() if name in ("p1", "p2", "post-p2-streams")}

@@ -1,6 +1,7 @@
 """`parscale demo`: the mini-study (about 10 minutes on two CPU cores at the default budget).
 
     parscale demo [--out runs/demo] [--budget smoke|quick|default|full] [--scale F] [--seed S] [--seeds N]
+                  [--only SETTING,...]
 
 Re-running with the same flags reuses the finished runs, resumes an interrupted one and
 rewrites the report; other flags on an existing --out are refused.
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, metavar="N",
                    help="paired seeds per setting (default: the budget's, 1, or 4 for full); with N >= 2 the "
                         "report gives each comparison's mean paired difference and standard error")
+    p.add_argument("--only", default=None, metavar="SETTING,...",
+                   help="run only these settings of the budget (e.g. p1-prefix,p2,p2-smooth0.1) and the runs they "
+                        "continue from, over every seed; later invocations into the same --out reuse them, so a "
+                        "study can be run in pieces")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="runs at a time, one thread each (default 2 on a machine with 2 or more cores, else 1)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
@@ -60,6 +65,10 @@ def main(argv: list[str]) -> int:
 
     torch.set_num_threads(args.threads)  # process-wide, so set here at the entry point only
     options = {} if args.seeds is None else {"seeds": tuple(range(args.seeds))}
+    if args.only is not None:
+        options["only"] = tuple(o.strip() for o in args.only.split(",") if o.strip())
+        if not options["only"]:
+            raise UserError("--only needs at least one setting name, e.g. --only p1-prefix,p2")
     cfg = DemoConfig.preset(args.out, budget=budget, scale=args.scale, seed=args.seed, workers=workers,
                             measure=not args.no_measure, **options)
     try:

@@ -94,6 +94,7 @@ class DemoConfig:
     decode_tokens: int = 32           # decode steps timed per model and dtype
     workers: int = 2                  # runs at a time, one thread each
     measure: bool = True              # time decoding (float32 and bfloat16)
+    only: tuple[str, ...] = ()        # run only these settings (and the runs they continue from)
     data: Any = field(default_factory=_default_data)
 
     def __post_init__(self) -> None:
@@ -101,6 +102,7 @@ class DemoConfig:
             object.__setattr__(self, "data", DataConfig.from_dict(self.data))
         object.__setattr__(self, "seeds", tuple(self.seeds))
         object.__setattr__(self, "sizes", tuple(self.sizes))
+        object.__setattr__(self, "only", tuple(self.only))
         if not self.out:
             raise UserError("no output directory: give --out DIR")
         if self.budget not in BUDGETS:
@@ -148,7 +150,9 @@ class DemoConfig:
 
     def identity(self) -> dict[str, Any]:
         """What must match for an existing OUT to be reused: what decides the training runs."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("out", "workers", "measure", "decode_tokens")}
+        # `only` picks runs, it does not change them: a study can be run in pieces into one OUT.
+        return {k: v for k, v in self.to_dict().items()
+                if k not in ("out", "workers", "measure", "decode_tokens", "only")}
 
 
 # ---------------------------------------------------------------- the runs
@@ -202,8 +206,22 @@ PENALTIES = (0.1, 1.0)  # x the mean pairwise cosine of the streams' final hidde
 
 
 def plan(cfg: DemoConfig) -> list[RunSpec]:
-    """Every run of the study, sources before the runs converted from them."""
-    return [spec for seed in cfg.seeds for spec in _seed_runs(cfg, seed)]
+    """Every run of the study (or of `cfg.only`'s settings), sources before the runs converted from them."""
+    specs = [spec for seed in cfg.seeds for spec in _seed_runs(cfg, seed)]
+    if not cfg.only:
+        return specs
+    settings = list(dict.fromkeys(s.setting for s in specs))
+    unknown = [o for o in cfg.only if o not in settings]
+    if unknown:
+        raise UserError(f"--only: the {cfg.budget} budget has no setting {', '.join(map(repr, unknown))}; "
+                        f"its settings are {', '.join(settings)}")
+    by = {s.name: s for s in specs}
+    keep = {s.name for s in specs if s.setting in cfg.only}
+    for name in list(keep):  # a two-stage run needs the run it continues from
+        while by[name].source:
+            name = by[name].source
+            keep.add(name)
+    return [s for s in specs if s.name in keep]
 
 
 def run_dir(cfg: DemoConfig, name: str) -> Path:

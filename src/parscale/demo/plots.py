@@ -51,9 +51,12 @@ def plot_loss_vs_p(summary: dict[str, Any], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     scratch = [r for r in summary["runs"] if r["group"] == "scratch"]
-    line = sorted((r["P"], r["val_loss"]) for r in scratch if r["kind"] in ("p1", "streams"))
-    if line:
-        ax.plot(*zip(*line), "-", color="grey", lw=1, zorder=1)
+    # One line per seed: pooling the seeds into one sorted line would zig-zag between them.
+    for seed in sorted({r.get("seed", 0) for r in scratch}):
+        line = sorted((r["P"], r["val_loss"]) for r in scratch
+                      if r["kind"] in ("p1", "streams") and r.get("seed", 0) == seed)
+        if line:
+            ax.plot(*zip(*line), "-", color="grey", lw=1, zorder=1)
     for r in scratch:
         color, marker = STYLE[r["kind"]]
         ax.scatter(r["P"], r["val_loss"], color=color, marker=marker, s=60, zorder=2,
