@@ -38,13 +38,13 @@ _SOURCE = Path(__file__).resolve().parent / "csrc" / "skinny_linear.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
-def _build_name(flags: tuple[str, ...]) -> str:
+def _build_name(source: Path, prefix: str, flags: tuple[str, ...]) -> str:
     """A name unique to the source, the flags, torch and the CPU (-march=native is per CPU)."""
     digest = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_FLAGS + list(flags)).encode(), torch.__version__.encode(),
+    for part in (source.read_bytes(), " ".join(_FLAGS + list(flags)).encode(), torch.__version__.encode(),
                  platform.machine().encode(), _cpu_model().encode()):
         digest.update(part)
-    return f"parscale_skinny_{digest.hexdigest()[:12]}"
+    return f"{prefix}_{digest.hexdigest()[:12]}"
 
 
 def _cpu_model() -> str:
@@ -68,6 +68,31 @@ def _ninja_on_path() -> None:
             pass  # the build then fails and the stock path is used, with a warning
 
 
+def compiled(source: Path, prefix: str, flags: tuple[str, ...], bind, what: str, fallback: str) -> ctypes.CDLL | None:
+    """Build `source` once per CPU and torch version into the cache and load it with `bind`, or
+    None (with one warning naming `fallback`) when it cannot be built. One routine for every
+    kernel library, so they share the cache layout and the build lock."""
+    name = _build_name(source, prefix, flags)
+    build = cache_dir("kernels", name)
+    built = build / f"{name}.so"
+    try:
+        try:
+            return bind(ctypes.CDLL(str(built)))  # built before (by this or another process)
+        except OSError:  # absent, or still being linked by another process: build or wait for it
+            pass
+        from torch.utils.cpp_extension import load  # takes a lock in `build`, so one process builds
+
+        _ninja_on_path()
+        logger.info("compiling the %s once into %s", what, build)
+        build.mkdir(parents=True, exist_ok=True)
+        load(name, [str(source)], extra_cflags=_FLAGS + list(flags), extra_ldflags=["-fopenmp"], build_directory=str(build),
+             is_python_module=False)
+        return bind(ctypes.CDLL(str(built)))
+    except Exception as error:  # no compiler, no ninja, a failed build: the fallback still works
+        logger.warning("the %s is unavailable (%s); %s", what, error, fallback)
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """The compiled kernel (built once per CPU and torch version), or None if it cannot be built.
@@ -75,25 +100,7 @@ def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     `flags` are extra compiler flags; the tests use them to build and check the narrower
     instruction paths too (e.g. `("-mno-avx512f",)` for AVX2 on an AVX-512 CPU).
     """
-    name = _build_name(flags)
-    build = cache_dir("kernels", name)
-    built = build / f"{name}.so"
-    try:
-        try:
-            return _bind(ctypes.CDLL(str(built)))  # built before (by this or another process)
-        except OSError:  # absent, or still being linked by another process: build or wait for it
-            pass
-        from torch.utils.cpp_extension import load  # takes a lock in `build`, so one process builds
-
-        _ninja_on_path()
-        logger.info("compiling the CPU decode kernel once into %s", build)
-        build.mkdir(parents=True, exist_ok=True)
-        load(name, [str(_SOURCE)], extra_cflags=_FLAGS + list(flags), extra_ldflags=["-fopenmp"], build_directory=str(build),
-             is_python_module=False)
-        return _bind(ctypes.CDLL(str(built)))
-    except Exception as error:  # no compiler, no ninja, a failed build: the stock path still works
-        logger.warning("the CPU decode kernel is unavailable (%s); decoding uses the stock matmul", error)
-        return None
+    return compiled(_SOURCE, "parscale_skinny", flags, _bind, "CPU decode kernel", "decoding uses the stock matmul")
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:

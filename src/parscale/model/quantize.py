@@ -22,20 +22,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import platform
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parscale.cache import cache_dir
 from parscale.errors import UserError
 from parscale.model import kernels
 
-logger = logging.getLogger(__name__)
 
 MAX_ROWS = kernels.MAX_ROWS  # above this the dequantised stock GEMM is compute-efficient
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_linear.cpp"
@@ -43,38 +38,12 @@ SAVE_FIX = "save before quantize_int8(); quantize after loading"
 
 
 # ---------------------------------------------------------------- the kernel
-def _build_name(flags: tuple[str, ...]) -> str:
-    """A name unique to the source, the flags, torch and the CPU (as `kernels._build_name`)."""
-    digest = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(kernels._FLAGS + list(flags)).encode(), torch.__version__.encode(),
-                 platform.machine().encode(), kernels._cpu_model().encode()):
-        digest.update(part)
-    return f"parscale_int8_{digest.hexdigest()[:12]}"
-
-
 @functools.lru_cache(maxsize=None)
 def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """The compiled int8 kernel, built once per CPU and torch version like `kernels.library`, or
     None if it cannot be built. `flags` select narrower instruction paths (the tests use them)."""
-    name = _build_name(flags)
-    build = cache_dir("kernels", name)
-    built = build / f"{name}.so"
-    try:
-        try:
-            return _bind(ctypes.CDLL(str(built)))
-        except OSError:
-            pass
-        from torch.utils.cpp_extension import load
-
-        kernels._ninja_on_path()
-        logger.info("compiling the CPU int8 kernel once into %s", build)
-        build.mkdir(parents=True, exist_ok=True)
-        load(name, [str(_SOURCE)], extra_cflags=kernels._FLAGS + list(flags), extra_ldflags=["-fopenmp"],
-             build_directory=str(build), is_python_module=False)
-        return _bind(ctypes.CDLL(str(built)))
-    except Exception as error:  # no compiler, no ninja, a failed build: the dequantised path still works
-        logger.warning("the CPU int8 kernel is unavailable (%s); int8 layers use dequantised weights", error)
-        return None
+    return kernels.compiled(_SOURCE, "parscale_int8", flags, _bind, "CPU int8 kernel",
+                            "int8 layers use dequantised weights")
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
