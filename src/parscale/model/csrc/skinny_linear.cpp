@@ -79,6 +79,14 @@ inline float to_float(uint16_t v) {
   return f;
 }
 
+// y[m, n] += bias[n] for every row m (bias may be null).
+template <typename B>
+void add_bias(float* y, const B* bias, int64_t M, int64_t N) {
+  if (!bias) return;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) y[m * N + n] += to_float(bias[n]);
+}
+
 // out[m * ldy + r] = dot(x[m], w[r]) for m < MC rows of x and r < R weight rows.
 template <int MC, int R, typename WT>
 inline void block(const float* x, int64_t K, const WT* w, float* out, int64_t ldy) {
@@ -288,17 +296,13 @@ void run_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float* 
 extern "C" void parscale_skinny_f32(const float* x, int64_t M, int64_t K, const float* w, const float* bias,
                                     float* y, int64_t N, int threads) {
   run<float, float>(x, M, K, w, y, N, threads);
-  if (bias)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
+  add_bias(y, bias, M, N);
 }
 
 extern "C" void parscale_skinny_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, const uint16_t* bias,
                                      float* y, int64_t N, int threads) {
   run<float, uint16_t>(x, M, K, w, y, N, threads);
-  if (bias)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) y[m * N + n] += to_float(bias[n]);
+  add_bias(y, bias, M, N);
 }
 
 extern "C" int parscale_skinny_has_avx2() {
@@ -315,9 +319,7 @@ extern "C" void parscale_skinny_bf16_dot(const uint16_t* x, int64_t M, int64_t K
                                          const uint16_t* bias, float* y, int64_t N, int threads) {
 #ifdef PARSCALE_BF16DOT
   run<uint16_t, uint16_t>(x, M, K, w, y, N, threads);
-  if (bias)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) y[m * N + n] += to_float(bias[n]);
+  add_bias(y, bias, M, N);
 #else
   (void)x, (void)M, (void)K, (void)w, (void)bias, (void)y, (void)N, (void)threads;
 #endif
@@ -329,9 +331,7 @@ extern "C" void parscale_skinny_bf16_amx(const uint16_t* x, int64_t M, int64_t K
                                          const uint16_t* bias, float* y, int64_t N, int threads) {
 #ifdef PARSCALE_AMX
   run_amx(x, M, K, w, y, N, threads);
-  if (bias)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) y[m * N + n] += to_float(bias[n]);
+  add_bias(y, bias, M, N);
 #else
   (void)x, (void)M, (void)K, (void)w, (void)bias, (void)y, (void)N, (void)threads;
 #endif
