@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def cpu_info() -> dict:
@@ -79,8 +80,7 @@ def peak_rss_row(args: argparse.Namespace) -> int:
 
     base_key, int8 = key.removesuffix("-int8"), key.endswith("-int8")
     streams = [] if base_key == "plain" else [int(base_key[1:])]
-    model = build(args.layers, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype], streams,
-                  plain=base_key == "plain")[base_key]
+    model = build(args.layers, DTYPES[dtype], streams, plain=base_key == "plain")[base_key]
     if int8:
         model.quantize_int8()
     # Hand freed heap pages back (the float32 build, the replaced weights): glibc keeps them otherwise,
@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     streams = [int(p) for p in args.P.split(",")]
     batches = [int(b) for b in args.batch_size.split(",")]
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    models = {name: build(args.layers, dtypes[name], streams) for name in args.dtype.split(",")}
+    models = {name: build(args.layers, DTYPES[name], streams) for name in args.dtype.split(",")}
     impls = ["ours"] + ([] if args.no_stock else ["stock"]) + (["int8"] if args.int8 else [])
     for variants in models.values() if args.int8 else []:  # int8 copies of the same weights
         for p in streams:

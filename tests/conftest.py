@@ -49,6 +49,24 @@ def tiny_qwen2():
     return build_tiny("qwen2")
 
 
+@pytest.fixture
+def count_calls(monkeypatch):
+    """`count_calls(module, name)` wraps `module.name` for this test and returns a one-element
+    list that counts its calls: how the tests see which path a forward took."""
+    def wrap(module, name: str) -> list[int]:
+        calls = [0]
+        original = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            calls[0] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+        return calls
+
+    return wrap
+
+
 # The vLLM tests need the `serve` extra; `make test` runs them in a second environment that
 # has it (see the Makefile), so the main run neither collects nor silently skips them.
 import importlib.util  # noqa: E402

@@ -110,7 +110,7 @@ def test_a_fully_hidden_cache_leaves_the_prefix(impl, hidden):
 
 
 @pytest.mark.parametrize("n_streams", [1, 2, 4])  # 1: `prefix_at_p1`
-def test_greedy_generate_equals_the_uncached_argmax_loop(tiny_factory, monkeypatch, n_streams):
+def test_greedy_generate_equals_the_uncached_argmax_loop(tiny_factory, count_calls, n_streams):
     """Left-padded batch of 3: every decode step goes through the fused kernel, and its tokens and
     logits are those of full forwards over the whole sequence (prefill path, no cache)."""
     config = ParScaleConfig(n_streams, 3, prefix_at_p1=n_streams == 1)
@@ -121,14 +121,7 @@ def test_greedy_generate_equals_the_uncached_argmax_loop(tiny_factory, monkeypat
     ids = torch.randint(2, 97, (3, 6), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
     mask[1, :2] = mask[2, :4] = 0
-    calls = [0]
-    flash = streams._flash_cpu
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return flash(*args, **kwargs)
-
-    monkeypatch.setattr(streams, "_flash_cpu", counted)
+    calls = count_calls(streams, "_flash_cpu")
     new_tokens = 6
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,

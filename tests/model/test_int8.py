@@ -96,7 +96,7 @@ def _dequantised_copy(model):
 
 @pytest.mark.parametrize("n_streams", [1, 2, 4])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_quantized_model_equals_dequantised_float_model(tiny_factory, monkeypatch, n_streams, batch):
+def test_quantized_model_equals_dequantised_float_model(tiny_factory, count_calls, n_streams, batch):
     if quantize.library() is None:
         pytest.skip("no C++ compiler")
     model = _model(tiny_factory, n_streams)
@@ -108,7 +108,7 @@ def test_quantized_model_equals_dequantised_float_model(tiny_factory, monkeypatc
     for name, param in model.named_parameters():  # stream parameters untouched, in their dtype
         if name in aggregate:
             assert torch.equal(param, aggregate[name]) and param.dtype == torch.float32
-    calls = _count_kernel_calls(monkeypatch)
+    calls = count_calls(quantize, "int8_linear")
     ids = torch.randint(2, 97, (batch, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1:, :2] = 0  # left padding on every row but the first
@@ -174,26 +174,13 @@ def test_stock_switch_takes_the_dequantised_path(tiny_factory, monkeypatch):
     assert kernels.enable(model, True) > 0  # the aggregation MLP's Linear layers are still plain
 
 
-def _count_kernel_calls(monkeypatch) -> list[int]:
-    """Wrap the int8 kernel entry point; the returned one-element list counts its calls."""
-    calls = [0]
-    original = quantize.int8_linear
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(quantize, "int8_linear", counted)
-    return calls
-
-
-def test_generate_cli_int8_runs(tmp_path, tiny_factory, capsys, monkeypatch):
+def test_generate_cli_int8_runs(tmp_path, tiny_factory, capsys, monkeypatch, count_calls):
     from _chartok import char_tokenizer
 
     from parscale.cli.generate import main
 
     monkeypatch.setattr(kernels, "library", lambda *a: None)  # the float kernel (aggregation MLP) is not built here
-    calls = _count_kernel_calls(monkeypatch)
+    calls = count_calls(quantize, "int8_linear")
     model = _model(tiny_factory, 2)
     model.save_pretrained(tmp_path / "model")
     char_tokenizer().save_pretrained(tmp_path / "model")

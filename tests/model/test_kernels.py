@@ -115,28 +115,16 @@ def _model(factory, n_streams: int, seed: int = 0):
     return model.eval()
 
 
-def _count_calls(monkeypatch) -> list[int]:
-    calls = [0]
-    original = kernels.skinny_linear
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "skinny_linear", counted)
-    return calls
-
-
 @pytest.mark.parametrize("n_streams", [1, 2, 4])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_default_path_matches_stock_path_in_generate(tiny_factory, native_lib, monkeypatch, n_streams, batch):
+def test_default_path_matches_stock_path_in_generate(tiny_factory, native_lib, count_calls, n_streams, batch):
     model = _model(tiny_factory, n_streams)
     ids = _ids(batch, 6)
     mask = torch.ones_like(ids)
     mask[1:, :2] = 0  # left padding on every row but the first
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
                   output_scores=True)
-    calls = _count_calls(monkeypatch)
+    calls = count_calls(kernels, "skinny_linear")
     with torch.no_grad():
         fast = model.generate(ids, **kwargs)
         model.use_fast_kernels(False)
@@ -161,10 +149,10 @@ def test_beam_search_matches_stock_path(tiny_factory, native_lib):
     torch.testing.assert_close(fast.sequences_scores, stock.sequences_scores, rtol=1e-5, atol=1e-5)
 
 
-def test_training_never_takes_the_kernel(tiny_factory, native_lib, monkeypatch):
+def test_training_never_takes_the_kernel(tiny_factory, native_lib, count_calls):
     model = _model(tiny_factory, 2).train()
     ids = _ids(1, 3)  # 6 rows: few enough for the kernel, were it not for autograd
-    calls = _count_calls(monkeypatch)
+    calls = count_calls(kernels, "skinny_linear")
     model(ids, labels=ids).loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert calls[0] == 0 and grads

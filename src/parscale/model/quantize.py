@@ -31,7 +31,6 @@ from torch import nn
 from parscale.errors import UserError
 from parscale.model import kernels
 
-
 MAX_ROWS = kernels.MAX_ROWS  # above this the dequantised stock GEMM is compute-efficient
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_linear.cpp"
 SAVE_FIX = "save before quantize_int8(); quantize after loading"
