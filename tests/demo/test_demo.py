@@ -202,8 +202,12 @@ def test_full_budget_is_paired_over_four_seeds_and_three_sizes():
         by_seed.setdefault(s.seed, set()).add(s.setting)
     assert sorted(by_seed) == [0, 1, 2, 3] and len({frozenset(v) for v in by_seed.values()}) == 1
     settings = by_seed[0]
-    assert {f"{size}-p{p}" for size in ("tiny-s", "tiny-l") for p in (1, 2, 4)} <= settings
-    assert {"p1", "p2", "p4", "p1-prefix", "p1-wide", "p2-smooth0.1", "p2-4x"} <= settings
+    assert {f"{size}-p{p}" for size in ("tiny-xs", "tiny-s") for p in (1, 2, 4)} <= settings
+    assert {"p1", "p2", "p4", "p1-prefix", "p1-wide", "p2-smooth0.1", "p2-2x"} <= settings
+    # The default's eight runs are trained exactly as the default budget trains them.
+    default = DemoConfig.preset("unused")
+    assert (cfg.steps, cfg.post_steps, cfg.evals, cfg.eval_tokens) == \
+        (default.steps, default.post_steps, default.evals, default.eval_tokens)
     # Paired: P=2 and the prefix control of one seed differ only in the model's streams.
     a, b = (train_config(cfg, next(s for s in specs if s.name == n)).to_dict() for n in ("p2-s1", "p1-prefix-s1"))
     differ = {k for k in a if a[k] != b[k]}

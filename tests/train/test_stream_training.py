@@ -39,23 +39,47 @@ def test_param_groups_put_exactly_the_stream_parameters_in_their_own_groups(tiny
     assert len(plain) == 2 and {id(p) for g in plain for p in g["params"]} == every
 
 
-def test_penalty_adds_coef_times_the_pairwise_cosine(tiny_factory):
+def test_penalty_adds_coef_times_the_positive_part_of_the_pairwise_cosine(tiny_factory):
     n_streams, coef = 3, 0.25
     model = to_parscale(tiny_factory("qwen2"), ParScaleConfig(n_streams, 4), seed=1)
     ids = torch.randint(2, 97, (2, 6), generator=torch.Generator().manual_seed(0))
-    loss, total = penalised_loss(model, model, ids, coef)
+
+    def flip_stream_1(states):  # so that two of the three pairs have negative cosines
+        return torch.cat([states[:2], -states[2:4], states[4:]])
+
+    # the streams of a fresh model are ~0.99 alike; flipping one, before the aggregation sees it,
+    # makes the positive part differ from the signed cosine
+    pre = model.model.aggregate_layer.register_forward_pre_hook(lambda m, args: (flip_stream_1(args[0]),))
+    try:
+        loss, total = penalised_loss(model, model, ids, coef)
+        with torch.no_grad():
+            plain = model(input_ids=ids, labels=ids).loss
+    finally:
+        pre.remove()
     with torch.no_grad():  # the streams' final states from the backbone, then a loop over pairs in float64
         rows = model.model(inputs_embeds=model.get_input_embeddings()(ids).repeat(n_streams, 1, 1)).last_hidden_state
-        states = rows.double().view(n_streams, 2, 6, -1)
+        states = flip_stream_1(rows.double()).view(n_streams, 2, 6, -1)
         cos = [F.cosine_similarity(states[i, b, s], states[j, b, s], dim=0)
                for i in range(n_streams) for j in range(i + 1, n_streams) for b in range(2) for s in range(6)]
-        want = coef * float(torch.stack(cos).mean())
-        plain = model(input_ids=ids, labels=ids).loss
+        assert min(cos) < -0.5
+        want = coef * float(torch.stack(cos).clamp(min=0).mean())
     assert loss.item() == pytest.approx(plain.item(), abs=1e-6)
     assert (total - loss).item() == pytest.approx(want, abs=1e-6)
     assert total.requires_grad  # the penalty is part of what is minimised
     off_loss, off_total = penalised_loss(model, model, ids, 0.0)
     assert off_total is off_loss
+
+
+def test_penalty_is_zero_for_antiparallel_or_orthogonal_streams_and_one_for_identical():
+    # The signed cosine rewarded two antiparallel streams (-1): a penalty of 1.0 was gamed so in a run.
+    from parscale.model.diagnostics import pairwise_cosine
+
+    a = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    orth = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64).view(2, 1, 1, 2)
+    assert float(pairwise_cosine(torch.cat([a, -a]), 2)) == pytest.approx(-1.0)
+    assert float(pairwise_cosine(torch.cat([a, -a]), 2, positive=True)) == 0.0
+    assert float(pairwise_cosine(orth.reshape(2, 1, 2), 2, positive=True)) == 0.0
+    assert float(pairwise_cosine(torch.cat([a, a]), 2, positive=True)) == pytest.approx(1.0)
 
 
 def test_bad_stream_options_get_one_clear_error(tmp_path):

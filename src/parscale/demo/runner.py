@@ -210,7 +210,7 @@ def parallel_check(pool: Pool, steps: int) -> dict[str, Any]:
 
 def _cost(cfg, spec) -> float:
     steps = (cfg.post_steps if spec.source else cfg.steps) * spec.steps_factor
-    width = {"tiny-wide": 1.3, "tiny-s": 0.6, "tiny-l": 2.2}.get(spec.preset, 1.0)
+    width = {"tiny-wide": 1.3, "tiny-xs": 0.35, "tiny-s": 0.6, "tiny-l": 2.2}.get(spec.preset, 1.0)
     return steps * _COST.get(spec.P, spec.P) * width * (0.8 if spec.train == "streams" else 1.0)
 
 

@@ -154,7 +154,9 @@ def settings_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     pairs = [("p2", "p1"), ("p4", "p1"), ("p1-prefix", "p1"), ("p1-wide", "p1"), ("p2", "p1-prefix"),
              ("p4", "p1-prefix"), ("p2", "p1-wide"), ("post-p2-streams", "post-p1-control"),
-             ("post-p4-streams", "post-p1-control"), ("p2-smooth0.1", "p2"), ("p2-4x", "p1-prefix-4x")]
+             ("post-p4-streams", "post-p1-control"), ("p2-smooth0.1", "p2"), ("p2-smooth0.1", "p1-prefix"),
+             ("p4-smooth0.1", "p4"), ("p4-smooth0.1", "p1-prefix"), ("p1-2x", "p1"), ("p1-prefix-2x", "p1-prefix"),
+             ("p2-2x", "p2"), ("p2-2x", "p1-prefix-2x")]
     for name, _, _ in PREFIX_ATTEMPTS:  # each prefix attempt: against its own control, and against plain P=2
         pairs += [(f"p2-{name}", f"p1-prefix-{name}"), (f"p2-{name}", "p2")]
     pairs += [(f"p2-penalty{c:g}", "p1-prefix") for c in PENALTIES] + [(f"p2-penalty{c:g}", "p2") for c in PENALTIES]

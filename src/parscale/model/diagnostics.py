@@ -2,7 +2,7 @@
 
 Earlier runs at tiny scale found the streams' final hidden states about 0.99 cosine-similar and
 the aggregation choosing one stream. These functions measure both (and the trainer's optional
-similarity penalty reuses `pairwise_cosine`, differentiably):
+similarity penalty reuses `pairwise_cosine`, differentiably, on its positive part):
 - `pairwise_cosine`: the mean over token positions and stream pairs of the cosine between two
   streams' final hidden states (after each stream's final norm, before aggregation);
 - `weight_stats`: the aggregation's mean largest weight and its mean entropy relative to
@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 
-def pairwise_cosine(hidden: torch.Tensor, n_streams: int) -> torch.Tensor:
+def pairwise_cosine(hidden: torch.Tensor, n_streams: int, positive: bool = False) -> torch.Tensor:
     """Mean pairwise cosine of the streams' states, `(n b) s h` -> a scalar (differentiable).
 
-    Computed in at least float32 (float64 stays float64)."""
+    `positive` averages max(cos, 0) instead: what the similarity penalty minimises, because a
+    penalty on the signed cosine is gamed at P = 2 by two antiparallel streams (cosine -1), of
+    which the aggregation then keeps one. Computed in at least float32 (float64 stays float64)."""
     rows, seq, dim = hidden.shape
     if n_streams < 2 or rows % n_streams:
         raise ValueError(f"pairwise_cosine needs P >= 2 stream blocks, got {rows} rows for P={n_streams}")
@@ -31,7 +33,8 @@ def pairwise_cosine(hidden: torch.Tensor, n_streams: int) -> torch.Tensor:
     per = nn.functional.normalize(hidden.to(dtype).view(n_streams, rows // n_streams, seq, dim), dim=-1)  # n b s h
     gram = torch.einsum("nbsh,mbsh->bsnm", per, per)  # b s n n
     upper = torch.triu_indices(n_streams, n_streams, offset=1, device=hidden.device)
-    return gram[..., upper[0], upper[1]].mean()  # over tokens and the P(P-1)/2 pairs
+    pairs = gram[..., upper[0], upper[1]]
+    return (pairs.clamp_min(0) if positive else pairs).mean()  # over tokens and the P(P-1)/2 pairs
 
 
 def weight_stats(weights: torch.Tensor) -> dict[str, float]:

@@ -68,7 +68,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0              # 0 disables clipping
     stream_lr_mult: float = 1.0         # x the learning rate for the stream parameters (prefixes, aggregation)
-    stream_similarity_penalty: float = 0.0  # + this x the streams' mean pairwise hidden-state cosine in the loss
+    stream_similarity_penalty: float = 0.0  # + this x the streams' mean pairwise max(cos, 0) of hidden states in the loss
     # --- evaluation and checkpoints
     eval_every: int = 100               # 0: only at the end
     eval_tokens: int | None = None      # held-out tokens per evaluation (None: all kept by data)

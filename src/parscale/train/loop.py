@@ -244,14 +244,15 @@ def model_of(wrapped):
 
 def penalised_loss(wrapped, model, x: torch.Tensor, coef: float, labels: torch.Tensor | None = None,
                    **loss_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(language-model loss, the loss to minimise): the second adds `coef` x the mean pairwise
-    cosine of the streams' final hidden states, pushing the streams apart (0: the same loss).
+    """(language-model loss, the loss to minimise): the second adds `coef` x the mean over token
+    positions and stream pairs of max(cosine, 0) of the streams' final hidden states, pushing the
+    streams towards orthogonal, not antiparallel (0: the same loss).
     `labels` default to the inputs (the model shifts them); `loss_kwargs` go to the loss."""
     with capture_stream_states(model, enabled=coef > 0) as seen:
         loss = wrapped(input_ids=x, labels=x if labels is None else labels, **loss_kwargs).loss
     if not seen:
         return loss, loss
-    return loss, loss + coef * pairwise_cosine(seen[0], model.parscale_config.n_streams)
+    return loss, loss + coef * pairwise_cosine(seen[0], model.parscale_config.n_streams, positive=True)
 
 
 def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple[float, float, float]:

@@ -20,9 +20,10 @@ _SMALL_MODELS = {
     # name: (hidden, intermediate, layers, heads, kv_heads, max_positions)
     "tiny": (128, 352, 4, 4, 2, 1024),
     # The demo's comparisons: `tiny-wide` has 1.27x tiny's non-embedding parameters, what the
-    # paper's law (k = 0.39) says two streams are worth; `tiny-s` and `tiny-l` (0.56x, 2.25x)
-    # are the other two sizes of the longer study's own law fit.
+    # paper's law (k = 0.39) says two streams are worth; `tiny-xs` and `tiny-s` (0.26x, 0.56x)
+    # are the other two sizes of the longer study's own law fit, `tiny-l` (2.25x) one step up.
     "tiny-wide": (144, 400, 4, 4, 2, 1024),
+    "tiny-xs": (64, 176, 4, 4, 2, 1024),
     "tiny-s": (96, 264, 4, 4, 2, 1024),
     "tiny-l": (192, 528, 4, 4, 2, 1024),
     "small": (256, 704, 8, 8, 2, 2048),
