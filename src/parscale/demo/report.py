@@ -67,8 +67,10 @@ def backbone_table(summary: dict[str, Any]) -> str:
 
 
 def seeds_table(summary: dict[str, Any]) -> str:
-    rows = [[s["setting"], str(s["n"]), f"{s['mean']:.4f}", _f(s["se"], ".4f")] for s in summary["settings"]]
-    table = _table(["setting", "seeds", "mean val loss", "standard error"], rows)
+    rows = [[s["setting"], str(s["n"]), f"{s['mean']:.4f}", _f(s["se"], ".4f"), _f(s.get("stream_cosine"), ".3f"),
+             _f(s.get("top_weight"), ".2f"), _f(s.get("weight_entropy"), ".2f")] for s in summary["settings"]]
+    table = _table(["setting", "seeds", "mean val loss", "standard error", "stream cos", "top weight",
+                    "weight entropy"], rows)
     rows = [[f"{c['a']} − {c['b']}", str(len(c["seeds"])), f"{c['mean']:+.4f}", _f(c["se"], ".4f"),
              "yes" if c["beyond_2se"] else "no"] for c in summary["comparisons"]]
     return table + "\n\n" + _table(["paired by seed", "seeds", "mean Δ", "standard error", "beyond 2 SE"], rows)
@@ -80,6 +82,15 @@ def law_table(law: dict[str, Any]) -> str:
                       f"{law['r2']:.5f}", f"{100 * law['max_abs_error']:.2f}%"]])
     mult = _table(["P", "k·ln P + 1"], [[p, f"{m:.3f}"] for p, m in law["multipliers"].items()])
     return params + "\n\n" + mult
+
+
+def own_law_table(law: dict[str, Any]) -> str:
+    if law.get("k") is None:
+        return f"Not identifiable from these runs: {law['reason']}"
+    return _table(["E", "A (x1e9)", "alpha", "k", "k 95% bootstrap", "R²", "points", "converged", "identifiable"],
+                  [[f"{law['E']:.4f}", f"{law['A']:.4g}", f"{law['alpha']:.4f}", f"{law['k']:.4f}",
+                    f"{law['k_ci'][0]:.2f}–{law['k_ci'][1]:.2f}", f"{law['r2']:.4f}", str(law["points"]),
+                    "yes" if law["converged"] else "no", "yes" if law["identifiable"] else "no"]])
 
 
 def cost_table(cost: dict[str, Any]) -> str:
@@ -196,6 +207,13 @@ def report_markdown(summary: dict[str, Any]) -> str:
     ]
     if len(cfg["seeds"]) > 1:
         parts.append("## Over seeds\n\n" + seeds_table(summary))
+    own = summary.get("own_law")
+    if own:
+        parts.append("## The law fitted to our own runs\n\n"
+                     "From-scratch P = 1, 2, 4 runs at three sizes, every seed a point; N is the backbone's "
+                     "non-embedding parameter count. Identifiable means converged with k's 95% bootstrap "
+                     "interval narrower than 1.\n\n" + own_law_table(own)
+                     + ("\n\n![our law fit](own_law_fit.png)" if own.get("k") is not None else ""))
     law = summary["paper_law"]
     parts += [
         f"## The paper's data: the parallel scaling law ({law['data']}, {law['points']} runs)\n\n"

@@ -143,11 +143,17 @@ def paired(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
 
 
 def settings_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per setting: mean held-out loss and its standard error over seeds, and the mean stream
+    diagnostics (None at P = 1, where there is one stream)."""
     out = []
     for setting in dict.fromkeys(r["setting"] for r in runs):
-        losses = [r["val_loss"] for r in runs if r["setting"] == setting]
-        mean, se = _mean_se(losses)
-        out.append({"setting": setting, "n": len(losses), "mean": mean, "se": se})
+        mine = [r for r in runs if r["setting"] == setting]
+        mean, se = _mean_se([r["val_loss"] for r in mine])
+        row = {"setting": setting, "n": len(mine), "mean": mean, "se": se}
+        for key in ("stream_cosine", "top_weight", "weight_entropy"):
+            vals = [r["streams"][key] for r in mine if r.get("streams") and r["streams"].get(key) is not None]
+            row[key] = sum(vals) / len(vals) if vals else None
+        out.append(row)
     return out
 
 
@@ -163,9 +169,11 @@ def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [c for c in (paired(runs, a, b) for a, b in pairs) if c is not None]
 
 
-def own_law(runs: list[dict[str, Any]], bootstrap: int = 200) -> dict[str, Any] | None:
-    """The law fitted to our own from-scratch P = 1, 2, 4 runs over sizes, with bootstrap intervals."""
+def own_law(runs: list[dict[str, Any]], bootstrap: int = 200, plot: Path | None = None) -> dict[str, Any] | None:
+    """The law fitted to our own from-scratch P = 1, 2, 4 runs over sizes, with bootstrap
+    intervals (and its plot at `plot`)."""
     from parscale.law.fitting import fit
+    from parscale.law.plot import plot_fit
 
     pts = [r for r in runs if r["group"] in ("scratch", "size") and r["kind"] in ("p1", "streams")]
     sizes = {r["preset"] for r in pts}
@@ -179,6 +187,8 @@ def own_law(runs: list[dict[str, Any]], bootstrap: int = 200) -> dict[str, Any] 
     except UserError as err:
         return {"identifiable": False, "reason": str(err), "points": len(pts)}
     lo, hi = res.ci["k"] if res.ci else (float("nan"), float("nan"))
+    if plot is not None:
+        plot_fit(res, plot, title="parallel scaling law fitted to our own runs (every seed a point)")
     return {"identifiable": bool(res.converged and hi - lo < 1.0), "E": res.E, "A": res.A, "alpha": res.alpha,
             "k": res.k, "k_ci": [lo, hi], "r2": res.r2, "points": len(pts), "converged": bool(res.converged)}
 
@@ -241,7 +251,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     relate(runs)
     summary = {"budget": cfg.budget, "config": cfg.to_dict(), "machine": {"start": at_start, "end": machine()},
                "parallel": parallel, "runs": runs, "settings": settings_table(runs),
-               "comparisons": comparisons(runs), "own_law": own_law(runs),
+               "comparisons": comparisons(runs), "own_law": own_law(runs, plot=cfg.out_dir / "own_law_fit.png"),
                "paper_law": paper_law(cfg.out_dir), "paper_cost": paper_cost(cfg.out_dir)}
     summary["wall_seconds"] = time.perf_counter() - start
     write_report(summary, cfg.out_dir)
