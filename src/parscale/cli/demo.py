@@ -16,7 +16,7 @@ from parscale.errors import UserError
 from parscale.interrupt import Interrupted
 
 BUDGET_HELP = ("smoke: seconds, a few steps per run on a handful of files (for tests); quick: about 3 min; "
-               "default: about 10 min on two cores; full: the multi-seed study of docs/mini-study.md (hours)")
+               "default: about 10 min on two cores; full: the multi-seed study of docs/mini-study.md (about 2 h)")
 
 
 def build_parser() -> argparse.ArgumentParser:
