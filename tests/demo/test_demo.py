@@ -422,3 +422,20 @@ def test_only_into_a_finished_out_reuses_its_runs_and_reports_just_those(smoke, 
     assert {r["action"] for r in summary["runs"]} == {"reused"}
     assert {r["name"]: r["val_loss"] for r in summary["runs"]} == \
         {name: r["val_loss"] for name, r in _runs(smoke[1]).items() if name in ("p1", "p2", "post-p2-streams")}
+
+
+def test_comparisons_plot_draws_each_mean_with_two_standard_errors(tmp_path, monkeypatch):
+    from parscale.demo import plots
+
+    comps = [{"a": "p2", "b": "p1", "seeds": [0, 1, 2, 3], "mean": -0.6, "se": 0.05, "beyond_2se": True},
+             {"a": "p2", "b": "p1-prefix", "seeds": [0, 1, 2, 3], "mean": -0.02, "se": 0.03, "beyond_2se": False}]
+    drawn = {}
+    monkeypatch.setattr(plots, "atomic_save_figure", lambda fig, path, **kw: drawn.setdefault("fig", fig))
+    assert plots.plot_comparisons({"comparisons": comps}, tmp_path / "c.png")
+    ax = drawn["fig"].axes[0]
+    bars = sorted([float(x) for x in seg.ravel()] for seg in ax.collections[0].get_segments())  # x0 y0 x1 y1
+    assert bars == [pytest.approx([-0.7, 1.0, -0.5, 1.0]), pytest.approx([-0.08, 0.0, 0.04, 0.0])]
+    at = {float(y): t.get_text() for y, t in zip(ax.get_yticks(), ax.get_yticklabels())}
+    assert at == {1.0: "p2 − p1", 0.0: "p2 − p1-prefix"}  # the first comparison on top
+    one_seed = [{**c, "se": None} for c in comps]
+    assert not plots.plot_comparisons({"comparisons": one_seed}, tmp_path / "none.png")

@@ -1,4 +1,4 @@
-"""The demo's four plots of our own runs (the law and cost plots come from `parscale.law` and
+"""The demo's plots of our own runs (the law and cost plots come from `parscale.law` and
 `parscale.cost`). Each reads only the summary, so it can be redrawn from `summary.json`."""
 from __future__ import annotations
 
@@ -95,6 +95,29 @@ def _scatter(summary: dict[str, Any], path: Path, key: str, xlabel: str, title: 
     atomic_save_figure(fig, path, dpi=110)
 
 
+def plot_comparisons(summary: dict[str, Any], path: Path) -> bool:
+    """Every paired comparison over seeds as its mean with a bar of ± 2 standard errors: a bar
+    that crosses zero is no evidence either way. False (nothing drawn) with one seed."""
+    rows = [c for c in summary.get("comparisons", []) if c.get("se") is not None]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1.4))
+    ys = list(range(len(rows)))[::-1]  # the first comparison on top
+    means = [c["mean"] for c in rows]
+    ax.hlines(ys, [m - 2 * c["se"] for m, c in zip(means, rows)], [m + 2 * c["se"] for m, c in zip(means, rows)],
+              color=["tab:red" if c["beyond_2se"] else "grey" for c in rows], lw=2)
+    ax.plot(means, ys, "o", color="black", ms=4)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(ys, [f"{c['a']} − {c['b']}" for c in rows], fontsize=7)
+    n = max(len(c["seeds"]) for c in rows)
+    ax.set_xlabel(f"mean paired Δ held-out loss, nats/token (± 2 SE over {n} seeds; red: beyond 2 SE)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    atomic_save_figure(fig, path, dpi=110)
+    return True
+
+
 def write_plots(summary: dict[str, Any], out: Path) -> None:
     plot_curves(summary, out / "curves.png")
     plot_loss_vs_p(summary, out / "loss_vs_p.png")
@@ -102,3 +125,4 @@ def write_plots(summary: dict[str, Any], out: Path) -> None:
              "decode ms/token, batch 1, float32 (fastest step)", "loss against decode latency (hollow: two-stage)")
     _scatter(summary, out / "loss_vs_flops.png", "total_flops", "training FLOPs (two-stage: both stages)",
              "loss against training compute (hollow: two-stage)", log=True)
+    plot_comparisons(summary, out / "comparisons.png")

@@ -206,7 +206,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         "## Two runs at a time\n\n" + parallel_line(summary),
     ]
     if len(cfg["seeds"]) > 1:
-        parts.append("## Over seeds\n\n" + seeds_table(summary))
+        parts.append("## Over seeds\n\n" + seeds_table(summary) + "\n\n![paired comparisons](comparisons.png)")
     own = summary.get("own_law")
     if own:
         parts.append("## The law fitted to our own runs\n\n"
