@@ -69,3 +69,6 @@ def test_paired_comparison_is_the_mean_of_per_seed_differences():
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3 / 4)
     assert got["mean"] == pytest.approx(mean) and got["se"] == pytest.approx(se)
     assert got["beyond_2se"] == (abs(mean) > 2 * se)
+    # the streams at every other size, against that size's P = 1
+    pairs = {(c["a"], c["b"]) for c in comparisons(runs)}
+    assert {(f"{size}-p{p}", f"{size}-p1") for size in ("tiny-xs", "tiny-s") for p in (2, 4)} <= pairs

@@ -166,6 +166,8 @@ def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for name, _, _ in PREFIX_ATTEMPTS:  # each prefix attempt: against its own control, and against plain P=2
         pairs += [(f"p2-{name}", f"p1-prefix-{name}"), (f"p2-{name}", "p2")]
     pairs += [(f"p2-penalty{c:g}", "p1-prefix") for c in PENALTIES] + [(f"p2-penalty{c:g}", "p2") for c in PENALTIES]
+    for size in dict.fromkeys(r["preset"] for r in runs if r["group"] == "size"):  # streams at the other sizes
+        pairs += [(f"{size}-p2", f"{size}-p1"), (f"{size}-p4", f"{size}-p1")]
     return [c for c in (paired(runs, a, b) for a, b in pairs) if c is not None]
 
 
