@@ -111,7 +111,7 @@ def plot_comparisons(summary: dict[str, Any], path: Path) -> bool:
     ax.axvline(0.0, color="black", lw=0.8)
     ax.set_yticks(ys, [f"{c['a']} − {c['b']}" for c in rows], fontsize=7)
     n = max(len(c["seeds"]) for c in rows)
-    ax.set_xlabel(f"mean paired Δ held-out loss, nats/token (± 2 SE over {n} seeds; red: beyond 2 SE)")
+    ax.set_xlabel(f"mean paired Δ loss, nats/token (bars ± 2 SE, {n} seeds; red: beyond)", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     atomic_save_figure(fig, path, dpi=110)
