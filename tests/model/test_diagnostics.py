@@ -14,15 +14,17 @@ from parscale.model.diagnostics import pairwise_cosine, stream_diagnostics, weig
 from parscale.model.wrapper import to_parscale
 
 
-def _loop_cosine(states: list[torch.Tensor]) -> float:
-    """states: P tensors `b s h`; the mean over pairs i < j and tokens of cos(h_i, h_j), float64."""
+def _loop_cosine(states: list[torch.Tensor], positive: bool = False) -> float:
+    """states: P tensors `b s h`; the mean over pairs i < j and tokens of cos(h_i, h_j) (or of
+    max(cos, 0)), float64."""
     values = []
     for i in range(len(states)):
         for j in range(i + 1, len(states)):
             for b in range(states[i].shape[0]):
                 for s in range(states[i].shape[1]):
-                    values.append(F.cosine_similarity(states[i][b, s].double(), states[j][b, s].double(), dim=0))
-    return float(torch.stack(values).mean())
+                    cos = float(F.cosine_similarity(states[i][b, s].double(), states[j][b, s].double(), dim=0))
+                    values.append(max(cos, 0.0) if positive else cos)
+    return sum(values) / len(values)
 
 
 @pytest.mark.parametrize("n_streams", [2, 3, 4])
@@ -35,6 +37,20 @@ def test_pairwise_cosine_equals_a_loop_over_pairs(n_streams):
     assert got.dtype == torch.float64
     assert float(got) == pytest.approx(_loop_cosine(states), abs=1e-12)
     assert float(pairwise_cosine(torch.cat([states[0]] * n_streams), n_streams)) == pytest.approx(1.0, abs=1e-12)
+    flipped = [states[0], -states[1], *states[2:]]  # negative cosines, so the positive part differs
+    assert float(pairwise_cosine(torch.cat(flipped), n_streams, positive=True)) == \
+        pytest.approx(_loop_cosine(flipped, positive=True), abs=1e-12)
+    assert _loop_cosine(flipped, positive=True) != pytest.approx(_loop_cosine(flipped), abs=1e-3)
+
+
+def test_positive_part_is_zero_for_antiparallel_or_orthogonal_streams_and_one_for_identical():
+    # The signed cosine rewarded two antiparallel streams (-1): a similarity penalty of 1.0 was gamed so in a run.
+    a = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    orth = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], dtype=torch.float64)  # two streams of one token: (n b) s h
+    assert float(pairwise_cosine(torch.cat([a, -a]), 2)) == pytest.approx(-1.0)
+    assert float(pairwise_cosine(torch.cat([a, -a]), 2, positive=True)) == 0.0
+    assert float(pairwise_cosine(orth, 2, positive=True)) == 0.0
+    assert float(pairwise_cosine(torch.cat([a, a]), 2, positive=True)) == pytest.approx(1.0)
 
 
 def test_weight_stats_by_hand():

@@ -31,7 +31,6 @@ MIN_LR_RATIO = 0.1       # cosine decay to 10%: where stage 1 ends
 # The smoke budget's corpus: a handful of standard-library modules, so it runs in seconds.
 SMOKE_TRAIN = ("textwrap.py", "heapq.py", "bisect.py", "string.py", "shlex.py", "fnmatch.py", "glob.py")
 SMOKE_VAL = ("calendar.py", "quopri.py")
-_HIDDEN = {"tiny": 128, "tiny-wide": 144, "tiny-xs": 64, "tiny-s": 96, "tiny-l": 192}
 
 
 @dataclass(frozen=True)
@@ -234,7 +233,9 @@ def run_dir(cfg: DemoConfig, name: str) -> Path:
 def learning_rate(spec: RunSpec) -> float:
     """The spec's rate, else BASE_LR scaled by 128 / hidden (wider matrices take smaller steps:
     an earlier d = 192 run at 3e-3 trained worse than d = 128)."""
-    return spec.lr if spec.lr is not None else BASE_LR * 128 / _HIDDEN.get(spec.preset, 128)
+    from parscale.train.presets import preset_dict
+
+    return spec.lr if spec.lr is not None else BASE_LR * 128 / preset_dict(spec.preset)["hidden_size"]
 
 
 def train_config(cfg: DemoConfig, spec: RunSpec):
