@@ -86,7 +86,7 @@ def test_from_pretrained_takes_the_usual_keywords(p2_dir, kwargs, dtype):
     (dict(dtype="fp8"), "not one of"),
     (dict(device_map="balanced_low_0"), "not a device"),
     (dict(device_map={"model.layers.0": 0, "lm_head": "cpu"}), "split the model"),
-    (dict(attn_implementation="flash_attention_2"), "runs on sdpa"),
+    (dict(attn_implementation="flex_attention"), "stream prefixes run on sdpa, eager, flash_attention_2"),
     (dict(revision="v2"), "no revisions"),
     (dict(force_download=True), "never downloads"),
     (dict(dtype=torch.float16, torch_dtype=torch.bfloat16), "disagree"),

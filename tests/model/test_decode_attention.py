@@ -1,16 +1,16 @@
-"""The decode step's attention (`streams.decode_attention`): one query per row over its stream's
+"""The decode step's attention (`attention.decode_attention`): one query per row over its stream's
 prefix and the cache, against a float64 loop over rows and heads, and in generation."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from parscale.model import streams
+from parscale.model import prefix_attention as attention
 from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import to_parscale
 
-IMPLEMENTATIONS = {"fused": streams.decode_attention,  # the CPU path: torch's flash kernel, merged by log-sum-exp
-                   "float32": streams._decode_attention_float32}  # off the CPU and under autograd
+IMPLEMENTATIONS = {"fused": attention.decode_attention,  # the CPU path: torch's flash kernel, merged by log-sum-exp
+                   "matmul": attention._decode_attention_matmul}  # off the CPU, under autograd and compile
 
 
 def _reference(query, key, value, mask, prefix_k, prefix_v, scaling) -> torch.Tensor:
@@ -75,18 +75,18 @@ def test_equals_a_float64_loop_over_rows_and_heads(impl, dtype, mask_kind, batch
 
 def test_float64_stays_float64():
     inputs = _inputs(2, 3, torch.float64, "bool")
-    got = streams.decode_attention(*inputs)
+    got = attention.decode_attention(*inputs)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, _reference(*inputs), rtol=1e-10, atol=1e-10)
 
 
 def test_gradients_under_autograd_equal_the_float64_loop():
-    """With gradients wanted the float32 path runs: the fused kernel's log-sum-exp carries none."""
+    """With gradients wanted the matmul path runs: the fused kernel's log-sum-exp carries none."""
     inputs = _inputs(2, 3, torch.float32, "bool")
     leaves = [t.clone().requires_grad_() if t.is_floating_point() else t for t in inputs[:6]]
     doubles = [t.detach().double().requires_grad_() if t.is_floating_point() else t for t in inputs[:6]]
     weights = torch.randn(inputs[0].shape[0], 1, inputs[0].shape[1], inputs[0].shape[3], generator=torch.Generator().manual_seed(1))
-    (streams.decode_attention(*leaves, inputs[6]) * weights).sum().backward()
+    (attention.decode_attention(*leaves, inputs[6]) * weights).sum().backward()
     (_reference(*doubles, inputs[6]) * weights.double()).sum().backward()
     for got, want in zip(leaves, doubles):
         if got.is_floating_point():
@@ -121,7 +121,7 @@ def test_greedy_generate_equals_the_uncached_argmax_loop(tiny_factory, count_cal
     ids = torch.randint(2, 97, (3, 6), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
     mask[1, :2] = mask[2, :4] = 0
-    calls = count_calls(streams, "_flash_cpu")
+    calls = count_calls(attention, "_flash_cpu")
     new_tokens = 6
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,

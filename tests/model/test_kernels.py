@@ -204,7 +204,7 @@ def test_no_compiler_falls_back_to_the_stock_path(tiny_factory, tmp_path, monkey
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
 def test_decode_attention_equals_joined_prefix_and_sdpa(dtype, mask_kind):
     """The split prefix/cache softmax against the direct formula: join, repeat heads, sdpa in float64."""
-    from parscale.model.streams import decode_attention
+    from parscale.model.prefix_attention import decode_attention
 
     gen = torch.Generator().manual_seed(3)
     n_streams, batch, kv, groups, n_prefix, length, dim = 3, 2, 2, 3, 4, 7, 8

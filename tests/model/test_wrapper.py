@@ -1,6 +1,7 @@
 """ParScaleForCausalLM: equivalences, cache, padding, stream order, gradients, generation."""
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -302,8 +303,13 @@ def test_unsupported_models_fail_clearly(tiny_factory):
         to_parscale(torch.nn.Linear(2, 2), ParScaleConfig(2))
     flash = tiny_factory("llama")
     flash.config._attn_implementation_internal = "flash_attention_2"
-    with pytest.raises(UserError, match="LlamaForCausalLM.*flash_attention_2"):
-        to_parscale(flash, ParScaleConfig(2))
+    if importlib.util.find_spec("flash_attn") is None:  # where it is installed, flash_attention_2 is honoured
+        with pytest.raises(UserError, match="flash_attention_2.*flash-attn package"):
+            to_parscale(flash, ParScaleConfig(2))
+    flex = tiny_factory("llama")
+    flex.config._attn_implementation_internal = "flex_attention"
+    with pytest.raises(UserError, match="LlamaForCausalLM.*flex_attention.*cannot carry the stream prefixes"):
+        to_parscale(flex, ParScaleConfig(2))
     from transformers import AutoModelForCausalLM, Gemma2Config
 
     gemma2 = AutoModelForCausalLM.from_config(Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64,

@@ -31,7 +31,7 @@ from torch import nn
 
 from parscale.atomic import atomic_write, atomic_write_json
 from parscale.errors import UserError
-from parscale.model import introspect, kernels, streams
+from parscale.model import introspect, kernels, prefix_attention
 from parscale.model.aggregation import AggregationHead
 from parscale.model.config import ParScaleConfig
 from parscale.model.format import read_json
@@ -132,7 +132,7 @@ def install(model: nn.Module, stream_set: StreamSet | None, plain_attention: str
     # switched-in set computes exactly what a model built with it does
     kernels.enable(decoder.aggregate_layer, getattr(model.get_output_embeddings(), "use_kernel", False))
     model.parscale_config = stream_set.config
-    decoder.set_attn_implementation(streams.register_attention())
+    decoder.set_attn_implementation(prefix_attention.register_attention(plain_attention))
 
 
 # ----- the backbone's fingerprint ------------------------------------------------------------

@@ -37,10 +37,10 @@ def check_supported(model: nn.Module) -> None:
         if getattr(config, field, None) is not None:
             raise UserError(f"{name} uses {feature} ({field}={getattr(config, field)}), which ParScale cannot honour")
     requested = str(getattr(config, "_attn_implementation", "") or "")
-    if "flash" in requested or "flex" in requested:
+    if requested not in ("", "sdpa", "eager", "flash_attention_2"):
         raise UserError(
-            f"{name} was loaded with attn_implementation={requested!r}; ParScale needs sdpa: "
-            "reload it with attn_implementation='sdpa'"
+            f"{name} was loaded with attn_implementation={requested!r}, which cannot carry the stream prefixes; "
+            "reload it with attn_implementation='sdpa' (or 'eager', or 'flash_attention_2')"
         )
     if not (getattr(model, "_supports_sdpa", False) and model._can_set_attn_implementation()):
         raise UserError(

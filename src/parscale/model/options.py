@@ -26,6 +26,9 @@ ACCEPTED = ("dtype", "torch_dtype", "device_map", "local_files_only", "attn_impl
             "trust_remote_code", "low_cpu_mem_usage")
 
 
+ATTENTION = ("sdpa", "eager", "flash_attention_2")  # the kinds `attention` registers a prefix version of
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """What the keywords ask for: a dtype (None: the checkpoint's), a device, a subfolder."""
@@ -33,6 +36,7 @@ class LoadOptions:
     dtype: torch.dtype | None = None
     device: torch.device | None = None
     subfolder: str = ""
+    attn_implementation: str = "sdpa"
 
 
 def _dtype(value: Any) -> torch.dtype | None:
@@ -78,9 +82,9 @@ def parse_load_kwargs(model_args: tuple, kwargs: dict[str, Any]) -> LoadOptions:
     dtype, torch_dtype = kwargs.get("dtype"), kwargs.get("torch_dtype")
     if dtype is not None and torch_dtype is not None and _dtype(dtype) != _dtype(torch_dtype):
         raise UserError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass only dtype")
-    if kwargs.get("attn_implementation") not in (None, "sdpa"):
-        raise UserError(f"attn_implementation={kwargs['attn_implementation']!r}: ParScale runs on sdpa "
-                        "(its prefix attention is registered over it); drop the argument or pass 'sdpa'")
+    if kwargs.get("attn_implementation") not in (None, *ATTENTION):
+        raise UserError(f"attn_implementation={kwargs['attn_implementation']!r}: the stream prefixes run on "
+                        f"{', '.join(ATTENTION)}; drop the argument (sdpa) or pass one of them")
     if kwargs.get("use_safetensors") is False:
         raise UserError("use_safetensors=False: parscale reads safetensors only (no pickled weights)")
     if kwargs.get("force_download"):
@@ -95,4 +99,5 @@ def parse_load_kwargs(model_args: tuple, kwargs: dict[str, Any]) -> LoadOptions:
     if config is not None and type(config).__name__ != "Qwen2ParScaleConfig":  # the one AutoModel passes on
         raise UserError("config=...: the config is read from the directory's config.json; drop the argument")
     return LoadOptions(dtype=_dtype(dtype if dtype is not None else torch_dtype),
-                       device=resolve_device(kwargs.get("device_map")), subfolder=kwargs.get("subfolder") or "")
+                       device=resolve_device(kwargs.get("device_map")), subfolder=kwargs.get("subfolder") or "",
+                       attn_implementation=kwargs.get("attn_implementation") or "sdpa")

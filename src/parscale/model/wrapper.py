@@ -25,6 +25,7 @@ from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from parscale.model import adapters, autoload, format as checkpoint_format, introspect, kernels, options, quantize, streams
+from parscale.model import prefix_attention
 from parscale.model.cache_api import OUTPUT_FIELD, cache_kwargs, output_cache
 from parscale.model.aggregation import AggregationHead
 from parscale.model.auto import Qwen2ParScaleConfig
@@ -88,13 +89,14 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
 
     _supports_sdpa = True
     _supports_attention_backend = True
-    _supports_flash_attn = False
+    _supports_flash_attn = True  # `prefix_attention.flash_attention`, where flash-attn is installed
     _supports_flex_attn = False
     supports_gradient_checkpointing = True
     base_model_prefix = "model"
 
     def __init__(self, base: PreTrainedModel, parscale_config: ParScaleConfig) -> None:
         introspect.check_supported(base)
+        prefix_attention.implementation_for(base.config._attn_implementation)  # e.g. flash-attn missing: one line
         super().__init__(base.config)
         self.parscale_config = parscale_config
         # Stream sets (adapters): the inactive ones live here, outside the module tree.
@@ -112,7 +114,7 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
             n_kv_heads, head_dim = introspect.kv_geometry(base.config)
             for attention in introspect.attention_modules(base):
                 streams.add_prefixes(attention, n_streams, n_kv_heads, parscale_config.n_prefix_tokens, head_dim)
-            self.model.set_attn_implementation(streams.register_attention())
+            self.model.set_attn_implementation(prefix_attention.register_attention(self._plain_attention))
         if n_streams > 1:
             ref = self.lm_head.weight
             self.model.aggregate_layer = AggregationHead(
@@ -257,10 +259,10 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         n_streams = self.parscale_config.n_streams
         if self.prefix_encoder is not None:
             streams.install_encoded_prefixes(self.attention_modules(), self.prefix_encoder)
-        if self.parscale_config.has_prefixes and self.config._attn_implementation != streams.ATTN_IMPLEMENTATION:
+        if self.parscale_config.has_prefixes and not prefix_attention.is_prefix_attention(self.config._attn_implementation):
             raise UserError(
                 f"attn_implementation is {self.config._attn_implementation!r}, which would ignore the stream prefixes; "
-                f"a P > 1 model needs {streams.ATTN_IMPLEMENTATION!r} (set by to_parscale)"
+                f"a P > 1 model needs one of {sorted(prefix_attention.IMPLEMENTATIONS.values())} (set by to_parscale)"
             )
         if (input_ids is None) == (inputs_embeds is None):
             raise UserError("pass exactly one of input_ids or inputs_embeds")
@@ -403,8 +405,9 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         directory = Path(pretrained_model_name_or_path) / opts.subfolder
         backbone, parscale_config, state = checkpoint_format.read_checkpoint(directory)
         chosen = checkpoint_format.resolve_dtype(opts.dtype, backbone)
+        prefix_attention.implementation_for(opts.attn_implementation)  # flash-attn missing: one line, before any work
         with no_init_weights():  # every parameter is overwritten below (checked), so skip the random init
-            base = AutoModelForCausalLM.from_config(backbone, dtype=chosen, attn_implementation="sdpa")
+            base = AutoModelForCausalLM.from_config(backbone, dtype=chosen, attn_implementation=opts.attn_implementation)
         base.tie_weights()  # skipped with the init above; ties lm_head to the embeddings if the config says so
         model = cls(base, parscale_config)
         state = checkpoint_format.check_weights(model, state)
