@@ -380,3 +380,26 @@ def test_a_real_sigint_in_interactive_mode_exits_130_without_traceback(chat):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == "parscale generate: interrupted (SIGINT); nothing was saved"
+
+
+def test_compile_flag_decodes_with_a_static_cache_and_a_compiled_step(saved, monkeypatch, capsys):
+    """--compile hands generate a static cache and a CompileConfig (compiling on this CPU too);
+    the compiled step itself is checked against eager decoding in tests/model/test_prefix_attention.py,
+    so generate is stubbed here to record its keywords."""
+    from parscale.model.wrapper import ParScaleForCausalLM
+
+    seen = {}
+
+    def generate(self, input_ids=None, **kwargs):
+        seen.update(kwargs)
+        return torch.cat([input_ids, input_ids[:, -1:]], dim=1)
+
+    monkeypatch.setattr(ParScaleForCausalLM, "generate", generate)
+    _, _, directory = saved
+    assert main(["--model", str(directory), "--prompt", "ab", "--max-new-tokens", "3", "--compile"]) == 0
+    assert seen["cache_implementation"] == "static"
+    config = seen["compile_config"]
+    assert config.fullgraph and config._compile_all_devices and config.mode == "default"  # CPU: no CUDA graphs
+    seen.clear()
+    assert main(["--model", str(directory), "--prompt", "ab", "--max-new-tokens", "3"]) == 0
+    assert "compile_config" not in seen and "cache_implementation" not in seen

@@ -7,6 +7,7 @@
     parscale generate --model ParScale-1.8B-P4-Inst --chat --system "Be brief." --prompt "What is 2+2?"
     parscale generate --model ParScale-1.8B-P4-Inst --chat --interactive --do-sample --temperature 0.7
     parscale generate --model runs/p4/final --prompt "def " --int8
+    parscale generate --model runs/p4/final --prompt "def " --max-new-tokens 200 --compile
 
 Greedy and sampled tokens are printed as they are produced (transformers' `TextStreamer`);
 beam search only knows its best sequence at the end, so it prints then. The tokenizer is read
@@ -15,6 +16,10 @@ hold our files, a released `qwen2_parscale` checkpoint or a plain transformers m
 runs as P = 1); `--streams` loads a stream adapter onto it (see `parscale streams`).
 `--int8` quantizes the backbone's weights to int8 after loading (`quantize_int8()`): less
 memory and faster CPU decoding, at a small accuracy cost.
+
+`--compile` decodes with a static cache and a `torch.compile`d step (CUDA graphs on a GPU): the
+first call compiles (seconds on a GPU, a minute or more on a small CPU), then each token is one
+graph replay; worth it for long outputs, not for a few tokens.
 
 `--chat` wraps the prompt as a user message in the tokenizer's chat template and prints only
 the answer. `--interactive` reads one prompt per line from stdin and answers each; with
@@ -73,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true",
                    help="weight-only int8 for the backbone and lm_head after loading (CPU decoding reads a quarter "
                         "of the float32 weight bytes; a small accuracy cost, see docs/model.md)")
+    p.add_argument("--compile", action="store_true",
+                   help="static cache + torch.compile'd decode step (CUDA graphs on a GPU); the first call "
+                        "compiles, then decoding is faster: worth it for long outputs")
     return p
 
 
@@ -109,10 +117,15 @@ def check_tokenizer_dir(directory: Path, from_flag: bool) -> None:
         raise UserError(f"no tokenizer in {directory} (looked for {', '.join(TOKENIZER_FILES)}); {fix}")
 
 
-def generation_kwargs(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> dict:
+def generation_kwargs(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, device=None) -> dict:
+    """`generate`'s keywords for the flags; `device` (the model's) picks the compile mode of --compile."""
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams)
     if args.do_sample:
         kwargs.update(temperature=args.temperature or 1.0, top_p=args.top_p or 1.0, top_k=0)
+    if args.compile:
+        from parscale.model.decoding import compiled_generate_kwargs
+
+        kwargs.update(compiled_generate_kwargs(device if device is not None else "cpu"))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is not None:
         kwargs["pad_token_id"] = pad
@@ -175,7 +188,7 @@ def respond(model: ParScaleForCausalLM, tokenizer: PreTrainedTokenizerBase, inpu
     # Beam search cannot stream: transformers refuses a streamer there, the best beam is known only at the end.
     streamer = None if args.num_beams > 1 else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
-        out = model.generate(**inputs, streamer=streamer, **generation_kwargs(args, tokenizer))
+        out = model.generate(**inputs, streamer=streamer, **generation_kwargs(args, tokenizer, model.device))
     new = out[0, inputs["input_ids"].shape[1]:]
     logger.info("P=%d streams, %d new tokens", model.parscale_config.n_streams, len(new))
     answer = tokenizer.decode(new, skip_special_tokens=True)

@@ -9,7 +9,6 @@ installed version uses. The answer comes from the signature and the output field
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from typing import Any
 
@@ -20,15 +19,17 @@ OLD_NAME, NEW_NAME = "past_key_values", "cache"
 OUTPUT_FIELD = NEW_NAME if NEW_NAME in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else OLD_NAME
 
 
-@functools.lru_cache(maxsize=None)
-def _argument_of(forward_type: type, forward: Any) -> str:
-    params = inspect.signature(forward).parameters  # follows functools.wraps of the deprecation decorator
-    return NEW_NAME if NEW_NAME in params else OLD_NAME
+# A plain dict, not `functools.lru_cache`: `torch.compile` traces through the lookup silently.
+_ARGUMENT: dict[type, str] = {}
 
 
 def cache_argument(module: Any) -> str:
     """The keyword `module.forward` takes its cache by: "cache" or "past_key_values"."""
-    return _argument_of(type(module), type(module).forward)
+    kind = type(module)
+    if kind not in _ARGUMENT:
+        params = inspect.signature(kind.forward).parameters  # follows functools.wraps of the deprecation decorator
+        _ARGUMENT[kind] = NEW_NAME if NEW_NAME in params else OLD_NAME
+    return _ARGUMENT[kind]
 
 
 def cache_kwargs(module: Any, cache: Any) -> dict[str, Any]:
