@@ -129,8 +129,10 @@ def _mean_se(values: list[float]) -> tuple[float, float | None]:
 
 
 def paired(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
-    """Setting `a` minus setting `b`, paired by seed: mean, standard error, and whether the mean
-    lies beyond two standard errors (nothing is called a gain otherwise)."""
+    """Setting `a` minus setting `b`, paired by seed: mean, standard error (sample sd / sqrt(n)),
+    and whether |mean| lies beyond two standard errors (nothing is called a gain otherwise).
+    One paired seed has no standard error (`se` None), so it is never beyond; None without
+    a common seed."""
     la = {r["seed"]: r["val_loss"] for r in runs if r["setting"] == a}
     lb = {r["seed"]: r["val_loss"] for r in runs if r["setting"] == b}
     seeds = sorted(set(la) & set(lb))
