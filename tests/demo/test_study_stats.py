@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from parscale.demo.study import comparisons, own_law, paired, settings_table
+from parscale.demo.stats import comparisons, paired, settings_table
+from parscale.demo.study import own_law
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TRUTH = {"E": 1.2, "A": 2e-4, "alpha": 0.6, "k": 0.5}  # A in units of 1e9 parameters
