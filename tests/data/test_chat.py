@@ -1,4 +1,5 @@
-"""Which tokens of a conversation are the assistant's, for a ChatML-style template with special tokens."""
+"""Which tokens of a conversation are the assistant's: a ChatML-style template with special tokens,
+and a plain-text header whose last space a byte-level BPE joins to the next word."""
 from __future__ import annotations
 
 import pytest
