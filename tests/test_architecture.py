@@ -52,6 +52,44 @@ def test_imports_go_one_way(part):
     assert not bad, bad
 
 
+def _modules_imported_within(part: str) -> dict[str, set[str]]:
+    """For each module of a part, the modules of the same part it imports (anywhere in the file)."""
+    mods = {p.stem for p in (PACKAGE / part).glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod in mods:
+        for node in ast.walk(ast.parse((PACKAGE / part / f"{mod}.py").read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[:2] == ["parscale", part]:
+                parts = node.module.split(".")
+                names = parts[2:3] if len(parts) > 2 else [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name.split(".")[2] for a in node.names if a.name.split(".")[:2] == ["parscale", part]
+                         and a.name.count(".") >= 2]
+            graph[mod] |= {n for n in names if n in mods and n != mod}
+    return graph
+
+
+@pytest.mark.parametrize("part", [p if p != "model" else pytest.param(
+    p, marks=pytest.mark.xfail(strict=True, reason="model/auto.py and model/wrapper.py import each other"))
+    for p in sorted(ALLOWED)])
+def test_no_part_has_modules_that_import_each_other_in_a_circle(part):
+    """Each folder reads top-down: no module reaches itself through the imports of its own part,
+    at module level or inside functions."""
+    graph = _modules_imported_within(part)
+    circles = []
+    for start in sorted(graph):
+        seen, todo = set(), sorted(graph[start])
+        while todo:
+            mod = todo.pop()
+            if mod == start:
+                circles.append(start)
+                break
+            if mod not in seen:
+                seen.add(mod)
+                todo += sorted(graph[mod])
+    assert not circles, f"{part}: {circles} import themselves through other modules of {part}"
+
+
 def test_format_module_does_not_import_the_wrapper():
     # The checkpoint format is a leaf: the wrapper composes it, never the other way round.
     tree = ast.parse((PACKAGE / "model" / "format.py").read_text())

@@ -1,10 +1,12 @@
-"""Which tokens of a conversation are the assistant's, for a ChatML-style template with special tokens."""
+"""Which tokens of a conversation are the assistant's: a ChatML-style template with special tokens,
+and a plain-text header whose last space a byte-level BPE joins to the next word."""
 from __future__ import annotations
 
 import pytest
 from _chartok import char_tokenizer
 
 from parscale.data.chat import encode_conversation
+from parscale.data.tokenizer import train_bpe
 from parscale.errors import UserError
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -48,3 +50,26 @@ def test_a_template_that_rewrites_earlier_turns_is_refused():
                 {"role": "user", "content": "2"}, {"role": "assistant", "content": "two"}]
     with pytest.raises(UserError, match="rewrites earlier turns"):
         encode_conversation(tok, messages)
+
+
+SPACED = ("{% for m in messages %}{% if m['role'] == 'assistant' %}Assistant: {{ m['content'] }}\n"
+          "{% else %}User: {{ m['content'] }}\n{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}Assistant: {% endif %}")
+
+
+def test_a_header_space_joined_to_the_first_word_keeps_that_word():
+    # A byte-level BPE trained on such dialogues joins the header's trailing space to the next
+    # word (" Sure" is one token, starting in the header): that token is the assistant's first word.
+    dialogue = "User: hello there\nAssistant: Sure thing!\nUser: how are you\nAssistant: I am fine.\n"
+    tok = train_bpe([dialogue] * 20, 300)
+    tok.chat_template = SPACED
+    messages = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "Sure thing!"},
+                {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "I am fine."}]
+    ids, mask = encode_conversation(tok, messages)
+    tokens = tok.convert_ids_to_tokens(ids)
+    assert "ĠSure" in tokens and "ĠI" in tokens  # the space is joined (else this test checks nothing)
+    assert tok.decode(ids) == dialogue
+    # by hand: each assistant turn's content and newline, each led by the header's space that its
+    # first token carries; nothing of "User: ..." or of the "Assistant:" word
+    assert tok.decode([i for i, k in zip(ids, mask) if k]) == " Sure thing!\n I am fine.\n"
+    assert tok.decode([i for i, k in zip(ids, mask) if not k]) == "User: hello there\nAssistant:User: how are you\nAssistant:"

@@ -113,14 +113,14 @@ def test_stdlib_subset_end_to_end(tmp_path, monkeypatch):
     subset = [p for p in corpus.stdlib_files() if p.relative_to(root).parts[0] in ("json", "email")]
     monkeypatch.setattr(corpus, "stdlib_files", lambda root=None: subset)
     seen = []
-    import parscale.data.prepare as data_mod
+    import parscale.data.tokenizer as tokenizer_mod
 
-    real_train_bpe = data_mod.train_bpe
+    real_train_bpe = tokenizer_mod.train_bpe
     def spy(docs, size):  # the documents arrive as a stream: read it once, keep a copy
         seen.append(list(docs))
         return real_train_bpe(seen[-1], size)
 
-    monkeypatch.setattr(data_mod, "train_bpe", spy)
+    monkeypatch.setattr(tokenizer_mod, "train_bpe", spy)
     cfg = DataConfig(vocab_size=600, val_fraction=0.1, val_tokens=None)
     train_docs, val_docs = split_documents(cfg)
     texts = {p.read_text(encoding="utf-8") for p in subset} - {""}  # empty files are skipped
@@ -234,9 +234,9 @@ def test_tokenizer_is_standard_and_reused_from_cache(tmp_path, monkeypatch):
     for loaded in (AutoTokenizer.from_pretrained(tok_dir), PreTrainedTokenizerFast.from_pretrained(tok_dir)):
         assert loaded.eos_token == EOS_TOKEN and len(loaded) == len(data.tokenizer)
         assert loaded("résumé ✓ x")["input_ids"] == data.tokenizer("résumé ✓ x")["input_ids"]
-    import parscale.data.prepare as data_mod
+    import parscale.data.tokenizer as tokenizer_mod
 
-    monkeypatch.setattr(data_mod, "train_bpe", lambda *a, **k: pytest.fail("retrained a cached tokenizer"))
+    monkeypatch.setattr(tokenizer_mod, "train_bpe", lambda *a, **k: pytest.fail("retrained a cached tokenizer"))
     again = prepare_data(cfg, tmp_path / "cache")
     assert again.cache_path == data.cache_path and np.array_equal(again.train, data.train)
     # A changed file gets a fresh cache entry, never the stale one.

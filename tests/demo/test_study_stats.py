@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from parscale.demo.study import comparisons, own_law, settings_table
+from parscale.demo.stats import comparisons, paired, settings_table
+from parscale.demo.study import own_law
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TRUTH = {"E": 1.2, "A": 2e-4, "alpha": 0.6, "k": 0.5}  # A in units of 1e9 parameters
@@ -68,7 +69,41 @@ def test_paired_comparison_is_the_mean_of_per_seed_differences():
     mean = sum(diffs) / 4
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3 / 4)
     assert got["mean"] == pytest.approx(mean) and got["se"] == pytest.approx(se)
-    assert got["beyond_2se"] == (abs(mean) > 2 * se)
     # the streams at every other size, against that size's P = 1
     pairs = {(c["a"], c["b"]) for c in comparisons(runs)}
     assert {(f"{size}-p{p}", f"{size}-p1") for size in ("tiny-xs", "tiny-s") for p in (2, 4)} <= pairs
+
+
+BASE = [3.0, 3.5, 2.8, 3.2]  # setting b's loss per seed: unequal, so only pairing by seed gives the diffs below
+
+
+def _paired_runs(diffs: list[float]) -> list[dict]:
+    """Setting a = b + diffs[seed]; one extra seed of a alone, which has no pair."""
+    runs = [{"setting": "b", "seed": s, "val_loss": BASE[s]} for s in range(len(diffs))]
+    runs += [{"setting": "a", "seed": s, "val_loss": BASE[s] + d} for s, d in enumerate(diffs)]
+    return runs + [{"setting": "a", "seed": 9, "val_loss": 0.0}]
+
+
+@pytest.mark.parametrize("diffs, mean, se, beyond", [
+    # mean -0.15; squares of the deviations .0025+.0225+.0225+.0025 = .05; sample sd sqrt(.05/3)
+    # = 0.1290994449; SE = sd / sqrt(4) = 0.0645497224; |mean| = 2.32 SE: beyond 2 SE
+    ([-0.1, -0.3, 0.0, -0.2], -0.15, 0.0645497224, True),
+    # mean 0.2; squares .01+.01+.09+.09 = .2; sd sqrt(.2/3) = 0.2581988897; SE 0.1290994449;
+    # |mean| = 1.55 SE: more than one standard error but not two, so not beyond
+    ([0.1, 0.3, -0.1, 0.5], 0.2, 0.1290994449, False),
+])
+def test_paired_statistics_by_hand(diffs, mean, se, beyond):
+    got = paired(_paired_runs(diffs), "a", "b")
+    assert got["seeds"] == [0, 1, 2, 3]
+    assert got["diffs"] == pytest.approx(diffs, abs=1e-12)
+    assert got["mean"] == pytest.approx(mean, abs=1e-12)
+    assert got["se"] == pytest.approx(se, rel=1e-9)
+    assert got["beyond_2se"] is beyond
+
+
+def test_one_paired_seed_has_no_standard_error_and_is_never_beyond():
+    # one seed: the sample sd is undefined (n - 1 = 0), so no SE, and even a large gap is not called beyond
+    got = paired(_paired_runs([-0.5]), "a", "b")
+    assert got["seeds"] == [0] and got["mean"] == pytest.approx(-0.5, abs=1e-12)
+    assert got["se"] is None and got["beyond_2se"] is False
+    assert paired(_paired_runs([-0.5]), "a", "missing") is None  # no common seed: no comparison

@@ -4,9 +4,10 @@
 
 one conversation per line (JSON Lines). Each conversation becomes its template's tokens
 followed by EOS, packed back to back like text documents (`prepare`), with a parallel 0/1
-array marking the tokens the loss is on: those the assistant's turns add (their content and
-whatever the template closes the turn with, e.g. `<|im_end|>`). The split, the cache and the
-batch order work as for text, so a run, its resume and its evaluation treat both alike.
+array marking the tokens the loss is on: those that overlap what the assistant's turns add
+(their content and whatever the template closes the turn with, e.g. `<|im_end|>`). The
+split, the cache and the batch order work as for text, so a run, its resume and its
+evaluation treat both alike.
 
 Which tokens are the assistant's is found by rendering the conversation up to each assistant
 turn twice, without and with that turn, rather than through `{% generation %}` markers
@@ -33,7 +34,7 @@ from parscale.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_FORMAT = 1  # bump when the cached chat arrays change meaning
+_FORMAT = 2  # bump when the cached chat arrays change meaning (2: a token overlapping a turn is kept)
 
 
 def read_conversations(path: Path) -> list[list[dict]]:
@@ -85,10 +86,16 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
 
 
 def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(token ids, 1 where the token belongs to an assistant turn else 0), without EOS."""
+    """(token ids, 1 where the token overlaps an assistant turn else 0), without EOS.
+
+    Overlap, not "starts inside": a byte-level BPE joins a header's trailing space to the
+    next word (`"Assistant: "` + `"Sure"` gives the token `" Sure"`), and that token is the
+    assistant's first word. An empty token counts as one character at its start.
+    """
     text, spans = assistant_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [int(any(a <= start < b for a, b in spans)) for start, _ in enc["offset_mapping"]]
+    mask = [int(any(start < b and max(end, start + 1) > a for a, b in spans))
+            for start, end in enc["offset_mapping"]]
     return list(enc["input_ids"]), mask
 
 

@@ -31,7 +31,7 @@ from parscale.data.batches import (
 )
 from parscale.data.config import SOURCES, DataConfig  # noqa: F401 (re-exported)
 from parscale.errors import UserError
-from parscale.data.tokenizer import train_bpe  # noqa: F401 - re-exported, and patched by tests
+from parscale.data.tokenizer import train_bpe  # noqa: F401 (re-exported)
 
 __all__ = [
     "DataConfig", "PreparedData", "prepare_data", "prepare_split", "batch_at", "masked_labels", "val_batches",

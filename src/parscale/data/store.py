@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from parscale.data import pipeline, shards, sources
+from parscale.data import tokenizer as bpe  # bpe.train_bpe, looked up at call time: tests patch it
 from parscale.data.tokenizer import load_cached_tokenizer, load_tokenizer, save_tokenizer
 from parscale.errors import UserError
 
@@ -70,15 +71,13 @@ def train_texts(inputs: Sequence[sources.Input], opts: pipeline.PrepareOptions,
 
 def tokenizer_of(cfg, cache_dir: Path, inputs: Sequence[sources.Input], key: str):
     """The given tokenizer, or the BPE trained on this corpus's training split (cached)."""
-    from parscale.data import prepare  # the module tests patch train_bpe on
-
     if cfg.tokenizer is not None:
         return load_tokenizer(cfg.tokenizer)
     tok_dir = Path(cache_dir) / f"bpe-{_digest([key, cfg.vocab_size])}" / "tokenizer"
     tok = load_cached_tokenizer(tok_dir, cfg.vocab_size)
     if tok is None:
         opts = options_of(cfg)
-        tok = prepare.train_bpe(train_texts(inputs, opts, pipeline.plan_flip(inputs, opts)), cfg.vocab_size)
+        tok = bpe.train_bpe(train_texts(inputs, opts, pipeline.plan_flip(inputs, opts)), cfg.vocab_size)
         save_tokenizer(tok, tok_dir, {"vocab_size": cfg.vocab_size, "trained_on": "train split"})
         tok = load_tokenizer(tok_dir)
     return tok
@@ -144,10 +143,8 @@ def prepare_corpus(cfg, out: str | os.PathLike, workers: int = 0, shard_tokens: 
     elif (out / shards.INDEX).is_file() and (out / "tokenizer" / "tokenizer.json").is_file():
         tok = load_tokenizer(out / "tokenizer")  # resuming: the BPE trained by the first attempt
     else:
-        from parscale.data import prepare
-
         log.info("training a %d-token byte-level BPE on the training split first", cfg.vocab_size)
-        tok = prepare.train_bpe(train_texts(inputs, opts, pipeline.plan_flip(inputs, opts)), cfg.vocab_size)
+        tok = bpe.train_bpe(train_texts(inputs, opts, pipeline.plan_flip(inputs, opts)), cfg.vocab_size)
     index = pipeline.prepare_dir(out, inputs, tok, opts, source)
     return summary(index)
 

@@ -1,7 +1,9 @@
 """The demo: the end-to-end mini-study behind `make demo`.
 
-Lives here: `study` (orchestration: which runs, in which order, reused when finished) and
-`report` (tables, plots, report.md and summary.json).
+Lives here, top down: `study` (orchestration: trains, measures and reports the runs), `runner`
+(the runs in worker processes, reused when finished), `measure` (what is read off a run),
+`report` and `plots` (tables, report.md, summary.json and the plots), `stats` (paired
+statistics over seeds, for study and report alike) and `plan` (the budgets and the runs).
 
 May import everything; nothing imports it but the CLI.
 """

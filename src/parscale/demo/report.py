@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from parscale.atomic import atomic_write_text
-from parscale.demo.study import SEED_NOISE
+from parscale.demo.stats import SEED_NOISE
 
 PLOTS = ("curves.png", "loss_vs_p.png", "loss_vs_latency.png", "loss_vs_flops.png")
 
