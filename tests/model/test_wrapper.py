@@ -118,6 +118,36 @@ def test_padded_batch_equals_each_sample_alone(tiny_factory, side):
 
 
 @pytest.mark.parametrize("n_streams", [1, 2, 4])
+def test_a_cached_loop_with_left_padding_and_no_positions_equals_the_full_forward(tiny_factory, n_streams):
+    """A hand-written decoding loop passes the growing 2D mask and no position_ids: every cached
+    step counts real tokens as the first call does, so the padded row is not shifted by its pads."""
+    model = _wrap(tiny_factory, "qwen2", n_streams=n_streams)
+    ids = _ids(2, 9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on the second row
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate passes
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=positions).logits
+        alone = model(ids[1:, 3:]).logits  # the padded row's tokens without their pads
+        out = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        steps = [out.logits]
+        for t in range(5, 9):
+            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=output_cache(out), use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(full[1, 3:], alone[0])
+    torch.testing.assert_close(torch.cat(steps, dim=1)[:, 3:], full[:, 3:])  # the pads' own logits are moot
+
+
+def test_a_cached_call_needs_a_mask_over_the_cached_and_the_new_tokens(tiny_factory):
+    model = _wrap(tiny_factory, "qwen2", n_streams=2)
+    ids = _ids(2, 5)
+    with torch.no_grad():
+        cache = output_cache(model(ids[:, :4], use_cache=True))
+        with pytest.raises(UserError, match="cache holds 4 tokens and 1 are new; pass a mask over"):
+            model(ids[:, 4:], attention_mask=torch.ones(2, 1, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("n_streams", [1, 2, 4])
 def test_a_one_row_mask_is_broadcast_over_the_batch_at_every_P(tiny_factory, n_streams):
     """A [1, L] padding mask for B rows means the same mask for every row, at every P (the
     base model itself accepts it only when it is all ones, where its mask builder skips it)."""

@@ -45,6 +45,23 @@ def _repeat_rows(tensor: torch.Tensor | None, n_streams: int, batch: int, what: 
     return tensor.repeat(n_streams, *([1] * (tensor.dim() - 1)))  # (n b) ...
 
 
+def _positions_from_mask(mask: torch.Tensor, new_tokens: int, cache) -> torch.LongTensor:
+    """The positions of the new tokens, counting real tokens only, from a 2D padding mask over the
+    cached and the new tokens.
+
+    Rotary scores between real tokens ignore a shift of every position, but a query's score
+    against the (unrotated) prefix does not: left padding must not move the positions, so they
+    count real tokens, as generate's do (Trainer and hand-written decoding loops pass none).
+    A cached call derives them the same way, from the mask's last `new_tokens` columns."""
+    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    if mask.shape[1] != past + new_tokens:
+        raise UserError(f"the attention mask has {mask.shape[1]} columns, but the cache holds {past} tokens and "
+                        f"{new_tokens} are new; pass a mask over the cached and the new tokens ({past + new_tokens} "
+                        "columns), or pass position_ids")
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # b (past + s)
+    return positions[:, past:]  # b s
+
+
 # Keywords transformers' Trainer passes for the loss only; the backbone never sees them.
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
@@ -272,11 +289,8 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
             raise UserError("ParScale takes a 2D padding mask [batch, seq] (1 = token, 0 = padding)")
         if is_2d and attention_mask.shape[0] == 1 and batch > 1:  # one mask for every row, at every P
             attention_mask = attention_mask.expand(batch, -1)  # b s
-        if position_ids is None and is_2d and cache is None and self.parscale_config.has_prefixes:
-            # Rotary scores between real tokens ignore a shift of every position, but a query's
-            # score against the (unrotated) prefix does not: left padding must not move the
-            # positions, so they count real tokens, as generate's are (Trainer passes none).
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # b s
+        if position_ids is None and is_2d and self.parscale_config.has_prefixes:
+            position_ids = _positions_from_mask(attention_mask, inputs_embeds.shape[1], cache)  # b s
         outputs = self.model(
             inputs_embeds=_repeat_rows(inputs_embeds, n_streams, batch, "inputs_embeds"),  # (n b) s h
             attention_mask=_repeat_rows(attention_mask, n_streams, batch, "attention_mask"),
