@@ -50,11 +50,12 @@ def is_stream_key(key: str) -> bool:
 
 @dataclass
 class StreamSet:
-    """One set of stream parameters: a prefix pair per attention layer and the aggregation head."""
+    """One set of stream parameters: a prefix pair per attention layer and the aggregation head
+    (none for the P = 1 control with one prefix, `prefix_at_p1`)."""
 
     config: ParScaleConfig
     prefixes: list[tuple[nn.Parameter, nn.Parameter]]  # per attention module, in layer order
-    head: AggregationHead
+    head: AggregationHead | None
 
     def tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The set's tensors under the model's own key names (the released ones)."""
@@ -63,12 +64,12 @@ class StreamSet:
         for name, (k, v) in zip(names, self.prefixes):
             out[f"{name}.prefix_k"], out[f"{name}.prefix_v"] = k, v
         decoder = _decoder_name(model)
-        for key, tensor in self.head.state_dict().items():
+        for key, tensor in (self.head.state_dict() if self.head is not None else {}).items():
             out[f"{decoder}aggregate_layer.{key}"] = tensor
         return out
 
     def nbytes(self) -> int:
-        params = [p for pair in self.prefixes for p in pair] + list(self.head.parameters())
+        params = [p for pair in self.prefixes for p in pair] + list(self.head.parameters() if self.head else [])
         return sum(p.numel() * p.element_size() for p in params)
 
 
@@ -85,39 +86,44 @@ def _decoder_name(model: nn.Module) -> str:
 
 
 def capture(model: nn.Module) -> StreamSet | None:
-    """The stream set installed in `model` now (the very tensors, not copies); None at P = 1."""
-    if model.parscale_config.n_streams == 1:
+    """The stream set installed in `model` now (the very tensors, not copies); None for the
+    plain backbone."""
+    config = model.parscale_config
+    if not config.has_prefixes:
         return None
     prefixes = [(a.prefix_k, a.prefix_v) for a in introspect.attention_modules(model)]
-    return StreamSet(model.parscale_config, prefixes, model.get_decoder().aggregate_layer)
+    return StreamSet(config, prefixes, model.get_decoder().aggregate_layer if config.n_streams > 1 else None)
 
 
 def empty_set(model: nn.Module, config: ParScaleConfig) -> StreamSet:
     """A zero-filled set shaped for `model`'s backbone (on its device, in its dtype)."""
-    if config.n_streams < 2:
-        raise UserError(f"a stream set needs P >= 2, got n_streams={config.n_streams}")
+    if not config.has_prefixes:
+        raise UserError(f"a stream set needs P >= 2 (or the one-prefix control, prefix_at_p1), got {config.to_dict()}")
     ref = model.get_output_embeddings().weight
     n_kv, head_dim = introspect.kv_geometry(model.config)
     shape = (config.n_streams, n_kv, config.n_prefix_tokens, head_dim)  # P kv T d
     prefixes = [(nn.Parameter(torch.zeros(shape, dtype=ref.dtype, device=ref.device)),
                  nn.Parameter(torch.zeros(shape, dtype=ref.dtype, device=ref.device)))
                 for _ in introspect.attention_modules(model)]
-    head = AggregationHead(model.config.hidden_size, config.n_streams, config.attn_smooth,
-                           device=ref.device, dtype=ref.dtype)
+    head = AggregationHead(model.config.hidden_size, config.n_streams, config.attn_smooth, device=ref.device,
+                           dtype=ref.dtype) if config.n_streams > 1 else None
     return StreamSet(config, prefixes, head)
 
 
 def install(model: nn.Module, stream_set: StreamSet | None, plain_attention: str) -> None:
-    """Make `stream_set` the model's streams (None: the plain backbone); moves no backbone weight."""
+    """Make `stream_set` the model's streams (None: the plain backbone); moves no backbone weight.
+
+    What the previous set added is removed first (prefixes, aggregation head), so the plain
+    backbone has the base model's modules, parameters and state-dict keys, nothing more."""
     attentions = introspect.attention_modules(model)
     decoder = model.get_decoder()
+    for attention in attentions:
+        for name in ("prefix_k", "prefix_v"):
+            if hasattr(attention, name):
+                delattr(attention, name)
+    if hasattr(decoder, "aggregate_layer"):
+        del decoder.aggregate_layer
     if stream_set is None:
-        for attention in attentions:
-            for name in ("prefix_k", "prefix_v"):
-                if hasattr(attention, name):
-                    delattr(attention, name)
-        if hasattr(decoder, "aggregate_layer"):
-            del decoder.aggregate_layer
         model.parscale_config = ParScaleConfig(n_streams=1)
         decoder.set_attn_implementation(plain_attention)
         return
@@ -127,12 +133,14 @@ def install(model: nn.Module, stream_set: StreamSet | None, plain_attention: str
             if param.device != ref.device or param.dtype != ref.dtype:
                 param.data = param.data.to(device=ref.device, dtype=ref.dtype)
         attention.prefix_k, attention.prefix_v = k, v
+    model.parscale_config = stream_set.config
+    decoder.set_attn_implementation(streams.register_attention())
+    if stream_set.head is None:  # the one-prefix control: no aggregation
+        return
     decoder.aggregate_layer = stream_set.head.to(device=ref.device, dtype=ref.dtype)
     # the same matmul route as the rest of the model (the decode kernel, see `kernels`), so a
     # switched-in set computes exactly what a model built with it does
     kernels.enable(decoder.aggregate_layer, getattr(model.get_output_embeddings(), "use_kernel", False))
-    model.parscale_config = stream_set.config
-    decoder.set_attn_implementation(streams.register_attention())
 
 
 # ----- the backbone's fingerprint ------------------------------------------------------------

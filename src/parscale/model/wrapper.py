@@ -117,7 +117,7 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         # Stream sets (adapters): the inactive ones live here, outside the module tree.
         self._plain_attention = base.config._attn_implementation or "sdpa"
         self._stream_sets: dict[str, adapters.StreamSet] = {}
-        self._active_streams: str | None = "default" if parscale_config.n_streams > 1 else None
+        self._active_streams: str | None = "default" if parscale_config.has_prefixes else None
         self.model = base.get_decoder()
         self.lm_head = base.get_output_embeddings()
         if getattr(base, "generation_config", None) is not None:
@@ -370,13 +370,14 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         self._active_streams = name
 
     def load_streams(self, directory: str | os.PathLike, name: str | None = None) -> str:
-        """Load an adapter written by `save_streams` as a new set (default name "p{P}"); returns its name.
+        """Load an adapter written by `save_streams` as a new set (default name "p{P}", "p1-prefix" for
+        the one-prefix control); returns its name.
 
         The adapter's backbone fingerprint must match this model's backbone (else a ValueError
         naming what differs). The set is loaded, not activated: call `set_streams(name)`.
         """
         stream_set = adapters.load_set(self, directory)
-        name = name or f"p{stream_set.config.n_streams}"
+        name = name or f"p{stream_set.config.n_streams}" + ("-prefix" if stream_set.config.prefix_at_p1 else "")
         if name in self.stream_sets():
             raise UserError(f"a stream set named {name!r} is already loaded; pass another name=")
         self._stream_sets[name] = stream_set
