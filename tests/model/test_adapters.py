@@ -139,6 +139,43 @@ def test_an_adapter_for_another_backbone_is_refused(saved, tiny_factory, change,
     assert other.stream_sets() == []
 
 
+@pytest.mark.parametrize("change,field,values", [
+    (dict(rope_theta=100.0), "rope_parameters.rope_theta", ("100.0", "10000.0")),
+    (dict(rms_norm_eps=1e-5), "rms_norm_eps", ("1e-05", "1e-06")),
+])
+def test_the_same_weights_under_another_config_are_refused(saved, tiny_factory, change, field, values):
+    other = to_parscale(tiny_factory("qwen2", **change), ParScaleConfig(1))
+    same = to_parscale(tiny_factory("qwen2"), ParScaleConfig(1))
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), same.state_dict().values()))
+    with torch.no_grad():  # the field changes what the backbone computes
+        assert (other(_ids()).logits - same(_ids()).logits).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="trained on another backbone") as err:
+        other.load_streams(saved / "p4")
+    message = str(err.value)
+    assert f"config field {field} is {values[0]} in the model, {values[1]} in the adapter's backbone" in message
+    assert "tensors hold other values" not in message and other.stream_sets() == []
+
+
+def test_config_fields_that_do_not_change_the_computation_are_not_compared(saved, tiny_factory):
+    other = to_parscale(tiny_factory("qwen2", eos_token_id=5, use_cache=False, bos_token_id=2), ParScaleConfig(1))
+    other.config._name_or_path = "elsewhere"
+    assert other.load_streams(saved / "p4") == "p4"
+
+
+def test_an_adapter_without_a_recorded_config_loads_with_a_warning(saved, tiny_factory, tmp_path, caplog):
+    """Adapters written before the config was part of the fingerprint stay loadable."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / ADAPTER_WEIGHTS).write_bytes((saved / "p4" / ADAPTER_WEIGHTS).read_bytes())
+    config = json.loads((saved / "p4" / ADAPTER_CONFIG).read_text())
+    del config["backbone"]["config"]
+    (old / ADAPTER_CONFIG).write_text(json.dumps(config))
+    model = to_parscale(tiny_factory("qwen2", rope_theta=5000.0), ParScaleConfig(1))
+    with caplog.at_level("WARNING"):
+        assert model.load_streams(old) == "p4"
+    assert "records no backbone config (written by an older version)" in caplog.text
+
+
 def test_the_adapter_files_follow_peft_and_hold_only_stream_tensors(saved):
     config = json.loads((saved / "p4" / ADAPTER_CONFIG).read_text())
     assert config["peft_type"] == "PARSCALE_STREAMS" and config["base_model_name_or_path"] == "base"
