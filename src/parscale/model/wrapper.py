@@ -470,8 +470,9 @@ def to_parscale(model: PreTrainedModel, config: ParScaleConfig, seed: int = 0) -
     `torch.Generator().manual_seed(seed)`, the aggregation's last layer zero (uniform weights
     at start). Converting a trained P=1 model this way keeps held-out loss within about 0.6%
     of it while the streams already differ (zero prefixes would make them identical forever).
-    At P = 1 nothing is added and the logits equal the base model's, unless
-    `config.prefix_at_p1` asks for the one-prefix control.
+    At P = 1 nothing is added and the logits are the base model's (bit for bit with
+    `use_fast_kernels(False)`; to float tolerance with the CPU decode kernel, which sums in
+    another order), unless `config.prefix_at_p1` asks for the one-prefix control.
     """
     if isinstance(model, ParScaleForCausalLM):
         raise UserError("the model is already a ParScale model; convert the plain backbone instead")
