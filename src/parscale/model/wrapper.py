@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from parscale.model import adapters, autoload, format as checkpoint_format, introspect, kernels, options, quantize, streams
+from parscale.model import adapters, format as checkpoint_format, introspect, kernels, options, quantize, streams
 from parscale.model.cache_api import OUTPUT_FIELD, cache_kwargs, output_cache
 from parscale.model.aggregation import AggregationHead
 from parscale.model.auto import Qwen2ParScaleConfig
@@ -482,5 +482,3 @@ def to_parscale(model: PreTrainedModel, config: ParScaleConfig, seed: int = 0) -
     init_stream_parameters(wrapped, seed)
     wrapped.train(model.training)
     return wrapped
-
-autoload.flush(__name__)  # a registration that waited for this module (see `autoload`)
