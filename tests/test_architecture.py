@@ -52,42 +52,57 @@ def test_imports_go_one_way(part):
     assert not bad, bad
 
 
-def _modules_imported_within(part: str) -> dict[str, set[str]]:
-    """For each module of a part, the modules of the same part it imports (anywhere in the file)."""
-    mods = {p.stem for p in (PACKAGE / part).glob("*.py") if p.stem != "__init__"}
-    graph: dict[str, set[str]] = {m: set() for m in mods}
-    for mod in mods:
-        for node in ast.walk(ast.parse((PACKAGE / part / f"{mod}.py").read_text())):
-            names: list[str] = []
-            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[:2] == ["parscale", part]:
-                parts = node.module.split(".")
-                names = parts[2:3] if len(parts) > 2 else [alias.name for alias in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name.split(".")[2] for a in node.names if a.name.split(".")[:2] == ["parscale", part]
-                         and a.name.count(".") >= 2]
-            graph[mod] |= {n for n in names if n in mods and n != mod}
-    return graph
+def _module_imports(path: Path, modules: set[str]) -> set[str]:
+    """The parscale modules a file imports anywhere (inside functions too): `from parscale.model
+    import wrapper` names the module parscale.model.wrapper, not the package."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("parscale"):
+            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                      for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("parscale")}
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("parscale")):
+            found.add(node.args[0].value)
+    return found
 
 
-@pytest.mark.parametrize("part", [p if p != "model" else pytest.param(
-    p, marks=pytest.mark.xfail(strict=True, reason="model/auto.py and model/wrapper.py import each other"))
-    for p in sorted(ALLOWED)])
-def test_no_part_has_modules_that_import_each_other_in_a_circle(part):
-    """Each folder reads top-down: no module reaches itself through the imports of its own part,
-    at module level or inside functions."""
-    graph = _modules_imported_within(part)
-    circles = []
-    for start in sorted(graph):
-        seen, todo = set(), sorted(graph[start])
-        while todo:
-            mod = todo.pop()
-            if mod == start:
-                circles.append(start)
-                break
-            if mod not in seen:
-                seen.add(mod)
-                todo += sorted(graph[mod])
-    assert not circles, f"{part}: {circles} import themselves through other modules of {part}"
+def _circle(graph: dict[str, set[str]]) -> list[str]:
+    """One import circle of `graph` (module -> modules it imports), or [] if there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (found := visit(target)):
+                return found
+        state[module] = 2
+        path.pop()
+        return []
+
+    for module in sorted(graph):
+        if module not in state and (found := visit(module)):
+            return found
+    return []
+
+
+@pytest.mark.parametrize("part", sorted(ALLOWED))
+def test_no_import_circle_inside_a_part(part):
+    """Each folder reads top-down: no module imports, even inside a function, one that imports it back."""
+    files = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts): p
+             for p in (PACKAGE / part).rglob("*.py") if p.stem != "__init__"}
+    graph = {m: {t for t in _module_imports(p, set(files)) if t in files and t != m} for m, p in files.items()}
+    assert not (circle := _circle(graph)), " -> ".join(circle)
+
+
+def test_the_circle_check_finds_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}
+    assert _circle(graph) == ["a", "b", "c", "a"] and _circle({**graph, "c": {"d"}}) == []
 
 
 def test_format_module_does_not_import_the_wrapper():

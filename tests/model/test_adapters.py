@@ -57,6 +57,53 @@ def test_switching_gives_the_full_models_logits_and_none_gives_the_base(saved, t
         torch.testing.assert_close(model(ids).logits, tiny_factory("qwen2")(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("start", ["built with P = 4", "a loaded set switched in", "the one-prefix control"])
+def test_set_streams_none_leaves_the_base_model_in_every_respect(saved, tiny_factory, tmp_path, start):
+    """Not only the logits (P = 1 never calls the aggregation head): the modules, the parameters,
+    the state dict and the saved files are the base model's, and a save and reload gives its logits."""
+    if start == "built with P = 4":
+        model = _streams_model(tiny_factory, 4, seed=4)
+    elif start == "a loaded set switched in":
+        model = ParScaleForCausalLM.from_pretrained(saved / "base")
+        model.set_streams(model.load_streams(saved / "p4"))
+    else:
+        model = to_parscale(tiny_factory("qwen2"), ParScaleConfig(1, 3, prefix_at_p1=True), seed=4).eval()
+    assert model.active_streams is not None and list(model.stream_parameters())
+    model.set_streams(None)
+    base = tiny_factory("qwen2")
+    assert list(model.state_dict()) == list(base.state_dict())
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in base.named_modules()]
+    assert list(model.stream_parameters()) == [] and model.parscale_config == ParScaleConfig(1)
+    model.save_pretrained(tmp_path / "plain")
+    reloaded = ParScaleForCausalLM.from_pretrained(tmp_path / "plain")
+    for m in (model, reloaded):
+        m.use_fast_kernels(False)  # the stock matmul, as the base model uses: then bit for bit
+    ids = _ids()
+    with torch.no_grad():
+        want = base(ids).logits
+        assert torch.equal(model(ids).logits, want) and torch.equal(reloaded(ids).logits, want)
+
+
+def test_the_one_prefix_control_is_a_stream_set_too(saved, tiny_factory, tmp_path):
+    """Its prefix is kept as "default" when another set is switched in, and saved and loaded
+    like any set (no aggregation head), so switching back gives its own logits."""
+    control = to_parscale(tiny_factory("qwen2"), ParScaleConfig(1, 3, prefix_at_p1=True), seed=4).eval()
+    ids = _ids()
+    with torch.no_grad():
+        want = control(ids).logits
+    control.save_streams(tmp_path / "control")
+    assert control.stream_sets() == ["default"]
+    control.load_streams(saved / "p2")
+    control.set_streams("p2")
+    control.set_streams("default")
+    base = ParScaleForCausalLM.from_pretrained(saved / "base")
+    assert base.load_streams(tmp_path / "control") == "p1-prefix"
+    base.set_streams("p1-prefix")
+    with torch.no_grad():
+        assert torch.equal(control(ids).logits, want) and torch.equal(base(ids).logits, want)
+    assert "aggregate" not in " ".join(base.state_dict()) and base.parscale_config.prefix_at_p1
+
+
 def test_sets_add_only_their_own_bytes_and_switching_copies_no_backbone_weight(saved):
     model = ParScaleForCausalLM.from_pretrained(saved / "base")
     backbone = {n: p.data_ptr() for n, p in model.named_parameters()}
@@ -90,6 +137,43 @@ def test_an_adapter_for_another_backbone_is_refused(saved, tiny_factory, change,
         other.load_streams(saved / "p4")
     assert needle in str(err.value) and "base model: base" in str(err.value)
     assert other.stream_sets() == []
+
+
+@pytest.mark.parametrize("change,field,values", [
+    (dict(rope_theta=100.0), "rope_parameters.rope_theta", ("100.0", "10000.0")),
+    (dict(rms_norm_eps=1e-5), "rms_norm_eps", ("1e-05", "1e-06")),
+])
+def test_the_same_weights_under_another_config_are_refused(saved, tiny_factory, change, field, values):
+    other = to_parscale(tiny_factory("qwen2", **change), ParScaleConfig(1))
+    same = to_parscale(tiny_factory("qwen2"), ParScaleConfig(1))
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), same.state_dict().values()))
+    with torch.no_grad():  # the field changes what the backbone computes
+        assert (other(_ids()).logits - same(_ids()).logits).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="trained on another backbone") as err:
+        other.load_streams(saved / "p4")
+    message = str(err.value)
+    assert f"config field {field} is {values[0]} in the model, {values[1]} in the adapter's backbone" in message
+    assert "tensors hold other values" not in message and other.stream_sets() == []
+
+
+def test_config_fields_that_do_not_change_the_computation_are_not_compared(saved, tiny_factory):
+    other = to_parscale(tiny_factory("qwen2", eos_token_id=5, use_cache=False, bos_token_id=2), ParScaleConfig(1))
+    other.config._name_or_path = "elsewhere"
+    assert other.load_streams(saved / "p4") == "p4"
+
+
+def test_an_adapter_without_a_recorded_config_loads_with_a_warning(saved, tiny_factory, tmp_path, caplog):
+    """Adapters written before the config was part of the fingerprint stay loadable."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / ADAPTER_WEIGHTS).write_bytes((saved / "p4" / ADAPTER_WEIGHTS).read_bytes())
+    config = json.loads((saved / "p4" / ADAPTER_CONFIG).read_text())
+    del config["backbone"]["config"]
+    (old / ADAPTER_CONFIG).write_text(json.dumps(config))
+    model = to_parscale(tiny_factory("qwen2", rope_theta=5000.0), ParScaleConfig(1))
+    with caplog.at_level("WARNING"):
+        assert model.load_streams(old) == "p4"
+    assert "records no backbone config (written by an older version)" in caplog.text
 
 
 def test_the_adapter_files_follow_peft_and_hold_only_stream_tensors(saved):

@@ -134,6 +134,56 @@ def test_bfloat16_model_decodes_in_bfloat16(tiny_factory):
     assert model.model.aggregate_layer[0].weight.dtype == torch.bfloat16
 
 
+def _greedy(model, ids):
+    kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(ids, **kwargs)
+    return out.sequences, torch.stack(out.scores).float()  # steps B V
+
+
+@pytest.mark.parametrize("cast", ["to(bfloat16)", "bfloat16()", "half()"])
+def test_a_cast_after_quantize_keeps_float32_scales_and_the_tokens(tiny_factory, count_calls, cast):
+    """Casting an int8 model casts its activations, never its scales: the kernel reads them as
+    float32, so a bfloat16 scale made every decode step NaN (greedy decoding gave token 0)."""
+    if quantize.library() is None:
+        pytest.skip("no C++ compiler")
+    model = _model(tiny_factory, 2).quantize_int8()
+    ids = torch.randint(2, 97, (2, 5), generator=torch.Generator().manual_seed(2))
+    want_tokens, want_scores = _greedy(model, ids)
+    dtype = torch.float16 if cast == "half()" else torch.bfloat16
+    model = model.to(torch.bfloat16) if cast == "to(bfloat16)" else getattr(model, cast[:-2])()
+    layers = [m for m in model.modules() if isinstance(m, quantize.Int8Linear)]
+    assert {m.scale.dtype for m in layers} == {torch.float32} and {m.dtype for m in layers} == {dtype}
+    assert model.lm_head.weight.dtype == dtype and model.model.embed_tokens.weight.dtype == dtype
+    calls = count_calls(quantize, "int8_linear")
+    tokens, scores = _greedy(model, ids)
+    assert calls[0] > 0 or dtype == torch.float16  # bfloat16 decoding took the kernel
+    assert torch.equal(tokens, want_tokens)
+    # activations rounded to 8 (bfloat16) or 11 (float16) significant bits at every layer: the
+    # logits (|x| < 1 here) move by about 2e-3, well inside 1e-2, while the bug gave NaN
+    torch.testing.assert_close(scores, want_scores, rtol=0, atol=1e-2)
+
+
+def test_a_round_trip_through_bfloat16_changes_nothing(tiny_factory):
+    """Float32 -> bfloat16 -> float32 is lossless for values that bfloat16 holds, so on such a
+    model the int8 model's logits come back bit for bit: the scales were never rounded."""
+    model = _model(tiny_factory, 2)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:  # the rotary frequencies too
+            tensor.copy_(tensor.bfloat16().float())
+    model.quantize_int8()
+    ids = torch.randint(2, 97, (2, 5), generator=torch.Generator().manual_seed(3))
+    want_tokens, want_scores = _greedy(model, ids)
+    tokens, scores = _greedy(model.to(torch.bfloat16).to(torch.float32), ids)
+    assert torch.equal(tokens, want_tokens) and torch.equal(scores, want_scores)
+
+
+def test_the_kernel_refuses_scales_that_are_not_float32(lib):
+    q, scale = quantize.quantize_weight(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(UserError, match="float32 scales"):
+        quantize.int8_linear(torch.randn(1, 8), q, scale.bfloat16(), None, lib)
+
+
 def test_tied_head_and_biases(tiny_factory):
     model = to_parscale(tiny_factory("qwen2"), ParScaleConfig(2, 3), seed=0).eval()  # tied embeddings, q/k/v biases
     kernels.enable(model, False)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from parscale.model import kernels
 from parscale.model.cache_api import output_cache
 from parscale.model.config import ParScaleConfig
 from parscale.errors import UserError
@@ -30,14 +31,23 @@ def _wrap(tiny_factory, family="qwen2", n_streams=2, n_prefix=3, seed=0, eps=0.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_p1_equals_base_model(tiny_factory, family):
-    ids = _ids(2, 9)
+def test_p1_equals_base_model(tiny_factory, family, count_calls):
+    """Bit for bit with the stock matmul; to float tolerance with the decode kernel, which sums
+    each dot product in another order than F.linear (16 rows here: the kernel's range)."""
+    ids = _ids(2, 8)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding too
-    base_logits = tiny_factory(family)(ids, attention_mask=mask).logits
-    model = to_parscale(tiny_factory(family), ParScaleConfig(n_streams=1))
-    assert not list(model.stream_parameters())
-    torch.testing.assert_close(model(ids, attention_mask=mask).logits, base_logits)
+    with torch.no_grad():
+        base_logits = tiny_factory(family)(ids, attention_mask=mask).logits
+        model = to_parscale(tiny_factory(family), ParScaleConfig(n_streams=1)).eval()
+        assert not list(model.stream_parameters())
+        calls = count_calls(kernels, "skinny_linear")
+        fast = model(ids, attention_mask=mask).logits
+        model.use_fast_kernels(False)
+        stock = model(ids, attention_mask=mask).logits
+    assert torch.equal(stock, base_logits)
+    assert calls[0] > 0 or kernels.library() is None
+    torch.testing.assert_close(fast, base_logits, rtol=1e-5, atol=1e-6)  # float32 rounding order only
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -116,6 +126,36 @@ def test_padded_batch_equals_each_sample_alone(tiny_factory, side):
         for row, sample in enumerate(samples):
             alone = model(sample[None]).logits[0]
             torch.testing.assert_close(batched[row][mask[row].bool()], alone)
+
+
+@pytest.mark.parametrize("n_streams", [1, 2, 4])
+def test_a_cached_loop_with_left_padding_and_no_positions_equals_the_full_forward(tiny_factory, n_streams):
+    """A hand-written decoding loop passes the growing 2D mask and no position_ids: every cached
+    step counts real tokens as the first call does, so the padded row is not shifted by its pads."""
+    model = _wrap(tiny_factory, "qwen2", n_streams=n_streams)
+    ids = _ids(2, 9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on the second row
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate passes
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=positions).logits
+        alone = model(ids[1:, 3:]).logits  # the padded row's tokens without their pads
+        out = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        steps = [out.logits]
+        for t in range(5, 9):
+            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=output_cache(out), use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(full[1, 3:], alone[0])
+    torch.testing.assert_close(torch.cat(steps, dim=1)[:, 3:], full[:, 3:])  # the pads' own logits are moot
+
+
+def test_a_cached_call_needs_a_mask_over_the_cached_and_the_new_tokens(tiny_factory):
+    model = _wrap(tiny_factory, "qwen2", n_streams=2)
+    ids = _ids(2, 5)
+    with torch.no_grad():
+        cache = output_cache(model(ids[:, :4], use_cache=True))
+        with pytest.raises(UserError, match="cache holds 4 tokens and 1 are new; pass a mask over"):
+            model(ids[:, 4:], attention_mask=torch.ones(2, 1, dtype=torch.long), cache=cache)
 
 
 @pytest.mark.parametrize("n_streams", [1, 2, 4])

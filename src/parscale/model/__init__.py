@@ -8,7 +8,8 @@ from `csrc/` at first use), `adapters` (stream sets saved and switched on one ba
 `options` (the keywords `from_pretrained` takes) and `auto` (the Auto-class registration).
 
 May import: torch, transformers, safetensors and `parscale.errors`/`parscale.atomic`. Never
-training, data, the law, the cost model or the demo. `format` never imports `wrapper`.
+training, data, the law, the cost model or the demo. `format` never imports `wrapper`, and
+nothing here imports `autoload` (it imports `auto` and `wrapper` to register them).
 """
 from __future__ import annotations
 

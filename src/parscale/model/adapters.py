@@ -2,10 +2,10 @@
 
 The paper trains stream parameters on a frozen backbone, so one deployed backbone can carry
 P = 2, 4 and 8 stream sets and switch between them per request. A stream set is the prefixes
-of every attention layer plus the aggregation head; nothing of the backbone. On disk it is
-PEFT's layout: `adapter_model.safetensors` (the released key names, e.g.
-`model.layers.0.self_attn.prefix_k`) and `adapter_config.json` (the ParScale config, the base
-model's path and a fingerprint of the backbone).
+of every attention layer plus the aggregation head (none for the one-prefix control at P = 1);
+nothing of the backbone. On disk it is PEFT's layout: `adapter_model.safetensors` (the released
+key names, e.g. `model.layers.0.self_attn.prefix_k`) and `adapter_config.json` (the ParScale
+config, the base model's path and a fingerprint of the backbone).
 
 Switching installs the chosen set's parameters on the attention modules and the decoder (the
 same tensor objects, no copy of anything) and re-selects the attention function; the backbone
@@ -14,12 +14,16 @@ is never touched. Inactive sets live in a plain dict on the model, outside the m
 
 The fingerprint holds every backbone tensor's shape and a checksum of its values rounded to
 bfloat16, so the same backbone loaded in float32 or bfloat16 matches, and a mismatch can be
-reported tensor by tensor.
+reported tensor by tensor; and the fields of the backbone's config that change what it
+computes (`rope_parameters`, `rms_norm_eps`, `sliding_window`, ...: every field but the names,
+versions, dtypes, output switches, special token ids, initialisation and generation settings),
+so the same weights under another config are refused too.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import GenerationConfig
 
 from parscale.atomic import atomic_write, atomic_write_json
 from parscale.errors import UserError
@@ -41,6 +46,19 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_TYPE = "PARSCALE_STREAMS"
 STREAM_MARKERS = ("prefix_k", "prefix_v", "aggregate_layer.", "prefix_encoder.")
 FORMAT_VERSION = 1
+# Config fields that do not change what the backbone computes from its weights: names and
+# versions, the dtype (the checksums compare bfloat16 values), what a forward returns, labels,
+# special token ids (tokenisation and generation), initialisation. Generation settings and
+# private fields (`_...`) are left out too, and so are our own `parscale_*` fields.
+NOT_COMPUTATION = frozenset({
+    "name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "auto_map",
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "torchscript",
+    "id2label", "label2id", "num_labels", "problem_type", "finetuning_task", "task_specific_params",
+    "tokenizer_class", "prefix", "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
+    "decoder_start_token_id", "initializer_range", "chunk_size_feed_forward",
+})
+
+logger = logging.getLogger(__name__)
 
 
 def is_stream_key(key: str) -> bool:
@@ -50,11 +68,12 @@ def is_stream_key(key: str) -> bool:
 
 @dataclass
 class StreamSet:
-    """One set of stream parameters: a prefix pair per attention layer and the aggregation head."""
+    """One set of stream parameters: a prefix pair per attention layer and the aggregation head
+    (none for the P = 1 control with one prefix, `prefix_at_p1`)."""
 
     config: ParScaleConfig
     prefixes: list[tuple[nn.Parameter, nn.Parameter]]  # per attention module, in layer order
-    head: AggregationHead
+    head: AggregationHead | None
 
     def tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The set's tensors under the model's own key names (the released ones)."""
@@ -63,12 +82,12 @@ class StreamSet:
         for name, (k, v) in zip(names, self.prefixes):
             out[f"{name}.prefix_k"], out[f"{name}.prefix_v"] = k, v
         decoder = _decoder_name(model)
-        for key, tensor in self.head.state_dict().items():
+        for key, tensor in (self.head.state_dict() if self.head is not None else {}).items():
             out[f"{decoder}aggregate_layer.{key}"] = tensor
         return out
 
     def nbytes(self) -> int:
-        params = [p for pair in self.prefixes for p in pair] + list(self.head.parameters())
+        params = [p for pair in self.prefixes for p in pair] + list(self.head.parameters() if self.head else [])
         return sum(p.numel() * p.element_size() for p in params)
 
 
@@ -85,39 +104,44 @@ def _decoder_name(model: nn.Module) -> str:
 
 
 def capture(model: nn.Module) -> StreamSet | None:
-    """The stream set installed in `model` now (the very tensors, not copies); None at P = 1."""
-    if model.parscale_config.n_streams == 1:
+    """The stream set installed in `model` now (the very tensors, not copies); None for the
+    plain backbone."""
+    config = model.parscale_config
+    if not config.has_prefixes:
         return None
     prefixes = [(a.prefix_k, a.prefix_v) for a in introspect.attention_modules(model)]
-    return StreamSet(model.parscale_config, prefixes, model.get_decoder().aggregate_layer)
+    return StreamSet(config, prefixes, model.get_decoder().aggregate_layer if config.n_streams > 1 else None)
 
 
 def empty_set(model: nn.Module, config: ParScaleConfig) -> StreamSet:
     """A zero-filled set shaped for `model`'s backbone (on its device, in its dtype)."""
-    if config.n_streams < 2:
-        raise UserError(f"a stream set needs P >= 2, got n_streams={config.n_streams}")
+    if not config.has_prefixes:
+        raise UserError(f"a stream set needs P >= 2 (or the one-prefix control, prefix_at_p1), got {config.to_dict()}")
     ref = model.get_output_embeddings().weight
     n_kv, head_dim = introspect.kv_geometry(model.config)
     shape = (config.n_streams, n_kv, config.n_prefix_tokens, head_dim)  # P kv T d
     prefixes = [(nn.Parameter(torch.zeros(shape, dtype=ref.dtype, device=ref.device)),
                  nn.Parameter(torch.zeros(shape, dtype=ref.dtype, device=ref.device)))
                 for _ in introspect.attention_modules(model)]
-    head = AggregationHead(model.config.hidden_size, config.n_streams, config.attn_smooth,
-                           device=ref.device, dtype=ref.dtype)
+    head = AggregationHead(model.config.hidden_size, config.n_streams, config.attn_smooth, device=ref.device,
+                           dtype=ref.dtype) if config.n_streams > 1 else None
     return StreamSet(config, prefixes, head)
 
 
 def install(model: nn.Module, stream_set: StreamSet | None, plain_attention: str) -> None:
-    """Make `stream_set` the model's streams (None: the plain backbone); moves no backbone weight."""
+    """Make `stream_set` the model's streams (None: the plain backbone); moves no backbone weight.
+
+    What the previous set added is removed first (prefixes, aggregation head), so the plain
+    backbone has the base model's modules, parameters and state-dict keys, nothing more."""
     attentions = introspect.attention_modules(model)
     decoder = model.get_decoder()
+    for attention in attentions:
+        for name in ("prefix_k", "prefix_v"):
+            if hasattr(attention, name):
+                delattr(attention, name)
+    if hasattr(decoder, "aggregate_layer"):
+        del decoder.aggregate_layer
     if stream_set is None:
-        for attention in attentions:
-            for name in ("prefix_k", "prefix_v"):
-                if hasattr(attention, name):
-                    delattr(attention, name)
-        if hasattr(decoder, "aggregate_layer"):
-            del decoder.aggregate_layer
         model.parscale_config = ParScaleConfig(n_streams=1)
         decoder.set_attn_implementation(plain_attention)
         return
@@ -127,12 +151,14 @@ def install(model: nn.Module, stream_set: StreamSet | None, plain_attention: str
             if param.device != ref.device or param.dtype != ref.dtype:
                 param.data = param.data.to(device=ref.device, dtype=ref.dtype)
         attention.prefix_k, attention.prefix_v = k, v
+    model.parscale_config = stream_set.config
+    decoder.set_attn_implementation(prefix_attention.register_attention(plain_attention))
+    if stream_set.head is None:  # the one-prefix control: no aggregation
+        return
     decoder.aggregate_layer = stream_set.head.to(device=ref.device, dtype=ref.dtype)
     # the same matmul route as the rest of the model (the decode kernel, see `kernels`), so a
     # switched-in set computes exactly what a model built with it does
     kernels.enable(decoder.aggregate_layer, getattr(model.get_output_embeddings(), "use_kernel", False))
-    model.parscale_config = stream_set.config
-    decoder.set_attn_implementation(prefix_attention.register_attention(plain_attention))
 
 
 # ----- the backbone's fingerprint ------------------------------------------------------------
@@ -149,21 +175,56 @@ def _checksum(tensor: torch.Tensor) -> str:
     return hashlib.blake2b(values.view(torch.uint8).numpy().tobytes(), digest_size=8).hexdigest()
 
 
+def computation_config(config) -> dict[str, Any]:
+    """The fields of a transformers config that change what the backbone computes, flattened
+    (`rope_parameters.rope_theta`) and as JSON stores them (lists, string keys)."""
+    skip = NOT_COMPUTATION | set(GenerationConfig().to_dict())
+
+    def flat(prefix: str, value: Any) -> dict[str, Any]:
+        if isinstance(value, dict) and value:
+            return {k: v for key, item in value.items() for k, v in flat(f"{prefix}.{key}", item).items()}
+        return {prefix: value}
+
+    data = json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str))
+    out = {}
+    for key, value in data.items():
+        if key not in skip and not key.startswith(("_", "parscale_")):
+            out.update(flat(key, value))
+    return dict(sorted(out.items()))
+
+
 def backbone_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Shapes and bfloat16 checksums of every backbone tensor, plus one checksum of them all."""
+    """Shapes and bfloat16 checksums of every backbone tensor, one checksum of them all, and the
+    config fields that change the computation."""
     tensors = {name: {"shape": list(t.shape), "checksum": _checksum(t)}
                for name, t in sorted(backbone_tensors(model).items())}
     whole = hashlib.blake2b(json.dumps(tensors, sort_keys=True).encode(), digest_size=16).hexdigest()
     return {"model_type": getattr(model.config, "model_type", None), "checksum": whole,
-            "checksum_dtype": "bfloat16", "tensors": tensors}
+            "checksum_dtype": "bfloat16", "tensors": tensors, "config": computation_config(model.config)}
+
+
+def _config_problems(expected: dict[str, Any], found: dict[str, Any], what: str) -> list[str]:
+    """The config fields whose values differ. A field one side lacks (another transformers
+    version) and a fingerprint written before configs were recorded are logged, not refused."""
+    if "config" not in expected:
+        logger.warning("%s records no backbone config (written by an older version): only the weights are "
+                       "checked; save it again to record the config", what)
+        return []
+    want, have = expected["config"], found.get("config", {})
+    one_side = sorted(set(want) ^ set(have))
+    if one_side:
+        logger.warning("%s: config field(s) %s are recorded on one side only and not compared", what, _some(one_side))
+    return [f"config field {k} is {have[k]!r} in the model, {want[k]!r} in the adapter's backbone"
+            for k in sorted(set(want) & set(have)) if want[k] != have[k]]
 
 
 def compare_fingerprints(expected: dict[str, Any], found: dict[str, Any], what: str) -> None:
-    """Raise a ValueError naming what differs between two backbones (names, shapes, values)."""
-    if expected.get("checksum") == found.get("checksum"):
+    """Raise a ValueError naming what differs between two backbones (config fields, names,
+    shapes, values)."""
+    problems = _config_problems(expected, found, what)
+    if expected.get("checksum") == found.get("checksum") and not problems:
         return
     want, have = expected.get("tensors", {}), found.get("tensors", {})
-    problems = []
     for keys, text in ((sorted(set(want) - set(have)), "missing from the model"),
                        (sorted(set(have) - set(want)), "in the model but not in the adapter's backbone")):
         if keys:

@@ -5,7 +5,9 @@ the authors' answer is remote code. We register our own classes instead: `AutoCo
 model type to `Qwen2ParScaleConfig` (Qwen2's config plus the three `parscale_*` fields), and
 `AutoModelForCausalLM` maps that config to `Qwen2ParScaleForCausalLM` (our wrapper under the
 released architecture name), so pipelines, lm-eval and TRL load these directories without
-`trust_remote_code`. `import parscale` arranges the registration (see `autoload`).
+`trust_remote_code`. `import parscale` arranges the registration (see `autoload`, which
+imports this module and the wrapper; this module imports neither, so the folder reads
+top-down: autoload -> wrapper -> auto).
 """
 from __future__ import annotations
 
@@ -18,8 +20,6 @@ from huggingface_hub.dataclasses import strict
 # names would re-enter them.
 from transformers.models.auto.configuration_auto import AutoConfig
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
-
-from parscale.model import autoload
 
 RELEASED_MODEL_TYPE = "qwen2_parscale"  # as in `format` (not imported here, for the same reason)
 
@@ -42,13 +42,10 @@ def register_config() -> None:
     AutoConfig.register(RELEASED_MODEL_TYPE, Qwen2ParScaleConfig, exist_ok=True)
 
 
-def register_model() -> None:
-    """AutoModelForCausalLM: Qwen2ParScaleConfig -> Qwen2ParScaleForCausalLM (idempotent)."""
+def register_model(model_class: type) -> None:
+    """AutoModelForCausalLM: Qwen2ParScaleConfig -> `model_class`, the wrapper's
+    Qwen2ParScaleForCausalLM (idempotent); registers the config too."""
     from transformers.models.auto.modeling_auto import AutoModelForCausalLM
 
-    from parscale.model.wrapper import Qwen2ParScaleForCausalLM
-
     register_config()
-    AutoModelForCausalLM.register(Qwen2ParScaleConfig, Qwen2ParScaleForCausalLM, exist_ok=True)
-
-autoload.flush(__name__)  # a registration that waited for this module (see `autoload`)
+    AutoModelForCausalLM.register(Qwen2ParScaleConfig, model_class, exist_ok=True)

@@ -6,13 +6,15 @@ So the registration waits for transformers: if its Auto modules are already impo
 register at once; otherwise, once `transformers.models.auto.configuration_auto` (AutoConfig)
 or `...modeling_auto` (AutoModelForCausalLM) has been imported, we register as soon as the
 outermost transformers import in progress has finished (registering in the middle of it would
-re-enter half-initialised transformers modules). Python has no public post-import hook, so a
-meta-path finder wraps the loader of transformers' own modules to learn when each finished
+re-enter half-initialised transformers modules), and so has any import of `parscale.model`'s
+own modules (the registration imports `auto` and the wrapper). Python has no public post-import
+hook, so a meta-path finder wraps the loader of those modules to learn when each finished
 executing; it finds nothing itself, and it removes itself once both registrations are done.
+This module is the top of the folder: it imports `auto` and the wrapper (inside `flush`, so
+that `import parscale` stays free of torch), and neither imports it.
 """
 from __future__ import annotations
 
-import importlib
 import importlib.abc
 import sys
 
@@ -33,12 +35,15 @@ def flush(just_run: str | None = None) -> None:
         return
     if any(name.startswith(_WAIT_FOR) and name != just_run and _initializing(module)
            for name, module in list(sys.modules.items())):
-        return  # the end of that import calls us again (parscale's own modules call us when they finish)
+        return  # the end of that import calls us again (see `_AfterImport`)
     _state["busy"] = True
     try:
-        auto = importlib.import_module("parscale.model.auto")
+        from parscale.model import auto
+
         if wanted["model"]:
-            auto.register_model()  # registers the config too
+            from parscale.model.wrapper import Qwen2ParScaleForCausalLM
+
+            auto.register_model(Qwen2ParScaleForCausalLM)  # registers the config too
             _state["config"] = _state["model"] = True
         else:
             auto.register_config()
@@ -51,10 +56,11 @@ def flush(just_run: str | None = None) -> None:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; decorates the real loader of transformers' modules."""
+    """Finds nothing itself; decorates the real loader of transformers' and `parscale.model`'s
+    modules, so that `flush` runs when each has finished executing."""
 
     def find_spec(self, fullname, path, target=None):
-        if not fullname.startswith("transformers"):
+        if not fullname.startswith(_WAIT_FOR):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):

@@ -15,8 +15,10 @@ benchmarks/int8_product.py) it took 35-81 ms with bfloat16 activations and 308-2
 float32 ones, against 29-60 ms for this kernel with either, so the opt-in uses this kernel
 (benchmarks/README.md has the table). Many rows
 (prefill), other devices or no compiler take `F.linear` with the weights dequantised to the
-activations' dtype. The layers are for inference only: training or autograd through them
-raises a `UserError`, and so does saving (quantize after loading).
+activations' dtype. The scales stay float32 when the model is cast (`model.to(torch.bfloat16)`,
+`.half()`): the cast reaches the activations, never the scales. The layers are for inference
+only: training or autograd through them raises a `UserError`, and so does saving (quantize
+after loading).
 """
 from __future__ import annotations
 
@@ -59,6 +61,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     """`F.linear(x, qweight * scale[:, None], bias)` by the kernel, in x's dtype; x on the CPU,
     float32 or bfloat16 (widened to float32), qweight [N, K] int8, scale [N] float32."""
     n_out, k = qweight.shape
+    if scale.dtype != torch.float32 or qweight.dtype != torch.int8:  # the kernel reads 4-byte scales, 1-byte weights
+        raise UserError(f"the int8 kernel takes int8 weights and float32 scales, got {qweight.dtype} and {scale.dtype}; "
+                        "cast the model before quantize_int8(), or keep Int8Linear's scales float32")
     rows = x.reshape(-1, k).float().contiguous()  # M K
     bias32 = bias.float().contiguous() if bias is not None else None
     out = torch.empty(rows.shape[0], n_out, dtype=torch.float32)  # M N
@@ -109,6 +114,16 @@ class Int8Linear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return dequantize(self.qweight, self.scale).to(self.dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        """`model.to(torch.bfloat16)`, `.half()`, `.cuda()`: the scales follow the device but stay
+        float32 (the kernel reads them as float32, and a bfloat16 scale would round every weight
+        row again); `dtype` (the dequantised weights' and `weight`'s) follows the cast."""
+        scale = self.scale
+        super()._apply(fn, recurse)
+        self.scale = scale.to(self.scale.device)  # the float32 values, where fn put the copy
+        self.dtype = fn(torch.empty(0, dtype=self.dtype, device=self.scale.device)).dtype
+        return self
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"

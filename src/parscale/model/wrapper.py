@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from parscale.model import adapters, autoload, format as checkpoint_format, introspect, kernels, options, quantize, streams
+from parscale.model import adapters, format as checkpoint_format, introspect, kernels, options, quantize, streams
 from parscale.model import prefix_attention
 from parscale.model.cache_api import OUTPUT_FIELD, cache_kwargs, output_cache
 from parscale.model.aggregation import AggregationHead
@@ -44,6 +44,23 @@ def _repeat_rows(tensor: torch.Tensor | None, n_streams: int, batch: int, what: 
     if tensor.shape[0] != batch:
         raise UserError(f"{what} has {tensor.shape[0]} rows but the input has {batch}; pass one row per sample")
     return tensor.repeat(n_streams, *([1] * (tensor.dim() - 1)))  # (n b) ...
+
+
+def _positions_from_mask(mask: torch.Tensor, new_tokens: int, cache) -> torch.LongTensor:
+    """The positions of the new tokens, counting real tokens only, from a 2D padding mask over the
+    cached and the new tokens.
+
+    Rotary scores between real tokens ignore a shift of every position, but a query's score
+    against the (unrotated) prefix does not: left padding must not move the positions, so they
+    count real tokens, as generate's do (Trainer and hand-written decoding loops pass none).
+    A cached call derives them the same way, from the mask's last `new_tokens` columns."""
+    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    if mask.shape[1] != past + new_tokens:
+        raise UserError(f"the attention mask has {mask.shape[1]} columns, but the cache holds {past} tokens and "
+                        f"{new_tokens} are new; pass a mask over the cached and the new tokens ({past + new_tokens} "
+                        "columns), or pass position_ids")
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # b (past + s)
+    return positions[:, past:]  # b s
 
 
 # Keywords transformers' Trainer passes for the loss only; the backbone never sees them.
@@ -102,7 +119,7 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         # Stream sets (adapters): the inactive ones live here, outside the module tree.
         self._plain_attention = base.config._attn_implementation or "sdpa"
         self._stream_sets: dict[str, adapters.StreamSet] = {}
-        self._active_streams: str | None = "default" if parscale_config.n_streams > 1 else None
+        self._active_streams: str | None = "default" if parscale_config.has_prefixes else None
         self.model = base.get_decoder()
         self.lm_head = base.get_output_embeddings()
         if getattr(base, "generation_config", None) is not None:
@@ -274,11 +291,8 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
             raise UserError("ParScale takes a 2D padding mask [batch, seq] (1 = token, 0 = padding)")
         if is_2d and attention_mask.shape[0] == 1 and batch > 1:  # one mask for every row, at every P
             attention_mask = attention_mask.expand(batch, -1)  # b s
-        if position_ids is None and is_2d and cache is None and self.parscale_config.has_prefixes:
-            # Rotary scores between real tokens ignore a shift of every position, but a query's
-            # score against the (unrotated) prefix does not: left padding must not move the
-            # positions, so they count real tokens, as generate's are (Trainer passes none).
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # b s
+        if position_ids is None and is_2d and self.parscale_config.has_prefixes:
+            position_ids = _positions_from_mask(attention_mask, inputs_embeds.shape[1], cache)  # b s
         outputs = self.model(
             inputs_embeds=_repeat_rows(inputs_embeds, n_streams, batch, "inputs_embeds"),  # (n b) s h
             attention_mask=_repeat_rows(attention_mask, n_streams, batch, "attention_mask"),
@@ -358,13 +372,14 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         self._active_streams = name
 
     def load_streams(self, directory: str | os.PathLike, name: str | None = None) -> str:
-        """Load an adapter written by `save_streams` as a new set (default name "p{P}"); returns its name.
+        """Load an adapter written by `save_streams` as a new set (default name "p{P}", "p1-prefix" for
+        the one-prefix control); returns its name.
 
         The adapter's backbone fingerprint must match this model's backbone (else a ValueError
         naming what differs). The set is loaded, not activated: call `set_streams(name)`.
         """
         stream_set = adapters.load_set(self, directory)
-        name = name or f"p{stream_set.config.n_streams}"
+        name = name or f"p{stream_set.config.n_streams}" + ("-prefix" if stream_set.config.prefix_at_p1 else "")
         if name in self.stream_sets():
             raise UserError(f"a stream set named {name!r} is already loaded; pass another name=")
         self._stream_sets[name] = stream_set
@@ -458,8 +473,9 @@ def to_parscale(model: PreTrainedModel, config: ParScaleConfig, seed: int = 0) -
     `torch.Generator().manual_seed(seed)`, the aggregation's last layer zero (uniform weights
     at start). Converting a trained P=1 model this way keeps held-out loss within about 0.6%
     of it while the streams already differ (zero prefixes would make them identical forever).
-    At P = 1 nothing is added and the logits equal the base model's, unless
-    `config.prefix_at_p1` asks for the one-prefix control.
+    At P = 1 nothing is added and the logits are the base model's (bit for bit with
+    `use_fast_kernels(False)`; to float tolerance with the CPU decode kernel, which sums in
+    another order), unless `config.prefix_at_p1` asks for the one-prefix control.
     """
     if isinstance(model, ParScaleForCausalLM):
         raise UserError("the model is already a ParScale model; convert the plain backbone instead")
@@ -469,5 +485,3 @@ def to_parscale(model: PreTrainedModel, config: ParScaleConfig, seed: int = 0) -
     init_stream_parameters(wrapped, seed)
     wrapped.train(model.training)
     return wrapped
-
-autoload.flush(__name__)  # a registration that waited for this module (see `autoload`)
