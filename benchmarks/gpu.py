@@ -169,7 +169,14 @@ def train_section(args, device: torch.device, deadline: Deadline) -> dict:
             for length in lengths:
                 batch = rows_per_stream * (n_streams if kind == "plain" else 1)
                 ids = torch.randint(2, shape["vocab_size"], (batch, length), device=device)
-                result = time_updates(model, ids, device, args.warmup, args.steps)
+                try:
+                    result = time_updates(model, ids, device, args.warmup, args.steps)
+                except Exception as error:  # e.g. out of memory: record it, keep the other rows
+                    rows.append({"kind": kind, "P": n_streams, "L": length, "error": repr(error)[:2000]})
+                    print(f"  train {kind} P={n_streams} L={length}: FAILED {error!r}"[:400], flush=True)
+                    model.zero_grad(set_to_none=True)
+                    free(device)
+                    continue
                 backbone_tokens = n_streams * rows_per_stream * length  # rows the backbone runs
                 flops = train_flops_per_token(shape, length) * backbone_tokens
                 result.update(kind=kind, P=n_streams, L=length, batch=batch,
@@ -181,6 +188,8 @@ def train_section(args, device: torch.device, deadline: Deadline) -> dict:
                 print(f"  train {kind:8s} P={n_streams} L={length} batch={batch}: {result['step_s'] * 1e3:8.1f} ms, "
                       f"peak {result['peak_gib'] or 0:.1f} GiB", flush=True)
         for length in lengths:
+            if ("parscale", length) not in measured or ("plain", length) not in measured:
+                continue
             ours, plain = measured[("parscale", length)], measured[("plain", length)]
             ours["x_plain_time"] = ours["step_s"] / plain["step_s"]
             if ours["peak_gib"] and plain["peak_gib"]:
@@ -219,7 +228,8 @@ def step_bytes(model, shape: dict, rows: int, context: float) -> float:
     return weights + per_token * rows * context
 
 
-def decode_row(model, batch: int, n_streams: int, compiled: bool, args, device: torch.device) -> dict:
+def decode_row(model, batch: int, n_streams: int, compiled: bool, args, device: torch.device,
+               fullgraph: bool = True) -> dict:
     ids = torch.randint(2, model.config.vocab_size, (batch, args.prompt), device=device,
                         generator=torch.Generator(device).manual_seed(batch))
     clock = StepClock()
@@ -227,12 +237,13 @@ def decode_row(model, batch: int, n_streams: int, compiled: bool, args, device: 
                   pad_token_id=0, streamer=clock)
     if compiled:
         kwargs.update(compiled_generate_kwargs(device))
+        kwargs["compile_config"].fullgraph = fullgraph
     start = time.perf_counter()
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     total = time.perf_counter() - start
     return {"batch": batch, "P": n_streams, "compiled": compiled, "ms_per_token": clock.step_s(args.skip) * 1e3,
-            "call_s": total}
+            "call_s": total, **({"fullgraph": fullgraph} if compiled else {})}
 
 
 def decode_section(args, device: torch.device, deadline: Deadline, bandwidth: float) -> dict:
@@ -251,17 +262,20 @@ def decode_section(args, device: torch.device, deadline: Deadline, bandwidth: fl
     order = ["P1", f"P{streams[-1]}", "plain"] + [f"P{p}" for p in streams[1:-1]]
     # the dry run compiles one row only (a compile takes a minute on a small CPU)
     plan += [("P2", 1, True)] if args.dry_run else [(name, batch, True) for batch in batches for name in order]
-    rows = []
+    rows, broken = [], set()  # models whose full-graph compile failed: compiled with graph breaks after
     for name, batch, compiled in plan:
         model, n_streams = models[name]
         if deadline.left() < (90 if compiled else 10):
             rows.append({"model": name, "batch": batch, "compiled": compiled, "skipped": "time budget"})
             continue
         try:
-            row = decode_row(model, batch, n_streams, compiled, args, device)
+            row = decode_row(model, batch, n_streams, compiled, args, device, fullgraph=name not in broken)
         except Exception as error:  # one row's failure (e.g. a graph break) must not lose the others
             rows.append({"model": name, "batch": batch, "compiled": compiled, "error": repr(error)[:2000]})
             print(f"  decode {name} batch={batch} compiled={compiled}: FAILED {error!r}"[:400], flush=True)
+            if compiled:
+                broken.add(name)
+                torch._dynamo.reset()
             continue
         rows_in_backbone = batch * n_streams
         need = step_bytes(model, shape, rows_in_backbone, args.prompt + args.new_tokens / 2)
