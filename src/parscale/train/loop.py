@@ -101,7 +101,7 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool, stop_notice: 
     if env.is_main:  # drop what a killed run logged past its checkpoint (all of it without one)
         metrics.truncate_after(start if ckpt is not None else -1)
     if start == 0 and cfg.init_from:
-        _log_step0(cfg, model, wrapped, data, env, metrics, base_val)
+        _log_step0(cfg, model, data, env, metrics, base_val)
     _loop(cfg, env, model, wrapped, optimizer, data, metrics, start, stop_notice)
     return _save_final(cfg, env, model, optimizer, data)
 
@@ -255,6 +255,18 @@ def penalised_loss(wrapped, model, x: torch.Tensor, coef: float, labels: torch.T
     return loss, loss + coef * pairwise_cosine(seen[0], model.parscale_config.n_streams, positive=True)
 
 
+def scored_tokens(labels: list[torch.Tensor], env: distributed.DistEnv) -> torch.Tensor:
+    """The tokens the loss scores in an update, summed over micro-batches and ranks (at least 1).
+
+    Each micro-batch's loss is its NLL sum over this count, so every scored token weighs the
+    same in the update, whichever micro-batch and rank hold it (chat data scores a different
+    number of tokens in each): the update is sum NLL / sum tokens for any number of processes
+    and any accumulation, as transformers' Trainer computes it (`num_items_in_batch`). A 0-d
+    tensor, so a compiled model sees one input rather than a new constant at every step."""
+    count = sum((y[:, 1:] != -100).sum() for y in labels)  # the model shifts the labels
+    return distributed.sum_tensor_over_ranks(count, env).clamp_min(1)
+
+
 def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple[float, float, float]:
     """One optimizer update (with accumulation); returns (global train loss, grad norm, lr)."""
     lr = lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
@@ -263,21 +275,21 @@ def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple
         group["lr"] = lr * group.get("lr_scale", 1.0)  # stream parameters may have their own multiple
     micro = cfg.batch_size // cfg.grad_accum
     batches = [_batch(cfg, env, data, step * cfg.grad_accum + m, micro) for m in range(cfg.grad_accum)]
-    # Every scored token weighs the same in the update, whichever micro-batch holds it: each
-    # micro-batch's loss is its NLL sum over this count (the model shifts the labels).
-    n_targets = max(sum(int((labels[:, 1:] != -100).sum()) for _, labels in batches), 1)
+    n_targets = scored_tokens([labels for _, labels in batches], env)
     loss_sum = 0.0
     for m, (x, labels) in enumerate(batches):
         last = m == cfg.grad_accum - 1
         sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
         with sync, _autocast(cfg, env.device):
             loss, total = penalised_loss(wrapped, model_of(wrapped), x, cfg.stream_similarity_penalty,
-                                         labels=labels, num_items_in_batch=n_targets)
-            # the language-model part is already a share of the update's mean; the penalty is
-            # averaged over the micro-batches
-            (loss + (total - loss) / cfg.grad_accum).backward()
+                                         labels=labels, num_items_in_batch=n_targets, use_cache=False)
+            # The language-model part is this micro-batch's share of the global mean; DDP and
+            # FSDP average the ranks' gradients, so it is scaled by the number of ranks to
+            # make their sum. The penalty is averaged over the micro-batches (and the ranks).
+            lm = loss * env.world_size if env.distributed else loss
+            (lm + (total - loss) / cfg.grad_accum).backward()
         loss_sum += loss.item()
-    train_loss = distributed.mean_over_ranks(loss_sum, env)
+    train_loss = distributed.sum_over_ranks([loss_sum], env)[0]  # the global mean: shares add up
     params = [p for g in optimizer.param_groups for p in g["params"]]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -301,11 +313,12 @@ def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple
     return train_loss, norm, lr
 
 
-def _log_step0(cfg, model, wrapped, data, env, metrics: MetricsLog, base_val) -> None:
+def _log_step0(cfg, model, data, env, metrics: MetricsLog, base_val) -> None:
     """Two-stage runs: the converted model's losses before any update."""
     with torch.no_grad(), _autocast(cfg, env.device):
         x, labels = _batch(cfg, env, data, 0, cfg.batch_size // cfg.grad_accum)
-        train_loss = distributed.mean_over_ranks(float(wrapped(input_ids=x, labels=labels).loss), env)
+        loss = model(input_ids=x, labels=labels, num_items_in_batch=scored_tokens([labels], env), use_cache=False).loss
+        train_loss = distributed.sum_over_ranks([float(loss)], env)[0]  # the mean over every rank's tokens
     val = _evaluate(cfg, model, data, env)
     record = {"step": 0, "tokens": 0, "train_loss": train_loss, "lr": 0.0, "tokens_per_s": 0.0,
               "val_loss": val, "base_val_loss": base_val}
