@@ -15,9 +15,7 @@ import logging
 import math
 import os
 import random
-import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -404,18 +402,15 @@ def _save_final(cfg: TrainConfig, env, model, optimizer, data) -> Path:
         _save(cfg, env, model, optimizer, cfg.steps)  # e.g. a resumed run that had already ended
     to_write = _savable(cfg, env, model)
     if env.is_main:
-        tmp = Path(tempfile.mkdtemp(prefix=ckpt_io.TMP_PREFIX, dir=cfg.run_dir))
-        to_write.save_pretrained(tmp)
-        data.tokenizer.save_pretrained(tmp)
-        data_order.write_record(tmp, cfg, data)  # where a run started from this model goes on
-        old = cfg.run_dir / f"{ckpt_io.TMP_PREFIX}old-final"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        def write_final(tmp: Path) -> None:
+            to_write.save_pretrained(tmp)
+            data.tokenizer.save_pretrained(tmp)
+            data_order.write_record(tmp, cfg, data)  # where a run started from this model goes on
+
+        ckpt_io.replace_dir(final, write_final)
         if cfg.train == "streams":  # the frozen backbone is the --init-from model's: save the streams alone too
-            _replace_dir(cfg.run_dir / "final-streams",
-                         lambda d: to_write.save_streams(d, base_model_name_or_path=cfg.init_from))
+            ckpt_io.replace_dir(cfg.run_dir / "final-streams",
+                                lambda d: to_write.save_streams(d, base_model_name_or_path=cfg.init_from))
         records = MetricsLog(cfg.run_dir / "metrics.jsonl").read()
         if records:
             plot_losses(records, cfg.run_dir / "loss.png", title=_title(cfg))
@@ -423,13 +418,3 @@ def _save_final(cfg: TrainConfig, env, model, optimizer, data) -> Path:
     distributed.barrier(env)
     return final
 
-
-def _replace_dir(target: Path, write) -> None:
-    """Write a directory beside `target` with `write(dir)`, then swap it in (no half-written state)."""
-    tmp = Path(tempfile.mkdtemp(prefix=ckpt_io.TMP_PREFIX, dir=target.parent))
-    write(tmp)
-    old = target.parent / f"{ckpt_io.TMP_PREFIX}old-{target.name}"
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
