@@ -21,7 +21,7 @@ TRAIN_MODES = ("full", "streams")
 DTYPES = ("auto", "float32", "bfloat16")
 # Options a resumed run may change; anything else would make it a different run.
 RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "keep_last", "device", "eval_tokens",
-                       "lr", "grad_clip")
+                       "lr", "grad_clip", "grad_checkpoint", "compile")
 
 
 def _data_config_cls():
@@ -79,6 +79,8 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                 # auto: bf16 autocast on GPU, float32 on CPU
     fsdp: bool = False                  # shard the model with FSDP under torchrun
+    grad_checkpoint: bool = False       # recompute each decoder layer's activations in the backward (less memory, ~1/3 more compute)
+    compile: bool = False               # torch.compile the model for the training forward and backward
 
     def __post_init__(self) -> None:
         self._check_types()

@@ -30,7 +30,7 @@ from parscale.errors import UserError
 from parscale.interrupt import STOP_NOTICE, Interrupted, deferred_stop
 from parscale.model.diagnostics import capture_stream_states, pairwise_cosine, stream_diagnostics
 from parscale.train import checkpoint as ckpt_io
-from parscale.train import convert, data_order, distributed
+from parscale.train import convert, data_order, distributed, speed
 from parscale.train.config import TrainConfig, dump_yaml
 from parscale.train.lock import run_lock
 from parscale.train.logs import MetricsLog, plot_losses
@@ -86,14 +86,19 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool, stop_notice: 
     if env.is_main:  # every check passed: this file now marks the directory as a run
         dump_yaml(asked, run_dir / "config.yaml")
     model.to(env.device)
+    if cfg.grad_checkpoint:
+        speed.checkpoint_activations(model)
     wrapped = distributed.wrap_model(model, env, cfg.fsdp)
-    optimizer = torch.optim.AdamW(convert.param_groups(model, cfg.weight_decay, cfg.stream_lr_mult), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    if cfg.compile:  # the plain `model` stays for evaluation and saving
+        wrapped = speed.compiled(wrapped)
+    optimizer = speed.adamw(convert.param_groups(model, cfg.weight_decay, cfg.stream_lr_mult), lr=cfg.lr,
+                            betas=(cfg.beta1, cfg.beta2))
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=env.is_main)
     start = 0
     if ckpt is not None:
         optim_state, trainer = ckpt_io.load_checkpoint_state(ckpt)
         distributed.load_optimizer_state(model, optimizer, optim_state)
+        speed.match_device(optimizer)  # the saved run may have used another device's AdamW
         start = int(trainer["step"])
         log.info("resuming from %s (step %d)", ckpt.name, start)
     if env.is_main:  # drop what a killed run logged past its checkpoint (all of it without one)
@@ -236,7 +241,9 @@ def _stream_diagnostics(cfg: TrainConfig, model, data, env: distributed.DistEnv)
 
 
 def model_of(wrapped):
-    """The model inside a DDP wrapper (FSDP2 shards the model in place, so it is the model itself)."""
+    """The model inside a DDP wrapper and/or `torch.compile` (FSDP2 shards the model in place,
+    so it is the model itself)."""
+    wrapped = getattr(wrapped, "_orig_mod", wrapped)
     return getattr(wrapped, "module", wrapped)
 
 
@@ -346,7 +353,8 @@ def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: Metri
     with bar, deferred_stop(at_once, stop_notice) as stop:  # the bar closes on errors too (a NaN stop)
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            train_loss, norm, lr = _update(cfg, env, wrapped, optimizer, data, step)
+            with speed.compile_errors(cfg.compile):
+                train_loss, norm, lr = _update(cfg, env, wrapped, optimizer, data, step)
             done = step + 1
             tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
             record = {"step": done, "tokens": done * tokens_per_step, "train_loss": train_loss, "lr": lr,
