@@ -29,6 +29,8 @@ _HELP = {  # where the dataclasses' own comments are too terse for a help text
                        "third more compute, the same loss and gradients",
     "compile": "torch.compile the model for the training forward and backward (the first update compiles; "
                "the CPU needs a C++ compiler, CUDA triton)",
+    "peak_tflops": "the device's peak TFLOP/s, for the mfu in metrics.jsonl (default: a known GPU's bf16 "
+                   "peak under bf16 autocast; without one, no mfu is logged)",
     "seq_len": "tokens per training sequence", "steps": "optimizer updates in the whole run",
     "lr": "peak learning rate (AdamW)", "schedule": "learning-rate schedule after warm-up",
     "min_lr_ratio": "final learning rate as a share of --lr", "beta1": "AdamW beta1", "beta2": "AdamW beta2",

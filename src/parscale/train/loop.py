@@ -30,7 +30,7 @@ from parscale.errors import UserError
 from parscale.interrupt import STOP_NOTICE, Interrupted, deferred_stop
 from parscale.model.diagnostics import capture_stream_states, pairwise_cosine, stream_diagnostics
 from parscale.train import checkpoint as ckpt_io
-from parscale.train import convert, data_order, distributed, speed
+from parscale.train import convert, data_order, distributed, speed, throughput
 from parscale.train.config import TrainConfig, dump_yaml
 from parscale.train.lock import run_lock
 from parscale.train.logs import MetricsLog, plot_losses
@@ -202,10 +202,13 @@ def _check_resumed_model(cfg: TrainConfig, model, vocab_size: int) -> None:
 
 
 # ---------------------------------------------------------------- one update, eval
+def _bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
     """bf16 autocast on GPU (or when asked for); plain float32 otherwise."""
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not _bf16(cfg, device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -346,6 +349,9 @@ def _resume_hint(cfg: TrainConfig) -> str:
 def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: MetricsLog, start: int,
           stop_notice: str = STOP_NOTICE) -> None:
     tokens_per_step = cfg.batch_size * cfg.seq_len
+    speedometer = throughput.Speedometer(model, env.device, cfg.seq_len, tokens_per_update=tokens_per_step,
+                                         world_size=env.world_size, peak_flops=throughput.peak_flops(
+                                             env.device, _bf16(cfg, env.device), cfg.peak_tflops))
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not env.is_main, dynamic_ncols=True)
     model.train()
     # Ctrl-C / SIGTERM: finish the update (and its evaluation), keep a checkpoint, then stop.
@@ -356,9 +362,10 @@ def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: Metri
             with speed.compile_errors(cfg.compile):
                 train_loss, norm, lr = _update(cfg, env, wrapped, optimizer, data, step)
             done = step + 1
-            tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+            speed_record = speedometer.record(t0)
+            tok_s = speed_record["tokens_per_s"]
             record = {"step": done, "tokens": done * tokens_per_step, "train_loss": train_loss, "lr": lr,
-                      "grad_norm": norm, "tokens_per_s": tok_s}
+                      "grad_norm": norm, **speed_record}
             if _due(done, cfg.eval_every, cfg.steps):
                 record["val_loss"] = _evaluate(cfg, model, data, env)
                 record.update(_stream_diagnostics(cfg, model, data, env))
