@@ -39,6 +39,17 @@ def build_tiny(family: str = "qwen2", seed: int = 0, **overrides):
     return model.eval()
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test marked `@pytest.mark.cuda` needs a CUDA GPU (`pytest -m cuda` runs those tests):
+    where torch sees none, it is skipped, saying why."""
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(no_gpu)
+
+
 @pytest.fixture
 def tiny_factory():
     return build_tiny

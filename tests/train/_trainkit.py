@@ -65,6 +65,13 @@ def run_train(args: list[str], timeout: float = 240, **env: str) -> subprocess.C
                           text=True, timeout=timeout, env=subprocess_env(**env))
 
 
+def torchrun(args: list[str], nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
+    """`parscale train ARGS` on `nproc` CPU processes under torchrun (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "parscale", "train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(**env))
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

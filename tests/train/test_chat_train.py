@@ -2,52 +2,23 @@
 the loss on the assistant's tokens only, checked against a hand computation from the text."""
 from __future__ import annotations
 
-import json
 import math
-import random
 
 import pytest
 import torch
-from _chatkit import EOS, assistant_chars, chat_tokenizer, render
+from _chatkit import EOS, assistant_chars, chat_run_options, chat_tokenizer, render, write_jsonl
 from _trainkit import MICRO, cli_args, micro_setup, read_metrics, train_in_process
 
 from parscale.cli.main import main as cli_main
 from parscale.train import convert as convert_mod
 
-NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SEP = "\x00"  # EOS in the decoded text (a character no conversation holds)
-
-
-def conversations(n: int, seed: int) -> list[list[tuple[str, str]]]:
-    """The user gives digits, the assistant spells them; every other conversation has two exchanges."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        turns = []
-        for _ in range(1 + i % 2):
-            digits = [rng.randrange(10) for _ in range(rng.randint(1, 3))]
-            turns += [("user", " ".join(map(str, digits))), ("assistant", " ".join(NUMBERS[d] for d in digits))]
-        out.append(turns)
-    return out
-
-
-def write_jsonl(path, convs) -> None:
-    path.write_text("".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + "\n"
-                            for turns in convs))
 
 
 @pytest.fixture
 def chat_setup(tmp_path):
     """The micro run's options with chat data: 16 training and 4 validation conversations."""
-    opts = micro_setup(tmp_path)
-    chat_tokenizer().save_pretrained(tmp_path / "tok")
-    train, val = conversations(16, seed=1), conversations(4, seed=2)
-    write_jsonl(tmp_path / "train.jsonl", train)
-    write_jsonl(tmp_path / "val.jsonl", val)
-    opts["data"] = {"source": "files", "files": [str(tmp_path / "train.jsonl")],
-                    "val_files": [str(tmp_path / "val.jsonl")], "tokenizer": str(tmp_path / "tok"),
-                    "format": "chat"}
-    return opts, train, val
+    return chat_run_options(tmp_path)
 
 
 def _stream(convs) -> tuple[str, list[bool]]:

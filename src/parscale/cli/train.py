@@ -25,6 +25,12 @@ _HELP = {  # where the dataclasses' own comments are too terse for a help text
     "P": "number of parallel streams", "train": "full (all weights learn) or streams (backbone frozen)",
     "batch_size": "global sequences per update", "warmup_steps": "warm-up updates (default: 5%% of --steps)",
     "fsdp": "shard the model with FSDP under torchrun",
+    "grad_checkpoint": "recompute each decoder layer's activations in the backward: less memory for about a "
+                       "third more compute, the same loss and gradients",
+    "compile": "torch.compile the model for the training forward and backward (the first update compiles; "
+               "the CPU needs a C++ compiler, CUDA triton)",
+    "peak_tflops": "the device's peak TFLOP/s, for the mfu in metrics.jsonl (default: a known GPU's bf16 "
+                   "peak under bf16 autocast; without one, no mfu is logged)",
     "seq_len": "tokens per training sequence", "steps": "optimizer updates in the whole run",
     "lr": "peak learning rate (AdamW)", "schedule": "learning-rate schedule after warm-up",
     "min_lr_ratio": "final learning rate as a share of --lr", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
@@ -33,7 +39,7 @@ _HELP = {  # where the dataclasses' own comments are too terse for a help text
     "eval_every": "measure the held-out loss every N updates (0: only at the end)",
     "save_every": "write a checkpoint every N updates (0: only at the end)",
     "keep_last": "checkpoints kept on disk", "seed": "seed of the initialisation and the batch order",
-    "device": "auto, cpu, cuda, cuda:N or mps (auto: a GPU if there is one)",
+    "device": "auto, cpu, cuda, cuda:N or mps (auto: a GPU if there is one; on CUDA AdamW is fused)",
     "dtype": "auto: bf16 autocast on GPU, float32 on CPU",
     "eval_tokens": "held-out tokens per evaluation (default: all that --data-val-tokens keeps)",
     "cache_dir": "where tokenized data are cached (default: RUN_DIR/data)",

@@ -1,4 +1,5 @@
-"""Training: configs, presets, schedules, checkpoints, the loop, conversion, torchrun.
+"""Training: configs, presets, schedules, checkpoints, the loop, conversion, torchrun, and how
+a step runs fast (`speed`) and how fast it ran (`throughput`: MFU, peak memory).
 
 May import: the model, data, torch and the shared helpers (`errors`, `atomic`, `cache`,
 `interrupt`); never the law, the cost model, the demo or the CLI. The public names load

@@ -223,3 +223,14 @@ def load_checkpoint_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer = json.loads((ckpt / "trainer.json").read_text())
     set_rng_state(read_safetensors(ckpt / "rng.safetensors"), trainer.pop("rng"))
     return unflatten_optimizer_state(tensors, rest), trainer
+
+
+def replace_dir(target: Path, write) -> None:
+    """Write a directory beside `target` with `write(dir)`, then swap it in (no half-written state)."""
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=target.parent))
+    write(tmp)
+    old = target.parent / f"{TMP_PREFIX}old-{target.name}"
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

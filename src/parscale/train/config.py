@@ -21,7 +21,7 @@ TRAIN_MODES = ("full", "streams")
 DTYPES = ("auto", "float32", "bfloat16")
 # Options a resumed run may change; anything else would make it a different run.
 RESUMABLE_OVERRIDES = ("steps", "eval_every", "save_every", "keep_last", "device", "eval_tokens",
-                       "lr", "grad_clip")
+                       "lr", "grad_clip", "grad_checkpoint", "compile", "peak_tflops")
 
 
 def _data_config_cls():
@@ -79,6 +79,9 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"                 # auto: bf16 autocast on GPU, float32 on CPU
     fsdp: bool = False                  # shard the model with FSDP under torchrun
+    grad_checkpoint: bool = False       # recompute each decoder layer's activations in the backward (less memory, ~1/3 more compute)
+    compile: bool = False               # torch.compile the model for the training forward and backward
+    peak_tflops: float | None = None    # the device's peak TFLOP/s for the mfu in metrics.jsonl (None: known GPUs under bf16)
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -169,6 +172,7 @@ class TrainConfig:
             (self.eval_tokens is None or self.eval_tokens >= self.seq_len,
              "--eval-tokens must be at least --seq-len"),
             (self.keep_last >= 1, "--keep-last must be at least 1"),
+            (self.peak_tflops is None or self.peak_tflops > 0, "--peak-tflops must be positive (the device's peak)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -98,6 +98,15 @@ def sum_over_ranks(values: list[float], env: DistEnv) -> list[float]:
     return t.tolist()
 
 
+def sum_tensor_over_ranks(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """A tensor's element-wise sum over all ranks (itself in one process), on its own device."""
+    if not env.distributed:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def any_rank(flag: bool, env: DistEnv) -> bool:
     """True on every rank if it is true on any (so all ranks stop together on NaN)."""
     if not env.distributed:

@@ -15,9 +15,7 @@ import logging
 import math
 import os
 import random
-import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from parscale.errors import UserError
 from parscale.interrupt import STOP_NOTICE, Interrupted, deferred_stop
 from parscale.model.diagnostics import capture_stream_states, pairwise_cosine, stream_diagnostics
 from parscale.train import checkpoint as ckpt_io
-from parscale.train import convert, data_order, distributed
+from parscale.train import convert, data_order, distributed, speed, throughput
 from parscale.train.config import TrainConfig, dump_yaml
 from parscale.train.lock import run_lock
 from parscale.train.logs import MetricsLog, plot_losses
@@ -88,20 +86,25 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool, stop_notice: 
     if env.is_main:  # every check passed: this file now marks the directory as a run
         dump_yaml(asked, run_dir / "config.yaml")
     model.to(env.device)
+    if cfg.grad_checkpoint:
+        speed.checkpoint_activations(model)
     wrapped = distributed.wrap_model(model, env, cfg.fsdp)
-    optimizer = torch.optim.AdamW(convert.param_groups(model, cfg.weight_decay, cfg.stream_lr_mult), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    if cfg.compile:  # the plain `model` stays for evaluation and saving
+        wrapped = speed.compiled(wrapped)
+    optimizer = speed.adamw(convert.param_groups(model, cfg.weight_decay, cfg.stream_lr_mult), lr=cfg.lr,
+                            betas=(cfg.beta1, cfg.beta2))
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=env.is_main)
     start = 0
     if ckpt is not None:
         optim_state, trainer = ckpt_io.load_checkpoint_state(ckpt)
         distributed.load_optimizer_state(model, optimizer, optim_state)
+        speed.match_device(optimizer)  # the saved run may have used another device's AdamW
         start = int(trainer["step"])
         log.info("resuming from %s (step %d)", ckpt.name, start)
     if env.is_main:  # drop what a killed run logged past its checkpoint (all of it without one)
         metrics.truncate_after(start if ckpt is not None else -1)
     if start == 0 and cfg.init_from:
-        _log_step0(cfg, model, wrapped, data, env, metrics, base_val)
+        _log_step0(cfg, model, data, env, metrics, base_val)
     _loop(cfg, env, model, wrapped, optimizer, data, metrics, start, stop_notice)
     return _save_final(cfg, env, model, optimizer, data)
 
@@ -199,10 +202,13 @@ def _check_resumed_model(cfg: TrainConfig, model, vocab_size: int) -> None:
 
 
 # ---------------------------------------------------------------- one update, eval
+def _bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
     """bf16 autocast on GPU (or when asked for); plain float32 otherwise."""
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not _bf16(cfg, device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -238,7 +244,9 @@ def _stream_diagnostics(cfg: TrainConfig, model, data, env: distributed.DistEnv)
 
 
 def model_of(wrapped):
-    """The model inside a DDP wrapper (FSDP2 shards the model in place, so it is the model itself)."""
+    """The model inside a DDP wrapper and/or `torch.compile` (FSDP2 shards the model in place,
+    so it is the model itself)."""
+    wrapped = getattr(wrapped, "_orig_mod", wrapped)
     return getattr(wrapped, "module", wrapped)
 
 
@@ -255,6 +263,18 @@ def penalised_loss(wrapped, model, x: torch.Tensor, coef: float, labels: torch.T
     return loss, loss + coef * pairwise_cosine(seen[0], model.parscale_config.n_streams, positive=True)
 
 
+def scored_tokens(labels: list[torch.Tensor], env: distributed.DistEnv) -> torch.Tensor:
+    """The tokens the loss scores in an update, summed over micro-batches and ranks (at least 1).
+
+    Each micro-batch's loss is its NLL sum over this count, so every scored token weighs the
+    same in the update, whichever micro-batch and rank hold it (chat data scores a different
+    number of tokens in each): the update is sum NLL / sum tokens for any number of processes
+    and any accumulation, as transformers' Trainer computes it (`num_items_in_batch`). A 0-d
+    tensor, so a compiled model sees one input rather than a new constant at every step."""
+    count = sum((y[:, 1:] != -100).sum() for y in labels)  # the model shifts the labels
+    return distributed.sum_tensor_over_ranks(count, env).clamp_min(1)
+
+
 def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple[float, float, float]:
     """One optimizer update (with accumulation); returns (global train loss, grad norm, lr)."""
     lr = lr_at(step, base_lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
@@ -263,21 +283,21 @@ def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple
         group["lr"] = lr * group.get("lr_scale", 1.0)  # stream parameters may have their own multiple
     micro = cfg.batch_size // cfg.grad_accum
     batches = [_batch(cfg, env, data, step * cfg.grad_accum + m, micro) for m in range(cfg.grad_accum)]
-    # Every scored token weighs the same in the update, whichever micro-batch holds it: each
-    # micro-batch's loss is its NLL sum over this count (the model shifts the labels).
-    n_targets = max(sum(int((labels[:, 1:] != -100).sum()) for _, labels in batches), 1)
+    n_targets = scored_tokens([labels for _, labels in batches], env)
     loss_sum = 0.0
     for m, (x, labels) in enumerate(batches):
         last = m == cfg.grad_accum - 1
         sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
         with sync, _autocast(cfg, env.device):
             loss, total = penalised_loss(wrapped, model_of(wrapped), x, cfg.stream_similarity_penalty,
-                                         labels=labels, num_items_in_batch=n_targets)
-            # the language-model part is already a share of the update's mean; the penalty is
-            # averaged over the micro-batches
-            (loss + (total - loss) / cfg.grad_accum).backward()
+                                         labels=labels, num_items_in_batch=n_targets, use_cache=False)
+            # The language-model part is this micro-batch's share of the global mean; DDP and
+            # FSDP average the ranks' gradients, so it is scaled by the number of ranks to
+            # make their sum. The penalty is averaged over the micro-batches (and the ranks).
+            lm = loss * env.world_size if env.distributed else loss
+            (lm + (total - loss) / cfg.grad_accum).backward()
         loss_sum += loss.item()
-    train_loss = distributed.mean_over_ranks(loss_sum, env)
+    train_loss = distributed.sum_over_ranks([loss_sum], env)[0]  # the global mean: shares add up
     params = [p for g in optimizer.param_groups for p in g["params"]]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -301,11 +321,12 @@ def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple
     return train_loss, norm, lr
 
 
-def _log_step0(cfg, model, wrapped, data, env, metrics: MetricsLog, base_val) -> None:
+def _log_step0(cfg, model, data, env, metrics: MetricsLog, base_val) -> None:
     """Two-stage runs: the converted model's losses before any update."""
     with torch.no_grad(), _autocast(cfg, env.device):
         x, labels = _batch(cfg, env, data, 0, cfg.batch_size // cfg.grad_accum)
-        train_loss = distributed.mean_over_ranks(float(wrapped(input_ids=x, labels=labels).loss), env)
+        loss = model(input_ids=x, labels=labels, num_items_in_batch=scored_tokens([labels], env), use_cache=False).loss
+        train_loss = distributed.sum_over_ranks([float(loss)], env)[0]  # the mean over every rank's tokens
     val = _evaluate(cfg, model, data, env)
     record = {"step": 0, "tokens": 0, "train_loss": train_loss, "lr": 0.0, "tokens_per_s": 0.0,
               "val_loss": val, "base_val_loss": base_val}
@@ -328,6 +349,9 @@ def _resume_hint(cfg: TrainConfig) -> str:
 def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: MetricsLog, start: int,
           stop_notice: str = STOP_NOTICE) -> None:
     tokens_per_step = cfg.batch_size * cfg.seq_len
+    speedometer = throughput.Speedometer(model, env.device, cfg.seq_len, tokens_per_update=tokens_per_step,
+                                         world_size=env.world_size, peak_flops=throughput.peak_flops(
+                                             env.device, _bf16(cfg, env.device), cfg.peak_tflops))
     bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not env.is_main, dynamic_ncols=True)
     model.train()
     # Ctrl-C / SIGTERM: finish the update (and its evaluation), keep a checkpoint, then stop.
@@ -335,11 +359,13 @@ def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: Metri
     with bar, deferred_stop(at_once, stop_notice) as stop:  # the bar closes on errors too (a NaN stop)
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            train_loss, norm, lr = _update(cfg, env, wrapped, optimizer, data, step)
+            with speed.compile_errors(cfg.compile):
+                train_loss, norm, lr = _update(cfg, env, wrapped, optimizer, data, step)
             done = step + 1
-            tok_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+            speed_record = speedometer.record(t0)
+            tok_s = speed_record["tokens_per_s"]
             record = {"step": done, "tokens": done * tokens_per_step, "train_loss": train_loss, "lr": lr,
-                      "grad_norm": norm, "tokens_per_s": tok_s}
+                      "grad_norm": norm, **speed_record}
             if _due(done, cfg.eval_every, cfg.steps):
                 record["val_loss"] = _evaluate(cfg, model, data, env)
                 record.update(_stream_diagnostics(cfg, model, data, env))
@@ -391,18 +417,15 @@ def _save_final(cfg: TrainConfig, env, model, optimizer, data) -> Path:
         _save(cfg, env, model, optimizer, cfg.steps)  # e.g. a resumed run that had already ended
     to_write = _savable(cfg, env, model)
     if env.is_main:
-        tmp = Path(tempfile.mkdtemp(prefix=ckpt_io.TMP_PREFIX, dir=cfg.run_dir))
-        to_write.save_pretrained(tmp)
-        data.tokenizer.save_pretrained(tmp)
-        data_order.write_record(tmp, cfg, data)  # where a run started from this model goes on
-        old = cfg.run_dir / f"{ckpt_io.TMP_PREFIX}old-final"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        def write_final(tmp: Path) -> None:
+            to_write.save_pretrained(tmp)
+            data.tokenizer.save_pretrained(tmp)
+            data_order.write_record(tmp, cfg, data)  # where a run started from this model goes on
+
+        ckpt_io.replace_dir(final, write_final)
         if cfg.train == "streams":  # the frozen backbone is the --init-from model's: save the streams alone too
-            _replace_dir(cfg.run_dir / "final-streams",
-                         lambda d: to_write.save_streams(d, base_model_name_or_path=cfg.init_from))
+            ckpt_io.replace_dir(cfg.run_dir / "final-streams",
+                                lambda d: to_write.save_streams(d, base_model_name_or_path=cfg.init_from))
         records = MetricsLog(cfg.run_dir / "metrics.jsonl").read()
         if records:
             plot_losses(records, cfg.run_dir / "loss.png", title=_title(cfg))
@@ -410,13 +433,3 @@ def _save_final(cfg: TrainConfig, env, model, optimizer, data) -> Path:
     distributed.barrier(env)
     return final
 
-
-def _replace_dir(target: Path, write) -> None:
-    """Write a directory beside `target` with `write(dir)`, then swap it in (no half-written state)."""
-    tmp = Path(tempfile.mkdtemp(prefix=ckpt_io.TMP_PREFIX, dir=target.parent))
-    write(tmp)
-    old = target.parent / f"{ckpt_io.TMP_PREFIX}old-{target.name}"
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
