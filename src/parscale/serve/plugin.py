@@ -5,8 +5,8 @@ Three things, each idempotent (vLLM may load plugins several times per process):
    fields), so vLLM reads a checkpoint's config.json without remote code;
 2. vLLM's `ModelRegistry` maps `Qwen2ParScaleForCausalLM` to our model (and our name for
    ParScale checkpoints of other backbones to a class that refuses them clearly);
-3. vLLM's input processor prepends the T prefix slots to every prompt of a P > 1 model
-   and refuses prompts that leave no room in the usable context (`parscale.serve.slots`).
+3. vLLM's input processor prepends the T prefix slots to every prompt of a P > 1 model, and
+   its per-request output state leaves them out of what it reports (`parscale.serve.slots`).
 Step 3 wraps vLLM internals that no public interface offers, so `register()` first checks that
 they are there with the parameters the wrappers rely on (`INTERFACE`), whatever the version
 number, and refuses with one line naming what is missing where they are not.
@@ -31,6 +31,8 @@ INTERFACE = (
     ("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", ("self", "request_id", "prompt", "params")),
     ("vllm.renderers.inputs.preprocess", "parse_model_prompt", ("model_config", "prompt")),
     ("vllm.renderers.base", "BaseRenderer.render_cmpl", ("self", "prompts", "tok_params")),
+    ("vllm.v1.engine.output_processor", "RequestState.from_new_request", ("tokenizer", "request")),
+    ("vllm.v1.engine.output_processor", "RequestState.make_request_output", ("self",)),
     ("vllm.exceptions", "VLLMValidationError", ()),
 )
 
@@ -75,9 +77,14 @@ def register() -> None:
     check_vllm()
     from vllm import ModelRegistry
     from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.engine.output_processor import RequestState
 
     AutoConfig.register(RELEASED_MODEL_TYPE, Qwen2ParScaleConfig, exist_ok=True)
     ModelRegistry.register_model(RELEASED_ARCHITECTURE, "parscale.serve.model:ParScaleQwen2ForCausalLM")
     ModelRegistry.register_model(OTHER_BACKBONE_ARCHITECTURE, "parscale.serve.model:UnservableParScaleForCausalLM")
     if not getattr(InputProcessor.process_inputs, "_parscale_slots", False):
         InputProcessor.process_inputs = slots.wrap_process_inputs(InputProcessor.process_inputs)
+    if not getattr(RequestState.from_new_request, "_parscale_slots", False):
+        RequestState.from_new_request = slots.wrap_from_new_request(RequestState.__dict__["from_new_request"].__func__)
+    if not getattr(RequestState.make_request_output, "_parscale_slots", False):
+        RequestState.make_request_output = slots.wrap_make_request_output(RequestState.make_request_output)
