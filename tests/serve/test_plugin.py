@@ -19,8 +19,11 @@ def test_entry_point_registers_the_released_architecture():
     entry.load()()  # vLLM loads plugins more than once per process: registering again is harmless
     from vllm.v1.engine.input_processor import InputProcessor
 
-    assert InputProcessor.process_inputs.__wrapped__.__name__ == "process_inputs"
-    assert not hasattr(InputProcessor.process_inputs.__wrapped__, "_parscale_slots")  # wrapped once only
+    from vllm.v1.engine.output_processor import RequestState
+
+    for method in (InputProcessor.process_inputs, RequestState.from_new_request, RequestState.make_request_output):
+        assert method._parscale_slots and method.__wrapped__.__name__ == method.__name__
+        assert not hasattr(method.__wrapped__, "_parscale_slots")  # wrapped once only
 
 
 def test_a_release_with_the_interface_loads_whatever_its_version(monkeypatch):
