@@ -9,7 +9,25 @@ from parscale.model import prefix_attention as attention
 from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import to_parscale
 
-IMPLEMENTATIONS = {"fused": attention.decode_attention,  # the CPU path: torch's flash kernel, merged by log-sum-exp
+def _flash_split(*args):
+    """The CPU path without the C++ kernel: torch's fused attention twice, merged by log-sum-exp."""
+    attention.use_kernel = False
+    try:
+        return attention.decode_attention(*args)
+    finally:
+        attention.use_kernel = True
+
+
+def _kernel(*args):
+    """The CPU path: `csrc/decode_attention.cpp` (skipped where it cannot be built)."""
+    if attention.kernel_library() is None:
+        pytest.skip("no C++ compiler: the decode attention kernel cannot be built here")
+    out = attention._decode_attention_kernel(*args)
+    assert out is not None, "the kernel did not take these inputs"
+    return out
+
+
+IMPLEMENTATIONS = {"kernel": _kernel, "flash": _flash_split,
                    "matmul": attention._decode_attention_matmul}  # off the CPU, under autograd and compile
 
 
@@ -110,9 +128,14 @@ def test_a_fully_hidden_cache_leaves_the_prefix(impl, hidden):
 
 
 @pytest.mark.parametrize("n_streams", [1, 2, 4])  # 1: `prefix_at_p1`
-def test_greedy_generate_equals_the_uncached_argmax_loop(tiny_factory, count_calls, n_streams):
-    """Left-padded batch of 3: every decode step goes through the fused kernel, and its tokens and
-    logits are those of full forwards over the whole sequence (prefill path, no cache)."""
+@pytest.mark.parametrize("path", ["kernel", "flash"])
+def test_greedy_generate_equals_the_uncached_argmax_loop(tiny_factory, count_calls, monkeypatch, n_streams, path):
+    """Left-padded batch of 3: every decode step goes through the CPU path (the C++ kernel, or
+    torch's fused attention twice without it), and its tokens and logits are those of full
+    forwards over the whole sequence (prefill path, no cache)."""
+    if path == "kernel" and attention.kernel_library() is None:
+        pytest.skip("no C++ compiler: the decode attention kernel cannot be built here")
+    monkeypatch.setattr(attention, "use_kernel", path == "kernel")
     config = ParScaleConfig(n_streams, 3, prefix_at_p1=n_streams == 1)
     model = to_parscale(tiny_factory("qwen2"), config, seed=2).eval()
     with torch.no_grad():
@@ -121,18 +144,19 @@ def test_greedy_generate_equals_the_uncached_argmax_loop(tiny_factory, count_cal
     ids = torch.randint(2, 97, (3, 6), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
     mask[1, :2] = mask[2, :4] = 0
-    calls = count_calls(attention, "_flash_cpu")
+    calls = count_calls(attention, "_decode_attention_kernel" if path == "kernel" else "_flash_cpu")
+    per_step = 2 if path == "kernel" else 2 * 2  # two layers; the fused attention twice per layer
     new_tokens = 6
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                              return_dict_in_generate=True, output_logits=True)
-        assert calls[0] == 2 * 2 * (new_tokens - 1)  # two calls per layer and decode step
+        assert calls[0] == per_step * (new_tokens - 1)
         seq, seq_mask, uncached = ids, mask, []
         for _ in range(new_tokens):
             positions = (seq_mask.cumsum(-1) - 1).clamp(min=0)
             uncached.append(model(seq, attention_mask=seq_mask, position_ids=positions).logits[:, -1])
             seq = torch.cat([seq, uncached[-1].argmax(-1, keepdim=True)], dim=1)
             seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], dim=1)
-    assert calls[0] == 2 * 2 * (new_tokens - 1)  # the uncached forwards never take the decode path
+    assert calls[0] == per_step * (new_tokens - 1)  # the uncached forwards never take the decode path
     assert torch.equal(out.sequences, seq)
     torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(uncached, 1), rtol=1e-5, atol=1e-5)

@@ -22,8 +22,11 @@ Which path a call takes depends on the mask our mask function made (`prefix_mask
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.util
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from parscale.errors import UserError
+from parscale.model import kernels
 
 logger = logging.getLogger(__name__)
 
@@ -199,9 +203,14 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     capture), `_decode_attention_matmul`.
     """
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, prefix_k, prefix_v))
-    # The fused kernel is CPU-only, its log-sum-exp has no gradient (the merge would drop part of
-    # it), and a compiled graph is better served by plain matmuls that inductor fuses.
-    if query.device.type != "cpu" or _flash_cpu is None or tracked or torch.compiler.is_compiling():
+    # The fused kernels are CPU-only and have no gradient, and a compiled graph is better served
+    # by plain matmuls that inductor fuses.
+    if query.device.type != "cpu" or tracked or torch.compiler.is_compiling():
+        return _decode_attention_matmul(query, key, value, mask, prefix_k, prefix_v, scaling)
+    out = _decode_attention_kernel(query, key, value, mask, prefix_k, prefix_v, scaling)
+    if out is not None:
+        return out
+    if _flash_cpu is None:
         return _decode_attention_matmul(query, key, value, mask, prefix_k, prefix_v, scaling)
     rows, heads, _, dim = query.shape
     n_streams, kv, n_prefix, _ = prefix_k.shape
@@ -227,6 +236,58 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_KERNEL_SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_attention.cpp"
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """`csrc/decode_attention.cpp`, built at first use like the decode matmul (`kernels.compiled`)."""
+    return kernels.compiled(_KERNEL_SOURCE, "parscale_attention", flags, _bind, "CPU decode attention kernel",
+                            "decode steps use torch's fused attention")
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    for fn in (lib.parscale_decode_attention_f32, lib.parscale_decode_attention_bf16):
+        fn.argtypes = ([pointer] * 3 + [size] * 3 + [pointer] * 3 + [size, pointer] + [size] * 7
+                       + [ctypes.c_float, ctypes.c_int])
+        fn.restype = None
+    return lib
+
+
+use_kernel = True  # the tests switch it off to compare with torch's fused attention
+
+
+def _decode_attention_kernel(query, key, value, mask, prefix_k, prefix_v, scaling) -> torch.Tensor | None:
+    """`decode_attention` in one C++ call (`csrc/decode_attention.cpp`), or None where it does not
+    apply (another dtype, a layout it does not take, no compiler)."""
+    dtype = query.dtype
+    if not use_kernel or dtype not in (torch.float32, torch.bfloat16) or not (
+            key.dtype == value.dtype == prefix_k.dtype == prefix_v.dtype == dtype):
+        return None
+    if key.stride() != value.stride() or key.stride(-1) != 1 or not (prefix_k.is_contiguous() and prefix_v.is_contiguous()):
+        return None
+    lib = kernel_library()
+    if lib is None:
+        return None
+    rows, heads, _, dim = query.shape
+    n_streams, kv, n_prefix, _ = prefix_k.shape
+    length = key.shape[2]
+    q = query.reshape(rows, heads, dim).contiguous()  # rows heads d
+    additive = None
+    if mask is not None:
+        mask = mask[..., -1:, :].reshape(mask.shape[0], -1)  # rows|1 L
+        if mask.dtype == torch.bool:
+            additive = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+        else:
+            additive = mask.float().contiguous()
+    out = torch.empty(rows, heads, dim, dtype=dtype)  # rows heads d
+    fn = lib.parscale_decode_attention_f32 if dtype == torch.float32 else lib.parscale_decode_attention_bf16
+    fn(q.data_ptr(), key.data_ptr(), value.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
+       prefix_k.data_ptr(), prefix_v.data_ptr(), additive.data_ptr() if additive is not None else None,
+       additive.shape[0] if additive is not None else 0, out.data_ptr(), rows, heads, kv, length, n_prefix, dim,
+       rows // n_streams, scaling, torch.get_num_threads())
+    return out.reshape(rows, 1, heads, dim)  # rows 1 heads d
 
 
 def _decode_attention_matmul(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
