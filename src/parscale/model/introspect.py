@@ -37,7 +37,8 @@ def check_supported(model: nn.Module) -> None:
         if getattr(config, field, None) is not None:
             raise UserError(f"{name} uses {feature} ({field}={getattr(config, field)}), which ParScale cannot honour")
     requested = str(getattr(config, "_attn_implementation", "") or "")
-    if requested not in ("", "sdpa", "eager", "flash_attention_2"):
+    # ours (a config copied from a ParScale model) stand for the stock kinds they wrap
+    if requested not in ("", "sdpa", "eager", "flash_attention_2", "parscale_sdpa", "parscale_eager", "parscale_fa2"):
         raise UserError(
             f"{name} was loaded with attn_implementation={requested!r}, which cannot carry the stream prefixes; "
             "reload it with attn_implementation='sdpa' (or 'eager', or 'flash_attention_2')"

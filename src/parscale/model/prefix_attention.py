@@ -368,6 +368,11 @@ class PackedMask:
         return self._made[n_prefix]
 
 
+def plain_kind(name: str | None) -> str:
+    """The stock attention a name stands for: ours map back to the kind they wrap."""
+    return {ours: stock for stock, ours in IMPLEMENTATIONS.items()}.get(name or "sdpa", name or "sdpa")
+
+
 def implementation_for(requested: str | None) -> str:
     """Our attention name for the backbone's `attn_implementation` (a `UserError` for the rest)."""
     requested = requested or "sdpa"

@@ -117,7 +117,7 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(base.config)
         self.parscale_config = parscale_config
         # Stream sets (adapters): the inactive ones live here, outside the module tree.
-        self._plain_attention = base.config._attn_implementation or "sdpa"
+        self._plain_attention = prefix_attention.plain_kind(base.config._attn_implementation)
         self._stream_sets: dict[str, adapters.StreamSet] = {}
         self._active_streams: str | None = "default" if parscale_config.has_prefixes else None
         self.model = base.get_decoder()
