@@ -37,7 +37,7 @@ def int_list(text: str) -> list[int]:
 def _model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (defaults: the paper's 36-layer Qwen-2.5-style family)")
     _add(g, "--preset", choices=sorted(PRESETS), help="one of the paper's six sizes")
-    _add(g, "--hf-config", help="a transformers config.json to read the shape from")
+    _add(g, "--hf-config", help="a transformers config.json (or a model directory) to read the shape from")
     _add(g, "--hidden-size", type=int)
     _add(g, "--intermediate-size", type=int)
     _add(g, "--num-hidden-layers", type=int, default=36)
@@ -101,6 +101,10 @@ def shape_from_args(args: argparse.Namespace) -> ModelShape:
         return PRESETS[args.preset]
     if args.hf_config:
         path = Path(args.hf_config)
+        if path.is_dir():  # a model directory: its config.json (or what the directory is instead)
+            from parscale.cli.model_dir import check_model_dir
+
+            path = check_model_dir(path, "--hf-config") / "config.json"
         if not path.is_file():
             raise UserError(f"--hf-config {path} does not exist")
         try:

@@ -88,6 +88,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Turn every bad flag combination into one clear UserError before loading anything;
     sets `args.stream_spec` from --streams ((name or None, directory) or None)."""
     from parscale.cli.eval import _stream_specs
+    from parscale.cli.model_dir import check_model_dir
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -105,8 +106,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--interactive reads its prompts from stdin; drop --prompt (or --interactive)")
     if not args.interactive and not args.prompt:
         raise UserError("--prompt is missing or empty; give some text to continue, or use --interactive")
-    if not Path(args.model).is_dir():
-        raise UserError(f"--model {args.model} is not a directory; pass the directory written by save_pretrained")
+    check_model_dir(args.model)  # a run, adapter or data directory is named as such
     args.stream_spec = _stream_specs([args.streams])[0] if args.streams else None
 
 
