@@ -55,6 +55,22 @@ def format_summary(out: str, result: dict) -> str:
     return "\n".join(lines)
 
 
+def small_val_warning(result: dict, args: argparse.Namespace) -> str | None:
+    """A warning when the validation split cannot hold one sequence at `parscale train`'s default
+    --seq-len: said here, at prepare time, rather than when a training run starts and fails."""
+    from parscale.train.config import TrainConfig
+
+    seq_len = TrainConfig.__dataclass_fields__["seq_len"].default
+    tokens = result["splits"]["val"]["tokens"]
+    if tokens >= seq_len:
+        return None
+    more = ("larger or more validation files (--data-val-files)" if args.data_val_files else
+            f"a larger --data-val-fraction (now {args.data_val_fraction:g}) or separate --data-val-files")
+    return (f"parscale data prepare: warning: the validation split holds {tokens:,} tokens, fewer than one "
+            f"sequence at the default --seq-len {seq_len} of `parscale train`, which then fails unless "
+            f"--seq-len is at most {tokens}; prepare again into a new --out with {more}")
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: parscale data prepare [options]   (parscale data prepare --help)\n")
@@ -72,6 +88,9 @@ def main(argv: list[str]) -> int:
     result = prepare_corpus(cfg, args.out, workers=args.workers, shard_tokens=args.shard_tokens,
                             on_bad_file=args.on_bad_file)
     print(json.dumps(result) if args.json else format_summary(args.out, result))
+    warning = small_val_warning(result, args)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 
