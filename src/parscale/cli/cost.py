@@ -227,8 +227,10 @@ def main_compare(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.plot:
         from parscale.atomic import check_writable
+        from parscale.errors import require_extra
 
         check_writable(args.plot, "--plot")
+        require_extra("matplotlib", "--plot")
     shape, hw = shape_from_args(args), hardware_from_args(args)
     streams, batches, lengths = int_list(args.P), int_list(args.batch_size), int_list(args.lengths)
     if any(n <= 0 for n in lengths):

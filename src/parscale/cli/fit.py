@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from parscale.law import fitting as L
-from parscale.errors import UserError
+from parscale.errors import UserError, require_extra
 from parscale.law.points import PAPER_DATASETS, load_points
 from parscale.atomic import atomic_write_json, check_writable
 
@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> tuple[dict, tuple]:
     for flag, path in (("--plot", args.plot), ("--save-law", args.save_law)):
         if path:
             check_writable(path, flag)  # before the fit, not after it
+    if args.plot:
+        require_extra("matplotlib", "--plot")
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap must be 0 (off) or a number of resamples, got {args.bootstrap}")
     predict_at = _pairs(args.predict, "--predict", ("N", "P"))

@@ -4,12 +4,15 @@
 
 Every argument goes to lm-eval unchanged. `--help` prints this page at once; `--help-lm-eval`
 prints lm-eval's own list of options (importing lm-eval takes many seconds). Before lm-eval
-is imported, the directories `pretrained=` and `streams=` name are checked.
+is imported, its presence (the `eval` extra) and the directories `pretrained=` and
+`streams=` name are checked.
 """
 from __future__ import annotations
 
 import argparse
 import json
+
+from parscale.errors import require_extra
 
 
 def model_args(argv: list[str]) -> dict[str, str] | None:
@@ -39,9 +42,10 @@ def model_args(argv: list[str]) -> dict[str, str] | None:
 
 
 def check_args(argv: list[str]) -> None:
-    """Every check that needs neither lm-eval nor a model: the model and adapter directories."""
+    """Every check that needs neither lm-eval nor a model: the extra, the model and adapter directories."""
     from parscale.cli.model_dir import check_adapter_dir, check_model_dir
 
+    require_extra("lm_eval", "the evaluation harness (lm-eval)")
     args = model_args(argv)
     if not args:
         return

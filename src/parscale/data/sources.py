@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from parscale.data import corpus
-from parscale.errors import UserError
+from parscale.errors import UserError, require_extra
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ def _json_docs(inp: Input, offset: int, text_field: str) -> Iterator[tuple[str |
 
 
 def _parquet_docs(inp: Input, offset: int, text_field: str) -> Iterator[tuple[str | None, int]]:
+    require_extra("pyarrow", f"reading the parquet file {inp.path}")
     import pyarrow.parquet as pq
 
     try:
