@@ -164,7 +164,7 @@ def main_estimate(argv: list[str]) -> int:
         out = {**result.to_dict(), "shape": asdict(shape), "workload": asdict(work), "hardware": profile_dict(hw)}
         print(json.dumps(out, indent=2))
         return 0
-    print(f"Memory: {result.memory_gib:.3f}GB; Latency: {result.latency_s:.3f}s")
+    print(f"Memory: {result.memory_gib:.3f} GiB; Latency: {result.latency_s:.3f} s")
     print(f"  weights {result.weights / 2**30:.3f} GiB, KV cache {result.kv_cache / 2**30:.3f} GiB, "
           f"activation {result.activation / 2**30:.3f} GiB ({hw.name}{'' if result.fits else ', DOES NOT FIT'})")
     print(f"  prefill {result.prefill_s * 1e3:.2f} ms + {work.output_length} decode steps "
@@ -248,21 +248,35 @@ def main_compare(argv: list[str]) -> int:
             out.update(rows[0])
         print(json.dumps(out, indent=2))
         return 0
-    print(f"reference {ref.name}; {hw.name}; lengths {lengths} averaged (input = output)")
-    print(f"{'P':>2} {'B':>2} {'loss':>7} {'N equiv':>9} {'mem +ParScale':>14} {'mem +param':>11} "
-          f"{'lat +ParScale':>14} {'lat +param':>11} {'mem ratio':>9} {'lat ratio':>9}")
-    for r in rows:
-        print(f"{r['P']:>2} {r['batch_size']:>2} {r['loss_parscale']:>7.4f} {r['params_equivalent'] / 1e9:>8.2f}B "
-              f"{r['memory_increase_parscale_gib']:>10.3f} GiB {r['memory_increase_param_gib']:>7.3f} GiB "
-              f"{r['latency_increase_parscale_s'] * 1e3:>11.2f} ms {r['latency_increase_param_s'] * 1e3:>8.2f} ms "
-              f"{r['memory_ratio']:>8.1f}x {r['latency_ratio']:>8.1f}x")
-    for r in rows:
-        note = " (extrapolated)" if r["extrapolated"] else ""
-        print(f"P={r['P']}, batch {r['batch_size']}: ParScale: {r['memory_ratio']:.1f}x less memory increase, "
-              f"{r['latency_ratio']:.1f}x less latency increase [{r['method']}{note}]")
+    print(format_compare(rows, ref.name, hw.name, lengths))
     if args.plot:
         print(f"plot written to {args.plot}")
     return 0
+
+
+def format_compare(rows: list[dict[str, Any]], reference: str, hardware: str, lengths: list[int]) -> str:
+    """The comparison table: one row per (P, batch), then what its columns mean (once)."""
+    from parscale.cost.compare import METHOD_NOTES, against_parameters
+
+    lines = [f"reference {reference}; {hardware}; lengths {lengths} averaged (input = output)",
+             f"{'P':>2} {'B':>2} {'loss':>7} {'N equiv':>9} {'mem +ParScale':>14} {'mem +param':>11} "
+             f"{'lat +ParScale':>14} {'lat +param':>11}  ParScale against parameters"]
+    for r in rows:
+        words = (against_parameters(r["memory_increase_param_gib"], r["memory_increase_parscale_gib"], "memory")
+                 + ", " + against_parameters(r["latency_increase_param_s"], r["latency_increase_parscale_s"],
+                                             "latency"))
+        lines.append(f"{r['P']:>2} {r['batch_size']:>2} {r['loss_parscale']:>7.4f} "
+                     f"{r['params_equivalent'] / 1e9:>7.2f}B{'*' if r['extrapolated'] else ' '} "
+                     f"{r['memory_increase_parscale_gib']:>10.3f} GiB {r['memory_increase_param_gib']:>7.3f} GiB "
+                     f"{r['latency_increase_parscale_s'] * 1e3:>11.2f} ms {r['latency_increase_param_s'] * 1e3:>8.2f} ms"
+                     f"  {words}")
+    lines.append("+: the increase over the base model at P = 1 and the same batch size; memory in GiB (2^30 bytes)")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        lines.append(f"N equiv: the P = 1 model of equal loss; its cost is {METHOD_NOTES[method]}")
+    if any(r["extrapolated"] for r in rows):
+        lines.append("*: N equiv lies beyond the sizes it is costed from: the line through the two nearest is "
+                     "extended (extrapolated)")
+    return "\n".join(lines)
 
 
 def main_measure(argv: list[str]) -> int:
