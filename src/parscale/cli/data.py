@@ -45,11 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _plural(count: int, word: str) -> str:
+    return word if count == 1 else word + "s"
+
+
 def format_summary(out: str, result: dict) -> str:
     lines = [f"prepared {out} in {result['seconds']:.1f} s ({result['tokens_per_s']:,.0f} tokens/s)"]
     for split, row in result["splits"].items():
-        lines.append(f"  {split:<5} {row['docs']:>12,} documents {row['tokens']:>16,} tokens "
-                     f"{row['shards']:>5} shard{'' if row['shards'] == 1 else 's'}")
+        lines.append(f"  {split:<5} {row['docs']:>12,} {_plural(row['docs'], 'document'):<9} {row['tokens']:>16,} "
+                     f"{_plural(row['tokens'], 'token'):<6} {row['shards']:>5} {_plural(row['shards'], 'shard')}")
     if result["skipped"]:
         lines.append(f"  skipped {len(result['skipped'])} bad file(s) or line(s); they are listed in index.json")
     return "\n".join(lines)

@@ -190,7 +190,7 @@ def respond(model: ParScaleForCausalLM, tokenizer: PreTrainedTokenizerBase, inpu
     with torch.no_grad():
         out = model.generate(**inputs, streamer=streamer, **generation_kwargs(args, tokenizer, model.device))
     new = out[0, inputs["input_ids"].shape[1]:]
-    logger.info("P=%d streams, %d new tokens", model.parscale_config.n_streams, len(new))
+    logger.info("P=%d streams, %d new token%s", model.parscale_config.n_streams, len(new), "" if len(new) == 1 else "s")
     answer = tokenizer.decode(new, skip_special_tokens=True)
     if streamer is None:
         print(answer, flush=True)
