@@ -3,11 +3,13 @@
 It subclasses ValueError, so library callers can catch the usual type, while the CLI
 catches exactly this one and prints its message alone: a user mistake never shows a
 traceback, and a real bug still does. File-system errors (a path that cannot be written,
-a full disk) are the user's to fix too; `describe_os_error` gives them one line.
+a full disk) are the user's to fix too; `describe_os_error` gives them one line, and a
+missing optional dependency `require_extra` (the extra of pyproject.toml that brings it).
 """
 from __future__ import annotations
 
 import errno
+import importlib.util
 
 
 class UserError(ValueError):
@@ -46,3 +48,29 @@ def describe_os_error(err: OSError) -> str:
     what = err.strerror or str(err)
     where = f"{str(path)!r}: " if path != "" else ""
     return f"{where}{what}" + (f" ({hint})" if hint else "")
+
+
+# The module an optional feature imports -> the extra of pyproject.toml that installs it.
+EXTRAS = {"lm_eval": "eval", "matplotlib": "plot", "datasets": "train", "pyarrow": "train", "vllm": "serve",
+          "trl": "sft"}
+
+
+def missing_extra(module: str, purpose: str) -> str:
+    """One line: what needs `module`, and the pip command of its extra."""
+    extra = EXTRAS.get(module)
+    fix = f'pip install "parscale[{extra}]"' if extra else f"pip install {module}"
+    return f"{purpose} needs {module}, which is not installed; install it with: {fix}"
+
+
+def has_module(module: str) -> bool:
+    """Whether `module` can be imported, found without importing it (lm-eval takes seconds)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+        return False
+
+
+def require_extra(module: str, purpose: str) -> None:
+    """A UserError naming the extra to install when `module` is missing, before any work."""
+    if not has_module(module):
+        raise UserError(missing_extra(module, purpose))

@@ -99,7 +99,7 @@ def test_bad_flags_are_user_errors(saved, extra, pattern):
 def test_cli_exit_code_and_message_without_traceback(tmp_path, capsys):
     assert cli_main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "a"]) == 2
     err = capsys.readouterr().err
-    assert "is not a directory" in err and "Traceback" not in err
+    assert "does not exist" in err and "Traceback" not in err
 
 
 def test_a_trained_bpe_beside_a_qwen2_parscale_model_tokenizes_as_saved(tmp_path, tiny_factory):
@@ -218,7 +218,7 @@ def test_an_adapter_of_another_backbone_is_one_error_line(backbone, tiny_factory
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "trained on another backbone" in err
     assert cli_main(["generate", "--model", str(root / "base"), "--streams", str(root / "nope"), "--prompt", "a"]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- chat and interactive

@@ -163,7 +163,7 @@ def test_a_full_disk_keeps_the_last_complete_shard(tmp_path, tok_dir, monkeypatc
     assert np.array_equal(concat(tmp_path / "out", "train")[0], concat(tmp_path / "ref", "train")[0])
 
 
-def test_bad_files_are_named_with_the_byte_offset(tmp_path, tok_dir, caplog):
+def test_bad_files_are_named_with_the_line_or_the_byte_offset(tmp_path, tok_dir, caplog):
     folder = write_corpus(tmp_path / "corpus")
     good = (folder / "b.jsonl").read_bytes()
     lines = good.splitlines(keepends=True)
@@ -172,12 +172,12 @@ def test_bad_files_are_named_with_the_byte_offset(tmp_path, tok_dir, caplog):
     (folder / "b.jsonl").write_bytes(b"".join(lines[:3]) + bad_line + b"".join(lines[3:]))
     (folder / "z.txt").write_bytes(b"ok\n\xff\xfe")
     cfg = DataConfig(files=(str(folder),), tokenizer=str(tok_dir), val_fraction=0.2)
-    with pytest.raises(UserError, match=rf"b\.jsonl at byte {offset:,}: not UTF-8.*--on-bad-file skip"):
+    with pytest.raises(UserError, match=r"b\.jsonl, line 4: not UTF-8.*--on-bad-file skip"):  # a JSON line: its number
         store.prepare_corpus(cfg, tmp_path / "failed")
     with caplog.at_level(logging.WARNING):
         result = store.prepare_corpus(cfg, tmp_path / "out", on_bad_file="skip")
-    assert [(s["path"].rsplit("/", 1)[-1], s["offset"]) for s in result["skipped"]] == [("b.jsonl", offset),
-                                                                                       ("z.txt", 3)]
+    assert [(s["path"].rsplit("/", 1)[-1], s["offset"], s["line"]) for s in result["skipped"]] == [
+        ("b.jsonl", offset, 4), ("z.txt", 3, None)]
     assert result["splits"]["train"]["docs"] + result["splits"]["val"]["docs"] == len(DOCS)  # the rest is read
     assert "z.txt at byte 3" in caplog.text
 
@@ -229,4 +229,5 @@ def test_cli_bad_file_is_one_line_and_exit_2(tmp_path, tok_dir):
     errors = [line for line in out.stderr.splitlines() if "error" in line]
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert errors == [f"parscale data: error: cannot read {folder / 'b.txt'} at byte 50: not UTF-8 "
-                      "(invalid continuation byte); fix or remove the file, or pass --on-bad-file skip to leave it out"]
+                      "(invalid continuation byte); fix or remove the file (`parscale data prepare --on-bad-file "
+                      "skip` leaves it out)"]

@@ -37,7 +37,7 @@ def int_list(text: str) -> list[int]:
 def _model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (defaults: the paper's 36-layer Qwen-2.5-style family)")
     _add(g, "--preset", choices=sorted(PRESETS), help="one of the paper's six sizes")
-    _add(g, "--hf-config", help="a transformers config.json to read the shape from")
+    _add(g, "--hf-config", help="a transformers config.json (or a model directory) to read the shape from")
     _add(g, "--hidden-size", type=int)
     _add(g, "--intermediate-size", type=int)
     _add(g, "--num-hidden-layers", type=int, default=36)
@@ -101,6 +101,10 @@ def shape_from_args(args: argparse.Namespace) -> ModelShape:
         return PRESETS[args.preset]
     if args.hf_config:
         path = Path(args.hf_config)
+        if path.is_dir():  # a model directory: its config.json (or what the directory is instead)
+            from parscale.cli.model_dir import check_model_dir
+
+            path = check_model_dir(path, "--hf-config") / "config.json"
         if not path.is_file():
             raise UserError(f"--hf-config {path} does not exist")
         try:
@@ -160,7 +164,7 @@ def main_estimate(argv: list[str]) -> int:
         out = {**result.to_dict(), "shape": asdict(shape), "workload": asdict(work), "hardware": profile_dict(hw)}
         print(json.dumps(out, indent=2))
         return 0
-    print(f"Memory: {result.memory_gib:.3f}GB; Latency: {result.latency_s:.3f}s")
+    print(f"Memory: {result.memory_gib:.3f} GiB; Latency: {result.latency_s:.3f} s")
     print(f"  weights {result.weights / 2**30:.3f} GiB, KV cache {result.kv_cache / 2**30:.3f} GiB, "
           f"activation {result.activation / 2**30:.3f} GiB ({hw.name}{'' if result.fits else ', DOES NOT FIT'})")
     print(f"  prefill {result.prefill_s * 1e3:.2f} ms + {work.output_length} decode steps "
@@ -223,8 +227,10 @@ def main_compare(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.plot:
         from parscale.atomic import check_writable
+        from parscale.errors import require_extra
 
         check_writable(args.plot, "--plot")
+        require_extra("matplotlib", "--plot")
     shape, hw = shape_from_args(args), hardware_from_args(args)
     streams, batches, lengths = int_list(args.P), int_list(args.batch_size), int_list(args.lengths)
     if any(n <= 0 for n in lengths):
@@ -242,21 +248,35 @@ def main_compare(argv: list[str]) -> int:
             out.update(rows[0])
         print(json.dumps(out, indent=2))
         return 0
-    print(f"reference {ref.name}; {hw.name}; lengths {lengths} averaged (input = output)")
-    print(f"{'P':>2} {'B':>2} {'loss':>7} {'N equiv':>9} {'mem +ParScale':>14} {'mem +param':>11} "
-          f"{'lat +ParScale':>14} {'lat +param':>11} {'mem ratio':>9} {'lat ratio':>9}")
-    for r in rows:
-        print(f"{r['P']:>2} {r['batch_size']:>2} {r['loss_parscale']:>7.4f} {r['params_equivalent'] / 1e9:>8.2f}B "
-              f"{r['memory_increase_parscale_gib']:>10.3f} GiB {r['memory_increase_param_gib']:>7.3f} GiB "
-              f"{r['latency_increase_parscale_s'] * 1e3:>11.2f} ms {r['latency_increase_param_s'] * 1e3:>8.2f} ms "
-              f"{r['memory_ratio']:>8.1f}x {r['latency_ratio']:>8.1f}x")
-    for r in rows:
-        note = " (extrapolated)" if r["extrapolated"] else ""
-        print(f"P={r['P']}, batch {r['batch_size']}: ParScale: {r['memory_ratio']:.1f}x less memory increase, "
-              f"{r['latency_ratio']:.1f}x less latency increase [{r['method']}{note}]")
+    print(format_compare(rows, ref.name, hw.name, lengths))
     if args.plot:
         print(f"plot written to {args.plot}")
     return 0
+
+
+def format_compare(rows: list[dict[str, Any]], reference: str, hardware: str, lengths: list[int]) -> str:
+    """The comparison table: one row per (P, batch), then what its columns mean (once)."""
+    from parscale.cost.compare import METHOD_NOTES, against_parameters
+
+    lines = [f"reference {reference}; {hardware}; lengths {lengths} averaged (input = output)",
+             f"{'P':>2} {'B':>2} {'loss':>7} {'N equiv':>9} {'mem +ParScale':>14} {'mem +param':>11} "
+             f"{'lat +ParScale':>14} {'lat +param':>11}  ParScale against parameters"]
+    for r in rows:
+        words = (against_parameters(r["memory_increase_param_gib"], r["memory_increase_parscale_gib"], "memory")
+                 + ", " + against_parameters(r["latency_increase_param_s"], r["latency_increase_parscale_s"],
+                                             "latency"))
+        lines.append(f"{r['P']:>2} {r['batch_size']:>2} {r['loss_parscale']:>7.4f} "
+                     f"{r['params_equivalent'] / 1e9:>7.2f}B{'*' if r['extrapolated'] else ' '} "
+                     f"{r['memory_increase_parscale_gib']:>10.3f} GiB {r['memory_increase_param_gib']:>7.3f} GiB "
+                     f"{r['latency_increase_parscale_s'] * 1e3:>11.2f} ms {r['latency_increase_param_s'] * 1e3:>8.2f} ms"
+                     f"  {words}")
+    lines.append("+: the increase over the base model at P = 1 and the same batch size; memory in GiB (2^30 bytes)")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        lines.append(f"N equiv: the P = 1 model of equal loss; its cost is {METHOD_NOTES[method]}")
+    if any(r["extrapolated"] for r in rows):
+        lines.append("*: N equiv lies beyond the sizes it is costed from: the line through the two nearest is "
+                     "extended (extrapolated)")
+    return "\n".join(lines)
 
 
 def main_measure(argv: list[str]) -> int:

@@ -45,14 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _plural(count: int, word: str) -> str:
+    return word if count == 1 else word + "s"
+
+
 def format_summary(out: str, result: dict) -> str:
     lines = [f"prepared {out} in {result['seconds']:.1f} s ({result['tokens_per_s']:,.0f} tokens/s)"]
     for split, row in result["splits"].items():
-        lines.append(f"  {split:<5} {row['docs']:>12,} documents {row['tokens']:>16,} tokens "
-                     f"{row['shards']:>5} shard{'' if row['shards'] == 1 else 's'}")
+        lines.append(f"  {split:<5} {row['docs']:>12,} {_plural(row['docs'], 'document'):<9} {row['tokens']:>16,} "
+                     f"{_plural(row['tokens'], 'token'):<6} {row['shards']:>5} {_plural(row['shards'], 'shard')}")
     if result["skipped"]:
         lines.append(f"  skipped {len(result['skipped'])} bad file(s) or line(s); they are listed in index.json")
     return "\n".join(lines)
+
+
+def small_val_warning(result: dict, args: argparse.Namespace) -> str | None:
+    """A warning when the validation split cannot hold one sequence at `parscale train`'s default
+    --seq-len: said here, at prepare time, rather than when a training run starts and fails."""
+    from parscale.train.config import TrainConfig
+
+    seq_len = TrainConfig.__dataclass_fields__["seq_len"].default
+    tokens = result["splits"]["val"]["tokens"]
+    if tokens >= seq_len:
+        return None
+    more = ("larger or more validation files (--data-val-files)" if args.data_val_files else
+            f"a larger --data-val-fraction (now {args.data_val_fraction:g}) or separate --data-val-files")
+    return (f"parscale data prepare: warning: the validation split holds {tokens:,} tokens, fewer than one "
+            f"sequence at the default --seq-len {seq_len} of `parscale train`, which then fails unless "
+            f"--seq-len is at most {tokens}; prepare again into a new --out with {more}")
 
 
 def main(argv: list[str]) -> int:
@@ -72,6 +92,9 @@ def main(argv: list[str]) -> int:
     result = prepare_corpus(cfg, args.out, workers=args.workers, shard_tokens=args.shard_tokens,
                             on_bad_file=args.on_bad_file)
     print(json.dumps(result) if args.json else format_summary(args.out, result))
+    warning = small_val_warning(result, args)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 

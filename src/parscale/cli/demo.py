@@ -12,7 +12,7 @@ import argparse
 import os
 import shlex
 
-from parscale.errors import UserError
+from parscale.errors import UserError, require_extra
 from parscale.interrupt import Interrupted
 
 BUDGET_HELP = ("smoke: seconds, a few steps per run on a handful of files (for tests); quick: about 3 min; "
@@ -61,6 +61,7 @@ def main(argv: list[str]) -> int:
     budget = args.budget or ("quick" if args.quick else "default")
     workers = args.workers if args.workers is not None else (2 if (os.cpu_count() or 1) >= 2 else 1)
     check_writable(args.out, "--out", folder=True)
+    require_extra("matplotlib", "the demo's plots")
     import torch
 
     torch.set_num_threads(args.threads)  # process-wide, so set here at the entry point only

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from parscale.cache import cache_dir
+from parscale.cli.model_dir import check_adapter_dir, check_model_dir
 from parscale.errors import UserError
 
 DEFAULT_MAX_TOKENS = 131072  # the validation size of training runs
@@ -88,9 +89,6 @@ def _tokenizer_dir(args) -> Path:
 
 
 def _load_model(directory: Path, device):
-    if not (directory / "config.json").is_file():
-        raise UserError(f"{directory} is not a saved model directory (no config.json); give --model DIR "
-                        "such as RUN_DIR/final")
     from parscale.model.wrapper import ParScaleForCausalLM
 
     return ParScaleForCausalLM.from_pretrained(directory).to(device)
@@ -170,9 +168,7 @@ def evaluate(args) -> dict:
     from parscale.data import corpus
     from parscale.data.batches import check_seq_len, check_vocab_size, count_predictions
 
-    model_dir = Path(args.model).expanduser()
-    if not model_dir.is_dir():
-        raise UserError(f"the model directory {args.model!r} does not exist; give --model RUN_DIR/final")
+    model_dir = check_model_dir(args.model)  # a run, adapter or data directory is named as such
     run_path, run = run_settings(model_dir)
     if run_path is not None:
         log.info("defaults from the training run's %s", run_path)
@@ -207,14 +203,11 @@ def evaluate(args) -> dict:
 
 
 def _stream_specs(values: list[str]) -> list[tuple[str | None, Path]]:
-    """`NAME=DIR` or `DIR` -> (name or None, directory); every directory must exist."""
+    """`NAME=DIR` or `DIR` -> (name or None, directory); every directory must be an adapter."""
     specs = []
     for value in values:
         name, _, directory = value.rpartition("=") if "=" in value else ("", "", value)
-        if not Path(directory).is_dir():
-            raise UserError(f"--streams {value!r}: {directory!r} is not a directory; give NAME=ADAPTER_DIR "
-                            "(e.g. p4=runs/p4/final-streams)")
-        specs.append((name or None, Path(directory)))
+        specs.append((name or None, check_adapter_dir(directory)))
     return specs
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from parscale.law import fitting as L
-from parscale.errors import UserError
+from parscale.errors import UserError, require_extra
 from parscale.law.points import PAPER_DATASETS, load_points
 from parscale.atomic import atomic_write_json, check_writable
 
@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> tuple[dict, tuple]:
     for flag, path in (("--plot", args.plot), ("--save-law", args.save_law)):
         if path:
             check_writable(path, flag)  # before the fit, not after it
+    if args.plot:
+        require_extra("matplotlib", "--plot")
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap must be 0 (off) or a number of resamples, got {args.bootstrap}")
     predict_at = _pairs(args.predict, "--predict", ("N", "P"))
@@ -84,15 +86,35 @@ def run(args: argparse.Namespace) -> tuple[dict, tuple]:
         check = {"skipped": str(err)}
     out["extrapolation"] = check
     out["multipliers"] = {str(q): float(L.multiplier(res.k, q)) for q in MULTIPLIER_P}
-    out["predictions"] = [{"params": a, "P": b, "loss": float(res.predict(a, b))} for a, b in predict_at]
-    out["need_streams"] = [{"target": t, "params": a, "P": L.streams_for_loss(res.law, t, a)}
-                           for t, a in need_streams]
-    out["need_params"] = [{"target": t, "P": b, "params": L.params_for_loss(res.law, t, b)}
-                          for t, b in need_params]
+    out["predictions"] = [{"params": a, "P": b, "loss": float(res.predict(a, b)), "beyond_data_P": res.beyond_data_p(b)}
+                          for a, b in predict_at]
+    out["need_streams"] = []
+    for t, a in need_streams:
+        q = L.streams_for_loss(res.law, t, a)
+        out["need_streams"].append({"target": t, "params": a, "P": q, "beyond_data_P": q > 1 and res.beyond_data_p(q)})
+    out["need_params"] = [{"target": t, "P": b, "params": L.params_for_loss(res.law, t, b),
+                           "beyond_data_P": res.beyond_data_p(b)} for t, b in need_params]
+    out["warnings"] = warnings(res, out)
     if args.save_law:
         _write_json_atomic(Path(args.save_law), {**res.law.to_dict(), "source": pts.source,
                                                  "objective": res.objective, "r2": res.r2})
     return out, (res, pts.source, None if "skipped" in check else check)
+
+
+def warnings(res: L.FitResult, out: dict) -> list[str]:
+    """What makes the fit or a prediction less trustworthy than its numbers look."""
+    found = []
+    for name in res.at_bound:
+        found.append(f"{name} is at its lower bound (0): these points do not determine it, so the fit is a "
+                     "boundary solution and its predictions deserve caution (more or larger model sizes help)")
+    lo, hi = res.p_range
+    beyond = sorted({q["P"] for key in ("predictions", "need_streams", "need_params") for q in out[key]
+                     if q["beyond_data_P"]})
+    if beyond:
+        shown = ", ".join(f"{q:.3g}" for q in beyond)
+        found.append(f"P = {shown} lies beyond the P range of the data ({lo:g} to {hi:g}): the law is "
+                     "extrapolated in P there")
+    return found
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -104,7 +126,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
 
     def line(cells) -> str:
-        return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
+        return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths)).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
@@ -129,10 +151,15 @@ def render(out: dict) -> str:
     parts += [_table(head, prow), "",
               f"objective (Huber, delta=1e-3, on log L): {out['objective']:.6e}",
               f"R^2 (on the loss): {out['r2']:.5f}",
-              f"converged: {'yes' if out['converged'] else 'NO'} (best of {out['n_starts']} starts)", ""]
-    mult = out["multipliers"]
+              f"converged: {'yes' if out['converged'] else 'NO'} (best of {out['n_starts']} starts)"]
+    parts += [f"warning: {w}" for w in out["warnings"] if "lower bound" in w] + [""]
+    lo, hi = out["P_range"]
+    mult = [[q, f"{m:.3f}" + ("  " if lo <= float(q) <= hi else " *")] for q, m in out["multipliers"].items()]
     parts += ["equivalent parameter multiplier k*ln P + 1 (P streams act like this many times N):",
-              _table(["P", "multiplier"], [[q, f"{m:.3f}"] for q, m in mult.items()]), ""]
+              _table(["P", "multiplier  "], mult)]
+    if any(row[1].endswith("*") for row in mult):
+        parts.append(f"* beyond the P range of the data ({lo:g} to {hi:g}): extrapolated")
+    parts.append("")
     ex = out["extrapolation"]
     if "skipped" in ex:
         parts += [f"extrapolation check skipped: {ex['skipped']}", ""]
@@ -143,13 +170,15 @@ def render(out: dict) -> str:
                   _table(["P", "N", "loss", "predicted", "error"], rows),
                   f"max |error|: {100 * ex['max_abs_error']:.2f}%", ""]
     if out["predictions"]:
-        rows = [[f"{q['P']:g}", _fmt_n(q["params"]), f"{q['loss']:.4f}"] for q in out["predictions"]]
-        parts += ["predictions:", _table(["P", "N", "predicted loss"], rows), ""]
+        rows = [[f"{q['P']:g}", _fmt_n(q["params"]), f"{q['loss']:.4f}" + (" *" if q["beyond_data_P"] else "  ")]
+                for q in out["predictions"]]
+        parts += ["predictions (* beyond the P range of the data):", _table(["P", "N", "predicted loss  "], rows), ""]
     for q in out["need_streams"]:
         msg = ("P = 1 already reaches it" if q["P"] <= 1 else f"P >= {q['P']:.3g}")
         parts.append(f"loss {q['target']:g} at N = {_fmt_n(q['params'])}: {msg}")
     for q in out["need_params"]:
         parts.append(f"loss {q['target']:g} with P = {q['P']:g}: N >= {_fmt_n(q['params'])}")
+    parts += [f"warning: {w}" for w in out["warnings"] if "lower bound" not in w]
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -88,6 +88,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Turn every bad flag combination into one clear UserError before loading anything;
     sets `args.stream_spec` from --streams ((name or None, directory) or None)."""
     from parscale.cli.eval import _stream_specs
+    from parscale.cli.model_dir import check_model_dir
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -105,8 +106,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--interactive reads its prompts from stdin; drop --prompt (or --interactive)")
     if not args.interactive and not args.prompt:
         raise UserError("--prompt is missing or empty; give some text to continue, or use --interactive")
-    if not Path(args.model).is_dir():
-        raise UserError(f"--model {args.model} is not a directory; pass the directory written by save_pretrained")
+    check_model_dir(args.model)  # a run, adapter or data directory is named as such
     args.stream_spec = _stream_specs([args.streams])[0] if args.streams else None
 
 
@@ -190,7 +190,7 @@ def respond(model: ParScaleForCausalLM, tokenizer: PreTrainedTokenizerBase, inpu
     with torch.no_grad():
         out = model.generate(**inputs, streamer=streamer, **generation_kwargs(args, tokenizer, model.device))
     new = out[0, inputs["input_ids"].shape[1]:]
-    logger.info("P=%d streams, %d new tokens", model.parscale_config.n_streams, len(new))
+    logger.info("P=%d streams, %d new token%s", model.parscale_config.n_streams, len(new), "" if len(new) == 1 else "s")
     answer = tokenizer.decode(new, skip_special_tokens=True)
     if streamer is None:
         print(answer, flush=True)

@@ -4,9 +4,10 @@ Each verb lives in `parscale.cli.<verb>` and exposes `main(argv) -> int`, so a v
 owns its own flags (`parscale cost` even has sub-verbs) and importing the CLI stays cheap:
 only the chosen verb's module, and so only its heavy dependencies, is imported.
 
-Every way a command can end badly ends here in one line: a user mistake (`UserError`) or a
-file-system error exits with 2, Ctrl-C with 130 and SIGTERM with 143; only a real bug
-shows a traceback.
+Every way a command can end badly ends here in one line: a user mistake (`UserError`), a
+file-system error or a missing optional extra exits with 2, Ctrl-C with 130 and SIGTERM with
+143; only a real bug shows a traceback. (Verbs check their extras before any work; the line
+for a missing extra here is the net under those checks.)
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import importlib
 import logging
 import sys
 
-from parscale.errors import UserError, describe_os_error
+from parscale.errors import EXTRAS, UserError, describe_os_error, missing_extra
 from parscale.interrupt import Interrupted, immediate_stop
 
 VERBS: dict[str, str] = {
@@ -93,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as err:
             # User mistakes arrive as this type, with a message that names the fix.
             print(f"parscale {verb}: error: {err}", file=sys.stderr)
+            return 2
+        except ModuleNotFoundError as err:
+            if (err.name or "").partition(".")[0] not in EXTRAS:
+                raise  # not an optional extra: a broken installation, shown in full
+            print(f"parscale {verb}: error: {missing_extra(err.name.partition('.')[0], 'this command')}",
+                  file=sys.stderr)
             return 2
         except OSError as err:  # a path that cannot be read or written, a full disk
             print(f"parscale {verb}: error: {describe_os_error(err)}", file=sys.stderr)

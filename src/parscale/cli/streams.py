@@ -30,25 +30,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(directory: str, what: str, **kwargs):
+def _load(directory: str, **kwargs):
     from parscale.model.wrapper import ParScaleForCausalLM
 
-    if not (Path(directory) / "config.json").is_file():
-        raise UserError(f"{what} {directory!r} is not a model directory (no config.json)")
     return ParScaleForCausalLM.from_pretrained(directory, **kwargs)
+
+
+def check_paths(model_dir: str, out: str, base_dir: str | None = None) -> None:
+    """Every check that needs no model, before one loads: what --model and --base are, where --out goes."""
+    from parscale.atomic import check_writable
+    from parscale.cli.model_dir import ADAPTER_CONFIG, check_model_dir
+
+    check_model_dir(model_dir, "--model", adapter_fix="it is already an adapter (streams without a backbone); "
+                                                      "give --model the full model the streams came from")
+    if base_dir is not None:
+        check_model_dir(base_dir, "--base")
+    check_writable(out, "--out", folder=True)
+    target = Path(out)
+    if target.is_dir() and not (target / ADAPTER_CONFIG).is_file() and any(target.iterdir()):
+        raise UserError(f"--out {out!r} already holds other files (it is not an adapter); give a new or empty "
+                        "directory")
 
 
 def extract(model_dir: str, out: str, base_dir: str | None = None) -> Path:
     """Write the streams of `model_dir` to `out`; with `base_dir`, refuse if its backbone differs."""
     from parscale.model import adapters
 
-    model = _load(model_dir, "--model")
+    check_paths(model_dir, out, base_dir)
+    model = _load(model_dir)
     if model.parscale_config.n_streams == 1:
         raise UserError(f"--model {model_dir!r} has P = 1: it has no streams to extract")
     if base_dir is not None:
         import torch
 
-        base = _load(base_dir, "--base", dtype=torch.bfloat16)  # the fingerprint compares bfloat16 values
+        base = _load(base_dir, dtype=torch.bfloat16)  # the fingerprint compares bfloat16 values
         adapters.compare_fingerprints(adapters.backbone_fingerprint(model), adapters.backbone_fingerprint(base),
                                       f"the streams of {model_dir}")
         del base

@@ -19,6 +19,15 @@ from parscale.law.fitting import Law, fit, load_law
 from parscale.law.points import PAPER_DATASETS, load_points
 
 LADDER = list(PRESETS.values())
+# How the cost of the equal-loss P = 1 model was found (a row's `method`), in words.
+METHOD_NOTES = {
+    "ladder, interpolated in loss": "interpolated linearly in loss between the two of the paper's six sizes "
+                                    "whose observed P = 1 losses bracket the ParScale loss",
+    "ladder, interpolated in N": "interpolated linearly in N between the two of the paper's six sizes that "
+                                 "bracket N equiv",
+    "base widened to N'": "the base model widened (hidden and intermediate size scaled together) to N equiv "
+                          "parameters",
+}
 
 
 def load_paper_rows(name: str) -> list[tuple[int, int, float]]:
@@ -87,7 +96,8 @@ def _bracket(values: list[float], target: float, decreasing: bool) -> tuple[int,
         inside = hi <= target <= lo if decreasing else lo <= target <= hi
         if inside:
             return i, (target - lo) / (hi - lo), False
-    i = 0 if (target > values[0]) != decreasing else len(values) - 2
+    past_first = target > values[0] if decreasing else target < values[0]  # beyond the first end
+    i = 0 if past_first else len(values) - 2  # else beyond the last: extend the last pair
     return i, (target - values[i]) / (values[i + 1] - values[i]), True
 
 
@@ -176,6 +186,19 @@ def compare_one(cmp: Comparator, base: ModelShape, ref: Reference, p: int, batch
 
 def _ratio(param: float, parscale: float) -> float:
     return param / parscale if parscale > 0 else float("inf")
+
+
+def against_parameters(param: float, parscale: float, what: str) -> str:
+    """ParScale's increase against parameter scaling's in words: '53.6x less memory', or
+    '1.04x more latency' where ParScale adds more: the word follows the sign, the factor is >= 1."""
+    if parscale <= 0:
+        return f"no added {what}" if param > 0 else f"no added {what} either way"
+    if param <= 0:
+        return f"more {what} (parameter scaling adds none)"
+    ratio = param / parscale
+    word, factor = ("less", ratio) if ratio >= 1 else ("more", 1.0 / ratio)
+    shown = f"{factor:.0f}" if factor >= 100 else f"{factor:#.3g}"  # three digits: 53.6, 9.90, 1.04
+    return f"{shown}x {word} {what}"
 
 
 def compare(base: ModelShape, ref: Reference, streams: list[int], batches: list[int], cmp: Comparator) -> list[dict[str, Any]]:

@@ -35,11 +35,13 @@ def check_batch(tokens: np.ndarray, batch_size: int, seq_len: int, split: str = 
                         f"{batch_size} x {seq_len} = {need:,}; give more data or lower --batch-size/--seq-len")
 
 
-def check_val(tokens: np.ndarray, seq_len: int) -> None:
-    """UserError unless the validation split holds at least one full sequence."""
+def check_val(tokens: np.ndarray, seq_len: int, fix: str | None = None) -> None:
+    """UserError unless the validation split holds at least one full sequence; `fix` says how
+    to get more validation tokens where the data came from (default: the --data-* options)."""
     if len(tokens) < seq_len:
+        fix = fix or "give more validation data (--data-val-files) or a larger --data-val-fraction"
         raise UserError(f"the validation split has {len(tokens):,} tokens, fewer than one sequence of "
-                        f"{seq_len}; give more validation data, a larger validation fraction or a lower --seq-len")
+                        f"{seq_len} (--seq-len); {fix}, or lower --seq-len to at most {len(tokens)}")
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from unittest import mock
 
-from parscale.errors import UserError
+from parscale.errors import UserError, require_extra
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ def load_documents(files: Sequence[str | os.PathLike], text_field: str = "text",
 
 
 def _load_group(paths: Sequence[Path], text_field: str, cache_dir: Path | None) -> list[str]:
+    require_extra("datasets", "reading data files with `datasets`")
     import datasets  # deferred: heavy, and only needed for user files
 
     kind = file_kind(paths[0])

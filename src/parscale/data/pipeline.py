@@ -218,16 +218,39 @@ def _new_index(tok, tok_hash: str, inputs_record: dict) -> dict[str, Any]:
             "pass": None, "cursor": None, "skipped": [], "seconds": 0.0}
 
 
+# The option of `parscale data prepare` (and `parscale train`) behind each field of the inputs record.
+_OPTION_OF = {"text_field": "--data-text-field", "val_fraction": "--data-val-fraction", "seed": "--data-seed"}
+
+
 def check_index(index: dict, directory: Path, tok_hash: str | None, inputs_record: dict | None) -> None:
-    """Refuse a directory made with another tokenizer or from other (or changed) inputs."""
+    """Refuse a directory made with another tokenizer or from other (or changed) inputs, naming
+    what differs: the option and both values, or the files."""
     have = index["tokenizer"]["sha256"]
     if tok_hash is not None and have != tok_hash:
         raise UserError(f"{directory} was prepared with another tokenizer (content hash {have[:12]}) than "
-                        f"the one given ({tok_hash[:12]}); use the tokenizer in {directory / 'tokenizer'}, "
-                        "or prepare the data again into another directory")
+                        f"the one given ({tok_hash[:12]}); use the tokenizer in {directory / 'tokenizer'} "
+                        "(--data-tokenizer), or prepare the data again into another directory")
     if inputs_record is not None and index["inputs"] != inputs_record:
-        raise UserError(f"{directory} was prepared from other input files or options, or the files changed "
-                        "since (their sizes or times differ); use another --out, or delete it to start again")
+        raise UserError(f"{directory} was prepared with other inputs: {_differences(index['inputs'], inputs_record)}; "
+                        "give the same options again to reuse or resume it, or use another --out (or delete it "
+                        "to start again)")
+
+
+def _differences(then: dict, now: dict) -> str:
+    """What differs between two inputs records, in the user's terms."""
+    found = [f"{flag} was {then.get(key)!r}, now {now.get(key)!r}" for key, flag in _OPTION_OF.items()
+             if then.get(key) != now.get(key)]
+    files_then, files_now = then.get("files") or [], now.get("files") or []
+    if then.get("source") != now.get("source") or [(f[0], f[-1]) for f in files_then] != [(f[0], f[-1]) for f in files_now]:
+        found.append("--data-files/--data-val-files name other files"
+                     if then.get("source") == now.get("source") else
+                     f"the data were {then.get('source')!r}, now {now.get('source')!r} (--data-files)")
+    else:
+        changed = [f[0] for f, g in zip(files_then, files_now) if f != g]
+        if changed:
+            shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            found.append(f"files changed since (their sizes or times differ): {shown}")
+    return "; ".join(found) or "the record differs"
 
 
 def _start_pass(directory: Path, index: dict, needed: list[str]) -> Cursor:

@@ -61,7 +61,11 @@ class PreparedData:
 def check_data(data: PreparedData, seq_len: int, batch_size: int) -> None:
     """Every size check the trainer needs before step 0: one batch of train, one sequence of val."""
     check_batch(data.train, batch_size, seq_len, "train")
-    check_val(data.val, seq_len)
+    fix = None
+    if data.stats.get("source") == "dir":  # the split was fixed when the directory was prepared
+        fix = (f"prepare {data.cache_path} again into a new directory with a larger "
+               "`parscale data prepare --data-val-fraction` (or with --data-val-files)")
+    check_val(data.val, seq_len, fix)
 
 
 def split_documents(cfg: DataConfig, hf_cache: Path | None = None) -> tuple[list[str], list[str]]:
@@ -145,7 +149,7 @@ def prepare_data(cfg: DataConfig, cache_dir: str | os.PathLike) -> PreparedData:
     if len(train) == 0:
         raise UserError("the training split holds no tokens; give a corpus with text in it")
     stats = {"train_docs": index["splits"]["train"]["docs"], "train_tokens": int(len(train)),
-             "val_docs": index["splits"]["val"]["docs"], "val_tokens": int(len(val))}
+             "val_docs": index["splits"]["val"]["docs"], "val_tokens": int(len(val)), "source": cfg.source}
     log.info("data: %d train tokens (%d docs), %d val tokens (%d docs), vocab %d",
              len(train), stats["train_docs"], len(val), stats["val_docs"], len(tok))
     return PreparedData(train=train, val=val, tokenizer=tok, eos_id=int(tok.eos_token_id),

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from parscale.data import corpus
-from parscale.errors import UserError
+from parscale.errors import UserError, require_extra
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,14 @@ class Input:
 
 
 class BadFile(Exception):
-    """A file (or a part of one) that cannot be read: its path, byte offset and cause."""
+    """A file (or a part of one) that cannot be read: its path, where (the line of a JSON Lines
+    file, else the byte offset) and the cause."""
 
-    def __init__(self, path: Path, offset: int | None, cause: str, resume_at: int | None = None):
-        where = f" at byte {offset:,}" if offset is not None else ""
+    def __init__(self, path: Path, offset: int | None, cause: str, resume_at: int | None = None,
+                 line: int | None = None):
+        where = f", line {line:,}" if line is not None else f" at byte {offset:,}" if offset is not None else ""
         super().__init__(f"{path}{where}: {cause}")
-        self.path, self.offset, self.cause = path, offset, cause
+        self.path, self.offset, self.cause, self.line = path, offset, cause, line
         self.resume_at = resume_at  # where reading can continue past the bad part (None: nowhere)
 
 
@@ -130,6 +132,24 @@ def _field(row, path: Path, text_field: str, first: bool):
     return value if isinstance(value, str) else None
 
 
+def _json_error(err: json.JSONDecodeError) -> str:
+    """The parser's message, once, with its column (its line is the file's line, said apart)."""
+    return f"invalid JSON: {err.msg} (column {err.colno})"
+
+
+def _line_number(path: Path, offset: int) -> int:
+    """The 1-based line at byte `offset` of the (decompressed) file: counted only when a
+    resumed read meets a bad line, so a healthy read never rescans."""
+    count, left = 1, offset
+    with _open(path) as fh:
+        while left > 0:
+            chunk = fh.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            count, left = count + chunk.count(b"\n"), left - len(chunk)
+    return count
+
+
 def _json_docs(inp: Input, offset: int, text_field: str) -> Iterator[tuple[str | None, int]]:
     with _open(inp.path) as fh:
         head = fh.read(1024).lstrip()
@@ -138,27 +158,29 @@ def _json_docs(inp: Input, offset: int, text_field: str) -> Iterator[tuple[str |
             try:
                 rows = json.loads(_decode(fh.read(), inp.path, 0))
             except json.JSONDecodeError as err:
-                raise BadFile(inp.path, err.pos, f"invalid JSON ({err.msg})") from None
+                raise BadFile(inp.path, err.pos, _json_error(err), line=err.lineno) from None
             for i in range(offset, len(rows)):
                 yield _field(rows[i], inp.path, text_field, i == 0), i + 1
             return
         fh.seek(offset)
         pos, first = offset, offset == 0
+        first_line, seen = (1 if offset == 0 else None), 0  # the line number at `offset`: counted on demand
         for line in fh:
-            start, pos = pos, pos + len(line)
+            start, pos, seen = pos, pos + len(line), seen + 1
             if not line.strip():
                 continue
             try:
                 row = json.loads(_decode(line, inp.path, start))
-            except json.JSONDecodeError as err:
-                raise BadFile(inp.path, start, f"invalid JSON on this line ({err.msg})", resume_at=pos) from None
-            except BadFile as bad:
-                raise BadFile(bad.path, bad.offset, bad.cause, resume_at=pos) from None
+            except (json.JSONDecodeError, BadFile) as err:
+                first_line = first_line or _line_number(inp.path, offset)
+                cause, where = (_json_error(err), start) if isinstance(err, json.JSONDecodeError) else (err.cause, err.offset)
+                raise BadFile(inp.path, where, cause, resume_at=pos, line=first_line + seen - 1) from None
             yield _field(row, inp.path, text_field, first), pos
             first = False
 
 
 def _parquet_docs(inp: Input, offset: int, text_field: str) -> Iterator[tuple[str | None, int]]:
+    require_extra("pyarrow", f"reading the parquet file {inp.path}")
     import pyarrow.parquet as pq
 
     try:
@@ -215,12 +237,16 @@ def iter_documents(inputs: Sequence[Input], text_field: str = "text", on_bad_fil
                     log.debug("skipping %s", problem)
                     break
                 if on_bad_file == "fail":
-                    raise UserError(f"cannot read {problem}; fix or remove the file, or pass "
-                                    "--on-bad-file skip to leave it out") from None
-                log.warning("skipping %s%s", problem, " (the rest of the file)" if problem.resume_at is None
-                            else " (that line only)")
+                    raise UserError(f"cannot read {problem}; fix or remove the file (`parscale data prepare "
+                                    "--on-bad-file skip` leaves it out)") from None
+                # Said by the pass that records it; the other passes over the same files (the BPE's,
+                # the split's) meet the same bad part and stay quiet.
+                (log.warning if bad is not None else log.debug)(
+                    "skipping %s%s", problem, " (the rest of the file)" if problem.resume_at is None
+                    else " (that line only)")
                 if bad is not None:
-                    bad.append({"path": str(inp.path), "offset": problem.offset, "cause": problem.cause})
+                    bad.append({"path": str(inp.path), "offset": problem.offset, "line": problem.line,
+                                "cause": problem.cause})
                 if problem.resume_at is None:
                     break
                 offset = problem.resume_at  # continue after the bad line

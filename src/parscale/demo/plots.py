@@ -7,9 +7,11 @@ from typing import Any
 
 from parscale.atomic import atomic_save_figure
 
-# One look per kind of run, the same in every plot.
+# One look per kind of run, the same in every plot, and its legend entry in the loss-vs-P plot.
 STYLE = {"p1": ("tab:blue", "o"), "streams": ("tab:orange", "s"), "prefix": ("tab:green", "^"),
          "wide": ("tab:purple", "D")}
+LEGEND = {"p1": "P=1 from scratch (the baseline)", "streams": "P>1 streams, from scratch",
+          "prefix": "P=1 + one prefix (control)", "wide": "P=1 wider (1.27x params)"}
 
 
 def _plt():
@@ -59,11 +61,10 @@ def plot_loss_vs_p(summary: dict[str, Any], path: Path) -> None:
             ax.plot(*zip(*line), "-", color="grey", lw=1, zorder=1)
     for r in scratch:
         color, marker = STYLE[r["kind"]]
-        ax.scatter(r["P"], r["val_loss"], color=color, marker=marker, s=60, zorder=2,
-                   label={"prefix": "P=1 + one prefix (control)", "wide": "P=1 wider (1.27x params)"}.get(
-                       r["kind"], "P streams, from scratch"))
+        # each kind its own label: one shared by P = 1 and the streams kept only the last marker
+        ax.scatter(r["P"], r["val_loss"], color=color, marker=marker, s=60, zorder=2, label=LEGEND[r["kind"]])
     handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
+    unique = dict(zip(labels, handles))  # one entry per kind
     ax.legend(unique.values(), unique.keys(), fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xticks([1, 2, 4], ["1", "2", "4"])

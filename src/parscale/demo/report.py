@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from parscale.atomic import atomic_write_text
+from parscale.cost.compare import against_parameters
 from parscale.demo.stats import SEED_NOISE
 
 PLOTS = ("curves.png", "loss_vs_p.png", "loss_vs_latency.png", "loss_vs_flops.png")
@@ -181,8 +182,11 @@ def report_markdown(summary: dict[str, Any]) -> str:
     cfg, m = summary["config"], summary["machine"]
     cpu = m["start"].get("cpu") or "unknown CPU"
     b1 = [r for r in summary["paper_cost"]["rows"] if r["batch_size"] == 1]
-    headline = "; ".join(f"P={r['P']}: {r['memory_ratio']:.1f}x less memory increase, "
-                         f"{r['latency_ratio']:.1f}x less latency increase" for r in b1)
+    headline = "; ".join(
+        f"P={r['P']}: " + against_parameters(r["memory_increase_param_gib"], r["memory_increase_parscale_gib"],
+                                             "memory increase")
+        + ", " + against_parameters(r["latency_increase_param_s"], r["latency_increase_parscale_s"], "latency increase")
+        for r in b1)
     parts = [
         f"# ParScale mini-study (`--budget {summary['budget']}`)",
         f"The `tiny` preset (d=128, 4 layers) on the Python standard library; seeds {list(cfg['seeds'])}. "

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 DELTA = 1e-3  # Huber threshold on log-loss residuals, as in the paper
 A_UNIT = 1e9  # A is measured in 1e9 parameters
 LOWER = 1e-12  # "> 0" as an L-BFGS-B bound
+# A parameter this close to LOWER sits on the bound: the data push it to zero, so the optimum is
+# a boundary point, not one the data determine (parameters are of order 1e-3 to 10 in A's units).
+AT_BOUND = 1e3 * LOWER
 NAMES = ("E", "A", "alpha", "k")
 GRID_E = tuple(np.exp([-1.0, -0.5, 0.0]))
 GRID_A = tuple(np.exp([-4.0, -2.0, 0.0, 2.0, 4.0]))
@@ -258,10 +261,21 @@ class FitResult:
     ci: dict[str, tuple[float, float]] | None = None
     ci_level: float = 0.95
     bootstrap_samples: int = 0
+    at_bound: tuple[str, ...] = ()  # parameters on their lower bound (0): the data do not determine them
 
     @property
     def law(self) -> Law:
         return Law(self.E, self.A, self.alpha, self.k)
+
+    @property
+    def p_range(self) -> tuple[float, float]:
+        """The smallest and largest P of the fitted points: a prediction outside extrapolates in P."""
+        return float(np.min(self.streams)), float(np.max(self.streams))
+
+    def beyond_data_p(self, streams: float) -> bool:
+        """Whether a prediction at `streams` lies outside the P range of the fitted points."""
+        lo, hi = self.p_range
+        return not lo <= float(streams) <= hi
 
     def predict(self, params, streams) -> np.ndarray:
         return predict(self.law, params, streams)
@@ -269,7 +283,8 @@ class FitResult:
     def to_dict(self) -> dict:
         """JSON-ready: E, A, alpha, k at top level (what `load_law` and `--law` read)."""
         out = {**self.law.to_dict(), "A_unit": A_UNIT, "objective": self.objective, "r2": self.r2,
-               "converged": self.converged, "n_starts": self.n_starts}
+               "converged": self.converged, "n_starts": self.n_starts, "at_bound": list(self.at_bound),
+               "P_range": list(self.p_range)}
         if self.ci is not None:
             out["ci"] = {name: list(bounds) for name, bounds in self.ci.items()}
             out["ci_level"], out["bootstrap_samples"] = self.ci_level, self.bootstrap_samples
@@ -364,8 +379,9 @@ def _result(theta, fun, n, p, y, converged, n_starts) -> FitResult:
     law = Law(*(float(v) for v in theta))
     pred = predict(law, n, p)
     r2 = 1.0 - float(np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2))
+    at_bound = tuple(name for name, value in zip(NAMES, theta) if value <= AT_BOUND)
     return FitResult(law.E, law.A, law.alpha, law.k, fun, r2, n, p, y, pred, (pred - y) / y,
-                     converged, n_starts)
+                     converged, n_starts, at_bound=at_bound)
 
 
 def bootstrap(params, streams, loss, theta, samples: int, *, seed: int = 0, iters: int = 200) -> np.ndarray:

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from parscale.atomic import atomic_save_figure, atomic_write_text
+from parscale.errors import has_module, missing_extra
+
+log = logging.getLogger(__name__)
+_SKIPPED_PLOT: list[bool] = []  # the skipped plot is said once per process, not at every evaluation
 
 
 class MetricsLog:
@@ -48,8 +53,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [r for r in map(_parse, Path(path).read_text().splitlines()) if r is not None]
 
 
-def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Train loss per step and validation loss at each evaluation, written atomically."""
+def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Train loss per step and validation loss at each evaluation, written atomically.
+
+    Without matplotlib (the `plot` extra) a run trains all the same: the plot is skipped, and
+    said once per process. Returns whether the plot was written."""
+    if not has_module("matplotlib"):
+        if not _SKIPPED_PLOT:
+            log.info("loss.png is not drawn: %s", missing_extra("matplotlib", "the loss plot"))
+            _SKIPPED_PLOT.append(True)
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,3 +83,4 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.legend()
     fig.tight_layout()
     atomic_save_figure(fig, path, dpi=110)
+    return True
