@@ -69,6 +69,7 @@ class TrainConfig:
     grad_clip: float = 1.0              # 0 disables clipping
     stream_lr_mult: float = 1.0         # x the learning rate for the stream parameters (prefixes, aggregation)
     stream_similarity_penalty: float = 0.0  # + this x the streams' mean pairwise max(cos, 0) of hidden states in the loss
+    stream_decorrelation: float = 0.0   # adds this x how correlated the streams' final hidden states are (their mean squared cross-correlation, ND-LoRA's Barlow Twins term with target 0) to the loss, to make the streams differ (0: off)
     # --- evaluation and checkpoints
     eval_every: int = 100               # 0: only at the end
     eval_tokens: int | None = None      # held-out tokens per evaluation (None: all kept by data)
@@ -136,6 +137,8 @@ class TrainConfig:
                             "add --P 2 (or more) or --prefix-at-p1")
         if self.stream_similarity_penalty and self.P < 2:
             raise UserError("--stream-similarity-penalty compares streams, so it needs --P 2 or more")
+        if self.stream_decorrelation > 0 and self.P < 2:
+            raise UserError("--stream-decorrelation compares streams, so it needs --P 2 or more")
         if self.train == "streams" and self.P < 2:
             raise UserError("--train streams trains only the stream parameters, which exist for P >= 2; "
                             "add --P 2 (or more), or use --train full")
@@ -155,6 +158,7 @@ class TrainConfig:
             (self.prefix_mlp_hidden >= 0, "--prefix-mlp-hidden must be >= 0 (0: learn the prefixes directly)"),
             (self.stream_lr_mult > 0, "--stream-lr-mult must be positive (1: the same rate as the backbone)"),
             (self.stream_similarity_penalty >= 0, "--stream-similarity-penalty must be >= 0 (0: off)"),
+            (self.stream_decorrelation >= 0, "--stream-decorrelation must be >= 0 (0: off)"),
             (self.seq_len >= 2, "--seq-len must be at least 2 (one input and one target token)"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
             (self.batch_size % self.grad_accum == 0,
