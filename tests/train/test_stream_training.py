@@ -25,6 +25,9 @@ from parscale.train.loop import penalised_loss
 
 def test_param_groups_put_exactly_the_stream_parameters_in_their_own_groups(tiny_factory):
     model = to_parscale(tiny_factory("qwen2"), ParScaleConfig(2, 3))
+    with_lora = to_parscale(tiny_factory("qwen2"), ParScaleConfig(2, 3, stream_lora_rank=2))
+    lora = {id(p) for n, p in with_lora.named_parameters() if "stream_lora" in n}
+    assert len(lora) == 16 and lora <= {id(p) for g in param_groups(with_lora, 0.1, 3.0)[2:] for p in g["params"]}
     stream = {id(p) for _, p in model.stream_parameters()}
     every = {id(p) for p in model.parameters()}
     groups = param_groups(model, 0.1, stream_lr_mult=3.0)
@@ -123,6 +126,17 @@ def test_bad_stream_options_get_one_clear_error(tmp_path):
         TrainConfig(out=str(tmp_path), P=2, stream_decorrelation=-0.1)
     with pytest.raises(UserError, match="option stream_decorrelation must be float"):
         TrainConfig(out=str(tmp_path), P=2, stream_decorrelation="high")
+    with pytest.raises(UserError, match="--stream-lora-rank gives each stream its own adapter"):
+        TrainConfig(out=str(tmp_path), stream_lora_rank=4)
+    with pytest.raises(UserError, match="--stream-lora-rank must be >= 0"):
+        TrainConfig(out=str(tmp_path), P=2, stream_lora_rank=-1)
+    with pytest.raises(UserError, match="option stream_lora_rank must be int"):
+        TrainConfig(out=str(tmp_path), P=2, stream_lora_rank=2.5)
+    with pytest.raises(UserError, match="add --stream-lora-rank R"):
+        TrainConfig(out=str(tmp_path), P=2, stream_lora_alpha=8.0)
+    with pytest.raises(UserError, match="--stream-lora-alpha must be positive"):
+        TrainConfig(out=str(tmp_path), P=2, stream_lora_rank=4, stream_lora_alpha=0.0)
+    assert TrainConfig(out=str(tmp_path), P=1, prefix_at_p1=True, stream_lora_rank=4).stream_lora_rank == 4
 
 
 def _hand_cosine(step: int, base: float, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -133,7 +147,8 @@ def _hand_cosine(step: int, base: float, warmup: int, total: int, floor: float =
 def test_a_run_with_every_stream_option_logs_diagnostics_saves_plain_and_resumes_exactly(tmp_path):
     opts = micro_setup(tmp_path)
     opts.update(P=2, steps=STEPS, eval_every=4, save_every=4, keep_last=3, prefix_tokens=4, prefix_init_std=0.05,
-                prefix_mlp_hidden=8, stream_lr_mult=3.0, stream_similarity_penalty=0.1)
+                prefix_mlp_hidden=8, stream_lr_mult=3.0, stream_similarity_penalty=0.1, stream_decorrelation=0.1,
+                stream_lora_rank=4, stream_lora_alpha=8.0)
     prepare_data(DataConfig.from_dict(opts["data"]), cache_dir=opts["cache_dir"])
     reference = tmp_path / "reference"
     train_in_process(out=str(reference), **opts)
@@ -161,6 +176,8 @@ def test_a_run_with_every_stream_option_logs_diagnostics_saves_plain_and_resumes
     # the final model is a plain ParScale model; checkpoints carry the MLP beside it
     saved = load_file(str(reference / "final" / "model.safetensors"))
     assert "model.layers.0.self_attn.prefix_k" in saved and not any("prefix_encoder" in k for k in saved)
+    assert saved["model.layers.1.self_attn.v_proj.stream_lora_B"].abs().max() > 0  # the adapters learned
+    assert final.parscale_config.stream_lora_rank == 4 and final.parscale_config.stream_lora_scale == 2.0
     assert (reference / "ckpt-0000010" / PREFIX_ENCODER_FILE).is_file()
 
     # resumed from the reference's own checkpoint of step 4 (what a run stopped in update 5-8
@@ -192,3 +209,14 @@ def test_a_run_with_the_decorrelation_loss_trains_and_logs_the_correlation(tmp_p
     plain, decorrelated = (load_file(str(finals[w] / "model.safetensors")) for w in (0.0, 1.0))
     key = "model.layers.0.self_attn.prefix_k"
     assert not torch.equal(plain[key], decorrelated[key])
+
+
+def test_the_diversity_options_come_from_flags_and_from_yaml(tmp_path):
+    from parscale.cli.train import resolve_config
+
+    (tmp_path / "run.yaml").write_text("P: 2\nstream_lora_rank: 8\nstream_lora_alpha: 16\nstream_decorrelation: 0.2\n")
+    cfg, _ = resolve_config(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "a")])
+    assert (cfg.stream_lora_rank, cfg.stream_lora_alpha, cfg.stream_decorrelation) == (8, 16, 0.2)
+    cfg, _ = resolve_config(["--P", "4", "--stream-lora-rank", "2", "--stream-decorrelation", "0.5",
+                             "--out", str(tmp_path / "b")])
+    assert (cfg.stream_lora_rank, cfg.stream_lora_alpha, cfg.stream_decorrelation) == (2, None, 0.5)

@@ -180,8 +180,9 @@ def _setup_model(cfg: TrainConfig, data, ckpt: Path | None, env: distributed.Dis
 
 
 def _prefix_options(cfg: TrainConfig) -> dict:
-    """How the prefixes are initialised and parameterised (see `ParScaleConfig`)."""
-    return {"prefix_init_std": cfg.prefix_init_std, "prefix_mlp_hidden": cfg.prefix_mlp_hidden}
+    """How the prefixes are initialised and parameterised, and the stream adapters (see `ParScaleConfig`)."""
+    return {"prefix_init_std": cfg.prefix_init_std, "prefix_mlp_hidden": cfg.prefix_mlp_hidden,
+            "stream_lora_rank": cfg.stream_lora_rank, "stream_lora_alpha": cfg.stream_lora_alpha}
 
 
 def _check_resumed_model(cfg: TrainConfig, model, vocab_size: int) -> None:
