@@ -4,9 +4,10 @@ The paper trains stream parameters on a frozen backbone, so one deployed backbon
 P = 2, 4 and 8 stream sets and switch between them per request. A stream set is the prefixes
 of every attention layer plus the aggregation head (none for the one-prefix control at P = 1)
 and, where the set has them, the per-stream adapters of the attention projections
-(`stream_lora`); nothing of the backbone. On disk it is PEFT's layout: `adapter_model.safetensors` (the released
-key names, e.g. `model.layers.0.self_attn.prefix_k`) and `adapter_config.json` (the ParScale
-config, the base model's path and a fingerprint of the backbone).
+(`stream_lora`); nothing of the backbone. On disk it is PEFT's layout:
+`adapter_model.safetensors` (the released key names, e.g. `model.layers.0.self_attn.prefix_k`)
+and `adapter_config.json` (the ParScale config, the base model's path and a fingerprint of the
+backbone).
 
 Switching installs the chosen set's parameters on the attention modules and the decoder (the
 same tensor objects, no copy of anything) and re-selects the attention function; the backbone
