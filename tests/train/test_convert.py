@@ -179,3 +179,26 @@ def test_the_start_of_the_data_order_follows_the_documented_rule(tmp_path, caplo
         assert data_order.start_row(cfg, other) == 0
     assert "seq_len differ" in caplog.text and "train_fingerprint differ" in caplog.text
     assert data_order.start_row(SimpleNamespace(**{**vars(cfg), "init_from": str(tmp_path)}), data) == 0  # no record
+
+
+def test_streams_mode_trains_the_stream_adapters_and_saves_them_with_the_streams(trained_p1):
+    """--stream-lora-rank with the backbone frozen: the adapters learn (A once B has moved), the
+    backbone stays bitwise the P=1 model's, and final-streams/ carries the adapters."""
+    root, opts, final, data = trained_p1
+    fields = dict(out=str(root / "p2-lora"), init_from=str(final), P=2, steps=3, train="streams", stream_lora_rank=4,
+                  **{**opts, "model_config": None, "lr": 1e-2, "eval_every": 0, "save_every": 0})
+    cfg = TrainConfig(**fields)
+    out_dir = train_in_process(**fields)
+    before = to_parscale(_plain(final), ParScaleConfig(n_streams=2, stream_lora_rank=4), seed=cfg.seed)
+    after = ParScaleForCausalLM.from_pretrained(out_dir)
+    start, end = before.state_dict(), after.state_dict()
+    assert start.keys() == end.keys()
+    lora = [k for k in start if "stream_lora" in k]
+    assert len(lora) == 2 * 4 * 2  # layers x q, k, v, o x (A, B)
+    assert all(not torch.equal(start[k], end[k]) for k in lora)
+    assert all(torch.equal(start[k], end[k]) for k in start if not any(m in k for m in ("prefix", "aggregate", "lora")))
+    base = ParScaleForCausalLM.from_pretrained(final)
+    base.set_streams(base.load_streams(cfg.run_dir / "final-streams"))
+    x = torch.randint(0, after.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(base(x).logits, after(x).logits)

@@ -21,9 +21,9 @@ def attention_flops(seq_len: int, prefix: int) -> float:
     return 2 * 2 * 2 * 32 * ((seq_len + 1) / 2 + prefix)
 
 
-def micro(P: int, prefix_tokens: int = 48, train: str = "full"):
+def micro(P: int, prefix_tokens: int = 48, train: str = "full", **options):
     fields = {k: v for k, v in MICRO.items() if k != "model_type"}
-    model = convert.model_from_scratch(Qwen2Config(**fields), P, prefix_tokens, 0.01, seed=0)
+    model = convert.model_from_scratch(Qwen2Config(**fields), P, prefix_tokens, 0.01, seed=0, **options)
     if train == "streams":
         model.freeze_backbone()
     return model
@@ -42,6 +42,18 @@ def test_flops_per_token_match_a_hand_count():
     # P = 1 is the plain model: no prefix, no aggregation, 6 N + the attention term.
     want = 6 * DECODER + 3 * attention_flops(L, 0) + 6 * LM_HEAD
     assert throughput.training_flops_per_token(throughput.flop_shape(micro(1)), L) == pytest.approx(want, rel=1e-12)
+
+
+def test_stream_adapters_count_one_streams_slice_per_row():
+    """Rank 4 on q, k, v, o: each row runs its own stream's A [4, in] and B [out, 4], i.e. 4 x (in + out)
+    multiply-accumulates per projection: 4 x ((32+32) + (32+16) + (32+16) + (32+32)) = 896 per layer."""
+    L, adapters = 32, 2 * 896
+    want = 2 * (6 * (DECODER + adapters) + 3 * attention_flops(L, 48)) + 6 * (LM_HEAD + AGGREGATION)
+    got = throughput.training_flops_per_token(throughput.flop_shape(micro(2, stream_lora_rank=4)), L)
+    assert got == pytest.approx(want, rel=1e-12)
+    want = 2 * (4 * DECODER + 6 * adapters + 3 * attention_flops(L, 48)) + 4 * LM_HEAD + 6 * AGGREGATION
+    got = throughput.training_flops_per_token(throughput.flop_shape(micro(2, train="streams", stream_lora_rank=4)), L)
+    assert got == pytest.approx(want, rel=1e-12)  # frozen backbone: the adapters still learn
 
 
 def test_flops_per_token_agree_with_the_cost_model():

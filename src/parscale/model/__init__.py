@@ -1,7 +1,8 @@
 """The model: P streams over any transformers decoder-only causal LM.
 
 Lives here: `config` (ParScaleConfig), `wrapper` (ParScaleForCausalLM, to_parscale), `streams`
-(the per-stream prefixes), `prefix_attention` (the attention and mask functions registered with
+(the per-stream prefixes), `stream_lora` (per-stream LoRA on the attention projections),
+`prefix_attention` (the attention and mask functions registered with
 transformers), `decoding` (compiled decoding's generate keywords), `aggregation` (the dynamic weighted sum),
 `introspect` (all knowledge of backbone architectures), `format` (the released
 `qwen2_parscale` checkpoint files), `kernels` (the few-row CPU matmul for decoding, built

@@ -2,10 +2,12 @@
 
 The paper trains stream parameters on a frozen backbone, so one deployed backbone can carry
 P = 2, 4 and 8 stream sets and switch between them per request. A stream set is the prefixes
-of every attention layer plus the aggregation head (none for the one-prefix control at P = 1);
-nothing of the backbone. On disk it is PEFT's layout: `adapter_model.safetensors` (the released
-key names, e.g. `model.layers.0.self_attn.prefix_k`) and `adapter_config.json` (the ParScale
-config, the base model's path and a fingerprint of the backbone).
+of every attention layer plus the aggregation head (none for the one-prefix control at P = 1)
+and, where the set has them, the per-stream adapters of the attention projections
+(`stream_lora`); nothing of the backbone. On disk it is PEFT's layout:
+`adapter_model.safetensors` (the released key names, e.g. `model.layers.0.self_attn.prefix_k`)
+and `adapter_config.json` (the ParScale config, the base model's path and a fingerprint of the
+backbone).
 
 Switching installs the chosen set's parameters on the attention modules and the decoder (the
 same tensor objects, no copy of anything) and re-selects the attention function; the backbone
@@ -25,7 +27,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from transformers import GenerationConfig
 
 from parscale.atomic import atomic_write, atomic_write_json
 from parscale.errors import UserError
-from parscale.model import introspect, kernels, prefix_attention
+from parscale.model import introspect, kernels, prefix_attention, stream_lora
 from parscale.model.aggregation import AggregationHead
 from parscale.model.config import ParScaleConfig
 from parscale.model.format import read_json
@@ -44,7 +46,7 @@ from parscale.model.format import read_json
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_TYPE = "PARSCALE_STREAMS"
-STREAM_MARKERS = ("prefix_k", "prefix_v", "aggregate_layer.", "prefix_encoder.")
+STREAM_MARKERS = ("prefix_k", "prefix_v", "aggregate_layer.", "prefix_encoder.", stream_lora.MARKER)
 FORMAT_VERSION = 1
 # Config fields that do not change what the backbone computes from its weights: names and
 # versions, the dtype (the checksums compare bfloat16 values), what a forward returns, labels,
@@ -62,18 +64,20 @@ logger = logging.getLogger(__name__)
 
 
 def is_stream_key(key: str) -> bool:
-    """A state-dict key of a stream parameter (prefix or aggregation), not of the backbone."""
+    """A state-dict key of a stream parameter (prefix, aggregation, stream adapter), not of the backbone."""
     return any(marker in key for marker in STREAM_MARKERS)
 
 
 @dataclass
 class StreamSet:
-    """One set of stream parameters: a prefix pair per attention layer and the aggregation head
-    (none for the P = 1 control with one prefix, `prefix_at_p1`)."""
+    """One set of stream parameters: a prefix pair per attention layer, the aggregation head
+    (none for the P = 1 control with one prefix, `prefix_at_p1`) and the stream adapters
+    (none unless `config.stream_lora_rank`)."""
 
     config: ParScaleConfig
     prefixes: list[tuple[nn.Parameter, nn.Parameter]]  # per attention module, in layer order
     head: AggregationHead | None
+    loras: list[tuple[nn.Parameter, nn.Parameter]] = field(default_factory=list)  # (A, B) per projection
 
     def tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The set's tensors under the model's own key names (the released ones)."""
@@ -84,10 +88,16 @@ class StreamSet:
         decoder = _decoder_name(model)
         for key, tensor in (self.head.state_dict() if self.head is not None else {}).items():
             out[f"{decoder}aggregate_layer.{key}"] = tensor
+        if self.loras:
+            where = {id(attention): name for name, attention in zip(names, introspect.attention_modules(model))}
+            for (attention, proj), (lora_a, lora_b) in zip(stream_lora.projections(model), self.loras):
+                prefix = f"{where[id(attention)]}.{proj}"
+                out[f"{prefix}.{stream_lora.A_NAME}"], out[f"{prefix}.{stream_lora.B_NAME}"] = lora_a, lora_b
         return out
 
     def nbytes(self) -> int:
-        params = [p for pair in self.prefixes for p in pair] + list(self.head.parameters() if self.head else [])
+        params = [p for pair in self.prefixes + self.loras for p in pair]
+        params += list(self.head.parameters() if self.head else [])
         return sum(p.numel() * p.element_size() for p in params)
 
 
@@ -110,7 +120,8 @@ def capture(model: nn.Module) -> StreamSet | None:
     if not config.has_prefixes:
         return None
     prefixes = [(a.prefix_k, a.prefix_v) for a in introspect.attention_modules(model)]
-    return StreamSet(config, prefixes, model.get_decoder().aggregate_layer if config.n_streams > 1 else None)
+    loras = stream_lora.installed(model) if config.stream_lora_rank else []
+    return StreamSet(config, prefixes, model.get_decoder().aggregate_layer if config.n_streams > 1 else None, loras)
 
 
 def empty_set(model: nn.Module, config: ParScaleConfig) -> StreamSet:
@@ -125,16 +136,20 @@ def empty_set(model: nn.Module, config: ParScaleConfig) -> StreamSet:
                 for _ in introspect.attention_modules(model)]
     head = AggregationHead(model.config.hidden_size, config.n_streams, config.attn_smooth, device=ref.device,
                            dtype=ref.dtype) if config.n_streams > 1 else None
-    return StreamSet(config, prefixes, head)
+    rank = config.stream_lora_rank
+    loras = stream_lora.empty_adapters(model, config.n_streams, rank) if rank else []
+    return StreamSet(config, prefixes, head, loras)
 
 
 def install(model: nn.Module, stream_set: StreamSet | None, plain_attention: str) -> None:
     """Make `stream_set` the model's streams (None: the plain backbone); moves no backbone weight.
 
-    What the previous set added is removed first (prefixes, aggregation head), so the plain
-    backbone has the base model's modules, parameters and state-dict keys, nothing more."""
+    What the previous set added is removed first (prefixes, aggregation head, stream adapters),
+    so the plain backbone has the base model's modules, parameters and state-dict keys, nothing more."""
     attentions = introspect.attention_modules(model)
     decoder = model.get_decoder()
+    if model.parscale_config.stream_lora_rank:
+        stream_lora.install(model, [], 0.0)
     for attention in attentions:
         for name in ("prefix_k", "prefix_v"):
             if hasattr(attention, name):
@@ -151,6 +166,11 @@ def install(model: nn.Module, stream_set: StreamSet | None, plain_attention: str
             if param.device != ref.device or param.dtype != ref.dtype:
                 param.data = param.data.to(device=ref.device, dtype=ref.dtype)
         attention.prefix_k, attention.prefix_v = k, v
+    for param in (p for pair in stream_set.loras for p in pair):
+        if param.device != ref.device or param.dtype != ref.dtype:
+            param.data = param.data.to(device=ref.device, dtype=ref.dtype)
+    if stream_set.loras:
+        stream_lora.install(model, stream_set.loras, stream_set.config.stream_lora_scale)
     model.parscale_config = stream_set.config
     decoder.set_attn_implementation(prefix_attention.register_attention(plain_attention))
     if stream_set.head is None:  # the one-prefix control: no aggregation

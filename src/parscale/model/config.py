@@ -43,6 +43,12 @@ class ParScaleConfig:
             prefix slot, through `Linear(H, N) -> tanh -> Linear(N, layers*2*kv*head_dim)`,
             produces every layer's K/V prefixes. A training-time choice: `save_pretrained`
             writes the prefixes it produces, so the saved model is a plain ParScale model.
+        stream_lora_rank: 0 adds nothing. R > 0 gives every stream its own rank-R LoRA on each
+            attention projection (q, k, v, o), ND-LoRA's stream-specific adapters (see
+            `stream_lora`); B starts at zero, so a new model computes what it would without them.
+            Stream parameters: trained with the streams, saved with them.
+        stream_lora_alpha: the adapters' update is scaled by alpha / rank; None: alpha = rank
+            (scale 1).
 
     >>> ParScaleConfig(n_streams=4).n_prefix_tokens
     48
@@ -54,6 +60,8 @@ class ParScaleConfig:
     prefix_at_p1: bool = False
     prefix_init_std: float = 0.02
     prefix_mlp_hidden: int = 0
+    stream_lora_rank: int = 0
+    stream_lora_alpha: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("n_streams", self.n_streams, 1, "use n_streams=1 for the plain model or e.g. 2, 4, 8")
@@ -82,17 +90,43 @@ class ParScaleConfig:
         if self.prefix_mlp_hidden and not self.has_prefixes:
             raise UserError("prefix_mlp_hidden produces prefixes, and a plain P = 1 model has none; "
                             "use n_streams >= 2 or prefix_at_p1=True, or drop prefix_mlp_hidden")
+        self._check_stream_lora()
+
+    def _check_stream_lora(self) -> None:
+        _check_int("stream_lora_rank", self.stream_lora_rank, 0, "0 adds no adapters, e.g. 8 or 16 gives each "
+                   "stream its own LoRA of that rank")
+        if self.stream_lora_rank and not self.has_prefixes:
+            raise UserError("stream_lora_rank gives each stream its own adapter, and a plain P = 1 model has no "
+                            "streams; use n_streams >= 2 (or prefix_at_p1=True), or drop stream_lora_rank")
+        alpha = self.stream_lora_alpha
+        if alpha is None:
+            return
+        if not self.stream_lora_rank:
+            raise UserError("stream_lora_alpha scales the stream adapters; set stream_lora_rank too, or drop it")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) < float("inf"):
+            raise UserError(f"stream_lora_alpha must be a positive number, got {alpha!r}; the default (None) is "
+                            "the rank, a scale of 1")
+        object.__setattr__(self, "stream_lora_alpha", float(alpha))
 
     @property
     def has_prefixes(self) -> bool:
         """Whether attention prepends learnable prefixes (every P > 1, and the P = 1 control)."""
         return self.n_streams > 1 or self.prefix_at_p1
 
+    @property
+    def stream_lora_scale(self) -> float:
+        """alpha / rank, what the stream adapters' update is multiplied by (1 by default)."""
+        if not self.stream_lora_rank:
+            return 0.0
+        alpha = self.stream_lora_alpha if self.stream_lora_alpha is not None else self.stream_lora_rank
+        return alpha / self.stream_lora_rank
+
     def to_dict(self) -> dict[str, Any]:
         """The fields; the optional ones only when they differ from their defaults, so files
         written without them keep their old layout."""
         data = asdict(self)
-        for name, default in (("prefix_at_p1", False), ("prefix_init_std", 0.02), ("prefix_mlp_hidden", 0)):
+        for name, default in (("prefix_at_p1", False), ("prefix_init_std", 0.02), ("prefix_mlp_hidden", 0),
+                              ("stream_lora_rank", 0), ("stream_lora_alpha", None)):
             if data[name] == default:
                 del data[name]
         return data

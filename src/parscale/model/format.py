@@ -9,6 +9,10 @@ Layout (what `save_pretrained` writes and `from_pretrained` reads):
   keys plus `model.layers.{i}.self_attn.prefix_k/prefix_v` `[P, n_kv, T, head_dim]` and
   `model.aggregate_layer.{0,2}.{weight,bias}`; no `lm_head.weight` when embeddings are tied.
 A directory without `parscale_*` fields is a plain transformers model and loads as P = 1.
+Beyond the release, and written only when set: `parscale_prefix_at_p1` (the one-prefix control)
+and `parscale_stream_lora_rank`/`_alpha` with the adapters' keys
+`model.layers.{i}.self_attn.{q,k,v,o}_proj.stream_lora_A` `[P, R, in]` and `.stream_lora_B`
+`[P, out, R]` (see `stream_lora`), which only this package reads.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ RELEASED_ARCHITECTURE = "Qwen2ParScaleForCausalLM"
 CONFIG_MAP = {"n_streams": "parscale_n", "n_prefix_tokens": "parscale_n_tokens", "attn_smooth": "parscale_attn_smooth"}
 # Our one field beyond the release: the P = 1 control with one prefix (absent = false).
 PREFIX_AT_P1 = "parscale_prefix_at_p1"
+# And the per-stream adapters (absent = none): ParScaleConfig field <- config.json field.
+STREAM_LORA_MAP = {"stream_lora_rank": "parscale_stream_lora_rank", "stream_lora_alpha": "parscale_stream_lora_alpha"}
 # The released model types whose backbone is a stock transformers config class.
 BACKBONE_OF_MODEL_TYPE = {RELEASED_MODEL_TYPE: Qwen2Config}
 _DROP_ON_LOAD = ("model_type", "architectures", "auto_map", "transformers_version")
@@ -52,6 +58,8 @@ def split_config(raw: dict[str, Any]) -> tuple[PretrainedConfig, ParScaleConfig]
     found = {ours: raw.pop(theirs) for ours, theirs in CONFIG_MAP.items() if theirs in raw}
     if raw.pop(PREFIX_AT_P1, False):
         found["prefix_at_p1"] = True
+    lora = {ours: raw.pop(theirs, None) for ours, theirs in STREAM_LORA_MAP.items()}
+    found.update({ours: value for ours, value in lora.items() if value is not None})
     model_type = raw.get("model_type")
     if model_type is None:
         raise UserError("config.json has no model_type; it is not a transformers model directory")
@@ -64,8 +72,8 @@ def split_config(raw: dict[str, Any]) -> tuple[PretrainedConfig, ParScaleConfig]
         except ValueError as err:
             raise UserError(f"config.json has model_type={model_type!r}, which transformers does not know") from err
     if found and "n_streams" not in found:
-        raise UserError(f"config.json has {sorted(CONFIG_MAP.get(k, PREFIX_AT_P1) for k in found)} but no "
-                        "parscale_n; add parscale_n")
+        names = {**CONFIG_MAP, **STREAM_LORA_MAP, "prefix_at_p1": PREFIX_AT_P1}
+        raise UserError(f"config.json has {sorted(names[k] for k in found)} but no parscale_n; add parscale_n")
     parscale = ParScaleConfig(**found) if found else ParScaleConfig(n_streams=1)
     return backbone, parscale
 
@@ -87,6 +95,9 @@ def config_dict(model) -> dict[str, Any]:
         data[theirs] = getattr(model.parscale_config, ours)
     if model.parscale_config.prefix_at_p1:  # written only when set: the released P = 1 files stay as they are
         data[PREFIX_AT_P1] = True
+    for ours, theirs in STREAM_LORA_MAP.items():  # likewise: files without adapters keep the released layout
+        if getattr(model.parscale_config, ours):
+            data[theirs] = getattr(model.parscale_config, ours)
     return data
 
 

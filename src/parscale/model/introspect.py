@@ -18,6 +18,8 @@ _UNSUPPORTED_CONFIG_FIELDS = {
 # Config fields that rescale the logits inside the model's own causal-LM head.
 _LOGIT_SCALES = ("logit_scale", "logits_scaling")
 _ATTENTION_NAMES = ("self_attn", "attention", "attn")
+# The separate query, key, value and output projections of Llama/Qwen2/Mistral-style attention.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def _name(model: nn.Module) -> str:
@@ -71,6 +73,20 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
         if module is None:
             raise UserError(f"{_name(model)}: decoder layer {index} has no attention module named one of {_ATTENTION_NAMES}")
         found.append(module)
+    return found
+
+
+def attention_projections(model: nn.Module) -> list[tuple[str, ...]]:
+    """The names of every attention module's q, k, v and o projections, in layer order; a
+    `UserError` naming the architecture if one is missing (e.g. a fused qkv projection)."""
+    found = []
+    for index, module in enumerate(attention_modules(model)):
+        missing = [n for n in ATTENTION_PROJECTIONS if not hasattr(getattr(module, n, None), "in_features")]
+        if missing:
+            raise UserError(f"{_name(model)}: attention layer {index} has no separate {', '.join(missing)} "
+                            f"projection(s), which per-stream adapters need ({', '.join(ATTENTION_PROJECTIONS)}, "
+                            "as in Llama/Qwen2/Mistral); use stream_lora_rank=0")
+        found.append(ATTENTION_PROJECTIONS)
     return found
 
 

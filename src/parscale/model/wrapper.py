@@ -25,6 +25,7 @@ from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from parscale.model import adapters, format as checkpoint_format, introspect, kernels, options, quantize, streams
+from parscale.model import stream_lora
 from parscale.model import prefix_attention
 from parscale.model.cache_api import OUTPUT_FIELD, cache_kwargs, output_cache
 from parscale.model.aggregation import AggregationHead
@@ -132,6 +133,9 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
             for attention in introspect.attention_modules(base):
                 streams.add_prefixes(attention, n_streams, n_kv_heads, parscale_config.n_prefix_tokens, head_dim)
             self.model.set_attn_implementation(prefix_attention.register_attention(self._plain_attention))
+        if parscale_config.stream_lora_rank:  # zero until `init_stream_parameters` or a state dict fills them
+            stream_lora.install(base, stream_lora.empty_adapters(base, n_streams, parscale_config.stream_lora_rank),
+                                parscale_config.stream_lora_scale)
         if n_streams > 1:
             ref = self.lm_head.weight
             self.model.aggregate_layer = AggregationHead(
@@ -196,7 +200,7 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
     def quantize_int8(self) -> "ParScaleForCausalLM":
         """Weight-only int8 for CPU decoding (opt-in; see `quantize`): the backbone's Linear layers
         and the lm_head (unless tied to the embeddings) get int8 weights with per-row float32
-        scales; the prefixes and the aggregation MLP keep their dtype. Inference only, and the
+        scales; the prefixes, the aggregation MLP and the stream adapters keep their dtype. Inference only, and the
         model can no longer be saved (save before, quantize after loading). Returns the model."""
         embedding = self.get_input_embeddings().weight
         skip = {name for name, m in self.named_modules() if name.endswith("aggregate_layer")}
@@ -204,7 +208,12 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
             skip.add("prefix_encoder")
         if isinstance(self.lm_head, nn.Linear) and self.lm_head.weight is embedding:
             skip.add("lm_head")  # tied: the embedding table stays as it is, and so does the head
+        lora = stream_lora.installed(self) if self.parscale_config.stream_lora_rank else []
+        if lora:  # the stream adapters move to the int8 projections, in float
+            stream_lora.install(self, [], 0.0)
         saved = quantize.quantize_int8(self, skip=skip)
+        if lora:
+            stream_lora.install(self, lora, self.parscale_config.stream_lora_scale)
         logger.info("int8 weights: %.1f MB saved", saved / 1e6)
         return self
 
@@ -321,7 +330,7 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ----- parameters -------------------------------------------------------------------
     def stream_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The prefixes and the aggregation head: what P > 1 adds to the backbone."""
+        """The prefixes, the aggregation head and the stream adapters: what P > 1 adds to the backbone."""
         for name, param in self.named_parameters():
             if adapters.is_stream_key(name):
                 yield name, param
@@ -444,7 +453,9 @@ class Qwen2ParScaleForCausalLM(ParScaleForCausalLM):
 
 
 def init_stream_parameters(model: ParScaleForCausalLM, seed: int = 0) -> None:
-    """Prefixes ~ N(0, prefix_init_std) (or the prefix encoder, see `streams.PrefixEncoder`), aggregation first layer U(±1/sqrt(fan_in)), last layer zero.
+    """Prefixes ~ N(0, prefix_init_std) (or the prefix encoder, see `streams.PrefixEncoder`),
+    aggregation first layer U(±1/sqrt(fan_in)), last layer zero, and the stream adapters' A
+    U(±1/sqrt(in)), B zero (see `stream_lora`), drawn in that order.
 
     All draws come from one `torch.Generator(seed)`, so the backbone and the stream
     parameters are independent random draws. The zero last layer makes the initial
@@ -460,6 +471,8 @@ def init_stream_parameters(model: ParScaleForCausalLM, seed: int = 0) -> None:
         streams.init_prefixes_normal(model.attention_modules(), generator, std)
     if model.parscale_config.n_streams > 1:
         model.model.aggregate_layer.reset_parameters(generator)
+    if model.parscale_config.stream_lora_rank:  # drawn last: models without adapters keep their draws
+        stream_lora.init_adapters(model, generator)
 
 
 def to_parscale(model: PreTrainedModel, config: ParScaleConfig, seed: int = 0) -> ParScaleForCausalLM:

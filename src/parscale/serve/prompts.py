@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from parscale.errors import UserError
-from parscale.model.format import CONFIG_MAP, RELEASED_ARCHITECTURE, RELEASED_MODEL_TYPE
+from parscale.model.format import CONFIG_MAP, RELEASED_ARCHITECTURE, RELEASED_MODEL_TYPE, STREAM_LORA_MAP
 
 SERVABLE_MODEL_TYPES = (RELEASED_MODEL_TYPE, "qwen2")
 SLOT_TOKEN_ID = 0  # any id works: the slots' keys and values are overwritten in every layer
@@ -48,6 +48,10 @@ def check_servable(config: Any) -> None:
     for field, feature in _UNSUPPORTED.items():
         if _get(config, field, False):
             raise UserError(f"the checkpoint uses {feature} ({field}=true), which the vLLM plugin does not support")
+    if _get(config, STREAM_LORA_MAP["stream_lora_rank"], 0):
+        raise UserError("the checkpoint has per-stream adapters on its attention projections "
+                        f"({STREAM_LORA_MAP['stream_lora_rank']}), which the vLLM plugin does not apply; "
+                        "serve it with `parscale generate`")
     heads, hidden = _get(config, "num_attention_heads", 0), _get(config, "hidden_size", 0)
     head_dim = _get(config, "head_dim", None)
     if head_dim is not None and heads and head_dim * heads != hidden:

@@ -67,8 +67,11 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0              # 0 disables clipping
-    stream_lr_mult: float = 1.0         # x the learning rate for the stream parameters (prefixes, aggregation)
+    stream_lr_mult: float = 1.0         # x the learning rate for the stream parameters (prefixes, aggregation, stream adapters)
     stream_similarity_penalty: float = 0.0  # + this x the streams' mean pairwise max(cos, 0) of hidden states in the loss
+    stream_decorrelation: float = 0.0   # adds this x how correlated the streams' final hidden states are (their mean squared cross-correlation, ND-LoRA's Barlow Twins term with target 0) to the loss, to make the streams differ (0: off)
+    stream_lora_rank: int = 0           # >0: every stream gets its own LoRA of this rank on each attention projection (q, k, v, o), trained and saved with the streams (ND-LoRA; 0: none)
+    stream_lora_alpha: float | None = None  # the stream LoRA's update is scaled by alpha/rank (default: the rank, a scale of 1)
     # --- evaluation and checkpoints
     eval_every: int = 100               # 0: only at the end
     eval_tokens: int | None = None      # held-out tokens per evaluation (None: all kept by data)
@@ -136,6 +139,13 @@ class TrainConfig:
                             "add --P 2 (or more) or --prefix-at-p1")
         if self.stream_similarity_penalty and self.P < 2:
             raise UserError("--stream-similarity-penalty compares streams, so it needs --P 2 or more")
+        if self.stream_decorrelation > 0 and self.P < 2:
+            raise UserError("--stream-decorrelation compares streams, so it needs --P 2 or more")
+        if self.stream_lora_rank > 0 and self.P == 1 and not self.prefix_at_p1:
+            raise UserError("--stream-lora-rank gives each stream its own adapter, and a plain P=1 model has no "
+                            "streams; add --P 2 (or more) or --prefix-at-p1")
+        if self.stream_lora_alpha is not None and not self.stream_lora_rank:
+            raise UserError("--stream-lora-alpha scales the stream adapters; add --stream-lora-rank R, or drop it")
         if self.train == "streams" and self.P < 2:
             raise UserError("--train streams trains only the stream parameters, which exist for P >= 2; "
                             "add --P 2 (or more), or use --train full")
@@ -155,6 +165,10 @@ class TrainConfig:
             (self.prefix_mlp_hidden >= 0, "--prefix-mlp-hidden must be >= 0 (0: learn the prefixes directly)"),
             (self.stream_lr_mult > 0, "--stream-lr-mult must be positive (1: the same rate as the backbone)"),
             (self.stream_similarity_penalty >= 0, "--stream-similarity-penalty must be >= 0 (0: off)"),
+            (self.stream_decorrelation >= 0, "--stream-decorrelation must be >= 0 (0: off)"),
+            (self.stream_lora_rank >= 0, "--stream-lora-rank must be >= 0 (0: no stream adapters)"),
+            (self.stream_lora_alpha is None or self.stream_lora_alpha > 0,
+             "--stream-lora-alpha must be positive (default: the rank, a scale of 1)"),
             (self.seq_len >= 2, "--seq-len must be at least 2 (one input and one target token)"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
             (self.batch_size % self.grad_accum == 0,

@@ -35,7 +35,8 @@ def wrap_streams(base: torch.nn.Module, P: int, prefix_tokens: int, attn_smooth:
                  prefix_at_p1: bool = False, **prefix_options):
     """Wrap a transformers causal LM with P streams (P=1: the exact base model, unless `prefix_at_p1`).
 
-    `prefix_options`: `prefix_init_std`, `prefix_mlp_hidden` (see `ParScaleConfig`)."""
+    `prefix_options`: `prefix_init_std`, `prefix_mlp_hidden`, `stream_lora_rank`, `stream_lora_alpha`
+    (see `ParScaleConfig`)."""
     api = _parscale_api()
     if api is None:
         if P != 1 or prefix_at_p1:
@@ -168,7 +169,9 @@ def unsharded_replica(model: torch.nn.Module, full_state: dict[str, torch.Tensor
     pcfg = getattr(model, "parscale_config", None)
     replica = base if pcfg is None else wrap_streams(base, pcfg.n_streams, pcfg.n_prefix_tokens,
                                                      pcfg.attn_smooth, seed=0, prefix_at_p1=pcfg.prefix_at_p1,
-                                                     prefix_mlp_hidden=pcfg.prefix_mlp_hidden)
+                                                     prefix_mlp_hidden=pcfg.prefix_mlp_hidden,
+                                                     stream_lora_rank=pcfg.stream_lora_rank,
+                                                     stream_lora_alpha=pcfg.stream_lora_alpha)
     replica.load_state_dict(full_state, strict=True)
     return replica
 
@@ -179,7 +182,8 @@ def n_streams(model: torch.nn.Module) -> int:
 
 
 def set_train_mode(model: torch.nn.Module, mode: str) -> None:
-    """`full`: every weight learns. `streams`: only prefixes and aggregation learn."""
+    """`full`: every weight learns. `streams`: only the stream parameters (prefixes, aggregation,
+    stream adapters) learn."""
     if mode == "streams":
         if not hasattr(model, "freeze_backbone"):
             raise UserError("--train streams needs a ParScale model (P > 1)")

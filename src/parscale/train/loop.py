@@ -28,7 +28,7 @@ from parscale.data.store import default_cache_dir
 from parscale.atomic import atomic_write_json
 from parscale.errors import UserError
 from parscale.interrupt import STOP_NOTICE, Interrupted, deferred_stop
-from parscale.model.diagnostics import capture_stream_states, pairwise_cosine, stream_diagnostics
+from parscale.model.diagnostics import capture_stream_states, cross_correlation, pairwise_cosine, stream_diagnostics
 from parscale.train import checkpoint as ckpt_io
 from parscale.train import convert, data_order, distributed, speed, throughput
 from parscale.train.config import TrainConfig, dump_yaml
@@ -180,8 +180,9 @@ def _setup_model(cfg: TrainConfig, data, ckpt: Path | None, env: distributed.Dis
 
 
 def _prefix_options(cfg: TrainConfig) -> dict:
-    """How the prefixes are initialised and parameterised (see `ParScaleConfig`)."""
-    return {"prefix_init_std": cfg.prefix_init_std, "prefix_mlp_hidden": cfg.prefix_mlp_hidden}
+    """How the prefixes are initialised and parameterised, and the stream adapters (see `ParScaleConfig`)."""
+    return {"prefix_init_std": cfg.prefix_init_std, "prefix_mlp_hidden": cfg.prefix_mlp_hidden,
+            "stream_lora_rank": cfg.stream_lora_rank, "stream_lora_alpha": cfg.stream_lora_alpha}
 
 
 def _check_resumed_model(cfg: TrainConfig, model, vocab_size: int) -> None:
@@ -250,17 +251,24 @@ def model_of(wrapped):
     return getattr(wrapped, "module", wrapped)
 
 
-def penalised_loss(wrapped, model, x: torch.Tensor, coef: float, labels: torch.Tensor | None = None,
-                   **loss_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def penalised_loss(wrapped, model, x: torch.Tensor, coef: float, labels: torch.Tensor | None = None, *,
+                   decorrelation: float = 0.0, **loss_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(language-model loss, the loss to minimise): the second adds `coef` x the mean over token
     positions and stream pairs of max(cosine, 0) of the streams' final hidden states, pushing the
-    streams towards orthogonal, not antiparallel (0: the same loss).
+    streams towards orthogonal, not antiparallel, and `decorrelation` x their mean squared
+    cross-correlation (`diagnostics.cross_correlation`, after ND-LoRA's Barlow Twins term)
+    (both 0: the same loss).
     `labels` default to the inputs (the model shifts them); `loss_kwargs` go to the loss."""
-    with capture_stream_states(model, enabled=coef > 0) as seen:
+    with capture_stream_states(model, enabled=coef > 0 or decorrelation > 0) as seen:
         loss = wrapped(input_ids=x, labels=x if labels is None else labels, **loss_kwargs).loss
     if not seen:
         return loss, loss
-    return loss, loss + coef * pairwise_cosine(seen[0], model.parscale_config.n_streams, positive=True)
+    n_streams, total = model.parscale_config.n_streams, loss
+    if coef > 0:
+        total = total + coef * pairwise_cosine(seen[0], n_streams, positive=True)
+    if decorrelation > 0:
+        total = total + decorrelation * cross_correlation(seen[0], n_streams)
+    return loss, total
 
 
 def scored_tokens(labels: list[torch.Tensor], env: distributed.DistEnv) -> torch.Tensor:
@@ -290,10 +298,11 @@ def _update(cfg: TrainConfig, env, wrapped, optimizer, data, step: int) -> tuple
         sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
         with sync, _autocast(cfg, env.device):
             loss, total = penalised_loss(wrapped, model_of(wrapped), x, cfg.stream_similarity_penalty,
-                                         labels=labels, num_items_in_batch=n_targets, use_cache=False)
+                                         labels=labels, decorrelation=cfg.stream_decorrelation,
+                                         num_items_in_batch=n_targets, use_cache=False)
             # The language-model part is this micro-batch's share of the global mean; DDP and
             # FSDP average the ranks' gradients, so it is scaled by the number of ranks to
-            # make their sum. The penalty is averaged over the micro-batches (and the ranks).
+            # make their sum. The penalties are averaged over the micro-batches (and the ranks).
             lm = loss * env.world_size if env.distributed else loss
             (lm + (total - loss) / cfg.grad_accum).backward()
         loss_sum += loss.item()

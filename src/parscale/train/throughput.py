@@ -77,7 +77,8 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def flop_shape(model: torch.nn.Module) -> FlopShape:
     """The `FlopShape` of a causal LM (ours or a plain transformers one): every `nn.Linear`
     weight inside a decoder layer runs per stream row, every other one (lm_head, aggregation)
-    per token; the prefix encoder runs once per step, not per token, and is left out."""
+    per token; the prefix encoder runs once per step, not per token, and is left out. A stream
+    adapter (`stream_lora_A`/`_B`, `[P, ...]`) runs one stream's slice per row: 1/P of it."""
     cfg = model.config
     layers = _decoder_layers(model)
     in_layers = {id(m) for layer in layers for m in layer.modules()}
@@ -87,6 +88,9 @@ def flop_shape(model: torch.nn.Module) -> FlopShape:
             continue
         where = "row" if id(module) in in_layers else "token"
         counts[where][0 if module.weight.requires_grad else 1] += module.weight.numel()
+    for name, param in model.named_parameters():
+        if ".stream_lora_" in name:
+            counts["row"][0 if param.requires_grad else 1] += param[0].numel()
     pcfg = getattr(model, "parscale_config", None)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
