@@ -87,9 +87,10 @@ void add_bias(float* y, const B* bias, int64_t M, int64_t N) {
     for (int64_t n = 0; n < N; ++n) y[m * N + n] += to_float(bias[n]);
 }
 
-// out[m * ldy + r] = dot(x[m], w[r]) for m < MC rows of x and r < R weight rows.
+// out[m * ldy + r] (+)= dot(x[m], w[r]) over `len` columns, for m < MC rows of x and r < R weight rows;
+// x and w rows are `ld` apart (a block of columns of longer rows); `add` accumulates onto out.
 template <int MC, int R, typename WT>
-inline void block(const float* x, int64_t K, const WT* w, float* out, int64_t ldy) {
+inline void block(const float* x, int64_t len, int64_t ld, const WT* w, float* out, int64_t ldy, bool add) {
   int64_t k = 0;
   float acc_s[R][MC] = {};
 #if defined(PARSCALE_AVX512)
@@ -97,15 +98,15 @@ inline void block(const float* x, int64_t K, const WT* w, float* out, int64_t ld
   __m512 acc[R][MC];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (; k < K; k += 16) {
-    const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+  for (; k < len; k += 16) {
+    const __mmask16 mask = len - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - k)) - 1);
     __m512 wv[R];
     for (int r = 0; r < R; ++r) {
-      PARSCALE_PREFETCH(w, r, R, K, k);
-      wv[r] = load16(w + r * K + k, mask);
+      PARSCALE_PREFETCH(w, r, R, ld, k);
+      wv[r] = load16(w + r * ld + k, mask);
     }
     for (int m = 0; m < MC; ++m) {
-      __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+      __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * ld + k);
       for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
     }
   }
@@ -115,27 +116,27 @@ inline void block(const float* x, int64_t K, const WT* w, float* out, int64_t ld
   __m256 acc[R][MC];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_setzero_ps();
-  for (; k + 8 <= K; k += 8) {
+  for (; k + 8 <= len; k += 8) {
     __m256 wv[R];
     for (int r = 0; r < R; ++r) {
-      if (k % 16 == 0) PARSCALE_PREFETCH(w, r, R, K, k);  // one line of float32 per two steps
-      wv[r] = load8(w + r * K + k);
+      if (k % 16 == 0) PARSCALE_PREFETCH(w, r, R, ld, k);  // one line of float32 per two steps
+      wv[r] = load8(w + r * ld + k);
     }
     for (int m = 0; m < MC; ++m) {
-      __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      __m256 xv = _mm256_loadu_ps(x + m * ld + k);
       for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MC; ++m) acc_s[r][m] = hsum(acc[r][m]);
 #endif
-  for (; k < K; ++k)  // the tail, or everything without AVX2 (vectorised by the compiler)
+  for (; k < len; ++k)  // the tail, or everything without AVX2 (vectorised by the compiler)
     for (int r = 0; r < R; ++r) {
-      float wk = to_float(w[r * K + k]);
-      for (int m = 0; m < MC; ++m) acc_s[r][m] += wk * x[m * K + k];
+      float wk = to_float(w[r * ld + k]);
+      for (int m = 0; m < MC; ++m) acc_s[r][m] += wk * x[m * ld + k];
     }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) out[m * ldy + r] = acc_s[r][m];
+    for (int m = 0; m < MC; ++m) out[m * ldy + r] = add ? out[m * ldy + r] + acc_s[r][m] : acc_s[r][m];
 }
 
 #ifdef PARSCALE_BF16DOT
@@ -143,25 +144,26 @@ inline void block(const float* x, int64_t K, const WT* w, float* out, int64_t ld
 // them into 16 float32 sums, so nothing is widened in registers (the widening made the AVX2
 // path core-bound at half the bytes). The inputs are exactly those the stock kernels see.
 template <int MC, int R>
-inline void block(const uint16_t* x, int64_t K, const uint16_t* w, float* out, int64_t ldy) {
+inline void block(const uint16_t* x, int64_t len, int64_t ld, const uint16_t* w, float* out, int64_t ldy,
+                  bool add) {
   __m512 acc[R][MC];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const __mmask32 mask = K - k >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (K - k)) - 1);
+  for (int64_t k = 0; k < len; k += 32) {
+    const __mmask32 mask = len - k >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (len - k)) - 1);
     __m512i wv[R];
     for (int r = 0; r < R; ++r) {
-      PARSCALE_PREFETCH(w, r, R, K, k);
-      wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * K + k);
+      PARSCALE_PREFETCH(w, r, R, ld, k);
+      wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * ld + k);
     }
     for (int m = 0; m < MC; ++m) {
-      __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * K + k);
+      __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * ld + k);
       for (int r = 0; r < R; ++r)
         acc[r][m] = _mm512_dpbf16_ps(acc[r][m], reinterpret_cast<__m512bh&>(wv[r]), reinterpret_cast<__m512bh&>(xv));
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) out[m * ldy + r] = _mm512_reduce_add_ps(acc[r][m]);
+    for (int m = 0; m < MC; ++m) out[m * ldy + r] = (add ? out[m * ldy + r] : 0.0f) + _mm512_reduce_add_ps(acc[r][m]);
 }
 #endif
 
@@ -174,25 +176,37 @@ template <int MC> constexpr int rows_per_step() { return MC <= 2 ? 4 : (MC <= 4 
 #endif
 
 template <int MC, typename XT, typename WT>
-void rows_range(const XT* x, int64_t K, const WT* w, float* y, int64_t N, int64_t n0, int64_t n1) {
+void rows_range(const XT* x, int64_t len, int64_t ld, const WT* w, float* y, int64_t N, int64_t n0, int64_t n1,
+                bool add) {
   constexpr int R = rows_per_step<MC>();
   int64_t n = n0;
-  for (; n + R <= n1; n += R) block<MC, R>(x, K, w + n * K, y + n, N);
-  for (; n < n1; ++n) block<MC, 1>(x, K, w + n * K, y + n, N);
+  for (; n + R <= n1; n += R) block<MC, R>(x, len, ld, w + n * ld, y + n, N, add);
+  for (; n < n1; ++n) block<MC, 1>(x, len, ld, w + n * ld, y + n, N, add);
 }
 
 template <typename XT, typename WT>
-void chunk(int64_t mc, const XT* x, int64_t K, const WT* w, float* y, int64_t N, int64_t n0, int64_t n1) {
+void chunk(int64_t mc, const XT* x, int64_t len, int64_t ld, const WT* w, float* y, int64_t N, int64_t n0,
+           int64_t n1, bool add) {
   switch (mc) {
-    case 1: return rows_range<1, XT, WT>(x, K, w, y, N, n0, n1);
-    case 2: return rows_range<2, XT, WT>(x, K, w, y, N, n0, n1);
-    case 3: return rows_range<3, XT, WT>(x, K, w, y, N, n0, n1);
-    case 4: return rows_range<4, XT, WT>(x, K, w, y, N, n0, n1);
-    case 5: return rows_range<5, XT, WT>(x, K, w, y, N, n0, n1);
-    case 6: return rows_range<6, XT, WT>(x, K, w, y, N, n0, n1);
-    case 7: return rows_range<7, XT, WT>(x, K, w, y, N, n0, n1);
-    default: return rows_range<8, XT, WT>(x, K, w, y, N, n0, n1);
+    case 1: return rows_range<1, XT, WT>(x, len, ld, w, y, N, n0, n1, add);
+    case 2: return rows_range<2, XT, WT>(x, len, ld, w, y, N, n0, n1, add);
+    case 3: return rows_range<3, XT, WT>(x, len, ld, w, y, N, n0, n1, add);
+    case 4: return rows_range<4, XT, WT>(x, len, ld, w, y, N, n0, n1, add);
+    case 5: return rows_range<5, XT, WT>(x, len, ld, w, y, N, n0, n1, add);
+    case 6: return rows_range<6, XT, WT>(x, len, ld, w, y, N, n0, n1, add);
+    case 7: return rows_range<7, XT, WT>(x, len, ld, w, y, N, n0, n1, add);
+    default: return rows_range<8, XT, WT>(x, len, ld, w, y, N, n0, n1, add);
   }
+}
+
+// Columns of x per pass: the rows of a chunk are re-read once per weight row, so x must stay in
+// L1. With 8 float32 rows of K = 2816 (a down projection) x is 90 KB, and every weight row then
+// streamed it from L2: the step became core-bound on those loads. Passes over blocks of at most
+// X_BYTES of x keep it in L1; each weight element is still read once, the partial sums add up in y.
+constexpr int64_t X_BYTES = 32768;
+inline int64_t k_step(int64_t mc, int64_t x_size, int64_t K) {
+  const int64_t step = std::max<int64_t>(256, (X_BYTES / (mc * x_size)) & ~int64_t(31));
+  return step >= K ? K : step;
 }
 
 template <typename XT, typename WT>
@@ -203,8 +217,11 @@ void run(const XT* x, int64_t M, int64_t K, const WT* w, float* y, int64_t N, in
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
   for (int64_t b = 0; b < blocks; ++b) {
     int64_t n0 = b * 16, n1 = std::min(N, n0 + 16);
-    for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M)  // later chunks re-read the weight block from cache
-      chunk<XT, WT>(std::min<int64_t>(CHUNK_M, M - m0), x + m0 * K, K, w, y + m0 * N, N, n0, n1);
+    for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M) {  // later chunks re-read the weight block from cache
+      const int64_t mc = std::min<int64_t>(CHUNK_M, M - m0), step = k_step(mc, sizeof(XT), K);
+      for (int64_t k0 = 0; k0 < K; k0 += step)
+        chunk<XT, WT>(mc, x + m0 * K + k0, std::min(step, K - k0), K, w + k0, y + m0 * N, N, n0, n1, k0 > 0);
+    }
   }
 }
 
