@@ -66,6 +66,22 @@ def test_bfloat16_product_rounds_once_from_float32(lib, rows, k):
     assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
 
 
+@pytest.mark.parametrize("rows", [1, 5, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_rows_summed_over_column_blocks_match_float64(lib, rows, dtype):
+    """K = 2829: with several rows, x would not fit in L1, so the kernel sums over blocks of
+    columns (the last one with a tail); the result is the plain product's."""
+    gen = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 2829, generator=gen), torch.randn(23, 2829, generator=gen), torch.randn(23, generator=gen)
+    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    got = kernels.skinny_linear(x, w, b, lib).double()
+    want = F.linear(x.double(), w.double(), b.double())
+    if dtype == torch.float32:  # float32 sums of 2829 products of N(0, 1), |y| ~ 53
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    else:  # one rounding to bfloat16
+        assert ((got - want).abs() <= want.abs() * 2**-8 + 1e-4).all()
+
+
 def _raw_bf16(lib, fn_name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The kernel's float32 result before the final rounding to bfloat16."""
     out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
