@@ -225,6 +225,17 @@ def load_checkpoint_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return unflatten_optimizer_state(tensors, rest), trainer
 
 
+def keep_as(directory: Path, name: str) -> Path:
+    """Rename `directory` to `name` beside it (one atomic rename, then the parent fsynced), so a
+    finished run's final model survives when an extended run writes its new one."""
+    kept = directory.parent / name
+    if kept.exists():
+        raise UserError(f"{kept} exists already; move it away, then resume again")
+    os.replace(directory, kept)
+    _fsync_dir(directory.parent)
+    return kept
+
+
 def replace_dir(target: Path, write) -> None:
     """Write a directory beside `target` with `write(dir)`, then swap it in (no half-written state)."""
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=target.parent))

@@ -80,6 +80,7 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool, stop_notice: 
                         f"--steps {ckpt_io.checkpoint_step(ckpt)} or more (its final/ model is the one of that step)")
     asked = cfg  # config.yaml keeps the options as given; each checkpoint records the resolved start
     cfg = dataclasses.replace(cfg, order_start=data_order.start_row(cfg, data, ckpt))
+    kept = _name_for_previous_final(cfg, ckpt) if resume else None
     model, base_val = _setup_model(cfg, data, ckpt, env)
     check_seq_len(cfg.seq_len, model.config)
     check_data(data, cfg.seq_len, cfg.batch_size // cfg.grad_accum)
@@ -106,7 +107,7 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool, stop_notice: 
     if start == 0 and cfg.init_from:
         _log_step0(cfg, model, data, env, metrics, base_val)
     _loop(cfg, env, model, wrapped, optimizer, data, metrics, start, stop_notice)
-    return _save_final(cfg, env, model, optimizer, data)
+    return _save_final(cfg, env, model, optimizer, data, kept)
 
 
 # ---------------------------------------------------------------- setup
@@ -127,6 +128,32 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> None:
         log.info("%s holds a run that stopped before its first update; starting it again", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_io.clean_temp(run_dir)
+
+
+def _name_for_previous_final(cfg: TrainConfig, ckpt: Path | None) -> str | None:
+    """`final-step<S>` when a resumed run goes past the step S its `final/` was written at (an
+    extended run), else None. That model is kept, not overwritten: other runs (`--init-from`) and
+    stream adapters were trained on it, and an adapter's backbone check would then fail."""
+    final = cfg.run_dir / "final"
+    start = ckpt_io.checkpoint_step(ckpt) if ckpt is not None else 0
+    if not final.is_dir() or start >= cfg.steps:
+        return None
+    step = data_order.recorded_step(final, cfg)
+    name = f"final-step{step}" if step is not None else "final-previous"
+    for source, target in _kept_pairs(cfg.run_dir, name):
+        if source.is_dir() and target.exists():
+            raise UserError(f"{target} exists already, and this run would keep its current {source.name}/ "
+                            "there; move it away, then resume again")
+    log.info("%s finished at step %s; extending it to step %d (config.yaml now says so). Its final/ model "
+             "stays, as %s/, when the new one is written", cfg.run_dir, "?" if step is None else step,
+             cfg.steps, name)
+    return name
+
+
+def _kept_pairs(run_dir: Path, name: str) -> list[tuple[Path, Path]]:
+    """(directory, where it is kept): the streams first, so a stop between the renames leaves final/."""
+    return [(run_dir / "final-streams", run_dir / name.replace("final", "final-streams", 1)),
+            (run_dir / "final", run_dir / name)]
 
 
 def _seed_everything(seed: int) -> None:
@@ -410,12 +437,19 @@ def _save(cfg: TrainConfig, env, model, optimizer, step: int) -> None:
     distributed.barrier(env)
 
 
-def _save_final(cfg: TrainConfig, env, model, optimizer, data) -> Path:
-    """`RUN_DIR/final/`: the model (safetensors) with its tokenizer, replaced atomically."""
+def _save_final(cfg: TrainConfig, env, model, optimizer, data, kept: str | None = None) -> Path:
+    """`RUN_DIR/final/`: the model (safetensors) with its tokenizer, replaced atomically; an
+    extended run first renames the previous one (and its streams) to `kept`."""
     final = cfg.run_dir / "final"
     if not (cfg.run_dir / ckpt_io.ckpt_name(cfg.steps)).is_dir():
         _save(cfg, env, model, optimizer, cfg.steps)  # e.g. a resumed run that had already ended
     to_write = _savable(cfg, env, model)
+    if env.is_main and kept and final.is_dir():
+        for source, target in _kept_pairs(cfg.run_dir, kept):
+            if source.is_dir():
+                ckpt_io.keep_as(source, target.name)
+        log.info("kept the previous final model as %s (load it, and stream adapters trained on it, from there)",
+                 cfg.run_dir / kept)
     if env.is_main:
         def write_final(tmp: Path) -> None:
             to_write.save_pretrained(tmp)
