@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from parscale.cache import cache_dir as parscale_cache_dir
 from parscale.cost.roofline import PRESETS, KV_TRAFFIC, PREFIX_STORAGE, ModelShape, Workload, estimate
 from parscale.errors import UserError
 from parscale.cost.hardware import Hardware, profile_dict, resolve
@@ -67,7 +68,7 @@ def _run_flags(p: argparse.ArgumentParser, lists: bool) -> None:
               "per-row: copied into every row's KV cache (the paper script's accounting)")
     _add(g, "--kv-traffic", choices=KV_TRAFFIC, default="llm-analysis",
          help="per decode step: load+store of the whole final cache (llm-analysis, the paper) or the exact reads")
-    _add(g, "--cache-dir", help="where cpu-local's measurement is cached (default ~/.cache/parscale)")
+    _add(g, "--cache-dir", help=f"where cpu-local's measurement is cached (default {parscale_cache_dir()})")
     _add(g, "--json", action="store_true", help="print one machine-readable JSON object")
 
 
@@ -277,7 +278,7 @@ def main_measure(argv: list[str]) -> int:
     _add(parser, "--seed", type=int, default=0)
     _add(parser, "--threads", type=int, help="torch threads for the run and the cpu-local profile (default: torch's)")
     _add(parser, "--kv-traffic", choices=KV_TRAFFIC, default="llm-analysis")
-    _add(parser, "--cache-dir", help="where cpu-local's measurement is cached")
+    _add(parser, "--cache-dir", help=f"where cpu-local's measurement is cached (default {parscale_cache_dir()})")
     _add(parser, "--refresh-profile", action="store_true", help="re-measure cpu-local instead of using the cache")
     _add(parser, "--paired", action="store_true",
          help="re-measure cpu-local right before each configuration (for a CPU shared with other work)")

@@ -36,11 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="salt of the train/validation split hash (default: 0)")
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="the prepared data directory")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help=f"tokenizing processes (default: the CPU count, {os.cpu_count()}; 0: this process)")
+                   help=f"tokenizing processes (default: {os.cpu_count() or 1}, the CPU count; 0: this process)")
     p.add_argument("--shard-tokens", type=int, default=1 << 29,
-                   help="tokens per shard, closed at a document boundary (default: 2^29, 1 GiB of uint16)")
+                   help=f"tokens per shard, closed at a document boundary (default: {1 << 29} = 2^29, 1 GiB of uint16)")
     p.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail",
-                   help="an unreadable or non-UTF-8 file (or JSON line): stop (default) or leave it out")
+                   help="an unreadable or non-UTF-8 file (or JSON line): fail stops, skip leaves it out (default: fail)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     return p
 

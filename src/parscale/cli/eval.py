@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'stdlib' (the default corpus) or local text/JSONL/parquet files or directories "
                         "(default: the training run's data, else stdlib)")
     p.add_argument("--split", choices=("val", "train", "all"), default="val",
-                   help="which documents: the validation split (default), the training split, or all")
+                   help="which documents: val (the validation split), train (the training split) or all (default: val)")
     p.add_argument("--tokenizer", "--data-tokenizer", dest="tokenizer",
                    help="a local tokenizer directory (default: the one saved with the model)")
     p.add_argument("--data-text-field", "--text-field", dest="text_field", help="JSON/parquet field holding the text (default: the run's, else text)")
