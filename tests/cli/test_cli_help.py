@@ -59,7 +59,7 @@ def _decided_later() -> dict[tuple[str, str], object]:
     return {
         ("parscale eval", "--data-files"): ev.data[0], ("parscale eval", "--data-text-field"): ev.text_field,
         ("parscale eval", "--data-val-fraction"): ev.val_fraction, ("parscale eval", "--data-seed"): ev.split_seed,
-        ("parscale eval", "--max-tokens"): ev.max_tokens, ("parscale eval", "--eval-tokens"): ev.max_tokens,
+        ("parscale eval", "--eval-tokens"): ev.max_tokens,
         ("parscale eval", "--cache-dir"): default_cache_dir(),
         ("parscale generate", "--temperature"): sampling["temperature"],
         ("parscale generate", "--top-p"): sampling["top_p"],

@@ -1,8 +1,10 @@
 """The command line: `parscale VERB ...`.
 
 Lives here: `main` (the dispatcher) and one module per verb (`train`, `eval`, `generate`,
-`fit`, `cost`, `demo`, `streams`), each exposing `main(argv) -> int`. A verb's module imports its heavy
-dependencies itself, so `parscale fit` and `parscale cost` start without torch.
+`fit`, `cost`, `demo`, `streams`), each exposing `main(argv) -> int` and building its flags with
+`options.Parser` (whole names only, old spellings hidden, "did you mean" for an unknown option).
+A verb's module imports its heavy dependencies itself, so `parscale fit` and `parscale cost` start
+without torch.
 """
 from parscale.cli.main import main
 

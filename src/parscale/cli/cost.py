@@ -19,6 +19,7 @@ from typing import Any
 
 from parscale.cache import cache_dir as parscale_cache_dir
 from parscale.cost.roofline import PRESETS, KV_TRAFFIC, PREFIX_STORAGE, ModelShape, Workload, estimate
+from parscale.cli.options import Parser
 from parscale.errors import UserError
 from parscale.cost.hardware import Hardware, profile_dict, resolve
 
@@ -143,7 +144,7 @@ def _check_positions(args: argparse.Namespace) -> None:
 
 
 def main_estimate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="parscale cost [compare|grid|measure]", description="Memory and latency of one configuration.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="sub-verbs (parscale cost SUB-VERB --help for their options):\n"
@@ -185,7 +186,7 @@ def main(argv: list[str]) -> int:
 
 
 def main_grid(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="parscale cost grid",
+    parser = Parser(prog="parscale cost grid",
                                      description="The paper's 96 configurations: 6 sizes x P 1,2,4,8 x batch 1,2,4,8.")
     _run_flags(parser, lists=False)
     args = parser.parse_args(argv)
@@ -212,7 +213,7 @@ def main_grid(argv: list[str]) -> int:
 def main_compare(argv: list[str]) -> int:
     from parscale.cost.compare import Comparator, compare, parse_reference
 
-    parser = argparse.ArgumentParser(prog="parscale cost compare",
+    parser = Parser(prog="parscale cost compare",
                                      description="ParScale against parameter scaling of equal predicted loss.")
     _model_flags(parser)
     _run_flags(parser, lists=True)
@@ -263,7 +264,7 @@ def main_compare(argv: list[str]) -> int:
 def main_measure(argv: list[str]) -> int:
     from parscale.cost.measure import MeasureConfig, format_table, run_measurements
 
-    parser = argparse.ArgumentParser(prog="parscale cost measure",
+    parser = Parser(prog="parscale cost measure",
                                      description="Run a random-weight model on this CPU; compare with cpu-local.")
     _add(parser, "--hidden-size", type=int, default=1024)
     _add(parser, "--intermediate-size", type=int, default=2816)

@@ -14,20 +14,22 @@ import json
 import os
 import sys
 
+from parscale.cli.options import Parser, hide
 from parscale.errors import UserError
 
 _SUB = {"prepare": "tokenize a corpus into DATA_DIR (index.json, tokenizer/, *.bin shards)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="parscale data prepare", description=__doc__.split("\n")[0])
-    p.add_argument("--data-files", nargs="+", metavar="FILE_OR_DIR",
-                   help="text, JSON Lines or parquet files, or directories (default: the embedded "
-                        "standard-library corpus)")
+    p = Parser(prog="parscale data prepare", description=__doc__.split("\n")[0])
+    hide(p.add_argument("--data-files", "--data", nargs="+", metavar="FILE_OR_DIR",
+                        help="text, JSON Lines or parquet files, or directories (default: the embedded "
+                             "standard-library corpus)"), "--data")
     p.add_argument("--data-val-files", nargs="+", default=(), metavar="FILE_OR_DIR",
                    help="separate validation files (default: a hash of each document decides)")
-    p.add_argument("--data-tokenizer", metavar="DIR",
-                   help="a local tokenizer directory (default: train a byte-level BPE on the training split)")
+    hide(p.add_argument("--data-tokenizer", "--tokenizer", metavar="DIR",
+                        help="a local tokenizer directory (default: train a byte-level BPE on the training split)"),
+         "--tokenizer")
     p.add_argument("--data-vocab-size", type=int, default=2048, help="the BPE's size without --data-tokenizer "
                                                                      "(default: 2048)")
     p.add_argument("--data-text-field", default="text", help="JSON/parquet field holding the text (default: text)")

@@ -12,6 +12,7 @@ import argparse
 import os
 import shlex
 
+from parscale.cli.options import Parser
 from parscale.errors import UserError
 from parscale.interrupt import Interrupted
 
@@ -29,7 +30,7 @@ def default_workers() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="parscale demo",
         description="Train P=1, 2, 4, a one-prefix P=1 control and a wider P=1 model from scratch on the Python "
                     "standard library, post-train P=1 into streams, measure loss, time, FLOPs and decode "

@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from parscale.cli.options import Parser, hide
 from parscale.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,8 @@ _EPILOG = ("Instruction tuning: --data-format chat --data-files chats.jsonl --da
            "The saved model also fine-tunes with transformers' Trainer and TRL's SFTTrainer: "
            "ParScaleForCausalLM.from_pretrained(RUN_DIR/final), see the README.")
 
-# The spellings `eval` and `generate` use for the same options.
-_ALIASES = {"data_tokenizer": ("--tokenizer",)}
+# Other verbs' spellings of the same options: accepted, not listed in --help.
+_ALIASES = {"data_tokenizer": ("--tokenizer",), "data_files": ("--data",)}
 
 
 def _field_help(cls) -> dict[str, str]:
@@ -143,18 +144,18 @@ def _add_fields(parser, cls, prefix: str = "") -> None:
         help_ = helps.get(f.name, f.name.replace("_", " "))
         if default is not None and default is not False and default not in ("", ()) and "default" not in help_:
             help_ += f" (default: {default})"
+        kind: dict = {}
         if dest in choices:
-            parser.add_argument(*flags, dest=dest, choices=choices[dest], default=argparse.SUPPRESS, help=help_)
+            kind = {"choices": choices[dest]}
         elif hint == "bool":
-            parser.add_argument(*flags, dest=dest, action="store_true", default=argparse.SUPPRESS, help=help_)
+            kind = {"action": "store_true"}
         elif "tuple" in hint:
-            parser.add_argument(*flags, dest=dest, nargs="+", default=argparse.SUPPRESS, help=help_,
-                                metavar=_METAVAR.get(dest))
+            kind = {"nargs": "+", "metavar": _METAVAR.get(dest)}
         else:
             conv = _converter(hint)
-            metavar = _METAVAR.get(dest, {int: "N", float: "X"}.get(conv, dest.upper()))
-            parser.add_argument(*flags, dest=dest, type=_none_or(conv), default=argparse.SUPPRESS, help=help_,
-                                metavar=metavar)
+            kind = {"type": _none_or(conv), "metavar": _METAVAR.get(dest, {int: "N", float: "X"}.get(conv, dest.upper()))}
+        hide(parser.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, help=help_, **kind),
+             *_ALIASES.get(dest, ()))
 
 
 def _none_or(conv):
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     from parscale.data.config import DataConfig
     from parscale.train.config import TrainConfig
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="parscale train", description=__doc__.split("\n\n")[0], epilog=_EPILOG,
     )
     parser.add_argument("--config", metavar="FILE", help="a YAML file of options (flags override it)")
