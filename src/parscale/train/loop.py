@@ -139,21 +139,11 @@ def _name_for_previous_final(cfg: TrainConfig, ckpt: Path | None) -> str | None:
     if not final.is_dir() or start >= cfg.steps:
         return None
     step = data_order.recorded_step(final, cfg)
-    name = f"final-step{step}" if step is not None else "final-previous"
-    for source, target in _kept_pairs(cfg.run_dir, name):
-        if source.is_dir() and target.exists():
-            raise UserError(f"{target} exists already, and this run would keep its current {source.name}/ "
-                            "there; move it away, then resume again")
+    name = ckpt_io.name_for_kept_final(cfg.run_dir, step)
     log.info("%s finished at step %s; extending it to step %d (config.yaml now says so). Its final/ model "
              "stays, as %s/, when the new one is written", cfg.run_dir, "?" if step is None else step,
              cfg.steps, name)
     return name
-
-
-def _kept_pairs(run_dir: Path, name: str) -> list[tuple[Path, Path]]:
-    """(directory, where it is kept): the streams first, so a stop between the renames leaves final/."""
-    return [(run_dir / "final-streams", run_dir / name.replace("final", "final-streams", 1)),
-            (run_dir / "final", run_dir / name)]
 
 
 def _seed_everything(seed: int) -> None:
@@ -445,9 +435,7 @@ def _save_final(cfg: TrainConfig, env, model, optimizer, data, kept: str | None 
         _save(cfg, env, model, optimizer, cfg.steps)  # e.g. a resumed run that had already ended
     to_write = _savable(cfg, env, model)
     if env.is_main and kept and final.is_dir():
-        for source, target in _kept_pairs(cfg.run_dir, kept):
-            if source.is_dir():
-                ckpt_io.keep_as(source, target.name)
+        ckpt_io.keep_final(cfg.run_dir, kept)
         log.info("kept the previous final model as %s (load it, and stream adapters trained on it, from there)",
                  cfg.run_dir / kept)
     if env.is_main:
