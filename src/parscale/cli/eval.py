@@ -234,15 +234,14 @@ def evaluate_sets(model, specs, tokens, seq_len: int, batch_size: int, device, n
     """One row per stream set (the model as loaded first), all on the same tokens."""
     import time
 
-    from tqdm.auto import tqdm
-
     from parscale.data.batches import count_predictions, evaluate_loss
+    from parscale.progress import progress
 
     names = [model.active_streams or "base"]
     names += [model.load_streams(directory, name=name) for name, directory in specs]
     predictions = count_predictions(len(tokens), seq_len)
     rows = []
-    for name in tqdm(names, desc="stream sets", unit="set", disable=len(names) == 1):
+    for name in progress(names, desc="stream sets", unit="set", disable=len(names) == 1):
         model.set_streams(None if name == "base" else name)
         start = time.perf_counter()
         loss = evaluate_loss(model, tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=None, device=device)

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from parscale.data.prepare import batch_at, check_data, check_seq_len, evaluate_loss, masked_labels, prepare_data
 from parscale.data.store import default_cache_dir
 from parscale.atomic import atomic_write_json
 from parscale.errors import UserError
 from parscale.interrupt import STOP_NOTICE, Interrupted, deferred_stop
+from parscale.progress import progress
 from parscale.model.diagnostics import capture_stream_states, pairwise_cosine, stream_diagnostics
 from parscale.train import checkpoint as ckpt_io
 from parscale.train import convert, data_order, distributed, speed, throughput
@@ -369,7 +369,8 @@ def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: Metri
     speedometer = throughput.Speedometer(model, env.device, cfg.seq_len, tokens_per_update=tokens_per_step,
                                          world_size=env.world_size, peak_flops=throughput.peak_flops(
                                              env.device, _bf16(cfg, env.device), cfg.peak_tflops))
-    bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not env.is_main, dynamic_ncols=True)
+    # a bar on a terminal, a line every 30 s in a log; messages (a checkpoint saved) go above the bar
+    bar = progress(total=cfg.steps, initial=start, unit="step", desc=cfg.run_dir.name, disable=not env.is_main)
     model.train()
     # Ctrl-C / SIGTERM: finish the update (and its evaluation), keep a checkpoint, then stop.
     at_once = lambda: f"stopped at once; the last checkpoint is kept, {_resume_hint(cfg)}"  # noqa: E731
