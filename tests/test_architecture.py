@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "parscale"
-SHARED = {"errors", "atomic", "cache", "interrupt"}  # small helpers every part may use
+SHARED = {"errors", "atomic", "cache", "interrupt", "progress"}  # small helpers every part may use
 
 # Which parts each part may import (besides itself and the shared helpers), read from
 # docs/architecture.md. The demo and the CLI sit on top and may use everything.

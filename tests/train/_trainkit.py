@@ -56,7 +56,7 @@ def cli_args(opts: dict) -> list[str]:
 def subprocess_env(**extra: str) -> dict[str, str]:
     """One thread per process: the same arithmetic in every run, and fair to a 2-core machine."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARSCALE_KILL_")}  # faults only when asked
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", **extra)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1", **extra})
     return env
 
 

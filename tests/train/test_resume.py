@@ -74,3 +74,47 @@ def test_a_run_killed_mid_step_and_mid_checkpoint_resumes_exactly(tmp_path):
     assert not list(run.glob(".tmp-*"))  # the half-written checkpoint was cleaned away
     assert [p.name for p in list_checkpoints(run)] == ["ckpt-0000009", "ckpt-0000010"]
     _same_curve(run, reference)
+
+
+# ---------------------------------------------------------------- extending a finished run
+@pytest.mark.slow
+def test_extending_a_finished_run_keeps_its_previous_final_model(tmp_path, caplog):
+    """Runs (`--init-from`) and stream adapters were trained on the finished run's final/: an
+    extension renames it to final-step<N>/ instead of overwriting it, and says so."""
+    import logging
+
+    from parscale.cli.main import main as cli_main
+
+    opts = micro_setup(tmp_path)
+    opts.update(P=2, steps=4, eval_every=0, save_every=0)
+    run = tmp_path / "run"
+    train_in_process(out=str(run), **opts)
+    before = {p.name: p.read_bytes() for p in (run / "final").iterdir()}
+    (run / "final-streams").mkdir()  # stands for the adapter a --train streams run writes beside final/
+    (run / "final-streams" / "adapter_config.json").write_text("{}")
+    with caplog.at_level(logging.INFO, logger="parscale"):
+        assert cli_main(["train", "--resume", str(run), "--steps", "6"]) == 0
+    assert f"{run} finished at step 4; extending it to step 6" in caplog.text
+    assert f"kept the previous final model as {run / 'final-step4'}" in caplog.text
+    assert {p.name: p.read_bytes() for p in (run / "final-step4").iterdir()} == before  # byte for byte
+    assert (run / "final-streams-step4" / "adapter_config.json").read_text() == "{}"
+    new = load_file(str(run / "final" / "model.safetensors"))
+    old = load_file(str(run / "final-step4" / "model.safetensors"))
+    assert any((new[k] - old[k]).abs().max() > 0 for k in new)  # two more updates changed the model
+    assert json.loads((run / "final" / "data_order.json").read_text())["rows"] == 6 * opts["batch_size"]
+    # resuming the finished run again, with nothing left to train, keeps no other copy
+    assert cli_main(["train", "--resume", str(run)]) == 0
+    assert sorted(p.name for p in run.glob("final*")) == ["final", "final-step4", "final-streams-step4"]
+
+
+def test_the_step_of_a_final_model_is_read_from_its_data_order_record(tmp_path):
+    from types import SimpleNamespace
+
+    from parscale.train.data_order import RECORD, recorded_step
+
+    cfg = SimpleNamespace(order_start=10, batch_size=4)
+    assert recorded_step(tmp_path, cfg) is None  # no record: a model not written by this trainer
+    (tmp_path / RECORD).write_text(json.dumps({"rows": 10 + 4 * 7}))
+    assert recorded_step(tmp_path, cfg) == 7  # rows = order_start + steps x batch_size
+    (tmp_path / RECORD).write_text(json.dumps({"rows": 10 + 4 * 7 + 1}))
+    assert recorded_step(tmp_path, cfg) is None  # a record of another batch size or start

@@ -17,7 +17,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from parscale.cache import cache_dir as parscale_cache_dir
 from parscale.cost.roofline import PRESETS, KV_TRAFFIC, PREFIX_STORAGE, ModelShape, Workload, estimate
+from parscale.cli.options import Parser
 from parscale.errors import UserError
 from parscale.cost.hardware import Hardware, profile_dict, resolve
 
@@ -67,7 +69,7 @@ def _run_flags(p: argparse.ArgumentParser, lists: bool) -> None:
               "per-row: copied into every row's KV cache (the paper script's accounting)")
     _add(g, "--kv-traffic", choices=KV_TRAFFIC, default="llm-analysis",
          help="per decode step: load+store of the whole final cache (llm-analysis, the paper) or the exact reads")
-    _add(g, "--cache-dir", help="where cpu-local's measurement is cached (default ~/.cache/parscale)")
+    _add(g, "--cache-dir", help=f"where cpu-local's measurement is cached (default {parscale_cache_dir()})")
     _add(g, "--json", action="store_true", help="print one machine-readable JSON object")
 
 
@@ -146,7 +148,7 @@ def _check_positions(args: argparse.Namespace) -> None:
 
 
 def main_estimate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="parscale cost [compare|grid|measure]", description="Memory and latency of one configuration.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="sub-verbs (parscale cost SUB-VERB --help for their options):\n"
@@ -188,7 +190,7 @@ def main(argv: list[str]) -> int:
 
 
 def main_grid(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="parscale cost grid",
+    parser = Parser(prog="parscale cost grid",
                                      description="The paper's 96 configurations: 6 sizes x P 1,2,4,8 x batch 1,2,4,8.")
     _run_flags(parser, lists=False)
     args = parser.parse_args(argv)
@@ -215,7 +217,7 @@ def main_grid(argv: list[str]) -> int:
 def main_compare(argv: list[str]) -> int:
     from parscale.cost.compare import Comparator, compare, parse_reference
 
-    parser = argparse.ArgumentParser(prog="parscale cost compare",
+    parser = Parser(prog="parscale cost compare",
                                      description="ParScale against parameter scaling of equal predicted loss.")
     _model_flags(parser)
     _run_flags(parser, lists=True)
@@ -282,7 +284,7 @@ def format_compare(rows: list[dict[str, Any]], reference: str, hardware: str, le
 def main_measure(argv: list[str]) -> int:
     from parscale.cost.measure import MeasureConfig, format_table, run_measurements
 
-    parser = argparse.ArgumentParser(prog="parscale cost measure",
+    parser = Parser(prog="parscale cost measure",
                                      description="Run a random-weight model on this CPU; compare with cpu-local.")
     _add(parser, "--hidden-size", type=int, default=1024)
     _add(parser, "--intermediate-size", type=int, default=2816)
@@ -297,7 +299,7 @@ def main_measure(argv: list[str]) -> int:
     _add(parser, "--seed", type=int, default=0)
     _add(parser, "--threads", type=int, help="torch threads for the run and the cpu-local profile (default: torch's)")
     _add(parser, "--kv-traffic", choices=KV_TRAFFIC, default="llm-analysis")
-    _add(parser, "--cache-dir", help="where cpu-local's measurement is cached")
+    _add(parser, "--cache-dir", help=f"where cpu-local's measurement is cached (default {parscale_cache_dir()})")
     _add(parser, "--refresh-profile", action="store_true", help="re-measure cpu-local instead of using the cache")
     _add(parser, "--paired", action="store_true",
          help="re-measure cpu-local right before each configuration (for a CPU shared with other work)")

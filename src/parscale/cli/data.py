@@ -14,20 +14,22 @@ import json
 import os
 import sys
 
+from parscale.cli.options import Parser, hide
 from parscale.errors import UserError
 
 _SUB = {"prepare": "tokenize a corpus into DATA_DIR (index.json, tokenizer/, *.bin shards)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="parscale data prepare", description=__doc__.split("\n")[0])
-    p.add_argument("--data-files", nargs="+", metavar="FILE_OR_DIR",
-                   help="text, JSON Lines or parquet files, or directories (default: the embedded "
-                        "standard-library corpus)")
+    p = Parser(prog="parscale data prepare", description=__doc__.split("\n")[0])
+    hide(p.add_argument("--data-files", "--data", nargs="+", metavar="FILE_OR_DIR",
+                        help="text, JSON Lines or parquet files, or directories (default: the embedded "
+                             "standard-library corpus)"), "--data")
     p.add_argument("--data-val-files", nargs="+", default=(), metavar="FILE_OR_DIR",
                    help="separate validation files (default: a hash of each document decides)")
-    p.add_argument("--data-tokenizer", metavar="DIR",
-                   help="a local tokenizer directory (default: train a byte-level BPE on the training split)")
+    hide(p.add_argument("--data-tokenizer", "--tokenizer", metavar="DIR",
+                        help="a local tokenizer directory (default: train a byte-level BPE on the training split)"),
+         "--tokenizer")
     p.add_argument("--data-vocab-size", type=int, default=2048, help="the BPE's size without --data-tokenizer "
                                                                      "(default: 2048)")
     p.add_argument("--data-text-field", default="text", help="JSON/parquet field holding the text (default: text)")
@@ -36,11 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="salt of the train/validation split hash (default: 0)")
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="the prepared data directory")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help=f"tokenizing processes (default: the CPU count, {os.cpu_count()}; 0: this process)")
+                   help=f"tokenizing processes (default: {os.cpu_count() or 1}, the CPU count; 0: this process)")
     p.add_argument("--shard-tokens", type=int, default=1 << 29,
-                   help="tokens per shard, closed at a document boundary (default: 2^29, 1 GiB of uint16)")
+                   help=f"tokens per shard, closed at a document boundary (default: {1 << 29} = 2^29, 1 GiB of uint16)")
     p.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail",
-                   help="an unreadable or non-UTF-8 file (or JSON line): stop (default) or leave it out")
+                   help="an unreadable or non-UTF-8 file (or JSON line): fail stops, skip leaves it out (default: fail)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     return p
 

@@ -12,15 +12,25 @@ import argparse
 import os
 import shlex
 
+from parscale.cli.options import Parser
 from parscale.errors import UserError, require_extra
 from parscale.interrupt import Interrupted
 
-BUDGET_HELP = ("smoke: seconds, a few steps per run on a handful of files (for tests); quick: about 3 min; "
-               "default: about 10 min on two cores; full: the multi-seed study of docs/mini-study.md (about 2 h)")
+BUDGET_HELP = ("how long the study runs (default: default): smoke, seconds (a few steps per run on a handful of "
+               "files, for tests); quick, about 3 min; default, about 10 min on two cores; full, the multi-seed "
+               "study of docs/mini-study.md (about 2 h)")
+
+
+DEFAULT_BUDGET = "default"
+
+
+def default_workers() -> int:
+    """Two runs at a time where there are two cores, one thread each."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="parscale demo",
         description="Train P=1, 2, 4, a one-prefix P=1 control and a wider P=1 model from scratch on the Python "
                     "standard library, post-train P=1 into streams, measure loss, time, FLOPs and decode "
@@ -58,8 +68,8 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     if args.quick and args.budget not in (None, "quick"):
         raise UserError(f"--quick means --budget quick; it cannot be combined with --budget {args.budget}")
-    budget = args.budget or ("quick" if args.quick else "default")
-    workers = args.workers if args.workers is not None else (2 if (os.cpu_count() or 1) >= 2 else 1)
+    budget = args.budget or ("quick" if args.quick else DEFAULT_BUDGET)
+    workers = args.workers if args.workers is not None else default_workers()
     check_writable(args.out, "--out", folder=True)
     require_extra("matplotlib", "the demo's plots")
     import torch

@@ -26,6 +26,7 @@ from typing import Any
 
 from parscale.cache import cache_dir
 from parscale.cli.model_dir import check_adapter_dir, check_model_dir
+from parscale.cli.options import Parser, hide
 from parscale.errors import UserError
 
 DEFAULT_MAX_TOKENS = 131072  # the validation size of training runs
@@ -39,23 +40,24 @@ def default_cache_dir() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="parscale eval", description=__doc__.split("\n")[0])
+    p = Parser(prog="parscale eval", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="a saved model directory (config.json + model.safetensors)")
-    p.add_argument("--data-files", "--data", dest="data", nargs="+", metavar="stdlib|FILE",
+    hide(p.add_argument("--data-files", "--data", dest="data", nargs="+", metavar="stdlib|FILE",
                    help="'stdlib' (the default corpus) or local text/JSONL/parquet files or directories "
-                        "(default: the training run's data, else stdlib)")
+                        "(default: the training run's data, else stdlib)"), "--data")
     p.add_argument("--split", choices=("val", "train", "all"), default="val",
-                   help="which documents: the validation split (default), the training split, or all")
-    p.add_argument("--tokenizer", "--data-tokenizer", dest="tokenizer",
-                   help="a local tokenizer directory (default: the one saved with the model)")
-    p.add_argument("--data-text-field", "--text-field", dest="text_field", help="JSON/parquet field holding the text (default: the run's, else text)")
-    p.add_argument("--data-val-fraction", "--val-fraction", dest="val_fraction", type=float, help="held-out share of documents (default: the run's, else 0.02)")
-    p.add_argument("--data-seed", "--split-seed", dest="split_seed", type=int, help="salt of the train/val split hash (default: the run's, else 0)")
+                   help="which documents: val (the validation split), train (the training split) or all (default: val)")
+    hide(p.add_argument("--tokenizer", "--data-tokenizer", dest="tokenizer",
+                        help="a local tokenizer directory (default: the one saved with the model)"), "--data-tokenizer")
+    hide(p.add_argument("--data-text-field", "--text-field", dest="text_field", help="JSON/parquet field holding the text (default: the run's, else text)"), "--text-field")
+    hide(p.add_argument("--data-val-fraction", "--val-fraction", dest="val_fraction", type=float, help="held-out share of documents (default: the run's, else 0.02)"), "--val-fraction")
+    hide(p.add_argument("--data-seed", "--split-seed", dest="split_seed", type=int, help="salt of the train/val split hash (default: the run's, else 0)"), "--split-seed")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's, else the model's "
                                                "maximum up to 1024)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
-    p.add_argument("--max-tokens", type=int, help=f"evaluate the first N tokens of the split (default: the "
-                                                  f"run's validation size, else {DEFAULT_MAX_TOKENS}; 0: all)")
+    hide(p.add_argument("--eval-tokens", "--max-tokens", dest="max_tokens", type=int, metavar="N",
+                        help=f"evaluate the first N tokens of the split (default: the run's validation size, "
+                             f"else {DEFAULT_MAX_TOKENS}; 0: all)"), "--max-tokens")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto: a GPU if there is one)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help=f"where tokenized data are cached (default: {default_cache_dir()})")
@@ -176,7 +178,7 @@ def evaluate(args) -> dict:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_tokens < 0:
-        raise UserError(f"--max-tokens must be 0 (all) or more, got {args.max_tokens}")
+        raise UserError(f"--eval-tokens must be 0 (all) or more, got {args.max_tokens}")
     if args.data != ["stdlib"]:
         corpus.check_files(args.data + args.val_files)  # a misspelt path fails before the model loads
     specs = _stream_specs(args.streams)
@@ -225,15 +227,14 @@ def evaluate_sets(model, specs, tokens, seq_len: int, batch_size: int, device, n
     """One row per stream set (the model as loaded first), all on the same tokens."""
     import time
 
-    from tqdm.auto import tqdm
-
     from parscale.data.batches import count_predictions, evaluate_loss
+    from parscale.progress import progress
 
     names = [model.active_streams or "base"]
     names += [model.load_streams(directory, name=name) for name, directory in specs]
     predictions = count_predictions(len(tokens), seq_len)
     rows = []
-    for name in tqdm(names, desc="stream sets", unit="set", disable=len(names) == 1):
+    for name in progress(names, desc="stream sets", unit="set", disable=len(names) == 1):
         model.set_streams(None if name == "base" else name)
         start = time.perf_counter()
         loss = evaluate_loss(model, tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=None, device=device)

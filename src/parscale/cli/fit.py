@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from parscale.law import fitting as L
+from parscale.cli.options import Parser, hide
 from parscale.errors import UserError, require_extra
 from parscale.law.points import PAPER_DATASETS, load_points
 from parscale.atomic import atomic_write_json, check_writable
@@ -16,12 +17,13 @@ MULTIPLIER_P = (1, 2, 4, 8, 16, 32)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="parscale fit",
         description="Fit L(N, P) = E + (A*1e9 / (N*(k*ln P + 1)))^alpha to (params, P, loss) points.",
     )
-    ap.add_argument("--data", required=True,
-                    help=f"{' | '.join(PAPER_DATASETS)} | FILE.csv | FILE.jsonl (columns params, P, loss)")
+    hide(ap.add_argument("--data", "--data-files", required=True,
+                         help=f"{' | '.join(PAPER_DATASETS)} | FILE.csv | FILE.jsonl (columns params, P, loss)"),
+         "--data-files")
     ap.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     ap.add_argument("--plot", metavar="PNG", help="draw loss against N with the fitted curves")
     ap.add_argument("--bootstrap", type=int, default=1000, metavar="N",

@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from parscale.cli.options import Parser, hide
 from parscale.errors import UserError
 
 if TYPE_CHECKING:  # torch and transformers are imported only once a command runs
@@ -49,13 +50,14 @@ EXIT_WORDS = ("", "/exit")
 
 def build_parser() -> argparse.ArgumentParser:
     examples = [line.strip() for line in __doc__.splitlines() if line.startswith("    parscale generate")]
-    p = argparse.ArgumentParser(prog="parscale generate", description=__doc__.split("\n")[0],
+    p = Parser(prog="parscale generate", description=__doc__.split("\n")[0],
                                 epilog="examples:\n  " + "\n  ".join(examples),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="directory written by save_pretrained (or a released checkpoint)")
     p.add_argument("--prompt", help="the text to continue (with --chat: the user's message); "
                                     "required unless --interactive")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    hide(p.add_argument("--tokenizer", "--data-tokenizer", help="tokenizer directory (default: the model directory)"),
+         "--data-tokenizer")
     p.add_argument("--streams", metavar="[NAME=]ADAPTER_DIR",
                    help="generate with this stream adapter loaded onto the model (e.g. P = 4 streams on a "
                         "P = 1 backbone; see `parscale streams`)")

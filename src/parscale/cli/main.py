@@ -16,6 +16,7 @@ import importlib
 import logging
 import sys
 
+from parscale.cli.options import UnknownOption, option_names
 from parscale.errors import EXTRAS, UserError, describe_os_error, missing_extra
 from parscale.interrupt import Interrupted, immediate_stop
 
@@ -63,6 +64,18 @@ def _dashes(arg: str) -> str:
     return arg
 
 
+def verbs_taking(option: str, but: str) -> list[str]:
+    """The verbs other than `but` that have `option` (those whose module builds one parser)."""
+    found = []
+    for verb in VERBS:
+        if verb == but or verb in PASS_THROUGH:
+            continue
+        module = importlib.import_module(f"parscale.cli.{verb.replace('-', '_')}")
+        if hasattr(module, "build_parser") and option in option_names(module.build_parser()):
+            found.append(verb)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -91,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # a Ctrl-C before the handler was installed
             print(f"parscale {verb}: interrupted; nothing was saved", file=sys.stderr)
             return 130
+        except UnknownOption as err:
+            print(f"parscale {verb}: error: {err.describe(verbs_taking(err.option, verb))}", file=sys.stderr)
+            return 2
         except UserError as err:
             # User mistakes arrive as this type, with a message that names the fix.
             print(f"parscale {verb}: error: {err}", file=sys.stderr)

@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from parscale.cli.options import Parser
 from parscale.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def check_torch_companions() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="parscale serve", description=__doc__.split("\n")[0],
+    p = Parser(prog="parscale serve", description=__doc__.split("\n")[0],
                                 epilog="Other options go to vLLM's server unchanged "
                                        "(python -m vllm.entrypoints.openai.api_server --help).")
     p.add_argument("--model", required=True, help="directory written by save_pretrained (or a released checkpoint)")

@@ -14,13 +14,14 @@ import argparse
 import logging
 from pathlib import Path
 
+from parscale.cli.options import Parser
 from parscale.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="parscale streams", description=__doc__.split("\n")[0])
+    p = Parser(prog="parscale streams", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     ex = sub.add_parser("extract", help="write the streams of a full checkpoint as an adapter")
     ex.add_argument("--model", required=True, help="a full model directory with P > 1 streams")

@@ -213,10 +213,10 @@ def run_measurements(cfg: MeasureConfig, streams: list[int], batches: list[int],
     """
     from parscale.cost.hardware import measured_cpu_profile
 
-    from tqdm import tqdm
+    from parscale.progress import progress
 
     rows = []
-    bar = tqdm(total=len(streams) * len(batches), desc="cost measure", leave=False)
+    bar = progress(total=len(streams) * len(batches), desc="cost measure", leave=False)
     for p in streams:
         model = build_model(cfg, p)
         for batch in batches:

@@ -6,6 +6,6 @@ prepared directory and its memory-mapped view), `pipeline` (stream to worker pro
 shards), `store` (the cache of prepared directories), `prepare` (DataConfig; the token
 arrays of a config) and `batches` (deterministic batches, held-out loss).
 
-May import: numpy, torch, tokenizers/datasets and `parscale.errors`/`parscale.atomic`. Never
+May import: numpy, torch, tokenizers/datasets and the shared helpers (`errors`, `atomic`, `progress`). Never
 the model wrapper, training, the law, the cost model or the demo.
 """

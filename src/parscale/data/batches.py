@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from parscale.errors import UserError
+from parscale.progress import progress
 
 
 def num_chunks(n_tokens: int, seq_len: int) -> int:
@@ -156,8 +156,8 @@ def evaluate_nll(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch
     total, count, first = 0.0, 0, None
     masks = val_batches(mask, seq_len, batch_size) if mask is not None else itertools.repeat(None)
     mine = itertools.islice(zip(val_batches(tokens, seq_len, batch_size), masks), rank, None, world_size)
-    for x, m in tqdm(mine, total=calls, desc="evaluating", unit="batch", leave=False,
-                     disable=rank != 0 or calls < 8):  # a bar where a long evaluation is worth watching
+    for x, m in progress(mine, total=calls, desc="evaluating", unit="batch", leave=False,
+                         disable=rank != 0 or calls < 8):  # a bar where a long evaluation is worth watching
         first = x if first is None else first
         x = x.to(device)
         target = masked_labels(x, None if m is None else m.to(device))[:, 1:]  # (b, T-1), -100: not scored

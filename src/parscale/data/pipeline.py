@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from parscale.data import corpus, shards
 from parscale.data.sources import Cursor, Doc, Input, fingerprint, iter_documents
 from parscale.errors import UserError
+from parscale.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -333,8 +333,8 @@ class _Pass:
         eos, dtype = int(self.tok.eos_token_id), self.index["tokenizer"]["dtype"]
         init = (backend.to_str() if self.opts.workers else "", eos, dtype, self.opts, self.flip)
         kill_after = os.environ.get(KILL_AFTER_COMMITS_ENV)
-        bar = tqdm(total=int(self.sizes[-1]), initial=self._progress(cursor), unit="B", unit_scale=True,
-                   desc=f"preparing {self.directory.name}", dynamic_ncols=True, leave=False)
+        bar = progress(total=int(self.sizes[-1]), initial=self._progress(cursor), unit="B", unit_scale=True,
+                       desc=f"preparing {self.directory.name}", leave=False)
         try:
             with bar:
                 for (flat, lengths, codes), cursors in _results(_chunks(docs), self.opts.workers, init, backend):

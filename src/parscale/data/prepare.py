@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from parscale.data import corpus, store
 from parscale.data.batches import (
@@ -31,6 +30,7 @@ from parscale.data.batches import (
 )
 from parscale.data.config import SOURCES, DataConfig  # noqa: F401 (re-exported)
 from parscale.errors import UserError
+from parscale.progress import progress
 from parscale.data.tokenizer import train_bpe  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -98,7 +98,7 @@ def tokenize_documents(docs: list[str], tokenizer, desc: str = "tokenizing", chu
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
     backend = tokenizer.backend_tokenizer
     parts: list[np.ndarray] = []
-    with tqdm(total=len(docs), desc=desc, unit="doc", leave=False) as bar:
+    with progress(total=len(docs), desc=desc, unit="doc", leave=False) as bar:
         for i in range(0, len(docs), chunk):
             for enc in backend.encode_batch(docs[i:i + chunk], add_special_tokens=False):
                 parts.append(np.asarray(enc.ids + [eos], dtype=dtype))

@@ -5,7 +5,8 @@ extra threads slow a run down), so the cores are better spent on two runs at onc
 is an ordinary trainer run in its own process (`spawn`: no state shared with the parent);
 a run starts when the run it converts has finished, longest first among the ready ones.
 Data are tokenized by the parent before the runs that read them start, so no two processes
-build the same cache.
+build the same cache. The workers draw no progress bars (two would draw over each other on one
+terminal): each run logs a line, with its name, at its first update, every 30 s and at its end.
 
 Ctrl-C: the workers sit in their own process group, so a terminal's Ctrl-C reaches only the
 parent. It prints one notice, forwards one stop to every running run (each finishes its
@@ -26,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from parscale import progress
 from parscale.errors import UserError
 from parscale.interrupt import Interrupted, deferred_stop
 
@@ -94,9 +96,11 @@ def _init_worker() -> None:
 
     os.setpgrp()  # out of the terminal's process group: a Ctrl-C reaches the parent, which forwards it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # idle between runs: a forwarded stop has nothing to stop
-    os.environ["TQDM_DISABLE"] = "1"  # two bars from two processes would garble the terminal
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # Two bars from two processes would draw over each other: each run logs a line every 30 s instead.
+    progress.use_lines()
+    logging.getLogger(progress.__name__).setLevel(logging.INFO)
 
 
 def _job(tc, stop_notice: str = STOP_NOTICE) -> dict[str, Any]:

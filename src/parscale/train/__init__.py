@@ -2,7 +2,7 @@
 a step runs fast (`speed`) and how fast it ran (`throughput`: MFU, peak memory).
 
 May import: the model, data, torch and the shared helpers (`errors`, `atomic`, `cache`,
-`interrupt`); never the law, the cost model, the demo or the CLI. The public names load
+`interrupt`, `progress`); never the law, the cost model, the demo or the CLI. The public names load
 lazily, so reading a `TrainConfig` (`parscale train --help`) does not import torch.
 
 >>> from parscale.train import TrainConfig, train      # doctest: +SKIP

@@ -225,6 +225,34 @@ def load_checkpoint_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return unflatten_optimizer_state(tensors, rest), trainer
 
 
+# ---------------------------------------------------------------- a finished run's final/, kept
+def _kept_pairs(run_dir: Path, name: str) -> list[tuple[Path, Path]]:
+    """(directory, where it is kept): the streams first, so a stop between the renames leaves final/."""
+    return [(run_dir / "final-streams", run_dir / name.replace("final", "final-streams", 1)),
+            (run_dir / "final", run_dir / name)]
+
+
+def name_for_kept_final(run_dir: Path, step: int | None) -> str:
+    """`final-step<step>` (`final-previous` when the step is unknown), refused if already taken."""
+    name = f"final-step{step}" if step is not None else "final-previous"
+    for source, target in _kept_pairs(Path(run_dir), name):
+        if source.is_dir() and target.exists():
+            raise UserError(f"{target} exists already, and this run would keep its current {source.name}/ "
+                            "there; move it away, then resume again")
+    return name
+
+
+def keep_final(run_dir: Path, name: str) -> None:
+    """Rename `final/` (and `final-streams/`) to `name`, one atomic rename each, the folder fsynced:
+    an extended run's new final model must not overwrite the one other work was built on."""
+    for source, target in _kept_pairs(Path(run_dir), name):
+        if source.is_dir():
+            if target.exists():
+                raise UserError(f"{target} exists already; move it away, then resume again")
+            os.replace(source, target)
+    _fsync_dir(Path(run_dir))
+
+
 def replace_dir(target: Path, write) -> None:
     """Write a directory beside `target` with `write(dir)`, then swap it in (no half-written state)."""
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=target.parent))

@@ -64,6 +64,20 @@ def start_row(cfg, data, ckpt: Path | None = None) -> int:
     return rows
 
 
+def recorded_step(directory: Path, cfg) -> int | None:
+    """The update at which the run `cfg` wrote `directory` (its final model), read back from the
+    record's rows (`order_start + steps x batch_size`); None without a record that fits `cfg`."""
+    path = Path(directory) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        rows = int(json.loads(path.read_text())["rows"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    steps, rest = divmod(rows - (cfg.order_start or 0), cfg.batch_size)
+    return steps if steps > 0 and rest == 0 else None
+
+
 def write_record(directory: Path, cfg, data) -> None:
     """`directory/data_order.json`: how far this run got, for a run started from `directory`."""
     rows = (cfg.order_start or 0) + cfg.steps * cfg.batch_size

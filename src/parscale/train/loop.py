@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from parscale.data.prepare import batch_at, check_data, check_seq_len, evaluate_loss, masked_labels, prepare_data
 from parscale.data.store import default_cache_dir
 from parscale.atomic import atomic_write_json
 from parscale.errors import UserError
 from parscale.interrupt import STOP_NOTICE, Interrupted, deferred_stop
+from parscale.progress import progress
 from parscale.model.diagnostics import capture_stream_states, cross_correlation, pairwise_cosine, stream_diagnostics
 from parscale.train import checkpoint as ckpt_io
 from parscale.train import convert, data_order, distributed, speed, throughput
@@ -80,6 +80,7 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool, stop_notice: 
                         f"--steps {ckpt_io.checkpoint_step(ckpt)} or more (its final/ model is the one of that step)")
     asked = cfg  # config.yaml keeps the options as given; each checkpoint records the resolved start
     cfg = dataclasses.replace(cfg, order_start=data_order.start_row(cfg, data, ckpt))
+    kept = _name_for_previous_final(cfg, ckpt) if resume else None
     model, base_val = _setup_model(cfg, data, ckpt, env)
     check_seq_len(cfg.seq_len, model.config)
     check_data(data, cfg.seq_len, cfg.batch_size // cfg.grad_accum)
@@ -106,7 +107,7 @@ def _run(cfg: TrainConfig, env: distributed.DistEnv, resume: bool, stop_notice: 
     if start == 0 and cfg.init_from:
         _log_step0(cfg, model, data, env, metrics, base_val)
     _loop(cfg, env, model, wrapped, optimizer, data, metrics, start, stop_notice)
-    return _save_final(cfg, env, model, optimizer, data)
+    return _save_final(cfg, env, model, optimizer, data, kept)
 
 
 # ---------------------------------------------------------------- setup
@@ -127,6 +128,22 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> None:
         log.info("%s holds a run that stopped before its first update; starting it again", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_io.clean_temp(run_dir)
+
+
+def _name_for_previous_final(cfg: TrainConfig, ckpt: Path | None) -> str | None:
+    """`final-step<S>` when a resumed run goes past the step S its `final/` was written at (an
+    extended run), else None. That model is kept, not overwritten: other runs (`--init-from`) and
+    stream adapters were trained on it, and an adapter's backbone check would then fail."""
+    final = cfg.run_dir / "final"
+    start = ckpt_io.checkpoint_step(ckpt) if ckpt is not None else 0
+    if not final.is_dir() or start >= cfg.steps:
+        return None
+    step = data_order.recorded_step(final, cfg)
+    name = ckpt_io.name_for_kept_final(cfg.run_dir, step)
+    log.info("%s finished at step %s; extending it to step %d (config.yaml now says so). Its final/ model "
+             "stays, as %s/, when the new one is written", cfg.run_dir, "?" if step is None else step,
+             cfg.steps, name)
+    return name
 
 
 def _seed_everything(seed: int) -> None:
@@ -361,7 +378,8 @@ def _loop(cfg: TrainConfig, env, model, wrapped, optimizer, data, metrics: Metri
     speedometer = throughput.Speedometer(model, env.device, cfg.seq_len, tokens_per_update=tokens_per_step,
                                          world_size=env.world_size, peak_flops=throughput.peak_flops(
                                              env.device, _bf16(cfg, env.device), cfg.peak_tflops))
-    bar = tqdm(total=cfg.steps, initial=start, unit="step", disable=not env.is_main, dynamic_ncols=True)
+    # a bar on a terminal, a line every 30 s in a log; messages (a checkpoint saved) go above the bar
+    bar = progress(total=cfg.steps, initial=start, unit="step", desc=cfg.run_dir.name, disable=not env.is_main)
     model.train()
     # Ctrl-C / SIGTERM: finish the update (and its evaluation), keep a checkpoint, then stop.
     at_once = lambda: f"stopped at once; the last checkpoint is kept, {_resume_hint(cfg)}"  # noqa: E731
@@ -419,12 +437,17 @@ def _save(cfg: TrainConfig, env, model, optimizer, step: int) -> None:
     distributed.barrier(env)
 
 
-def _save_final(cfg: TrainConfig, env, model, optimizer, data) -> Path:
-    """`RUN_DIR/final/`: the model (safetensors) with its tokenizer, replaced atomically."""
+def _save_final(cfg: TrainConfig, env, model, optimizer, data, kept: str | None = None) -> Path:
+    """`RUN_DIR/final/`: the model (safetensors) with its tokenizer, replaced atomically; an
+    extended run first renames the previous one (and its streams) to `kept`."""
     final = cfg.run_dir / "final"
     if not (cfg.run_dir / ckpt_io.ckpt_name(cfg.steps)).is_dir():
         _save(cfg, env, model, optimizer, cfg.steps)  # e.g. a resumed run that had already ended
     to_write = _savable(cfg, env, model)
+    if env.is_main and kept and final.is_dir():
+        ckpt_io.keep_final(cfg.run_dir, kept)
+        log.info("kept the previous final model as %s (load it, and stream adapters trained on it, from there)",
+                 cfg.run_dir / kept)
     if env.is_main:
         def write_final(tmp: Path) -> None:
             to_write.save_pretrained(tmp)
