@@ -1,6 +1,6 @@
 """`parscale demo`: the mini-study (about 10 minutes on two CPU cores at the default budget).
 
-    parscale demo [--out runs/demo] [--budget smoke|quick|default|full] [--scale F] [--seed S] [--seeds N]
+    parscale demo [--out runs/demo] [--budget smoke|quick|default|full|law] [--scale F] [--seed S] [--seeds N]
                   [--only SETTING,...]
 
 Re-running with the same flags reuses the finished runs, resumes an interrupted one and
@@ -16,9 +16,11 @@ from parscale.cli.options import Parser
 from parscale.errors import UserError, require_extra
 from parscale.interrupt import Interrupted
 
+BUDGETS = ("smoke", "quick", "default", "full", "law")  # parscale.demo.plan.BUDGETS, without importing torch
 BUDGET_HELP = ("how long the study runs (default: default): smoke, seconds (a few steps per run on a handful of "
                "files, for tests); quick, about 3 min; default, about 10 min on two cores; full, the multi-seed "
-               "study of docs/mini-study.md (about 2 h)")
+               "study of docs/mini-study.md (about 2 h); law, three small sizes trained on 20+ tokens per "
+               "parameter, the premise of the law checked first (about 55 min)")
 
 
 DEFAULT_BUDGET = "default"
@@ -36,12 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "standard library, post-train P=1 into streams, measure loss, time, FLOPs and decode "
                     "latency, and write OUT/report.md, OUT/summary.json and the plots.")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--budget", choices=("smoke", "quick", "default", "full"), default=None, help=BUDGET_HELP)
+    p.add_argument("--budget", choices=BUDGETS, default=None, help=BUDGET_HELP)
     p.add_argument("--quick", action="store_true", help="the same as --budget quick (kept for old scripts)")
     p.add_argument("--scale", type=float, default=1.0, metavar="F", help="multiply every step count by F (default 1)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="added to every run's seed (default 0)")
     p.add_argument("--seeds", type=int, default=None, metavar="N",
-                   help="paired seeds per setting (default: the budget's, 1, or 4 for full); with N >= 2 the "
+                   help="paired seeds per setting (default: the budget's, 1, or 4 for full, 3 for law); with N >= 2 the "
                         "report gives each comparison's mean paired difference and standard error")
     p.add_argument("--only", default=None, metavar="SETTING,...",
                    help="run only these settings of the budget (e.g. p1-prefix,p2,p2-smooth0.1) and the runs they "

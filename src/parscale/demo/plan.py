@@ -14,6 +14,12 @@ training every weight of `p1` on the same number of tokens.
 
 The `full` budget repeats this for four seeds, adds P = 1, 2, 4 at two more sizes (for a law
 fitted to our own runs) and the attempts to make the streams earn their keep; it takes hours.
+
+The `law` budget is another design (`_law_runs`): three small sizes trained on 20 to 80 tokens
+per non-embedding parameter, where more parameters help, so that whether streams act like more
+parameters can be asked at all. At every size P = 1, 2, 4 and two prefix controls at P = 1 (48
+tokens, and 96: the prefix parameters of P = 2), at the middle size a 1.27x wider P = 1 model,
+over three paired seeds; the report checks that premise before it compares anything.
 """
 from __future__ import annotations
 
@@ -25,12 +31,18 @@ from typing import Any
 from parscale.data.prepare import DataConfig
 from parscale.errors import UserError
 
-BUDGETS = ("smoke", "quick", "default", "full")
+BUDGETS = ("smoke", "quick", "default", "full", "law")
 BASE_LR = 3e-3           # the trainer's default, measured to train `tiny` well
 MIN_LR_RATIO = 0.1       # cosine decay to 10%: where stage 1 ends
 # The smoke budget's corpus: a handful of standard-library modules, so it runs in seconds.
 SMOKE_TRAIN = ("textwrap.py", "heapq.py", "bisect.py", "string.py", "shlex.py", "fnmatch.py", "glob.py")
 SMOKE_VAL = ("calendar.py", "quopri.py")
+# The `law` budget (sizes and steps measured in docs/mini-study.md): smallest size first.
+LAW_SIZES = ("law-xs", "law-s", "law-m")
+LAW_WIDENED, LAW_WIDE = "law-s", "law-s-wide"   # the middle size and its 1.27x wider P = 1 model
+LAW_P = (1, 2, 4)
+LAW_PREFIXES = (48, 96)   # the one-prefix controls at P = 1: P = 2's prefix length, and its parameter count
+LAW_VOCAB = 512           # a small BPE, so the embedding and the head do not dominate these small models
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,7 @@ class RunSpec:
     P: int = 1
     preset: str = "tiny"
     prefix_at_p1: bool = False
+    prefix_tokens: int = 48           # prefix length per stream (the controls' one prefix at P = 1)
     source: str | None = None         # the run whose final model this one converts (two-stage)
     train: str = "full"               # full | streams (frozen backbone)
     seed: int = 0
@@ -52,15 +65,16 @@ class RunSpec:
     stream_lr_mult: float = 1.0
     prefix_mlp_hidden: int = 0
     stream_penalty: float = 0.0
-    group: str = "scratch"            # scratch | two-stage | size | attempt
+    group: str = "scratch"            # scratch | two-stage | size | attempt | law
     setting: str = ""                 # the name without its seed: what seeds are averaged over
+    baseline: str = "p1"              # the setting of its P = 1 baseline (Δ vs P = 1 in the report)
 
     @property
     def kind(self) -> str:
         """What the run is, for plots: streams, prefix control, wide, or a plain P = 1."""
         if self.prefix_at_p1:
             return "prefix"
-        if self.preset == "tiny-wide":
+        if self.preset.endswith("-wide"):
             return "wide"
         return "streams" if self.P > 1 else "p1"
 
@@ -84,7 +98,8 @@ class DemoConfig:
     out: str
     budget: str = "default"
     seeds: tuple[int, ...] = (0,)
-    steps: int = 320                  # from-scratch updates (batch 8 x 128 tokens)
+    steps: int = 320                  # from-scratch updates (batch_size x 128 tokens)
+    batch_size: int = 8               # sequences of 128 tokens per update
     post_steps: int = 80              # stage-2 updates
     evals: int = 4                    # evaluations per run (plus the last step)
     eval_tokens: int = 32768          # every loss is on these same held-out tokens
@@ -106,7 +121,7 @@ class DemoConfig:
             raise UserError("no output directory: give --out DIR")
         if self.budget not in BUDGETS:
             raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
-        if self.steps < 1 or self.post_steps < 1 or self.evals < 1:
+        if self.steps < 1 or self.post_steps < 1 or self.evals < 1 or self.batch_size < 1:
             raise UserError("the demo needs at least 1 step and 1 evaluation per run; raise --scale")
         if self.eval_tokens < 128:
             raise UserError(f"eval_tokens must be at least one sequence (128 tokens), got {self.eval_tokens}")
@@ -134,6 +149,10 @@ class DemoConfig:
             # The sizes go down, not up: at this token budget a wider model already trains worse
             # than `tiny` (p1-wide), and `tiny-l` at P = 4 alone would cost an hour over 4 seeds.
             "full": dict(seeds=(0, 1, 2, 3), sizes=("tiny-xs", "tiny-s"), attempts=True),
+            # 1024 updates of 16 x 128 tokens: 2.1M tokens, 20 per parameter of law-m and 80 of
+            # law-xs, 0.37 epochs of the corpus at this vocabulary; about 55 min on two quiet cores.
+            "law": dict(seeds=(0, 1, 2), steps=1024, batch_size=16, evals=4, eval_tokens=65536,
+                        data=DataConfig(vocab_size=LAW_VOCAB)),
         }[budget]
         base.update(fields)
         for key in ("steps", "post_steps"):
@@ -166,6 +185,8 @@ def _seed_runs(cfg: DemoConfig, seed: int) -> list[RunSpec]:
             kw["source"] += sfx
         return RunSpec(name=setting + sfx, label=label, seed=seed, setting=setting, **kw)
 
+    if cfg.budget == "law":
+        return _law_runs(run)
     runs = [
         run("p1", "P=1 from scratch (the baseline)"),
         run("p2", "P=2 from scratch", P=2),
@@ -178,7 +199,8 @@ def _seed_runs(cfg: DemoConfig, seed: int) -> list[RunSpec]:
             lr=BASE_LR * MIN_LR_RATIO, group="two-stage"),
     ]
     for size in cfg.sizes:
-        runs += [run(f"{size}-p{p}", f"P={p} from scratch, {size}", P=p, preset=size, group="size") for p in (1, 2, 4)]
+        runs += [run(f"{size}-p{p}", f"P={p} from scratch, {size}", P=p, preset=size, group="size",
+                     baseline=f"{size}-p1") for p in (1, 2, 4)]
     if cfg.attempts:
         runs += [
             run("p2-smooth0.1", "P=2, smoothing 0.1 (the released models')", P=2, attn_smooth=0.1, group="attempt"),
@@ -194,6 +216,37 @@ def _seed_runs(cfg: DemoConfig, seed: int) -> list[RunSpec]:
         runs += [run(f"p2-penalty{c:g}", f"P=2, stream-similarity penalty {c:g}", P=2, stream_penalty=c,
                      group="attempt") for c in PENALTIES]
     return runs
+
+
+def _law_runs(run) -> list[RunSpec]:
+    """One seed of the `law` budget: at every size P = 1, 2, 4 and the two prefix controls, and
+    the wider model; every run from scratch on the same tokens (one seed: one data order, and
+    one backbone per size)."""
+    runs = []
+    for size in LAW_SIZES:
+        base = f"{size}-p1"
+        runs += [run(f"{size}-p{p}", f"P={p} from scratch, {size}", P=p, preset=size, group="law", baseline=base)
+                 for p in LAW_P]
+        runs += [run(f"{size}-prefix{t}", f"P=1 + one {t}-token prefix (control), {size}", preset=size,
+                     prefix_at_p1=True, prefix_tokens=t, group="law", baseline=base) for t in LAW_PREFIXES]
+    runs.append(run(LAW_WIDE, f"P=1, wider (1.27x the non-embedding params of {LAW_WIDENED})", preset=LAW_WIDE,
+                    group="law", baseline=f"{LAW_WIDENED}-p1"))
+    return runs + law_attempt_runs(run)
+
+
+def law_attempt_runs(run) -> list[RunSpec]:
+    """THE PLACE OF THE `law` BUDGET'S STREAM-DIVERSITY ATTEMPTS (none yet).
+
+    The attempts of issue 25 go here once their training options exist: ND-LoRA's
+    decorrelation loss on the streams' final hidden states (`--stream-decorrelation W`) and
+    per-stream low-rank adapters on the attention projections (`--stream-lora-rank R`), each
+    at P = 2 at every size of LAW_SIZES, made with `run(setting, label, P=2, preset=size,
+    group="attempt", baseline=f"{size}-p1", <the RunSpec field of the option>=value)`, and
+    compared in `stats.comparisons` with plain P = 2 and both prefix controls of their size.
+    The budget's other runs take about 55 min of the 2 h; each P = 2 attempt at all three
+    sizes over three seeds costs about 11 min more (two at a time, docs/mini-study.md).
+    """
+    return []
 
 
 # The full budget's attempts on the prefixes: (name, label, RunSpec options).
@@ -245,6 +298,7 @@ def train_config(cfg: DemoConfig, spec: RunSpec):
     steps = (cfg.post_steps if spec.source else cfg.steps) * spec.steps_factor
     every = max(1, steps // cfg.evals)
     common = dict(out=str(run_dir(cfg, spec.name)), P=spec.P, train=spec.train, steps=steps, seed=spec.seed,
+                  batch_size=cfg.batch_size, prefix_tokens=spec.prefix_tokens,
                   lr=learning_rate(spec), min_lr_ratio=MIN_LR_RATIO, attn_smooth=spec.attn_smooth,
                   eval_every=every, save_every=every, eval_tokens=cfg.eval_tokens, keep_last=1,
                   prefix_init_std=spec.prefix_init_std, stream_lr_mult=spec.stream_lr_mult,

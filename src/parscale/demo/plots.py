@@ -1,5 +1,6 @@
 """The demo's plots of our own runs (the law and cost plots come from `parscale.law` and
-`parscale.cost`). Each reads only the summary, so it can be redrawn from `summary.json`."""
+`parscale.cost`). Each reads only the summary, so it can be redrawn from `summary.json`.
+The `law` budget draws its own set: loss against N per P, the comparisons, the curves."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -119,7 +120,47 @@ def plot_comparisons(summary: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_loss_vs_n(summary: dict[str, Any], path: Path) -> None:
+    """The `law` budget: final loss against the backbone's N, one colour per P (every seed a
+    point, the means over seeds joined), the prefix controls dashed and the wider model marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    law = [r for r in summary["runs"] if r["group"] == "law"]
+    n_of = {r["preset"]: r["non_embedding_params"] for r in law if r["kind"] in ("p1", "wide")}
+    arms = {}  # (kind, P, prefix tokens) -> {N: [losses over seeds]}
+    for r in law:
+        if r["preset"] in n_of:
+            key = (r["kind"], r["P"], r.get("prefix_tokens", 48) if r["kind"] == "prefix" else 0)
+            arms.setdefault(key, {}).setdefault(n_of[r["preset"]], []).append(r["val_loss"])
+    colours = {1: "tab:blue", 2: "tab:orange", 4: "tab:red", 8: "tab:brown"}
+    for (kind, p, prefix), points in sorted(arms.items()):
+        colour, marker = (colours.get(p, "black"), "o") if kind in ("p1", "streams") else STYLE[kind]
+        if kind == "prefix" and prefix != 48:
+            colour, marker = "tab:olive", "v"
+        label = {"p1": "P=1", "streams": f"P={p}", "prefix": f"P=1 + one {prefix}-token prefix",
+                 "wide": "P=1 wider (1.27x params)"}[kind]
+        ns = sorted(points)
+        for n in ns:
+            ax.scatter([n] * len(points[n]), points[n], color=colour, marker=marker, s=14, alpha=0.4)
+        means = [sum(points[n]) / len(points[n]) for n in ns]
+        ax.plot(ns, means, "-" if kind in ("p1", "streams") else "--", color=colour, marker=marker, ms=7, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("N: non-embedding parameters of the backbone")
+    ax.set_ylabel("final held-out loss (nats/token)")
+    ax.set_title("loss against N, per P (points: seeds; line: their mean)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_save_figure(fig, path, dpi=110)
+
+
 def write_plots(summary: dict[str, Any], out: Path) -> None:
+    if summary.get("budget") == "law":  # its own design: loss against N; curves of the first seed only
+        first = summary["config"]["seeds"][0]
+        plot_curves({"runs": [r for r in summary["runs"] if r["seed"] == first]}, out / "curves.png")
+        plot_loss_vs_n(summary, out / "loss_vs_n.png")
+        plot_comparisons(summary, out / "comparisons.png")
+        return
     plot_curves(summary, out / "curves.png")
     plot_loss_vs_p(summary, out / "loss_vs_p.png")
     _scatter(summary, out / "loss_vs_latency.png", "decode_ms_per_token",

@@ -190,7 +190,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
     parts = [
         f"# ParScale mini-study (`--budget {summary['budget']}`)",
         f"The `tiny` preset (d=128, 4 layers) on the Python standard library; seeds {list(cfg['seeds'])}. "
-        f"From-scratch runs take {cfg['steps']} updates of 8 x 128 tokens, two-stage runs {cfg['post_steps']} "
+        f"From-scratch runs take {cfg['steps']} updates of {cfg.get('batch_size', 8)} x 128 tokens, two-stage runs {cfg['post_steps']} "
         f"more. Every loss is on the same first {cfg['eval_tokens']:,} held-out tokens (nats/token). Times are "
         f"from {cpu}, {m['start']['cores']} cores, load average {m['start']['load_average'][0]:.1f} at the start and "
         f"{m['end']['load_average'][0]:.1f} at the end (other jobs share the machine, so times are inflated); "
@@ -245,11 +245,11 @@ def write_text(path: Path, text: str) -> None:
     os.chmod(path, 0o644)
 
 
-def write_report(summary: dict[str, Any], out: Path) -> None:
-    """summary.json, the plots and report.md in `out`, each written atomically."""
+def write_report(summary: dict[str, Any], out: Path, markdown=report_markdown) -> None:
+    """summary.json, the plots and report.md (`markdown(summary)`) in `out`, each written atomically."""
     from parscale.demo.plots import write_plots
 
     out = Path(out)
     write_text(out / "summary.json", json.dumps(summary, indent=1, default=float) + "\n")
     write_plots(summary, out)
-    write_text(out / "report.md", report_markdown(summary))
+    write_text(out / "report.md", markdown(summary))

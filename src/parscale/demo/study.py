@@ -1,11 +1,11 @@
 """The study behind `parscale demo`: a thin orchestration of the library.
 
-    cfg = DemoConfig.preset("runs/demo", budget="default")   # smoke | quick | default | full
+    cfg = DemoConfig.preset("runs/demo", budget="default")   # smoke | quick | default | full | law
     summary = run_demo(cfg)     # trains (or reuses) every run, measures them, writes the report
 
 `parscale.demo.plan` says which runs there are and why; `runner` trains them two at a time;
 `measure` reads each finished run; `stats` compares the settings over seeds; `report` writes
-report.md, summary.json and the plots.
+report.md, summary.json and the plots (`law_report` the `law` budget's report.md).
 The law fit and the cost comparison of the paper's models are `parscale.law` and
 `parscale.cost`, clearly labelled as the paper's data. Every run lives in `OUT/runs/NAME/`:
 a finished run is reused, an interrupted one resumes, and a demo config that differs from
@@ -79,6 +79,7 @@ def read_run(cfg: DemoConfig, spec: RunSpec, done: dict[str, Any], val_tokens) -
     model = measure.load(final)
     run: dict[str, Any] = {"name": spec.name, "label": spec.label, "P": spec.P, "kind": spec.kind,
                            "preset": spec.preset, "group": spec.group, "setting": spec.setting, "seed": spec.seed,
+                           "baseline_setting": spec.baseline, "prefix_tokens": spec.prefix_tokens,
                            "source": spec.source, "train": spec.train, "attn_smooth": spec.attn_smooth,
                            "lr": tc.lr, "prefix_init_std": spec.prefix_init_std, "stream_lr_mult": spec.stream_lr_mult,
                            "prefix_mlp_hidden": spec.prefix_mlp_hidden, "stream_penalty": spec.stream_penalty,
@@ -103,8 +104,7 @@ def relate(runs: list[dict[str, Any]]) -> None:
     """Δ against P = 1 of the same seed (and size), extra parameters, cumulative FLOPs, in place."""
     by = {r["name"]: r for r in runs}
     for r in runs:
-        size = r["preset"] if r["group"] == "size" else "tiny"
-        base_name = (f"{size}-p1" if r["group"] == "size" else "p1") + (r["name"][len(r["setting"]):])
+        base_name = r["baseline_setting"] + r["name"][len(r["setting"]):]  # the same seed's P = 1 run
         base = by.get(base_name)
         base = None if base is r else base
         r["baseline"] = base_name if base else None
@@ -123,7 +123,7 @@ def own_law(runs: list[dict[str, Any]], bootstrap: int = 200, plot: Path | None 
     from parscale.law.fitting import fit
     from parscale.law.plot import plot_fit
 
-    pts = [r for r in runs if r["group"] in ("scratch", "size") and r["kind"] in ("p1", "streams")]
+    pts = [r for r in runs if r["group"] in ("scratch", "size", "law") and r["kind"] in ("p1", "streams")]
     sizes = {r["preset"] for r in pts}
     if len(sizes) < 3:
         return None
@@ -138,7 +138,26 @@ def own_law(runs: list[dict[str, Any]], bootstrap: int = 200, plot: Path | None 
     if plot is not None:
         plot_fit(res, plot, title="parallel scaling law fitted to our own runs (every seed a point)")
     return {"identifiable": bool(res.converged and hi - lo < 1.0), "E": res.E, "A": res.A, "alpha": res.alpha,
-            "k": res.k, "k_ci": [lo, hi], "r2": res.r2, "points": len(pts), "converged": bool(res.converged)}
+            "k": res.k, "k_ci": [lo, hi], "r2": res.r2, "points": len(pts), "converged": bool(res.converged),
+            "at_bound": list(res.at_bound)}
+
+
+def law_budget(runs: list[dict[str, Any]], train_tokens: int) -> dict[str, Any]:
+    """What the `law` budget's report states beside its numbers: the premise check, tokens per
+    parameter at each size, how often the data repeat, and k of the paper's two fits."""
+    from parscale.demo.stats import premise
+    from parscale.law.fitting import fit
+    from parscale.law.points import load_points
+
+    tokens = max(r["tokens"] for r in runs)  # every run of the budget trains on the same tokens
+    n_of = {r["preset"]: r["non_embedding_params"] for r in runs if r["kind"] in ("p1", "wide")}
+    paper_k = {}
+    for name in ("paper-stack", "paper-pile"):
+        pts = load_points(name)
+        paper_k[name] = fit(pts.params, pts.streams, pts.loss).k
+    return {"premise": premise(runs), "tokens_per_run": tokens, "train_tokens": train_tokens,
+            "epochs": tokens / train_tokens, "N": n_of, "tokens_per_param": {k: tokens / n for k, n in n_of.items()},
+            "paper_k": paper_k}
 
 
 # ---------------------------------------------------------------- the paper's law and costs
@@ -194,14 +213,23 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     parallel["reused"] = sum(d["action"] == "reused" for d in done.values())
     parallel["runs"] = len(done)
     print("[demo] measuring every run (held-out metrics, decode latency in float32 and bfloat16)", flush=True)
-    val = prepare_data(cfg.data, cache_dir=cfg.out_dir / "data").val[: cfg.eval_tokens]
-    runs = [read_run(cfg, spec, done[spec.name], val) for spec in specs]
+    data = prepare_data(cfg.data, cache_dir=cfg.out_dir / "data")
+    runs = [read_run(cfg, spec, done[spec.name], data.val[: cfg.eval_tokens]) for spec in specs]
     relate(runs)
+    law = cfg.budget == "law"
     summary = {"budget": cfg.budget, "config": cfg.to_dict(), "machine": {"start": at_start, "end": machine()},
                "parallel": parallel, "runs": runs, "settings": settings_table(runs),
                "comparisons": comparisons(runs), "own_law": own_law(runs, plot=cfg.out_dir / "own_law_fit.png"),
-               "paper_law": paper_law(cfg.out_dir), "paper_cost": paper_cost(cfg.out_dir)}
+               "paper_law": paper_law(cfg.out_dir), "paper_cost": None if law else paper_cost(cfg.out_dir)}
+    if law:
+        summary["law"] = law_budget(runs, len(data.train))
     summary["wall_seconds"] = time.perf_counter() - start
-    write_report(summary, cfg.out_dir)
-    print_tables(summary)
+    if law:
+        from parscale.demo.law_report import law_markdown, print_law
+
+        write_report(summary, cfg.out_dir, markdown=law_markdown)
+        print_law(summary)
+    else:
+        write_report(summary, cfg.out_dir)
+        print_tables(summary)
     return summary

@@ -3,7 +3,8 @@
 `tiny` is the architecture of the project's mini-study (d=128, 4 layers, 4 query / 2 KV heads,
 FFN 352): its learning rate and budget are measured to train in a few minutes on two CPU
 cores, which is what a first run and the tests need. `small` is the next step up (about 5.6M
-non-embedding parameters). The `paper-*` presets are the six sizes of the ParScale paper's
+non-embedding parameters). The `law-*` sizes are the `law` budget's small models, sized to train
+on 20 or more tokens per parameter in that budget's time. The `paper-*` presets are the six sizes of the ParScale paper's
 scaling-law runs (36 layers, 16 heads, 2 KV heads), named by their non-embedding parameter
 count. The vocabulary of a model trained from scratch follows the tokenizer, so the
 vocab size given here (the paper's 151936) is replaced by the run's tokenizer size.
@@ -26,6 +27,14 @@ _SMALL_MODELS = {
     "tiny-xs": (64, 176, 4, 4, 2, 1024),
     "tiny-s": (96, 264, 4, 4, 2, 1024),
     "tiny-l": (192, 528, 4, 4, 2, 1024),
+    # The `law` budget's sizes (docs/mini-study.md): 4 layers, FFN 2.75 d like `tiny`, but two
+    # query heads and one KV head (head dim 12-24), which trained 1.5x faster per token than
+    # four heads at these widths; 26k / 47k / 104k non-embedding parameters, and `law-s-wide`
+    # 1.27x `law-s` (d and FFN widened as `tiny-wide` widens `tiny`).
+    "law-xs": (24, 66, 4, 2, 1, 1024),
+    "law-s": (32, 88, 4, 2, 1, 1024),
+    "law-s-wide": (36, 100, 4, 2, 1, 1024),
+    "law-m": (48, 132, 4, 2, 1, 1024),
     "small": (256, 704, 8, 8, 2, 2048),
 }
 _PAPER_SIZES = {
