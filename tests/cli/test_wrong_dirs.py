@@ -150,3 +150,11 @@ def test_cost_reads_a_model_directory_and_names_a_run_directory(world, capsys):
     from_file = json.loads(capsys.readouterr().out)
     assert main(["cost", "--hf-config", str(world / "backbone"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == from_file
+
+
+def test_train_init_from_a_run_or_data_directory_is_named_before_any_work(world, capsys, tmp_path):
+    one_error(capsys, ["train", "--init-from", str(world / "run"), "--P", "2", "--out", str(tmp_path / "r")],
+              "train", f"{world / 'run'} is a run directory; its model is {world / 'run' / 'final'}")
+    one_error(capsys, ["train", "--init-from", str(world / "data"), "--P", "2", "--out", str(tmp_path / "r")],
+              "train", "is a prepared data directory")
+    assert not (tmp_path / "r").exists()  # nothing was written

@@ -83,13 +83,17 @@ def test_conversion_keeps_the_loss_within_2_percent_and_breaks_symmetry(trained_
     assert (h_sym[0] - h_sym[1]).abs().max().item() < 1e-6
 
 
-def test_streams_mode_freezes_the_backbone_and_trains_the_prefixes(trained_p1, capsys):
+def test_streams_mode_freezes_the_backbone_and_trains_the_prefixes(trained_p1, capsys, caplog):
     root, opts, final, data = trained_p1
     fields = dict(out=str(root / "p2-streams"), init_from=str(final), P=2, steps=4, train="streams",
                   **{**opts, "model_config": None, "lr": 1e-2, "eval_every": 0, "save_every": 0})
     cfg = TrainConfig(**fields)
-    out_dir = train_in_process(**fields)
+    with caplog.at_level("INFO", logger="parscale"):
+        out_dir = train_in_process(**fields)
     assert "trainable params:" in capsys.readouterr().out  # the PEFT-style report
+    # the last line names both results: the full model and the adapter for the backbone
+    assert any(str(cfg.run_dir / "final") in r.getMessage() and str(cfg.run_dir / "final-streams") in r.getMessage()
+               for r in caplog.records)
     before = to_parscale(_plain(final), ParScaleConfig(n_streams=2), seed=cfg.seed)
     after = ParScaleForCausalLM.from_pretrained(out_dir)
     start, end = before.state_dict(), after.state_dict()

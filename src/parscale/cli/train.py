@@ -222,6 +222,10 @@ def main(argv: list[str]) -> int:
     from parscale.atomic import check_writable
 
     cfg, resume = resolve_config(argv)  # `--help` ends here, before torch is imported
+    if cfg.init_from and not resume:  # a run, an adapter or data given as a model: named before any work
+        from parscale.cli.model_dir import check_model_dir
+
+        check_model_dir(cfg.init_from, "--init-from")
     check_writable(cfg.out, "--out", folder=True)
     from parscale.train.loop import train
     if not _is_main():  # under torchrun, rank 0 alone reports progress

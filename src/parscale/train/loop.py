@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -57,9 +58,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_notice: str = STOP_NOTICE
     `stop_notice`: the line printed on the first Ctrl-C ("" for none: a caller such as the demo
     that runs several trainers prints its own)."""
     env = distributed.init_distributed(cfg.device)
+    fresh = env.is_main and not cfg.run_dir.exists()
     try:
         with run_lock(cfg.run_dir, enabled=env.is_main):  # one trainer per run directory
             return _run(cfg, env, resume, stop_notice)
+    except BaseException:
+        if fresh and not (cfg.run_dir / "config.yaml").exists():  # failed before it began: leave nothing behind
+            shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        raise
     finally:
         distributed.shutdown(env)
 
@@ -461,7 +467,11 @@ def _save_final(cfg: TrainConfig, env, model, optimizer, data, kept: str | None 
         records = MetricsLog(cfg.run_dir / "metrics.jsonl").read()
         if records:
             plot_losses(records, cfg.run_dir / "loss.png", title=_title(cfg))
-        log.info("final model: %s", final)
+        if cfg.train == "streams":
+            log.info("final model: %s; its streams alone (an adapter for the --init-from backbone): %s",
+                     final, cfg.run_dir / "final-streams")
+        else:
+            log.info("final model: %s", final)
     distributed.barrier(env)
     return final
 
