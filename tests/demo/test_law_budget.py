@@ -97,8 +97,9 @@ def test_law_plan_has_every_arm_over_paired_seeds_and_twenty_tokens_per_paramete
     for s in specs:
         by_seed.setdefault(s.seed, set()).add(s.setting)
     arms = {f"{size}-{arm}" for size in ("law-xs", "law-s", "law-m")
-            for arm in ("p1", "p2", "p4", "prefix48", "prefix96")} | {"law-s-wide"}
-    assert all(settings == arms for settings in by_seed.values()) and len(specs) == 3 * 16
+            for arm in ("p1", "p2", "p4", "prefix48", "prefix96", "p2-decor", "p2-lora4", "p2-lora4-decor")}
+    arms |= {"law-s-wide"}
+    assert all(settings == arms for settings in by_seed.values()) and len(specs) == 3 * 25
     n = {p: _non_embedding(p, cfg.data.vocab_size) for p in ("law-xs", "law-s", "law-s-wide", "law-m")}
     assert n["law-xs"] < n["law-s"] < n["law-m"]
     assert n["law-s-wide"] / n["law-s"] == pytest.approx(1.27, abs=0.01)
@@ -112,6 +113,12 @@ def test_law_plan_has_every_arm_over_paired_seeds_and_twenty_tokens_per_paramete
     assert {k for k in a if a[k] != b[k]} == {"out", "P", "prefix_at_p1", "prefix_tokens"}
     assert (b["P"], b["prefix_at_p1"], b["prefix_tokens"], c["prefix_tokens"], a["prefix_tokens"]) == (1, True, 96, 48, 48)
     assert by["law-m-p4-s1"]["data"]["vocab_size"] == 512 and by["law-m-p4-s1"]["seed"] == 1
+    # The attempts: plain P = 2 plus their option, nothing else.
+    for name, options in (("decor", {"stream_decorrelation": 10.0}), ("lora4", {"stream_lora_rank": 4}),
+                          ("lora4-decor", {"stream_decorrelation": 10.0, "stream_lora_rank": 4})):
+        attempt = by[f"law-s-p2-{name}-s1"]
+        assert {k for k in a if a[k] != attempt[k]} == {"out"} | set(options)
+        assert all(attempt[k] == v for k, v in options.items())
 
 
 # ---------------------------------------------------------------- the report
@@ -120,12 +127,14 @@ def _summary(losses: dict[str, list[float]]) -> dict:
     n = {"law-xs": 26_328, "law-s": 46_624, "law-s-wide": 59_364, "law-m": 104_496}
     runs = []
     for setting, vals in losses.items():
-        preset = setting if setting == "law-s-wide" else setting.rsplit("-", 1)[0]
-        arm = setting.rsplit("-", 1)[1]
+        parts = setting.split("-")  # law-m-p2, law-m-prefix96, law-m-p2-lora4 (an attempt), law-s-wide
+        preset = setting if setting == "law-s-wide" else "-".join(parts[:2])
+        arm = parts[2] if len(parts) > 2 and setting != "law-s-wide" else ""
         P = int(arm[1:]) if arm[:1] == "p" and arm[1:].isdigit() else 1
+        group = "attempt" if len(parts) > 3 else "law"
         for seed, v in enumerate(vals):
             runs.append({"name": f"{setting}-s{seed}", "label": setting, "setting": setting, "seed": seed, "P": P,
-                         "preset": preset, "group": "law", "val_loss": v, "delta_vs_p1": None,
+                         "preset": preset, "group": group, "val_loss": v, "delta_vs_p1": None,
                          "delta_vs_control": None, "train_seconds": 1.0, "train_flops": 1e12,
                          "non_embedding_params": n[preset], "extra_params": None, "decode_ms_per_token": None,
                          "decode_ms_per_token_bf16": None, "streams": {"stream_cosine": 0.99} if P > 1 else None})
@@ -233,3 +242,18 @@ def test_the_law_budget_runs_end_to_end_at_two_steps(tmp_path):
     assert ("The premise holds" in text) == law["premise"]["holds"]
     for name in ("loss_vs_n.png", "curves.png", "comparisons.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
+
+
+def test_each_attempt_is_compared_with_plain_p2_and_both_controls():
+    # law-m P = 2 with LoRA below plain P = 2 by 0.05, 0.07, 0.06: mean -0.06, sd 0.01, SE 0.0057735
+    plain = STREAMS["law-m-p2"]
+    lora = [v - d for v, d in zip(plain, (0.05, 0.07, 0.06))]
+    summary = _summary({**HOLDS, **STREAMS, "law-m-p2-lora4": lora})
+    pairs = {(c["a"], c["b"]): c for c in summary["comparisons"]}
+    got = pairs[("law-m-p2-lora4", "law-m-p2")]
+    assert got["mean"] == pytest.approx(-0.06, abs=1e-9) and got["se"] == pytest.approx(0.0057735, abs=1e-6)
+    assert {("law-m-p2-lora4", "law-m-prefix48"), ("law-m-p2-lora4", "law-m-prefix96")} <= set(pairs)
+    text = law_markdown(summary)
+    row = next(line for line in text.splitlines() if line.startswith("| `law-m` | per-stream LoRA rank 4 on"))
+    assert row.split(" | ")[2] == "-0.060 ± 0.006 (yes)"  # − plain P = 2
+    assert "Attempts to make the streams differ" in text

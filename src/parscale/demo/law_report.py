@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from parscale.demo.plan import LAW_P, LAW_PREFIXES, LAW_SIZES, LAW_WIDE, LAW_WIDENED
+from parscale.demo.plan import LAW_ATTEMPTS, LAW_P, LAW_PREFIXES, LAW_SIZES, LAW_WIDE, LAW_WIDENED
 from parscale.demo.report import _f, _si, _table, parallel_line, runs_table
 
 PAPER_K = {"paper-stack": "Stack-V2-Python", "paper-pile": "the Pile"}
@@ -110,6 +110,23 @@ def streams_section(summary: dict[str, Any]) -> str:
     return text
 
 
+def attempts_section(summary: dict[str, Any]) -> str:
+    """ND-LoRA's fixes for collapsed streams, at P = 2: against plain P = 2 and both prefix controls."""
+    bases = ["p2"] + [f"prefix{t}" for t in LAW_PREFIXES]
+    names = {"p2": "plain P = 2"} | {f"prefix{t}": f"{t}-token prefix" for t in LAW_PREFIXES}
+    rows = []
+    for size in LAW_SIZES:
+        for name, what, _ in LAW_ATTEMPTS:
+            s = _setting(summary, f"{size}-p2-{name}")
+            cos = f"{s['stream_cosine']:.3f}" if s and s.get("stream_cosine") is not None else "–"
+            rows.append([f"`{size}`", what] + [_delta(_cmp(summary, f"{size}-p2-{name}", f"{size}-{b}")) for b in bases]
+                        + [cos])
+    header = ["size", "attempt"] + [f"− {names[b]}" for b in bases] + ["stream cos"]
+    return ("## Attempts to make the streams differ (ND-LoRA, arXiv 2510.20690)\n\nEach at P = 2, paired by seed "
+            "(mean Δ ± SE, negative: the attempt is better), with the streams' mean hidden-state cosine.\n\n"
+            + _table(header, rows))
+
+
 def law_section(summary: dict[str, Any]) -> str:
     own, paper = summary.get("own_law"), summary["law"]["paper_k"]
     against = " and ".join(f"{paper[k]:.2f} ({PAPER_K[k]})" for k in PAPER_K if k in paper)
@@ -136,7 +153,7 @@ def law_markdown(summary: dict[str, Any]) -> str:
              "## Held-out loss, mean over seeds\n\n" + losses_table(summary)
              + "\n\n![loss against N, per P](loss_vs_n.png)"]
     if pre["holds"]:
-        parts += [streams_section(summary), law_section(summary),
+        parts += [streams_section(summary), attempts_section(summary), law_section(summary),
                   "![every paired comparison with its ± 2 SE bar](comparisons.png)"]
     parts += ["## Runs\n\n" + runs_table(summary) + "\n\nValidation curves of the first seed:\n\n"
               "![validation curves](curves.png)", "## Two runs at a time\n\n" + parallel_line(summary)]

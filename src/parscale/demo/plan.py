@@ -65,6 +65,8 @@ class RunSpec:
     stream_lr_mult: float = 1.0
     prefix_mlp_hidden: int = 0
     stream_penalty: float = 0.0
+    stream_decorrelation: float = 0.0  # the law budget's attempts (ND-LoRA): see TrainConfig
+    stream_lora_rank: int = 0
     group: str = "scratch"            # scratch | two-stage | size | attempt | law
     setting: str = ""                 # the name without its seed: what seeds are averaged over
     baseline: str = "p1"              # the setting of its P = 1 baseline (Δ vs P = 1 in the report)
@@ -235,18 +237,28 @@ def _law_runs(run) -> list[RunSpec]:
 
 
 def law_attempt_runs(run) -> list[RunSpec]:
-    """THE PLACE OF THE `law` BUDGET'S STREAM-DIVERSITY ATTEMPTS (none yet).
+    """The `law` budget's stream-diversity attempts, at P = 2 at every size (ND-LoRA, arXiv
+    2510.20690, reports collapsed streams on a frozen Qwen2.5-0.5B and a fix): the decorrelation
+    loss on the streams' final hidden states (`--stream-decorrelation`), per-stream low-rank
+    adapters on the attention projections (`--stream-lora-rank`), and both together, as ND-LoRA
+    uses them. Each is compared with plain P = 2 and both prefix controls of its size
+    (`stats.law_pairs`); about 11 min each over three seeds, two runs at a time."""
+    runs = []
+    for size in LAW_SIZES:
+        for name, what, options in LAW_ATTEMPTS:
+            runs.append(run(f"{size}-p2-{name}", f"P=2, {what}, {size}", P=2, preset=size, group="attempt",
+                            baseline=f"{size}-p1", **options))
+    return runs
 
-    The attempts of issue 25 go here once their training options exist: ND-LoRA's
-    decorrelation loss on the streams' final hidden states (`--stream-decorrelation W`) and
-    per-stream low-rank adapters on the attention projections (`--stream-lora-rank R`), each
-    at P = 2 at every size of LAW_SIZES, made with `run(setting, label, P=2, preset=size,
-    group="attempt", baseline=f"{size}-p1", <the RunSpec field of the option>=value)`, and
-    compared in `stats.comparisons` with plain P = 2 and both prefix controls of their size.
-    The budget's other runs take about 55 min of the 2 h; each P = 2 attempt at all three
-    sizes over three seeds costs about 11 min more (two at a time, docs/mini-study.md).
-    """
-    return []
+
+# The law budget's attempts: (name, label, RunSpec options). The decorrelation loss is the mean
+# squared cross-correlation of two streams' standardised features, about 1/H for collapsed
+# streams (H = 24-48 here), so its weight is large enough to move a loss of about 2.5 nats.
+LAW_ATTEMPTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("decor", "decorrelation loss x 10", {"stream_decorrelation": 10.0}),
+    ("lora4", "per-stream LoRA rank 4 on q, k, v, o", {"stream_lora_rank": 4}),
+    ("lora4-decor", "per-stream LoRA rank 4 + decorrelation x 10", {"stream_lora_rank": 4, "stream_decorrelation": 10.0}),
+)
 
 
 # The full budget's attempts on the prefixes: (name, label, RunSpec options).
@@ -303,6 +315,7 @@ def train_config(cfg: DemoConfig, spec: RunSpec):
                   eval_every=every, save_every=every, eval_tokens=cfg.eval_tokens, keep_last=1,
                   prefix_init_std=spec.prefix_init_std, stream_lr_mult=spec.stream_lr_mult,
                   prefix_mlp_hidden=spec.prefix_mlp_hidden, stream_similarity_penalty=spec.stream_penalty,
+                  stream_decorrelation=spec.stream_decorrelation, stream_lora_rank=spec.stream_lora_rank,
                   data=cfg.data, cache_dir=str(cfg.out_dir / "data"))
     if spec.source:
         return TrainConfig(init_from=str(run_dir(cfg, spec.source) / "final"), **common)

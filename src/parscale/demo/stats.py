@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from parscale.demo.plan import LAW_P, LAW_PREFIXES, LAW_SIZES, LAW_WIDE, LAW_WIDENED, PENALTIES, PREFIX_ATTEMPTS
+from parscale.demo.plan import (LAW_ATTEMPTS, LAW_P, LAW_PREFIXES, LAW_SIZES, LAW_WIDE, LAW_WIDENED, PENALTIES,
+                                PREFIX_ATTEMPTS)
 
 # Seed-to-seed standard deviation of a paired loss difference between two settings, measured at
 # this size before the demo existed (three seeds, P=2 minus the prefix control): one seed's
@@ -82,8 +83,11 @@ def premise_pairs() -> list[tuple[str, str]]:
 def law_pairs() -> list[tuple[str, str]]:
     """At every size, each P > 1 against P = 1 and against both prefix controls; and P = 2 against
     the wider model (1.27x the parameters: what the paper's k = 0.39 says two streams are worth)."""
-    return [(f"{size}-p{p}", f"{size}-{base}") for size in LAW_SIZES for p in LAW_P if p > 1
-            for base in ["p1"] + [f"prefix{t}" for t in LAW_PREFIXES]] + [(f"{LAW_WIDENED}-p2", LAW_WIDE)]
+    pairs = [(f"{size}-p{p}", f"{size}-{base}") for size in LAW_SIZES for p in LAW_P if p > 1
+             for base in ["p1"] + [f"prefix{t}" for t in LAW_PREFIXES]] + [(f"{LAW_WIDENED}-p2", LAW_WIDE)]
+    # each stream-diversity attempt against plain P = 2 and both prefix controls of its size
+    return pairs + [(f"{size}-p2-{name}", f"{size}-{base}") for size in LAW_SIZES for name, _, _ in LAW_ATTEMPTS
+                    for base in ["p2"] + [f"prefix{t}" for t in LAW_PREFIXES]]
 
 
 def premise(runs: list[dict[str, Any]]) -> dict[str, Any]:
