@@ -15,3 +15,10 @@ def test_quick_start_runs(tmp_path, monkeypatch):
     exec(compile(blocks[0], "README.md", "exec"), namespace)  # its own asserts check the round trip
     assert (tmp_path / "p4-model" / "model.safetensors").is_file()
     assert namespace["model"].parscale_config.n_streams == 4
+
+
+def test_the_readme_starts_with_exactly_make_demo_and_make_test():
+    """The first code block is the two commands a newcomer runs, nothing else."""
+    first = re.search(r"```\n(.*?)```", README.read_text(), flags=re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in first.strip().splitlines()]
+    assert commands == ["make demo", "make test"]
