@@ -34,6 +34,7 @@ import transformers
 from transformers import AutoModelForCausalLM, Qwen2Config
 from transformers.generation.streamers import BaseStreamer
 
+from parscale.atomic import atomic_write_json
 from parscale.model.config import ParScaleConfig
 from parscale.model.decoding import compiled_generate_kwargs
 from parscale.model.wrapper import to_parscale
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         results[section].update(device=info, seconds=time.perf_counter() - start, dry_run=args.dry_run,
                                 copy_bandwidth_bytes_per_s=bandwidth)
         name = out / f"gpu_{section}{'_dry' if args.dry_run else ''}.json"
-        name.write_text(json.dumps(results[section], indent=1, default=str))
+        atomic_write_json(name, json.loads(json.dumps(results[section], default=str)))
         print(f"wrote {name}", flush=True)
     print_tables(results)
     return 0

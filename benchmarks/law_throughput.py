@@ -15,7 +15,6 @@ non-embedding parameters N and the tokens a run of 20 tokens per parameter needs
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+from parscale.atomic import atomic_write_json
 
 from parscale.train import TrainConfig, convert, distributed
 from parscale.train.loop import _update
@@ -120,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python benchmarks/law_throughput.py " + " ".join(argv or sys.argv[1:])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)
+    atomic_write_json(out, result)
     print(f"wrote {out}")
     return 0
 

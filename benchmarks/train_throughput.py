@@ -10,7 +10,6 @@ of the plain model (at P = 1 the wrapper adds no prefix and no aggregation).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from parscale.atomic import atomic_write_json
 from parscale.train import TrainConfig
 from parscale.train import convert, distributed
 from parscale.train.loop import _update
@@ -107,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python benchmarks/train_throughput.py " + " ".join(argv or sys.argv[1:])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)
+    atomic_write_json(out, result)
     print(f"wrote {out}")
     return 0
 
