@@ -3,12 +3,13 @@ presets counted independently, its report's refusal to compare when the premise 
 CLI, and (slow) its whole code path at a few steps."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from parscale.demo.law_report import law_markdown
-from parscale.demo.plan import DemoConfig, plan, smoke_data, train_config
+from parscale.demo.plan import LAW_DESIGNS, DemoConfig, plan, smoke_data, train_config
 from parscale.demo.stats import comparisons, premise, settings_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -122,28 +123,30 @@ def test_law_plan_has_every_arm_over_paired_seeds_and_twenty_tokens_per_paramete
 
 
 # ---------------------------------------------------------------- the report
-def _summary(losses: dict[str, list[float]]) -> dict:
+def _summary(losses: dict[str, list[float]], budget: str = "law") -> dict:
     """A law summary from per-seed losses, through the same statistics as the study."""
-    n = {"law-xs": 26_328, "law-s": 46_624, "law-s-wide": 59_364, "law-m": 104_496}
+    tag = budget + "-"  # the sizes' names: law-m, or law-gpu-m
+    n = {tag + k: v for k, v in {"xs": 26_328, "s": 46_624, "s-wide": 59_364, "m": 104_496}.items()}
     runs = []
     for setting, vals in losses.items():
-        parts = setting.split("-")  # law-m-p2, law-m-prefix96, law-m-p2-lora4 (an attempt), law-s-wide
-        preset = setting if setting == "law-s-wide" else "-".join(parts[:2])
-        arm = parts[2] if len(parts) > 2 and setting != "law-s-wide" else ""
+        parts = setting[len(tag):].split("-")  # m-p2, m-prefix96, m-p2-lora4 (an attempt), s-wide
+        wide = parts == ["s", "wide"]
+        preset = setting if wide else tag + parts[0]
+        arm = parts[1] if len(parts) > 1 and not wide else ""
         P = int(arm[1:]) if arm[:1] == "p" and arm[1:].isdigit() else 1
-        group = "attempt" if len(parts) > 3 else "law"
+        group = "attempt" if len(parts) > 2 else "law"
         for seed, v in enumerate(vals):
             runs.append({"name": f"{setting}-s{seed}", "label": setting, "setting": setting, "seed": seed, "P": P,
                          "preset": preset, "group": group, "val_loss": v, "delta_vs_p1": None,
                          "delta_vs_control": None, "train_seconds": 1.0, "train_flops": 1e12,
                          "non_embedding_params": n[preset], "extra_params": None, "decode_ms_per_token": None,
                          "decode_ms_per_token_bf16": None, "streams": {"stream_cosine": 0.99} if P > 1 else None})
-    return {"budget": "law", "config": {"steps": 1024, "batch_size": 16, "data": {"vocab_size": 512},
+    return {"budget": budget, "config": {"steps": 1024, "batch_size": 16, "data": {"vocab_size": 512},
                                         "seeds": [0, 1, 2], "eval_tokens": 65536},
             "machine": {"start": {"cores": 2, "load_average": [0.1]}, "end": {"load_average": [0.1]}},
             "parallel": {"workers": 1}, "wall_seconds": 60.0, "runs": runs, "settings": settings_table(runs),
             "comparisons": comparisons(runs), "own_law": None,
-            "law": {"premise": premise(runs), "tokens_per_run": 2_097_152, "train_tokens": 5_627_984,
+            "law": {"premise": premise(runs, LAW_DESIGNS[budget]), "tokens_per_run": 2_097_152, "train_tokens": 5_627_984,
                     "epochs": 0.37, "N": n, "tokens_per_param": {k: 2_097_152 / v for k, v in n.items()},
                     "paper_k": {"paper-stack": 0.39, "paper-pile": 0.33}}}
 
@@ -257,3 +260,58 @@ def test_each_attempt_is_compared_with_plain_p2_and_both_controls():
     row = next(line for line in text.splitlines() if line.startswith("| `law-m` | per-stream LoRA rank 4 on"))
     assert row.split(" | ")[2] == "-0.060 ± 0.006 (yes)"  # − plain P = 2
     assert "Attempts to make the streams differ" in text
+
+
+# ---------------------------------------------------------------- law-gpu: the same design at 10x
+def _gpu(losses: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {k.replace("law-", "law-gpu-", 1): v for k, v in losses.items()}
+
+
+def test_law_gpu_is_the_law_design_at_ten_times_the_parameters_and_tokens():
+    law, gpu = DemoConfig.preset("unused", budget="law"), DemoConfig.preset("unused", budget="law-gpu")
+    law_specs, gpu_specs = plan(law), plan(gpu)
+    assert gpu.seeds == law.seeds and gpu.data == law.data and gpu.eval_tokens == law.eval_tokens
+    # every run of `law`, its size renamed, and nothing else: the same arms, controls and attempts
+    assert [s.name.replace("law-", "law-gpu-", 1) for s in law_specs] == [s.name for s in gpu_specs]
+    for a, b in zip(law_specs, gpu_specs):
+        assert dataclasses.replace(a, name=b.name, setting=b.setting, preset=b.preset, baseline=b.baseline,
+                                   label=b.label) == b
+    n_law = {p: _non_embedding(p, law.data.vocab_size) for p in ("law-xs", "law-s", "law-s-wide", "law-m")}
+    n_gpu = {p: _non_embedding("law-gpu-" + p[4:], gpu.data.vocab_size) for p in n_law}
+    for p in n_law:
+        assert 9.5 <= n_gpu[p] / n_law[p] <= 100, p
+    assert n_gpu["law-s-wide"] / n_gpu["law-s"] == pytest.approx(1.27, abs=0.01)
+    tokens = {c.budget: c.steps * c.batch_size * 128 for c in (law, gpu)}
+    assert 10 <= tokens["law-gpu"] / tokens["law"] <= 100
+    for spec in gpu_specs:
+        tc = train_config(gpu, spec)
+        if spec.P == 1:  # 20 tokens per parameter at every size, as in `law`
+            assert tc.steps * tc.batch_size * tc.seq_len >= 20 * n_gpu["law-" + spec.preset[8:]], spec.name
+
+
+def test_law_gpu_premise_and_report_name_its_own_sizes():
+    holds = _gpu(HOLDS)
+    pre = premise(_runs(holds), LAW_DESIGNS["law-gpu"])
+    assert pre["holds"] and [(c["a"], c["b"]) for c in pre["checks"]] == [
+        ("law-gpu-s-p1", "law-gpu-xs-p1"), ("law-gpu-m-p1", "law-gpu-s-p1"), ("law-gpu-s-wide", "law-gpu-s-p1")]
+    assert not premise(_runs(holds))["holds"]  # the `law` design finds none of these runs
+    text = law_markdown(_summary({**holds, **_gpu(STREAMS)}, budget="law-gpu"))
+    assert text.startswith("# ParScale law study (`--budget law-gpu`)") and "The premise holds" in text
+    assert "`law-gpu-s-wide` beats P = 1 of `law-gpu-s`" in text
+    row = next(line for line in text.splitlines() if line.startswith("| `law-gpu-m` | -"))  # the streams' table
+    # law-gpu-m P = 2 - P = 1: 2.20 - 2.30, 2.18 - 2.33, 2.19 - 2.31 = -0.10, -0.15, -0.12: mean -0.123333;
+    # squared deviations 5.444e-4 + 7.111e-4 + 1.111e-5 = 1.2667e-3; sd sqrt(6.333e-4) = 0.025166; SE 0.014530
+    assert row.split(" | ")[1] == "-0.123 ± 0.015 (yes)"
+
+
+def test_law_gpu_is_refused_without_a_gpu(monkeypatch, tmp_path):
+    import torch
+
+    from parscale.cli import demo as cli_demo
+    from parscale.demo.study import run_demo
+    from parscale.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="law-gpu trains on a CUDA GPU.*--budget law"):
+        run_demo(DemoConfig.preset(str(tmp_path / "g"), budget="law-gpu", workers=1))
+    assert cli_demo.default_workers("law-gpu") == 4

@@ -1,6 +1,6 @@
 """`parscale demo`: the mini-study (about 10 minutes on two CPU cores at the default budget).
 
-    parscale demo [--out runs/demo] [--budget smoke|quick|default|full|law] [--scale F] [--seed S] [--seeds N]
+    parscale demo [--out runs/demo] [--budget smoke|quick|default|full|law|law-gpu] [--scale F] [--seed S] [--seeds N]
                   [--only SETTING,...]
 
 Re-running with the same flags reuses the finished runs, resumes an interrupted one and
@@ -16,18 +16,22 @@ from parscale.cli.options import Parser
 from parscale.errors import UserError, require_extra
 from parscale.interrupt import Interrupted
 
-BUDGETS = ("smoke", "quick", "default", "full", "law")  # parscale.demo.plan.BUDGETS, without importing torch
+BUDGETS = ("smoke", "quick", "default", "full", "law", "law-gpu")  # parscale.demo.plan.BUDGETS, without importing torch
 BUDGET_HELP = ("how long the study runs (default: default): smoke, seconds (a few steps per run on a handful of "
                "files, for tests); quick, about 3 min; default, about 10 min on two cores; full, the multi-seed "
                "study of docs/mini-study.md (about 2 h); law, three small sizes trained on 20+ tokens per "
-               "parameter, the premise of the law checked first (about 90 min)")
+               "parameter, the premise of the law checked first (about 2 h); law-gpu, the same design at 10x the "
+               "parameters and tokens on one CUDA GPU, 4 runs at a time")
 
 
 DEFAULT_BUDGET = "default"
 
 
-def default_workers() -> int:
-    """Two runs at a time where there are two cores, one thread each."""
+def default_workers(budget: str = DEFAULT_BUDGET) -> int:
+    """Two runs at a time where there are two cores, one thread each; on a GPU (`law-gpu`) four,
+    whose small models leave the GPU waiting on each process's kernel launches."""
+    if budget == "law-gpu":
+        return 4
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
@@ -50,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "continue from, over every seed; later invocations into the same --out reuse them, so a "
                         "study can be run in pieces")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="runs at a time, one thread each (default 2 on a machine with 2 or more cores, else 1)")
+                   help="runs at a time, one thread each (default 2 on a machine with 2 or more cores, else 1; "
+                        "4 for law-gpu)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch CPU threads of this process, which measures decoding (default 1)")
     p.add_argument("--no-measure", action="store_true", help="skip timing decoding")
@@ -71,7 +76,7 @@ def main(argv: list[str]) -> int:
     if args.quick and args.budget not in (None, "quick"):
         raise UserError(f"--quick means --budget quick; it cannot be combined with --budget {args.budget}")
     budget = args.budget or ("quick" if args.quick else DEFAULT_BUDGET)
-    workers = args.workers if args.workers is not None else default_workers()
+    workers = args.workers if args.workers is not None else default_workers(budget)
     check_writable(args.out, "--out", folder=True)
     require_extra("matplotlib", "the demo's plots")
     import torch

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from parscale.demo.plan import LAW_ATTEMPTS, LAW_P, LAW_PREFIXES, LAW_SIZES, LAW_WIDE, LAW_WIDENED
+from parscale.demo.plan import LAW_ATTEMPTS, LAW_P, LAW_PREFIXES, law_design
 from parscale.demo.report import _f, _si, _table, parallel_line, runs_table
 
 PAPER_K = {"paper-stack": "Stack-V2-Python", "paper-pile": "the Pile"}
+
+
+def _design(summary: dict[str, Any]):
+    return law_design(summary.get("budget", "law"))
 
 
 def _delta(c: dict[str, Any] | None) -> str:
@@ -46,19 +50,20 @@ def setup(summary: dict[str, Any]) -> str:
             "every run of a size starts from the same backbone and sees the same batches in the same order. Every "
             f"loss is on the same first {cfg['eval_tokens']:,} held-out tokens (nats/token); ± is one standard error "
             "of the mean paired difference over seeds, and (yes) marks a mean beyond two standard errors. Times are "
-            f"from {m['start'].get('cpu') or 'an unknown CPU'}, {m['start']['cores']} cores, load average "
+            f"from {m['start'].get('gpu') + ' beside ' if m['start'].get('gpu') else ''}"
+            f"{m['start'].get('cpu') or 'an unknown CPU'}, {m['start']['cores']} cores, load average "
             f"{m['start']['load_average'][0]:.1f} at the start and {m['end']['load_average'][0]:.1f} at the end; the "
             f"whole demo took {summary['wall_seconds'] / 60:.1f} min.")
 
 
 def premise_section(summary: dict[str, Any]) -> str:
-    pre = summary["law"]["premise"]
+    pre, design = summary["law"]["premise"], _design(summary)
     rows = [[f"{c['a']} − {c['b']}", str(len(c["seeds"])), _delta(c), "yes" if c["holds"] else "**no**"]
             for c in pre["checks"]]
     table = _table(["paired by seed", "seeds", "mean Δ ± SE", "negative beyond 2 SE"], rows)
     if pre["holds"]:
         verdict = ("**The premise holds.** At P = 1 the loss falls with N between every two consecutive sizes, "
-                   f"and `{LAW_WIDE}` beats P = 1 of `{LAW_WIDENED}`, each beyond two standard errors: these runs "
+                   f"and `{design.wide}` beats P = 1 of `{design.widened}`, each beyond two standard errors: these runs "
                    "sit where more parameters help, so what the streams buy can be asked here.")
     else:
         failed = [what for what, ok in (("P = 1 loss does not fall with N beyond two standard errors at every size "
@@ -79,33 +84,34 @@ def losses_table(summary: dict[str, Any]) -> str:
         return "–" if s is None else f"{s['mean']:.4f} ± {_f(s['se'], '.4f')}"
 
     arms = [f"p{p}" for p in LAW_P] + [f"prefix{t}" for t in LAW_PREFIXES]
-    rows = []
-    for size in LAW_SIZES:
+    rows, design = [], _design(summary)
+    for size in design.sizes:
         cos = [s["stream_cosine"] for p in LAW_P if p > 1 and (s := _setting(summary, f"{size}-p{p}"))
                and s.get("stream_cosine") is not None]
         rows.append([f"`{size}`", _si(summary["law"]["N"].get(size))] + [cell(f"{size}-{a}") for a in arms]
                     + [", ".join(f"{c:.3f}" for c in cos) or "–"])
     header = ["size", "N"] + [f"P = {p}" for p in LAW_P] + [f"{t}-token prefix, P = 1" for t in LAW_PREFIXES]
     table = _table(header + ["stream cos (P = 2, 4)"], rows)
-    wide = _setting(summary, LAW_WIDE)
+    wide = _setting(summary, design.wide)
     if wide:
-        table += (f"\n\n`{LAW_WIDE}` (N = {_si(summary['law']['N'].get(LAW_WIDE))}, P = 1): "
+        table += (f"\n\n`{design.wide}` (N = {_si(summary['law']['N'].get(design.wide))}, P = 1): "
                   f"{wide['mean']:.4f} ± {_f(wide['se'], '.4f')}.")
     return table
 
 
 def streams_section(summary: dict[str, Any]) -> str:
+    design = _design(summary)
     bases = ["p1"] + [f"prefix{t}" for t in LAW_PREFIXES]
     names = {"p1": "P = 1"} | {f"prefix{t}": f"{t}-token prefix" for t in LAW_PREFIXES}
     header = ["size"] + [f"P = {p} − {names[b]}" for p in LAW_P if p > 1 for b in bases]
     rows = [[f"`{size}`"] + [_delta(_cmp(summary, f"{size}-p{p}", f"{size}-{b}")) for p in LAW_P if p > 1
-                             for b in bases] for size in LAW_SIZES]
-    wide = _cmp(summary, f"{LAW_WIDENED}-p2", LAW_WIDE)
+                             for b in bases] for size in design.sizes]
+    wide = _cmp(summary, f"{design.widened}-p2", design.wide)
     text = ("## What the streams buy, at every size\n\nPaired by seed (mean Δ ± SE, negative: the streams are "
             "better); the 48-token control is one prefix of P = 2's length, the 96-token one holds as many prefix "
             "parameters as P = 2's two.\n\n" + _table(header, rows))
     if wide:
-        text += (f"\n\nP = 2 of `{LAW_WIDENED}` against its 1.27x wider P = 1 model (what the paper's k = 0.39 says "
+        text += (f"\n\nP = 2 of `{design.widened}` against its 1.27x wider P = 1 model (what the paper's k = 0.39 says "
                  f"two streams are worth): {_delta(wide)}.")
     return text
 
@@ -115,7 +121,7 @@ def attempts_section(summary: dict[str, Any]) -> str:
     bases = ["p2"] + [f"prefix{t}" for t in LAW_PREFIXES]
     names = {"p2": "plain P = 2"} | {f"prefix{t}": f"{t}-token prefix" for t in LAW_PREFIXES}
     rows = []
-    for size in LAW_SIZES:
+    for size in _design(summary).sizes:
         for name, what, _ in LAW_ATTEMPTS:
             s = _setting(summary, f"{size}-p2-{name}")
             cos = f"{s['stream_cosine']:.3f}" if s and s.get("stream_cosine") is not None else "–"
@@ -149,7 +155,7 @@ def law_section(summary: dict[str, Any]) -> str:
 
 def law_markdown(summary: dict[str, Any]) -> str:
     pre = summary["law"]["premise"]
-    parts = ["# ParScale law study (`--budget law`)", setup(summary), premise_section(summary),
+    parts = [f"# ParScale law study (`--budget {summary.get('budget', 'law')}`)", setup(summary), premise_section(summary),
              "## Held-out loss, mean over seeds\n\n" + losses_table(summary)
              + "\n\n![loss against N, per P](loss_vs_n.png)"]
     if pre["holds"]:

@@ -19,7 +19,8 @@ The `law` budget is another design (`_law_runs`): three small sizes trained on 2
 per non-embedding parameter, where more parameters help, so that whether streams act like more
 parameters can be asked at all. At every size P = 1, 2, 4 and two prefix controls at P = 1 (48
 tokens, and 96: the prefix parameters of P = 2), at the middle size a 1.27x wider P = 1 model,
-over three paired seeds; the report checks that premise before it compares anything.
+over three paired seeds; the report checks that premise before it compares anything. The
+`law-gpu` budget is the same design on one GPU, at about 10x the parameters and the tokens.
 """
 from __future__ import annotations
 
@@ -31,18 +32,35 @@ from typing import Any
 from parscale.data.prepare import DataConfig
 from parscale.errors import UserError
 
-BUDGETS = ("smoke", "quick", "default", "full", "law")
+BUDGETS = ("smoke", "quick", "default", "full", "law", "law-gpu")
 BASE_LR = 3e-3           # the trainer's default, measured to train `tiny` well
 MIN_LR_RATIO = 0.1       # cosine decay to 10%: where stage 1 ends
 # The smoke budget's corpus: a handful of standard-library modules, so it runs in seconds.
 SMOKE_TRAIN = ("textwrap.py", "heapq.py", "bisect.py", "string.py", "shlex.py", "fnmatch.py", "glob.py")
 SMOKE_VAL = ("calendar.py", "quopri.py")
-# The `law` budget (sizes and steps measured in docs/mini-study.md): smallest size first.
-LAW_SIZES = ("law-xs", "law-s", "law-m")
-LAW_WIDENED, LAW_WIDE = "law-s", "law-s-wide"   # the middle size and its 1.27x wider P = 1 model
+
+
+@dataclass(frozen=True)
+class LawDesign:
+    """The sizes of a law budget: smallest first, and the middle size with its 1.27x wider P = 1 model."""
+
+    sizes: tuple[str, ...]
+    widened: str
+    wide: str
+
+
+# The `law` budget (sizes and steps measured in docs/mini-study.md), and `law-gpu`, the same
+# design at about 10x the non-embedding parameters (and tokens) for one GPU.
+LAW_DESIGNS = {"law": LawDesign(("law-xs", "law-s", "law-m"), "law-s", "law-s-wide"),
+               "law-gpu": LawDesign(("law-gpu-xs", "law-gpu-s", "law-gpu-m"), "law-gpu-s", "law-gpu-s-wide")}
 LAW_P = (1, 2, 4)
 LAW_PREFIXES = (48, 96)   # the one-prefix controls at P = 1: P = 2's prefix length, and its parameter count
 LAW_VOCAB = 512           # a small BPE, so the embedding and the head do not dominate these small models
+
+
+def law_design(budget: str) -> LawDesign:
+    """The sizes of a law budget (`law` for any other name: the tests' synthetic summaries)."""
+    return LAW_DESIGNS.get(budget, LAW_DESIGNS["law"])
 
 
 @dataclass(frozen=True)
@@ -155,6 +173,11 @@ class DemoConfig:
             # law-xs, 0.37 epochs of the corpus at this vocabulary; about 90 min on two quiet cores with the attempts.
             "law": dict(seeds=(0, 1, 2), steps=1024, batch_size=16, evals=4, eval_tokens=65536,
                         data=DataConfig(vocab_size=LAW_VOCAB)),
+            # The same design at 10x: 512 updates of 320 x 128 tokens, 21M tokens, 20 per parameter
+            # of law-gpu-m and 80 of law-gpu-xs, 3.7 epochs of the corpus. Wider batches, fewer
+            # updates: small models on a GPU are bound by kernel launches, not by arithmetic.
+            "law-gpu": dict(seeds=(0, 1, 2), steps=512, batch_size=320, evals=4, eval_tokens=65536,
+                            data=DataConfig(vocab_size=LAW_VOCAB)),
         }[budget]
         base.update(fields)
         for key in ("steps", "post_steps"):
@@ -187,8 +210,8 @@ def _seed_runs(cfg: DemoConfig, seed: int) -> list[RunSpec]:
             kw["source"] += sfx
         return RunSpec(name=setting + sfx, label=label, seed=seed, setting=setting, **kw)
 
-    if cfg.budget == "law":
-        return _law_runs(run)
+    if cfg.budget in LAW_DESIGNS:
+        return _law_runs(run, LAW_DESIGNS[cfg.budget])
     runs = [
         run("p1", "P=1 from scratch (the baseline)"),
         run("p2", "P=2 from scratch", P=2),
@@ -220,23 +243,23 @@ def _seed_runs(cfg: DemoConfig, seed: int) -> list[RunSpec]:
     return runs
 
 
-def _law_runs(run) -> list[RunSpec]:
-    """One seed of the `law` budget: at every size P = 1, 2, 4 and the two prefix controls, and
+def _law_runs(run, design: LawDesign) -> list[RunSpec]:
+    """One seed of a law budget: at every size P = 1, 2, 4 and the two prefix controls, and
     the wider model; every run from scratch on the same tokens (one seed: one data order, and
     one backbone per size)."""
     runs = []
-    for size in LAW_SIZES:
+    for size in design.sizes:
         base = f"{size}-p1"
         runs += [run(f"{size}-p{p}", f"P={p} from scratch, {size}", P=p, preset=size, group="law", baseline=base)
                  for p in LAW_P]
         runs += [run(f"{size}-prefix{t}", f"P=1 + one {t}-token prefix (control), {size}", preset=size,
                      prefix_at_p1=True, prefix_tokens=t, group="law", baseline=base) for t in LAW_PREFIXES]
-    runs.append(run(LAW_WIDE, f"P=1, wider (1.27x the non-embedding params of {LAW_WIDENED})", preset=LAW_WIDE,
-                    group="law", baseline=f"{LAW_WIDENED}-p1"))
-    return runs + law_attempt_runs(run)
+    runs.append(run(design.wide, f"P=1, wider (1.27x the non-embedding params of {design.widened})",
+                    preset=design.wide, group="law", baseline=f"{design.widened}-p1"))
+    return runs + law_attempt_runs(run, design)
 
 
-def law_attempt_runs(run) -> list[RunSpec]:
+def law_attempt_runs(run, design: LawDesign) -> list[RunSpec]:
     """The `law` budget's stream-diversity attempts, at P = 2 at every size (ND-LoRA, arXiv
     2510.20690, reports collapsed streams on a frozen Qwen2.5-0.5B and a fix): the decorrelation
     loss on the streams' final hidden states (`--stream-decorrelation`), per-stream low-rank
@@ -244,7 +267,7 @@ def law_attempt_runs(run) -> list[RunSpec]:
     uses them. Each is compared with plain P = 2 and both prefix controls of its size
     (`stats.law_pairs`); about 11 min each over three seeds, two runs at a time."""
     runs = []
-    for size in LAW_SIZES:
+    for size in design.sizes:
         for name, what, options in LAW_ATTEMPTS:
             runs.append(run(f"{size}-p2-{name}", f"P=2, {what}, {size}", P=2, preset=size, group="attempt",
                             baseline=f"{size}-p1", **options))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from parscale.atomic import atomic_save_figure
+from parscale.demo.plan import LAW_DESIGNS
 
 # One look per kind of run, the same in every plot, and its legend entry in the loss-vs-P plot.
 STYLE = {"p1": ("tab:blue", "o"), "streams": ("tab:orange", "s"), "prefix": ("tab:green", "^"),
@@ -155,7 +156,7 @@ def plot_loss_vs_n(summary: dict[str, Any], path: Path) -> None:
 
 
 def write_plots(summary: dict[str, Any], out: Path) -> None:
-    if summary.get("budget") == "law":  # its own design: loss against N; curves of the first seed only
+    if summary.get("budget") in LAW_DESIGNS:  # its own design: loss against N; curves of the first seed only
         first = summary["config"]["seeds"][0]
         plot_curves({"runs": [r for r in summary["runs"] if r["seed"] == first]}, out / "curves.png")
         plot_loss_vs_n(summary, out / "loss_vs_n.png")

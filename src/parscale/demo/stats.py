@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from parscale.demo.plan import (LAW_ATTEMPTS, LAW_P, LAW_PREFIXES, LAW_SIZES, LAW_WIDE, LAW_WIDENED, PENALTIES,
-                                PREFIX_ATTEMPTS)
+from parscale.demo.plan import (LAW_ATTEMPTS, LAW_DESIGNS, LAW_P, LAW_PREFIXES, PENALTIES, PREFIX_ATTEMPTS,
+                                LawDesign)
 
 # Seed-to-seed standard deviation of a paired loss difference between two settings, measured at
 # this size before the demo existed (three seeds, P=2 minus the prefix control): one seed's
@@ -68,35 +68,36 @@ def comparisons(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     pairs += [(f"p2-penalty{c:g}", "p1-prefix") for c in PENALTIES] + [(f"p2-penalty{c:g}", "p2") for c in PENALTIES]
     for size in dict.fromkeys(r["preset"] for r in runs if r["group"] == "size"):  # streams at the other sizes
         pairs += [(f"{size}-p2", f"{size}-p1"), (f"{size}-p4", f"{size}-p1")]
-    pairs += premise_pairs() + law_pairs()
+    for design in LAW_DESIGNS.values():  # a pair without its runs is left out below
+        pairs += premise_pairs(design) + law_pairs(design)
     return [c for c in (paired(runs, a, b) for a, b in pairs) if c is not None]
 
 
 # ---------------------------------------------------------------- the law budget
-def premise_pairs() -> list[tuple[str, str]]:
+def premise_pairs(design: LawDesign = LAW_DESIGNS["law"]) -> list[tuple[str, str]]:
     """The premise of the law as paired comparisons: P = 1 at each size minus the size below it,
     then the wider model minus P = 1 of the size it widens. Each must be negative."""
-    steps = [(f"{b}-p1", f"{a}-p1") for a, b in zip(LAW_SIZES, LAW_SIZES[1:])]
-    return steps + [(LAW_WIDE, f"{LAW_WIDENED}-p1")]
+    steps = [(f"{b}-p1", f"{a}-p1") for a, b in zip(design.sizes, design.sizes[1:])]
+    return steps + [(design.wide, f"{design.widened}-p1")]
 
 
-def law_pairs() -> list[tuple[str, str]]:
+def law_pairs(design: LawDesign = LAW_DESIGNS["law"]) -> list[tuple[str, str]]:
     """At every size, each P > 1 against P = 1 and against both prefix controls; and P = 2 against
     the wider model (1.27x the parameters: what the paper's k = 0.39 says two streams are worth)."""
-    pairs = [(f"{size}-p{p}", f"{size}-{base}") for size in LAW_SIZES for p in LAW_P if p > 1
-             for base in ["p1"] + [f"prefix{t}" for t in LAW_PREFIXES]] + [(f"{LAW_WIDENED}-p2", LAW_WIDE)]
+    pairs = [(f"{size}-p{p}", f"{size}-{base}") for size in design.sizes for p in LAW_P if p > 1
+             for base in ["p1"] + [f"prefix{t}" for t in LAW_PREFIXES]] + [(f"{design.widened}-p2", design.wide)]
     # each stream-diversity attempt against plain P = 2 and both prefix controls of its size
-    return pairs + [(f"{size}-p2-{name}", f"{size}-{base}") for size in LAW_SIZES for name, _, _ in LAW_ATTEMPTS
+    return pairs + [(f"{size}-p2-{name}", f"{size}-{base}") for size in design.sizes for name, _, _ in LAW_ATTEMPTS
                     for base in ["p2"] + [f"prefix{t}" for t in LAW_PREFIXES]]
 
 
-def premise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def premise(runs: list[dict[str, Any]], design: LawDesign = LAW_DESIGNS["law"]) -> dict[str, Any]:
     """Whether these runs sit where the law can be tested: P = 1 loss falls with N between every
     two consecutive sizes, and the wider model beats P = 1, each beyond two standard errors of the
     paired difference. A regime where more parameters do not help cannot show whether streams
     act like more parameters. A comparison without runs (or with one seed, no SE) fails."""
     checks = []
-    for a, b in premise_pairs():
+    for a, b in premise_pairs(design):
         c = paired(runs, a, b) or {"a": a, "b": b, "seeds": [], "diffs": [], "mean": None, "se": None,
                                    "beyond_2se": False}
         checks.append({**c, "holds": bool(c["beyond_2se"] and c["mean"] < 0)})

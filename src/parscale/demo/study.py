@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from parscale.demo.plan import DemoConfig, RunSpec, plan, run_dir, train_config
+from parscale.demo.plan import LAW_DESIGNS, DemoConfig, RunSpec, law_design, plan, run_dir, train_config
 from parscale.demo.stats import SEED_NOISE, comparisons, paired, settings_table  # noqa: F401 (re-exported)
 from parscale.errors import UserError
 
@@ -50,8 +50,12 @@ def check_demo_dir(cfg: DemoConfig) -> None:
 
 
 def machine() -> dict[str, Any]:
-    """The CPU and its load, to read every time in the report against."""
+    """The CPU (and the GPU, if torch sees one) and the load, to read every time in the report against."""
+    import torch
+
     info: dict[str, Any] = {"cores": os.cpu_count(), "load_average": list(os.getloadavg())}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -61,6 +65,15 @@ def machine() -> dict[str, Any]:
     info.update(cpu=model, avx512=any(f.startswith("avx512") for f in flags),
                 amx=any(f.startswith("amx") for f in flags))
     return info
+
+
+def check_device(cfg: DemoConfig) -> None:
+    """`law-gpu` is sized for a GPU: on a CPU its 75 runs would take days, so it is refused."""
+    import torch
+
+    if cfg.budget == "law-gpu" and not torch.cuda.is_available():
+        raise UserError("--budget law-gpu trains on a CUDA GPU and torch sees none here; on a CPU run "
+                        "--budget law, the same design at a tenth of the parameters and tokens")
 
 
 def _prepare(tc) -> None:
@@ -142,8 +155,8 @@ def own_law(runs: list[dict[str, Any]], bootstrap: int = 200, plot: Path | None 
             "at_bound": list(res.at_bound)}
 
 
-def law_budget(runs: list[dict[str, Any]], train_tokens: int) -> dict[str, Any]:
-    """What the `law` budget's report states beside its numbers: the premise check, tokens per
+def law_budget(runs: list[dict[str, Any]], train_tokens: int, budget: str = "law") -> dict[str, Any]:
+    """What a law budget's report states beside its numbers: the premise check, tokens per
     parameter at each size, how often the data repeat, and k of the paper's two fits."""
     from parscale.demo.stats import premise
     from parscale.law.fitting import fit
@@ -155,7 +168,7 @@ def law_budget(runs: list[dict[str, Any]], train_tokens: int) -> dict[str, Any]:
     for name in ("paper-stack", "paper-pile"):
         pts = load_points(name)
         paper_k[name] = fit(pts.params, pts.streams, pts.loss).k
-    return {"premise": premise(runs), "tokens_per_run": tokens, "train_tokens": train_tokens,
+    return {"premise": premise(runs, law_design(budget)), "tokens_per_run": tokens, "train_tokens": train_tokens,
             "epochs": tokens / train_tokens, "N": n_of, "tokens_per_param": {k: tokens / n for k, n in n_of.items()},
             "paper_k": paper_k}
 
@@ -199,6 +212,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from parscale.demo.report import print_tables, write_report
 
     check_demo_dir(cfg)
+    check_device(cfg)
     specs = plan(cfg)
     at_start = machine()
     print(f"[demo] budget {cfg.budget}: {len(specs)} runs, {cfg.workers} at a time, one thread each; "
@@ -216,13 +230,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     data = prepare_data(cfg.data, cache_dir=cfg.out_dir / "data")
     runs = [read_run(cfg, spec, done[spec.name], data.val[: cfg.eval_tokens]) for spec in specs]
     relate(runs)
-    law = cfg.budget == "law"
+    law = cfg.budget in LAW_DESIGNS
     summary = {"budget": cfg.budget, "config": cfg.to_dict(), "machine": {"start": at_start, "end": machine()},
                "parallel": parallel, "runs": runs, "settings": settings_table(runs),
                "comparisons": comparisons(runs), "own_law": own_law(runs, plot=cfg.out_dir / "own_law_fit.png"),
                "paper_law": paper_law(cfg.out_dir), "paper_cost": None if law else paper_cost(cfg.out_dir)}
     if law:
-        summary["law"] = law_budget(runs, len(data.train))
+        summary["law"] = law_budget(runs, len(data.train), cfg.budget)
     summary["wall_seconds"] = time.perf_counter() - start
     if law:
         from parscale.demo.law_report import law_markdown, print_law

@@ -4,7 +4,7 @@
 FFN 352): its learning rate and budget are measured to train in a few minutes on two CPU
 cores, which is what a first run and the tests need. `small` is the next step up (about 5.6M
 non-embedding parameters). The `law-*` sizes are the `law` budget's small models, sized to train
-on 20 or more tokens per parameter in that budget's time. The `paper-*` presets are the six sizes of the ParScale paper's
+on 20 or more tokens per parameter in that budget's time (`law-gpu-*`: `law-gpu`'s, 10x larger). The `paper-*` presets are the six sizes of the ParScale paper's
 scaling-law runs (36 layers, 16 heads, 2 KV heads), named by their non-embedding parameter
 count. The vocabulary of a model trained from scratch follows the tokenizer, so the
 vocab size given here (the paper's 151936) is replaced by the run's tokenizer size.
@@ -35,6 +35,12 @@ _SMALL_MODELS = {
     "law-s": (32, 88, 4, 2, 1, 1024),
     "law-s-wide": (36, 100, 4, 2, 1, 1024),
     "law-m": (48, 132, 4, 2, 1, 1024),
+    # The `law-gpu` budget's sizes: the same shapes at 10x the non-embedding parameters
+    # (262k / 488k / 1.04M; `law-gpu-s-wide` 620k, 1.27x `law-gpu-s`).
+    "law-gpu-xs": (76, 210, 4, 2, 1, 1024),
+    "law-gpu-s": (104, 286, 4, 2, 1, 1024),
+    "law-gpu-s-wide": (116, 328, 4, 2, 1, 1024),
+    "law-gpu-m": (152, 418, 4, 2, 1, 1024),
     "small": (256, 704, 8, 8, 2, 2048),
 }
 _PAPER_SIZES = {
