@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "parscale"
-SHARED = {"errors", "atomic", "cache", "interrupt", "progress"}  # small helpers every part may use
+SHARED = {"errors", "atomic", "cache", "interrupt", "progress", "machine"}  # small helpers every part may use
 
 # Which parts each part may import (besides itself and the shared helpers), read from
 # docs/architecture.md. The demo and the CLI sit on top and may use everything.
@@ -127,7 +127,7 @@ def test_every_part_has_a_docstring_that_says_what_lives_there():
 @pytest.mark.parametrize("module", ["parscale", "parscale.law.fitting", "parscale.law.points", "parscale.law.plot",
                                     "parscale.cost.roofline", "parscale.cost.compare", "parscale.cost.measure",
                                     "parscale.cost.plot", "parscale.model.config", "parscale.cli.fit",
-                                    "parscale.cli.cost"])
+                                    "parscale.cli.cost", "parscale.machine"])
 def test_light_modules_do_not_import_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
