@@ -90,3 +90,14 @@ def test_describe_without_and_with_a_gpu(monkeypatch):
     assert gpu == {"name": "NVIDIA H200", "memory_gib": 143.0, "capability": "9.0", "multiprocessors": 132, "count": 1}
     assert machine.header({"cpu": machine.cpu_info(EPYC), "gpu": gpu}).endswith(
         "cores; GPU: NVIDIA H200 (143.0 GiB, compute capability 9.0)")
+
+
+def test_the_demo_keeps_the_keys_its_report_reads(monkeypatch):
+    from parscale.demo.study import machine as demo_machine
+
+    monkeypatch.setattr(machine, "CPUINFO", type("Fake", (), {"read_text": staticmethod(lambda: XEON)})())
+    info = demo_machine()
+    assert info["cpu"] == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
+    assert info["avx512"] is True and info["amx"] is True and info["cores"] == os.cpu_count()
+    assert info["flags"] == "avx2 fma avx512[bf16,bw,cd,dq,f,vl,vnni] amx[bf16,int8,tile]"
+    assert len(info["load_average"]) == 3  # the report reads [0] at the start and at the end

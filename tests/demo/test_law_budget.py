@@ -167,6 +167,14 @@ def test_report_compares_the_streams_only_where_the_premise_holds():
         assert section not in failed, section
 
 
+def test_report_names_the_cpu_and_its_vector_flags():
+    summary = _summary(HOLDS)
+    summary["machine"]["start"].update(cpu="AMD EPYC 7B12", flags="avx2 fma no avx512")
+    assert "from AMD EPYC 7B12 (avx2 fma no avx512), 2 cores" in law_markdown(summary)
+    del summary["machine"]["start"]["flags"]  # a summary.json written before the flags were recorded
+    assert "from AMD EPYC 7B12, 2 cores" in law_markdown(summary)
+
+
 def test_streams_are_compared_with_p1_and_both_controls_at_every_size():
     # law-m P = 2 below its 96-token control by 0.02, 0.04, 0.03: mean -0.03; squares 0.0001 + 0.0001 + 0;
     # sd sqrt(0.0002 / 2) = 0.01; SE 0.0057735: beyond two SE

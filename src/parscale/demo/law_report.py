@@ -51,7 +51,8 @@ def setup(summary: dict[str, Any]) -> str:
             f"loss is on the same first {cfg['eval_tokens']:,} held-out tokens (nats/token); ± is one standard error "
             "of the mean paired difference over seeds, and (yes) marks a mean beyond two standard errors. Times are "
             f"from {m['start'].get('gpu') + ' beside ' if m['start'].get('gpu') else ''}"
-            f"{m['start'].get('cpu') or 'an unknown CPU'}, {m['start']['cores']} cores, load average "
+            f"{m['start'].get('cpu') or 'an unknown CPU'}"
+            f"{' (' + m['start']['flags'] + ')' if m['start'].get('flags') else ''}, {m['start']['cores']} cores, load average "
             f"{m['start']['load_average'][0]:.1f} at the start and {m['end']['load_average'][0]:.1f} at the end; the "
             f"whole demo took {summary['wall_seconds'] / 60:.1f} min.")
 

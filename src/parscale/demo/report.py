@@ -180,7 +180,7 @@ def findings(summary: dict[str, Any]) -> list[str]:
 
 def report_markdown(summary: dict[str, Any]) -> str:
     cfg, m = summary["config"], summary["machine"]
-    cpu = m["start"].get("cpu") or "unknown CPU"
+    cpu = (m["start"].get("cpu") or "unknown CPU") + (f" ({m['start']['flags']})" if m["start"].get("flags") else "")
     b1 = [r for r in summary["paper_cost"]["rows"] if r["batch_size"] == 1]
     headline = "; ".join(
         f"P={r['P']}: " + against_parameters(r["memory_increase_param_gib"], r["memory_increase_parscale_gib"],

@@ -23,6 +23,7 @@ from typing import Any
 from parscale.demo.plan import LAW_DESIGNS, DemoConfig, RunSpec, law_design, plan, run_dir, train_config
 from parscale.demo.stats import SEED_NOISE, comparisons, paired, settings_table  # noqa: F401 (re-exported)
 from parscale.errors import UserError
+from parscale.machine import cpu_info, gpu_info
 
 log = logging.getLogger(__name__)
 DEMO_FILE = "demo.json"
@@ -51,19 +52,11 @@ def check_demo_dir(cfg: DemoConfig) -> None:
 
 def machine() -> dict[str, Any]:
     """The CPU (and the GPU, if torch sees one) and the load, to read every time in the report against."""
-    import torch
-
-    info: dict[str, Any] = {"cores": os.cpu_count(), "load_average": list(os.getloadavg())}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    info.update(cpu=model, avx512=any(f.startswith("avx512") for f in flags),
-                amx=any(f.startswith("amx") for f in flags))
+    cpu, gpu = cpu_info(), gpu_info()
+    info: dict[str, Any] = {"cores": cpu["cores"], "load_average": list(os.getloadavg()), "cpu": cpu["name"],
+                            "flags": cpu["summary"], "avx512": cpu["avx512"], "amx": cpu["amx"]}
+    if gpu:
+        info["gpu"] = gpu["name"]
     return info
 
 
