@@ -8,14 +8,15 @@ the table, and writes benchmarks/results/cost_measure.json with the machine load
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+from _result import write_result  # benchmarks/_result.py
+
+from parscale.machine import describe, header
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cost_measure.json"
 
@@ -43,25 +44,18 @@ def main() -> int:
     start = time.perf_counter()
     rows = run_measurements(cfg, int_list(args.P), int_list(args.batch_size), hw, paired=not args.unpaired)
     seconds = time.perf_counter() - start
+    machine = describe()
+    print(header(machine))
     print(format_table(rows, hw))
     mem_ok = sum(abs(r["memory_error"]) <= 0.10 for r in rows)
     lat_ok = sum(abs(r["latency_error"]) <= 0.30 for r in rows)
     print(f"memory within 10%: {mem_ok}/{len(rows)}; decode latency within 30%: {lat_ok}/{len(rows)}; "
           f"load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}; {seconds:.0f} s")
     result = {
-        "command": "python benchmarks/cost_measure.py " + " ".join(sys.argv[1:]),
         "config": asdict(cfg), "threads": args.threads, "paired": not args.unpaired, "hardware": profile_dict(hw),
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-        "seconds": seconds, "rows": rows,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(), "seconds": seconds, "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(result, handle, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    write_result(args.out, result, __file__, machine=machine)
     return 0
 
 

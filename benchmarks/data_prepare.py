@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -132,14 +131,6 @@ def run_reference(corpus: Path, tok: Path) -> dict:
     return {**r, "tokens_per_s": r["tokens"] / r["seconds"]}
 
 
-def cpu_model() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return {"name": name or platform.processor(), "cores": os.cpu_count(),
-            "avx512_amx": sorted(f for f in flags if f.startswith(("avx512", "amx")))}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes-gb", type=float, nargs="*", default=[0.25, 1.0, 4.0],
@@ -150,7 +141,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the corpora")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
+    from _result import write_result  # benchmarks/_result.py
+
     from parscale.data.tokenizer import train_bpe
+    from parscale.machine import describe, header
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="parscale-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -185,7 +179,8 @@ def main() -> None:
                   "1 worker / tokenizers (wall)": best[names[0]] / best[names[2]],
                   "1 worker / tokenizers (per CPU-second)": per_cpu[names[0]] / per_cpu[names[2]]}
         growth = memory[-1]["peak_rss_mb"] / memory[0]["peak_rss_mb"] - 1 if len(memory) > 1 else 0.0
-        print("\n| corpus | seconds | tokens/s | peak RSS (MB) |\n|---|---|---|---|")
+        machine = describe()
+        print(f"\n{header(machine)}\n| corpus | seconds | tokens/s | peak RSS (MB) |\n|---|---|---|---|")
         for m in memory:
             print(f"| {m['gb']:g} GB | {m['prepare_s']:.1f} | {m['tokens_per_s']:,.0f} | {m['peak_rss_mb']:.0f} |")
         print(f"\npeak RSS growth, smallest to largest: {100 * growth:+.1f}%")
@@ -196,15 +191,14 @@ def main() -> None:
             print(f"{name:<40} {value:.2f}x")
         load = os.getloadavg()
         print(f"1-minute load average {load[0]:.1f} on {os.cpu_count()} CPUs")
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
         command = " ".join(a for i, a in enumerate(sys.argv) if "--workdir" not in sys.argv[max(i - 1, 0):i + 1])
         results = json.loads(RESULTS.read_text()) if RESULTS.is_file() and not memory else {}
+        results.pop("cpu", None)  # the CPU as results before parscale.machine named it
         if memory:  # a throughput-only run (no --sizes-gb) keeps the last memory table
             results.update(memory_command=command, memory=memory, rss_growth=growth)
-        results.update(command=command, cpu=cpu_model(), load_average=load, throughput=runs, best=best,
-                       tokens_per_cpu_s=per_cpu, ratios=ratios)
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {RESULTS.relative_to(ROOT)}")
+        results.update(command=command, load_average=load, throughput=runs, best=best, tokens_per_cpu_s=per_cpu,
+                       ratios=ratios)
+        write_result(RESULTS, results, __file__, machine=machine)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -23,33 +23,20 @@ import ctypes
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from _result import write_result  # benchmarks/_result.py
+
+from parscale.machine import describe, header
+
 RESULTS = Path(__file__).resolve().parent / "results" / "decode.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def cpu_info() -> dict:
-    """Model name and the vector-extension flags that change the curves (AVX2, AVX-512, AMX)."""
-    name, flags = platform.processor(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma")))
-                break
-    except OSError:
-        pass
-    return {"model": name, "flags": flags}
 
 
 def build(layers: int, dtype: torch.dtype, streams: list[int], seed: int = 0, plain: bool = True) -> dict:
@@ -220,30 +207,24 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         one = base.get((r["dtype"], r["impl"], r["batch_size"]))  # absent when --P leaves out 1
         r["x_P1"] = r["ms_per_token"] / one if one else None
-    print(format_table(results, bandwidth, args))
+    machine = describe()
+    print(format_table(results, bandwidth, args, machine))
     goals = goal_lines(results, prefill)
     print("\n".join(goals))
-    result = {"command": "python benchmarks/decode.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "cpu": cpu_info(), "threads": args.threads, "clock": args.clock, "copy_bandwidth": bandwidth, "bandwidths": bandwidths,
+    result = {"threads": args.threads, "clock": args.clock, "copy_bandwidth": bandwidth, "bandwidths": bandwidths,
               "kernel": kernels.library() is not None, "layers": args.layers, "prompt": args.prompt,
               "new_tokens": args.new_tokens, "reps": args.reps, "rows": results,
               "prefill_ms": {f"{d}/{i}": [s * 1e3 for s in v] for (d, i), v in prefill.items()},
               "goals": goals, "timing_process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "seconds": time.perf_counter() - start, "torch": torch.__version__}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(result, handle, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+              "seconds": time.perf_counter() - start}
+    write_result(args.out, result, __file__, argv, machine)
     return 0
 
 
-def format_table(results: list[dict], bandwidth: float, args: argparse.Namespace) -> str:
-    cpu = cpu_info()
-    lines = [f"{cpu['model']} ({' '.join(cpu['flags'])}), {args.threads} thread(s), copy bandwidth "
+def format_table(results: list[dict], bandwidth: float, args: argparse.Namespace, machine: dict) -> str:
+    lines = [header(machine),
+             f"{args.threads} thread(s), copy bandwidth "
              f"{bandwidth / 1e9:.1f} GB/s; {args.clock} clock; {args.layers} layers, prompt {args.prompt}, {args.new_tokens} new tokens, "
              f"median of {args.reps} interleaved rounds",
              f"{'dtype':<9} {'path':<6} {'P':>2} {'B':>2} {'ms/token':>9} {'min':>7} {'max':>7} {'floor':>7} "

@@ -15,10 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import itertools  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -27,8 +24,11 @@ from scipy.optimize import minimize  # noqa: E402
 from scipy.special import huber  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from _result import write_result  # noqa: E402  (benchmarks/_result.py)
+
 from parscale.law import fitting as L  # noqa: E402
 from parscale.law.points import load_points  # noqa: E402
+from parscale.machine import describe, header  # noqa: E402
 
 DATASETS = ("paper-stack", "paper-pile")
 
@@ -81,28 +81,23 @@ def main() -> None:
             "params_ours": dict(zip(L.NAMES, ours.tolist())), "params_scipy_loop": dict(zip(L.NAMES, ref.x.tolist())),
         })
     total = {k: sum(r[k] for r in rows) for k in ("ours_s", "scipy_loop_s", "ours_with_bootstrap1000_and_extrapolation_s")}
-    header = f"{'data':<12} {'ours (s)':>9} {'+CIs+extrap (s)':>16} {'scipy loop (s)':>15} {'speed-up':>9} " \
+    columns = f"{'data':<12} {'ours (s)':>9} {'+CIs+extrap (s)':>16} {'scipy loop (s)':>15} {'speed-up':>9} " \
              f"{'objective ours':>15} {'objective scipy':>16} {'max rel dparam':>15}"
-    print(header)
-    print("-" * len(header))
+    machine = describe()
+    print(header(machine))
+    print(columns)
+    print("-" * len(columns))
     for r in rows:
         print(f"{r['data']:<12} {r['ours_s']:>9.3f} {r['ours_with_bootstrap1000_and_extrapolation_s']:>16.3f} "
               f"{r['scipy_loop_s']:>15.2f} {r['speedup']:>8.0f}x {r['objective_ours']:>15.8e} "
               f"{r['objective_scipy_loop']:>16.8e} {r['max_rel_param_diff']:>15.1e}")
     print(f"{'both':<12} {total['ours_s']:>9.3f} {total['ours_with_bootstrap1000_and_extrapolation_s']:>16.3f} "
           f"{total['scipy_loop_s']:>15.2f} {total['scipy_loop_s'] / total['ours_s']:>8.0f}x")
-    result = {"rows": rows, "total": total, "repeats": args.repeats,
-              "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
-                          "numpy": np.__version__, "platform": platform.platform(),
-                          "load_average_1min": [load_before, os.getloadavg()[0]]}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=out.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(result, fh, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
-    print(f"1-minute load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; wrote {os.path.relpath(out)}")
+    load = [load_before, os.getloadavg()[0]]
+    result = {"rows": rows, "total": total, "repeats": args.repeats, "numpy": np.__version__,
+              "load_average_1min": load}
+    print(f"1-minute load average {load[0]:.1f} -> {load[1]:.1f} on {os.cpu_count()} CPUs")
+    write_result(args.out, result, __file__, machine=machine)
 
 
 if __name__ == "__main__":

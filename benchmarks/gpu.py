@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from transformers.generation.streamers import BaseStreamer
 
 from parscale.atomic import atomic_write_json
+from parscale.machine import describe, gpu_info, header
 from parscale.model.config import ParScaleConfig
 from parscale.model.decoding import compiled_generate_kwargs
 from parscale.model.wrapper import to_parscale
@@ -62,21 +62,10 @@ class Deadline:
 
 
 def device_info(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "host_cpu": platform.processor() or platform.machine()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["host_cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, memory_gib=round(props.total_memory / 2**30, 1),
-                    capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count)
-    else:
-        info["gpu"] = None
+    """parscale.machine.describe() (the CPU, torch, Python) with the GPU measured (None on the CPU)."""
+    info = {**describe(), "transformers": transformers.__version__}
+    info["host_cpu"] = info["cpu"]["name"]  # the key of the first results
+    info["gpu"] = gpu_info(device.index or 0) if device.type == "cuda" else None
     return info
 
 
@@ -311,7 +300,8 @@ def tests_section(args, deadline: Deadline) -> dict:
 
 
 # ----------------------------------------------------------------------------- tables
-def print_tables(results: dict) -> None:
+def print_tables(results: dict, info: dict) -> None:
+    print(f"\n{header(info)}")
     train = results.get("train", {}).get("rows", [])
     if train:
         print("\ntraining step, bfloat16 autocast, fused AdamW")
@@ -361,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = device_info(device)
-    print(f"device: {info}", flush=True)
+    print(f"{header(info)}; torch {info['torch']}, transformers {info['transformers']}", flush=True)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     results: dict = {}
     bandwidth = copy_bandwidth(device, 0.01 if args.dry_run else 2.0)
@@ -386,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         name = out / f"gpu_{section}{'_dry' if args.dry_run else ''}.json"
         atomic_write_json(name, json.loads(json.dumps(results[section], default=str)))
         print(f"wrote {name}", flush=True)
-    print_tables(results)
+    print_tables(results, info)
     return 0
 
 

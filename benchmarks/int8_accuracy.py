@@ -16,7 +16,6 @@ continuation is identical. Writes benchmarks/results/int8_accuracy_<run name>.js
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,6 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from _result import write_result  # benchmarks/_result.py
+
+from parscale.machine import describe, header
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -81,16 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         "greedy_identical_prompts": int(same.all(dim=1).sum()), "prompts": args.prompts,
         "new_tokens": args.new_tokens, "first_difference": first_diff,
         "quantized_linear_float32_bytes": float_bytes,
-        "seconds": time.perf_counter() - start, "torch": torch.__version__,
+        "seconds": time.perf_counter() - start,
     }
+    machine = describe()
+    print(header(machine))
     print(f"{result['run']} (P = {result['P']}): held-out loss float32 {losses['float32']:.5f}, int8 "
           f"{losses['int8']:.5f}, delta {result['delta_nats']:+.5f} nats over {result['eval_tokens']} tokens; greedy "
           f"agreement {result['greedy_token_agreement']:.3f} of {args.prompts}x{args.new_tokens} tokens, "
           f"{result['greedy_identical_prompts']}/{args.prompts} continuations identical")
-    out = args.out or RESULTS / f"int8_accuracy_{result['run']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(args.out or RESULTS / f"int8_accuracy_{result['run']}.json", result, __file__, argv, machine)
     return 0
 
 

@@ -12,12 +12,15 @@ the table gives the best of the rounds, in ms. Writes benchmarks/results/int8_pr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from _result import write_result  # benchmarks/_result.py
+
+from parscale.machine import describe, header
 
 RESULTS = Path(__file__).resolve().parent / "results" / "int8_product.json"
 
@@ -30,9 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matrices", type=int, default=48)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from decode import cpu_info
-
     from parscale.model import kernels, quantize
 
     lib, lib8 = kernels.library(), quantize.library()
@@ -69,20 +69,17 @@ def main(argv: list[str] | None = None) -> int:
                     elapsed = (time.perf_counter() - start) * 1e3
                     best[(name, t, m)] = min(best.get((name, t, m), float("inf")), elapsed)
         print(f"round {rep + 1}/{args.reps} done", file=sys.stderr)
-    cpu = cpu_info()
-    print(f"{cpu['model']} ({' '.join(cpu['flags'])}); {args.matrices} matrices of 2816 x 1024, "
+    machine = describe()
+    print(header(machine))
+    print(f"{args.matrices} matrices of 2816 x 1024, "
           f"best of {args.reps} interleaved rounds, ms; int8 kernel path: {lib8.isa}")
     print(f"{'variant':<24} {'threads':>7} " + " ".join(f"{f'M={m}':>7}" for m in rows))
     for t in threads:
         for name in variants:
             print(f"{name:<24} {t:>7} " + " ".join(f"{best[(name, t, m)]:>7.1f}" for m in rows))
-    result = {"command": "python benchmarks/int8_product.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "cpu": cpu, "torch": torch.__version__, "int8_isa": lib8.isa, "matrices": args.matrices,
-              "reps": args.reps, "best_ms": [{"variant": n, "threads": t, "rows": m, "ms": v}
-                                             for (n, t, m), v in best.items()]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    result = {"int8_isa": lib8.isa, "matrices": args.matrices, "reps": args.reps,
+              "best_ms": [{"variant": n, "threads": t, "rows": m, "ms": v} for (n, t, m), v in best.items()]}
+    write_result(args.out, result, __file__, argv, machine)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,8 +26,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from parscale.atomic import atomic_write_json
+from _result import write_result  # benchmarks/_result.py
 
+from parscale.machine import describe, header
 from parscale.train import TrainConfig, convert, distributed
 from parscale.train.loop import _update
 from parscale.train.presets import build_hf_config, preset_dict
@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {r + 1}/{args.rounds} {s} {v}: {tps:,.0f} tokens per CPU-s", file=sys.stderr)
     load.append(os.getloadavg()[0])
     median = {s: {v: statistics.median(cpu[s][v]) for v in variants} for s in shapes}
-    print(f"\nvocab {args.vocab}, batch {args.batch_size} x {args.seq_len}, 1 thread, median of {args.rounds} "
-          f"rounds x {args.steps} updates; tokens per CPU-second\n")
+    machine = describe()
+    print(f"\n{header(machine)}\nvocab {args.vocab}, batch {args.batch_size} x {args.seq_len}, 1 thread, "
+          f"median of {args.rounds} rounds x {args.steps} updates; tokens per CPU-second\n")
     print("| shape | N | " + " | ".join(variants) + " | CPU-s for 20 N tokens at P=1 |")
     print("|---|---|" + "---|" * len(variants) + "---|")
     for s in shapes:
@@ -116,13 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n1-minute load average {load[0]:.1f} -> {load[1]:.1f} on {os.cpu_count()} CPUs")
     result = {"benchmark": "law_throughput", "vocab": args.vocab, "batch_size": args.batch_size,
               "seq_len": args.seq_len, "steps": args.steps, "rounds": args.rounds, "N": n_of,
-              "tokens_per_cpu_s": cpu, "median_tokens_per_cpu_s": median, "load_average": load,
-              "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
-              "command": "python benchmarks/law_throughput.py " + " ".join(argv or sys.argv[1:])}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, result)
-    print(f"wrote {out}")
+              "tokens_per_cpu_s": cpu, "median_tokens_per_cpu_s": median, "load_average": load}
+    write_result(args.out, result, __file__, argv, machine)
     return 0
 
 

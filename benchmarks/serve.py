@@ -18,9 +18,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: no 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # the sampler's torch.compile costs a minute on this CPU
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -29,20 +27,14 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
+from _result import write_result  # noqa: E402  (benchmarks/_result.py)
+
 from parscale import ParScaleConfig, ParScaleForCausalLM, to_parscale  # noqa: E402
-from parscale.atomic import atomic_write_json  # noqa: E402
+from parscale.machine import describe, header  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, LAYERS, VOCAB, N_PREFIX, BLOCK = 256, 4, 2, 4, 2048, 48, 32
 CONCURRENCY = (1, 8, 32)
 STREAMS = (1, 2, 4)
-
-
-def cpu_info() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    wanted = sorted(f for f in flags if f.startswith(("avx512f", "avx512_bf16", "amx")))
-    return f"{name}; {os.cpu_count()} CPUs; {' '.join(wanted) or 'no AVX-512/AMX'}"
 
 
 def save_model(directory: Path, n_streams: int) -> None:
@@ -118,18 +110,19 @@ def main() -> int:
             llm.llm_engine.engine_core.shutdown()
             del llm
 
+    import vllm
+
+    machine = {**describe(), "vllm": vllm.__version__}
+    print(header(machine))
     print(f"{'engine':<13}{'P':>3}{'requests':>10}{'tokens/s':>11}{'s/token':>10}{'KV bytes/request':>18}")
     for r in rows:
         print(f"{r['engine']:<13}{r['P']:>3}{r['concurrency']:>10}{r['tokens_per_s']:>11.1f}"
               f"{r['s_per_token']:>10.4f}{r['kv_bytes_per_request']:>18,d}")
-    out = Path(__file__).parent / "results" / "serve.json"
-    import vllm
-
-    atomic_write_json(out, {"rows": rows, "args": vars(args), "model": dict(hidden=HIDDEN, heads=HEADS,
-                      kv_heads=KV_HEADS, layers=LAYERS, vocab=VOCAB, n_prefix=N_PREFIX, block=BLOCK),
-                      "machine": {"cpu": cpu_info(), "python": platform.python_version(), "torch": torch.__version__,
-                                  "vllm": vllm.__version__, "load_average": os.getloadavg()[0]}})
-    print(f"{cpu_info()}; 1-minute load average {os.getloadavg()[0]:.1f}; wrote benchmarks/results/serve.json")
+    print(f"1-minute load average {os.getloadavg()[0]:.1f}")
+    model = dict(hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, layers=LAYERS, vocab=VOCAB, n_prefix=N_PREFIX,
+                 block=BLOCK)
+    write_result(Path(__file__).parent / "results" / "serve.json", {"rows": rows, "args": vars(args), "model": model},
+                 __file__, machine=machine)
     return 0
 
 

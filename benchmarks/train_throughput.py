@@ -10,8 +10,6 @@ of the plain model (at P = 1 the wrapper adds no prefix and no aggregation).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,7 +21,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from parscale.atomic import atomic_write_json
+from _result import write_result  # benchmarks/_result.py
+
+from parscale.machine import describe, header
 from parscale.train import TrainConfig
 from parscale.train import convert, distributed
 from parscale.train.loop import _update
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
     median = {v: statistics.median(runs[v]) for v in variants}
     cpu_median = {v: statistics.median(cpu_runs[v]) for v in variants}
-    print(f"\ntiny preset, batch {args.batch_size} x {args.seq_len}, {args.threads} thread(s), "
+    machine = describe()
+    print(f"\n{header(machine)}\ntiny preset, batch {args.batch_size} x {args.seq_len}, {args.threads} thread(s), "
           f"median of {args.rounds} rounds x {args.steps} steps\n")
     print("| model | tokens/s (wall) | tokens per CPU-second | vs plain (CPU) |\n|---|---|---|---|")
     for v in variants:
@@ -102,13 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "train_throughput", "preset": "tiny", "batch_size": args.batch_size,
               "seq_len": args.seq_len, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
               "tokens_per_s_wall": runs, "tokens_per_cpu_s": cpu_runs, "median_tokens_per_s_wall": median,
-              "median_tokens_per_cpu_s": cpu_median, "p1_vs_plain_paired_cpu": gap,
-              "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
-              "command": "python benchmarks/train_throughput.py " + " ".join(argv or sys.argv[1:])}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, result)
-    print(f"wrote {out}")
+              "median_tokens_per_cpu_s": cpu_median, "p1_vs_plain_paired_cpu": gap}
+    write_result(args.out, result, __file__, argv, machine)
     return 0
 
 

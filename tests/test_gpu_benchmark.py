@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from parscale import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +35,12 @@ def test_training_flops_count_every_matmul_weight_of_the_model():
     assert gpu.train_flops_per_token(gpu.TINY, length) == 6 * weights + attention
 
 
+def test_the_device_block_names_the_cpu_and_no_gpu_on_the_cpu():
+    info = _script().device_info(torch.device("cpu"))
+    assert info["gpu"] is None and info["cpu"] == {**machine.cpu_info(), "load_average": info["cpu"]["load_average"]}
+    assert info["host_cpu"] == info["cpu"]["name"] and info["torch"] == torch.__version__
+
+
 @pytest.mark.slow
 def test_dry_run_writes_every_section(tmp_path):
     gpu = _script()
@@ -52,4 +61,8 @@ def test_dry_run_writes_every_section(tmp_path):
                                                                         for b in (1, 2)}
     for r in done:
         assert r["x_floor"] == pytest.approx(r["ms_per_token"] / (r["step_bytes"] / decode["bandwidth_bytes_per_s"] * 1e3))
-    assert train["device"]["gpu"] is None and "host_cpu" in train["device"]
+    assert train["device"]["gpu"] is None and train["device"]["host_cpu"] == machine.cpu_info()["name"]
+    for section in (tests, train, decode):  # every file names the machine it ran on
+        cpu = section["device"]["cpu"]
+        assert cpu["name"] == machine.cpu_info()["name"] and cpu["cores"] == os.cpu_count()
+        assert section["device"]["torch"] == torch.__version__

@@ -5,6 +5,9 @@ produced by the code under test.
 """
 from __future__ import annotations
 
+import ast
+import importlib.util
+import json
 import os
 import platform
 from pathlib import Path
@@ -101,3 +104,46 @@ def test_the_demo_keeps_the_keys_its_report_reads(monkeypatch):
     assert info["avx512"] is True and info["amx"] is True and info["cores"] == os.cpu_count()
     assert info["flags"] == "avx2 fma avx512[bf16,bw,cd,dq,f,vl,vnni] amx[bf16,int8,tile]"
     assert len(info["load_average"]) == 3  # the report reads [0] at the start and at the end
+
+
+# ---------------------------------------------------------------- every benchmark names its machine
+BENCHMARKS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+
+
+def _calls(path: Path) -> set[str]:
+    return {getattr(node.func, "attr", getattr(node.func, "id", "")) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call)}
+
+
+def test_the_benchmarks_are_found():
+    assert {"decode.py", "gpu.py", "fit_speed.py", "train_throughput.py"} <= {p.name for p in BENCHMARKS}
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: p.name)
+def test_every_benchmark_names_its_machine(path):
+    """Every benchmark prints a table and writes JSON (benchmarks/README.md): both name the CPU."""
+    calls = _calls(path)
+    assert calls & {"describe", "write_result"}, \
+        f"{path.name} writes a result without parscale.machine.describe() or _result.write_result()"
+    assert "header" in calls, f"{path.name} prints a table without parscale.machine.header()'s CPU line"
+
+
+def test_the_shared_tail_adds_the_command_and_the_machine(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("_result", ROOT / "benchmarks" / "_result.py")
+    tail = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tail)
+    out = tmp_path / "deep" / "fit_speed.json"
+    tail.write_result(out, {"rows": [1.5]}, "/any/where/benchmarks/fit_speed.py", ["--repeats", "2"])
+    written = json.loads(out.read_text())
+    assert written["command"] == "python benchmarks/fit_speed.py --repeats 2" and written["rows"] == [1.5]
+    assert set(written["machine"]) == {"cpu", "gpu", "torch", "python"}
+    assert written["machine"]["cpu"]["name"] == machine.cpu_info()["name"]
+    assert f"wrote {out}" in capsys.readouterr().out
+    tail.write_result(out, {"command": "python benchmarks/x.py --run runs/p2"}, "x.py", [])
+    assert json.loads(out.read_text())["command"] == "python benchmarks/x.py --run runs/p2"  # its own is kept
+
+
+def test_only_the_helper_reads_proc_cpuinfo_for_a_report():
+    readers = [p.relative_to(ROOT) for p in [*(ROOT / "benchmarks").glob("*.py"), *(ROOT / "src/parscale/demo").rglob("*.py")]
+               if "/proc/cpuinfo" in p.read_text()]
+    assert not readers, readers
