@@ -323,3 +323,15 @@ def test_law_gpu_is_refused_without_a_gpu(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="law-gpu trains on a CUDA GPU.*--budget law"):
         run_demo(DemoConfig.preset(str(tmp_path / "g"), budget="law-gpu", workers=1))
     assert cli_demo.default_workers("law-gpu") == 4
+
+
+def test_a_study_run_in_pieces_states_the_training_time_of_all_its_runs():
+    summary = _summary({**HOLDS, **STREAMS})
+    assert "the whole demo took 1.0 min" in law_markdown(summary)  # wall_seconds 60, nothing reused
+    for r in summary["runs"]:
+        r["train_seconds"] = 90.0
+    summary["parallel"]["reused"] = 5
+    n = len(summary["runs"])  # (4 + 12) settings x 3 seeds = 48 runs of 1.5 min: 72 min
+    assert n == 48
+    assert "this invocation took 1.0 min and reused 5 of the 48 runs" in law_markdown(summary)
+    assert "the training of all runs sums to 72 min" in law_markdown(summary)

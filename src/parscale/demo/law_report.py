@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from parscale.demo.plan import LAW_ATTEMPTS, LAW_P, LAW_PREFIXES, law_design
-from parscale.demo.report import _f, _si, _table, parallel_line, runs_table
+from parscale.demo.report import _f, _si, _table, parallel_line, runs_table, took
 
 PAPER_K = {"paper-stack": "Stack-V2-Python", "paper-pile": "the Pile"}
 
@@ -53,8 +53,8 @@ def setup(summary: dict[str, Any]) -> str:
             f"from {m['start'].get('gpu') + ' beside ' if m['start'].get('gpu') else ''}"
             f"{m['start'].get('cpu') or 'an unknown CPU'}"
             f"{' (' + m['start']['flags'] + ')' if m['start'].get('flags') else ''}, {m['start']['cores']} cores, load average "
-            f"{m['start']['load_average'][0]:.1f} at the start and {m['end']['load_average'][0]:.1f} at the end; the "
-            f"whole demo took {summary['wall_seconds'] / 60:.1f} min.")
+            f"{m['start']['load_average'][0]:.1f} at the start and {m['end']['load_average'][0]:.1f} at the end; "
+            f"{took(summary)}.")
 
 
 def premise_section(summary: dict[str, Any]) -> str:

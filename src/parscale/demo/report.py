@@ -103,6 +103,18 @@ def cost_table(cost: dict[str, Any]) -> str:
                    "+lat params ms", "memory ratio", "latency ratio"], rows)
 
 
+def took(summary: dict[str, Any]) -> str:
+    """How long the demo took. A study run in pieces reuses the runs finished earlier, so its
+    last invocation's wall time says little: the runs' own training times are summed beside it."""
+    wall = summary["wall_seconds"] / 60
+    reused = (summary.get("parallel") or {}).get("reused") or 0
+    if not reused:
+        return f"the whole demo took {wall:.1f} min"
+    trained = sum(r.get("train_seconds") or 0.0 for r in summary["runs"]) / 60
+    return (f"this invocation took {wall:.1f} min and reused {reused} of the {len(summary['runs'])} runs, finished "
+            f"by an earlier one; the training of all runs sums to {trained:.0f} min")
+
+
 def parallel_line(summary: dict[str, Any]) -> str:
     p = summary["parallel"]
     if p.get("workers", 1) < 2:
@@ -194,7 +206,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         f"more. Every loss is on the same first {cfg['eval_tokens']:,} held-out tokens (nats/token). Times are "
         f"from {cpu}, {m['start']['cores']} cores, load average {m['start']['load_average'][0]:.1f} at the start and "
         f"{m['end']['load_average'][0]:.1f} at the end (other jobs share the machine, so times are inflated); "
-        f"the whole demo took {summary['wall_seconds'] / 60:.1f} min.",
+        f"{took(summary)}.",
         "## Runs\n\n" + runs_table(summary),
         "`Δ vs P=1`: final loss minus the P=1 run of the same seed and size (negative is better). `Δ vs "
         "control`: two-stage runs against `post-p1-control`. `train time`: the update steps only. `extra "
