@@ -20,7 +20,7 @@ BUDGETS = ("smoke", "quick", "default", "full", "law", "law-gpu")  # parscale.de
 BUDGET_HELP = ("how long the study runs (default: default): smoke, seconds (a few steps per run on a handful of "
                "files, for tests); quick, about 3 min; default, about 10 min on two cores; full, the multi-seed "
                "study of docs/mini-study.md (about 2 h); law, three small sizes trained on 20+ tokens per "
-               "parameter, the premise of the law checked first (about 2 h); law-gpu, the same design at 10x the "
+               "parameter, the premise of the law checked first (87 min measured on two cores); law-gpu, the same design at 10x the "
                "parameters and tokens on one CUDA GPU, 4 runs at a time")
 
 

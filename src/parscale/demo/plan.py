@@ -170,7 +170,7 @@ class DemoConfig:
             # than `tiny` (p1-wide), and `tiny-l` at P = 4 alone would cost an hour over 4 seeds.
             "full": dict(seeds=(0, 1, 2, 3), sizes=("tiny-xs", "tiny-s"), attempts=True),
             # 1024 updates of 16 x 128 tokens: 2.1M tokens, 20 per parameter of law-m and 80 of
-            # law-xs, 0.37 epochs of the corpus at this vocabulary; about 90 min on two quiet cores with the attempts.
+            # law-xs, 0.37 epochs of the corpus at this vocabulary; 87 min measured on two cores (docs/mini-study.md).
             "law": dict(seeds=(0, 1, 2), steps=1024, batch_size=16, evals=4, eval_tokens=65536,
                         data=DataConfig(vocab_size=LAW_VOCAB)),
             # The same design at 10x: 512 updates of 320 x 128 tokens, 21M tokens, 20 per parameter
