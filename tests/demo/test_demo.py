@@ -439,3 +439,33 @@ def test_comparisons_plot_draws_each_mean_with_two_standard_errors(tmp_path, mon
     assert at == {1.0: "p2 − p1", 0.0: "p2 − p1-prefix"}  # the first comparison on top
     one_seed = [{**c, "se": None} for c in comps]
     assert not plots.plot_comparisons({"comparisons": one_seed}, tmp_path / "none.png")
+
+
+@pytest.mark.parametrize("written", [True, False])
+def test_a_stop_after_the_final_model_was_written_counts_the_run_as_finished(tmp_path, monkeypatch, written):
+    """A stop can land between the trainer's last update and the worker's return: once the final
+    model is written the run is finished (a rerun reuses it), so the demo must not call it stopped."""
+    import signal
+
+    from parscale.demo import runner
+    from parscale.interrupt import Interrupted
+    from parscale.train.config import dump_yaml
+
+    cfg = DemoConfig.preset(str(tmp_path / "d"), budget="smoke")
+    tc = train_config(cfg, plan(cfg)[0])
+
+    def train_then_stop(tc, notice):
+        tc.run_dir.mkdir(parents=True)
+        dump_yaml(tc, tc.run_dir / "config.yaml")  # as the trainer records a run it starts
+        if written:
+            (tc.run_dir / "final").mkdir()
+            (tc.run_dir / "final" / "config.json").write_text("{}")
+        raise Interrupted(signal.SIGINT, "stopped")
+
+    monkeypatch.setattr(runner, "ensure_run", train_then_stop)
+    got = runner._job(tc)
+    assert runner.run_state(tc) == ("finished" if written else "interrupted")
+    if written:
+        assert (got["action"], got["final"]) == ("trained", str(tc.run_dir / "final"))
+    else:
+        assert (got["action"], got["final"], got["signum"]) == ("interrupted", None, signal.SIGINT)

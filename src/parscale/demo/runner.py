@@ -109,9 +109,18 @@ def _job(tc, stop_notice: str = STOP_NOTICE) -> dict[str, Any]:
     try:
         final, action = ensure_run(tc, stop_notice)
     except Interrupted as err:  # returned, not raised: the parent decides what the demo does next
-        return {"final": None, "action": "interrupted", "signum": err.signum,
-                "wall_seconds": time.perf_counter() - start}
+        return _stopped(tc, err.signum, start)
     return {"final": str(final), "action": action, "wall_seconds": time.perf_counter() - start}
+
+
+def _stopped(tc, signum: int, start: float) -> dict[str, Any]:
+    """The result of a run a stop reached. A stop that lands after the trainer wrote the final
+    model (between its last update and the worker's return) does not undo the run: it counts as
+    finished, so the demo neither calls it stopped nor lists it among the runs to resume."""
+    wall = time.perf_counter() - start
+    if run_state(tc) == "finished":
+        return {"final": str(tc.run_dir / "final"), "action": "trained", "wall_seconds": wall}
+    return {"final": None, "action": "interrupted", "signum": int(signum), "wall_seconds": wall}
 
 
 def _worker_job(tc) -> dict[str, Any]:
@@ -123,8 +132,7 @@ def _worker_job(tc) -> dict[str, Any]:
     try:
         return _job(tc, stop_notice="")
     except KeyboardInterrupt:
-        return {"final": None, "action": "interrupted", "signum": int(signal.SIGINT),
-                "wall_seconds": time.perf_counter() - start}
+        return _stopped(tc, signal.SIGINT, start)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
