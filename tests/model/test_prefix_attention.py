@@ -32,12 +32,13 @@ def _reference(query, key, value, n_prefix, scaling):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("groups", [1, 3])
-def test_causal_prefix_sdpa_equals_a_float64_loop(dtype, tol, groups):
+@pytest.mark.parametrize("shared_mask", [True, False], ids=["cpu_shared_mask", "gpu_zero_queries"])
+def test_causal_prefix_sdpa_equals_a_float64_loop(dtype, tol, groups, shared_mask):
     gen = torch.Generator().manual_seed(0)
     rows, kv, q_len, n_prefix, dim = 3, 2, 7, 4, 8
     query = torch.randn(rows, kv * groups, q_len, dim, generator=gen).to(dtype)
     key, value = (torch.randn(rows, kv, n_prefix + q_len, dim, generator=gen).to(dtype) for _ in range(2))
-    got = prefix_attention.causal_prefix_sdpa(query, key, value, dim**-0.5)
+    got = prefix_attention.causal_prefix_sdpa(query, key, value, dim**-0.5, shared_mask=shared_mask)
     assert got.shape == (rows, q_len, kv * groups, dim) and got.dtype == dtype
     torch.testing.assert_close(got.double(), _reference(query, key, value, n_prefix, dim**-0.5), rtol=tol, atol=tol)
 

@@ -11,9 +11,10 @@ stream in front, and attends. Three kinds, chosen by the backbone's `attn_implem
 Which path a call takes depends on the mask our mask function made (`prefix_mask`):
 - `None`: no padding and the queries start at position 0 (training, plain prefill). The
   prefix plus causal attention is causal attention aligned to the bottom right of a key
-  sequence T longer than the queries. We hand sdpa T zero queries in front of the real ones,
-  which makes it square, so its `is_causal` (flash or memory-efficient kernel, GQA without
-  repeating the keys) gives exactly that; the T extra rows are dropped. No mask is built.
+  sequence T longer than the queries. On a GPU we hand sdpa T zero queries in front of the
+  real ones, which makes it square, so its `is_causal` (flash or memory-efficient kernel, GQA
+  without repeating the keys) gives exactly that; the T extra rows are dropped. No mask is
+  built. On the CPU one `[L, T+L]` mask shared by all rows is cheaper than the extra rows.
 - a `PackedMask`, made a FlexAttention `BlockMask` (CUDA, no padding, position ids that restart: packed rows):
   the document structure with the prefix columns always visible, no L x L tensor.
 - a 4D bool mask (padded rows, a cache, sliding windows): widened by T visible columns.
@@ -113,16 +114,25 @@ def parscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
 
 
 def causal_prefix_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-                       dropout: float = 0.0) -> torch.Tensor:
-    """Query i of L sees keys 0..T+i of the T+L (the prefix, then real keys 0..i), without a mask.
+                       dropout: float = 0.0, shared_mask: bool | None = None) -> torch.Tensor:
+    """Query i of L sees keys 0..T+i of the T+L (the prefix, then real keys 0..i), without a
+    per-row mask.
 
-    With T zero queries in front, sdpa's square `is_causal` (top left = bottom right) gives
-    each real query exactly those keys, so its flash or memory-efficient kernel runs and GQA
-    needs no copy of the keys; the T padding rows cost T/L of the attention and are dropped.
+    On a GPU, T zero queries go in front: sdpa's square `is_causal` (top left = bottom right)
+    gives each real query exactly those keys, so its flash or memory-efficient kernel runs and
+    GQA needs no copy of the keys; the T padding rows cost T/L of the attention and are dropped.
     (`torch.nn.attention.bias.causal_lower_right` does the same but breaks `torch.compile`'s
-    graph.) query `[rows, h, L, d]`, key/value `[rows, kv, T+L, d]` -> `[rows, L, h, d]`."""
+    graph.) On the CPU (`shared_mask`, the default there) one `[L, T+L]` mask shared by every
+    row is cheaper: its fused kernel takes a mask, and forward plus backward at L = 128, T = 48
+    measured 30% faster than with the T extra rows (equal at L = 512).
+    query `[rows, h, L, d]`, key/value `[rows, kv, T+L, d]` -> `[rows, L, h, d]`."""
     rows, heads, q_len, dim = query.shape
     n_prefix = key.shape[2] - q_len
+    if query.device.type == "cpu" if shared_mask is None else shared_mask:
+        visible = torch.ones(q_len, key.shape[2], dtype=torch.bool, device=query.device).tril(n_prefix)  # L (T+L)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=visible, dropout_p=dropout,
+                                             scale=scaling, enable_gqa=heads != key.shape[1])
+        return out.transpose(1, 2).contiguous()  # rows L h d
     padded = torch.cat([query.new_zeros(rows, heads, n_prefix, dim), query], dim=2)  # rows h (T+L) d
     out = F.scaled_dot_product_attention(padded, key, value, dropout_p=dropout, is_causal=True, scale=scaling,
                                          enable_gqa=heads != key.shape[1])
