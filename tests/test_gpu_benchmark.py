@@ -1,5 +1,5 @@
 """`benchmarks/gpu.py --dry-run`: the prepared GPU run, shrunk onto the CPU, so that the script
-a GPU session runs once has already run here. Its FLOPs count is checked against the model."""
+a run on a GPU executes once has already run on the CPU. Its FLOPs count is checked against the model."""
 from __future__ import annotations
 
 import importlib.util
