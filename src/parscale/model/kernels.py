@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parscale.cache import cache_dir
+from parscale.machine import cpu_info
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +51,10 @@ def _build_name(source: Path, prefix: str, flags: tuple[str, ...]) -> str:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
+    """The CPU's name and vector flags: -march=native builds for both, and one name (a virtual
+    machine's "AMD EPYC") can stand for CPUs with and without AVX-512."""
+    cpu = cpu_info()
+    return f"{cpu['name']} {' '.join(cpu['flags'])}"
 
 
 def _ninja_on_path() -> None:
