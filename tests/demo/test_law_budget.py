@@ -322,6 +322,7 @@ def test_law_gpu_is_refused_without_a_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="law-gpu trains on a CUDA GPU.*--budget law"):
         run_demo(DemoConfig.preset(str(tmp_path / "g"), budget="law-gpu", workers=1))
+    assert not (tmp_path / "g").exists()  # nothing left that a rerun with --budget law would trip on
     assert cli_demo.default_workers("law-gpu") == 4
 
 

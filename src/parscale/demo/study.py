@@ -204,8 +204,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from parscale.demo import runner
     from parscale.demo.report import print_tables, write_report
 
+    check_device(cfg)  # before check_demo_dir writes OUT/demo.json: a refused budget leaves nothing behind
     check_demo_dir(cfg)
-    check_device(cfg)
     specs = plan(cfg)
     at_start = machine()
     print(f"[demo] budget {cfg.budget}: {len(specs)} runs, {cfg.workers} at a time, one thread each; "
