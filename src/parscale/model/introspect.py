@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from parscale.errors import UserError
+from parscale.model.prefix_attention import IMPLEMENTATIONS
 
 # Config fields whose features the prefix-attention route cannot honour (value must be unset).
 _UNSUPPORTED_CONFIG_FIELDS = {
@@ -40,7 +41,7 @@ def check_supported(model: nn.Module) -> None:
             raise UserError(f"{name} uses {feature} ({field}={getattr(config, field)}), which ParScale cannot honour")
     requested = str(getattr(config, "_attn_implementation", "") or "")
     # ours (a config copied from a ParScale model) stand for the stock kinds they wrap
-    if requested not in ("", "sdpa", "eager", "flash_attention_2", "parscale_sdpa", "parscale_eager", "parscale_fa2"):
+    if requested and requested not in set(IMPLEMENTATIONS) | set(IMPLEMENTATIONS.values()):
         raise UserError(
             f"{name} was loaded with attn_implementation={requested!r}, which cannot carry the stream prefixes; "
             "reload it with attn_implementation='sdpa' (or 'eager', or 'flash_attention_2')"
