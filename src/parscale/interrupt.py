@@ -77,11 +77,32 @@ class StopRequest:
 STOP_NOTICE = "stopping after this step (a checkpoint is being kept); press Ctrl-C again to stop at once"
 
 
+_recorded = StopRequest()  # what `recorded_stop` has received (none outside it)
+
+
+@contextlib.contextmanager
+def recorded_stop() -> Iterator[StopRequest]:
+    """SIGINT and SIGTERM are only recorded, never raised; a `deferred_stop` entered inside
+    starts with the recorded stop already requested (its loop stops after one update, with a
+    checkpoint). For code that must not be cut at an arbitrary point: a KeyboardInterrupt raised
+    while a garbage-collector callback runs is printed as a traceback and then dropped."""
+    def handler(signum, frame):
+        _recorded.signum = _recorded.signum or signum
+
+    _recorded.signum = None
+    try:
+        with _handlers(handler):
+            yield _recorded
+    finally:
+        _recorded.signum = None
+
+
 @contextlib.contextmanager
 def deferred_stop(at_once: Callable[[], str] = lambda: "", notice: str = STOP_NOTICE) -> Iterator[StopRequest]:
     """The first signal sets the yielded request and prints `notice` (none if empty); a second
     raises `Interrupted(at_once())`."""
     request = StopRequest()
+    request.signum = _recorded.signum  # a stop `recorded_stop` kept before the loop began
     line = f"\n{notice}\n".encode() if notice else b""  # encoded now, not inside the handler
 
     def handler(signum, frame):

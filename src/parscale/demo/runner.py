@@ -29,7 +29,7 @@ import yaml
 
 from parscale import progress
 from parscale.errors import UserError
-from parscale.interrupt import Interrupted, deferred_stop
+from parscale.interrupt import Interrupted, deferred_stop, recorded_stop
 
 log = logging.getLogger(__name__)
 # Relative cost of one update, by P and model, for ordering the queue (longest first).
@@ -124,17 +124,18 @@ def _stopped(tc, signum: int, start: float) -> dict[str, Any]:
 
 
 def _worker_job(tc) -> dict[str, Any]:
-    """`_job` in a worker process, where the parent's forwarded SIGINT is the stop request."""
+    """`_job` in a worker process, where the parent's forwarded SIGINT is the stop request.
+
+    Outside the trainer's loop the stop is only recorded: raised at an arbitrary point, a
+    KeyboardInterrupt can land in a garbage-collector callback, where Python prints it and drops
+    it, and the run then trains to its end. The loop takes the recorded stop and ends the run
+    after its first update, with a checkpoint; a run that has passed its loop finishes."""
     start = time.perf_counter()
-    # Before the trainer's loop (which defers the stop to the end of its update) a stop ends
-    # the run at once: nothing would be kept by going on.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        return _job(tc, stop_notice="")
-    except KeyboardInterrupt:
-        return _stopped(tc, signal.SIGINT, start)
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with recorded_stop():
+        try:
+            return _job(tc, stop_notice="")
+        except KeyboardInterrupt:  # a second stop inside the loop: at once
+            return _stopped(tc, signal.SIGINT, start)
 
 
 def _bench(steps: int) -> float:
