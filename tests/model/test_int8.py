@@ -33,6 +33,25 @@ def _reference_dequantised(w: torch.Tensor) -> torch.Tensor:
     return (w / scale).round().clamp(-127, 127) * scale
 
 
+def _activation_bound(x: torch.Tensor, w_deq: torch.Tensor) -> torch.Tensor:
+    """What rounding x to int16 per row (step max|x_row| / 32767, the AVX2 path) may move each
+    output by: half a step times sum |w|. Zero for the float32 paths' exact x."""
+    step = x.double().abs().amax(-1, keepdim=True) / 32767
+    return step / 2 * w_deq.abs().sum(1)
+
+
+def _int16_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer path written out: x rounded to int16 per row as the kernel rounds it (float32
+    x * (32767 / peak), half to even), exact integer dot products in float64, both scales. Also
+    the same sums of |products|, to bound float32's rounding of the result."""
+    peak = x.abs().amax(-1, keepdim=True)  # float32, as in the kernel
+    inv = torch.where(peak > 0, 32767 / peak, torch.zeros_like(peak))
+    step = torch.where(peak > 0, peak / 32767, torch.ones_like(peak)).double()
+    xq = torch.round(x * inv).clamp(-32767, 32767).double()
+    scales = step * scale.double()
+    return (xq @ q.double().T) * scales, (xq.abs() @ q.double().abs().T) * scales
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_int8_product_matches_float64_with_dequantised_weights(lib, rows, with_bias):
@@ -43,10 +62,53 @@ def test_int8_product_matches_float64_with_dequantised_weights(lib, rows, with_b
     q, scale = quantize.quantize_weight(w)
     bias = b if with_bias else None
     got = quantize.int8_linear(x, q, scale, bias, lib)
-    want = F.linear(x.double(), _reference_dequantised(w), b.double() if with_bias else None)
+    w_deq = _reference_dequantised(w)
+    want = F.linear(x.double(), w_deq, b.double() if with_bias else None)
     assert got.shape == (2, rows, 19) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    bound = _activation_bound(x, w_deq) if lib.isa == "avx2-int16" else 0
+    assert ((got.double() - want).abs() <= bound + 1e-5 * (1 + want.abs())).all()
     assert torch.equal(got[:, :, 3], torch.zeros_like(got[:, :, 3]) + (b[3] if with_bias else 0))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+@pytest.mark.parametrize("k", [15, 16, 83, 1024, 2100])
+def test_the_integer_path_is_exact_integer_arithmetic(lib, rows, k):
+    """On the AVX2 integer path y is x's int16 values dotted exactly with the int8 weights: equal
+    to float64 integer arithmetic up to float32's rounding of the result (K = 2100 crosses the
+    2048-column passes, 15 and 83 leave tails, 11 rows make a second chunk of rows)."""
+    if lib.isa != "avx2-int16":
+        pytest.skip(f"the {lib.isa} path multiplies float32 x (test_int8_product_matches_float64_...)")
+    gen = torch.Generator().manual_seed(k + rows)
+    x, w = torch.randn(rows, k, generator=gen) * torch.logspace(-3, 3, rows)[:, None], torch.randn(21, k, generator=gen)
+    x[0, 0] = -x[0].abs().max() * 1.5  # the peak negative: it must round to -32767, not -32768
+    q, scale = quantize.quantize_weight(w)
+    got = quantize.int8_linear(x, q, scale, None, lib).double()
+    want, magnitude = _int16_reference(x, q, scale)
+    assert ((got - want).abs() <= 1e-6 * magnitude).all()  # float32 rounds the sums and the scales only
+
+
+def test_the_integer_sums_do_not_overflow(lib):
+    """9000 columns of the largest values: one int32 lane would hold 9000 / 16 * 2 * 32767 * 127
+    = 4.7e9 > 2^31; the passes of at most 2048 columns keep every lane below 1.1e9."""
+    x = torch.ones(2, 9000)
+    x[1] = -1
+    q, scale = quantize.quantize_weight(torch.ones(5, 9000))
+    got = quantize.int8_linear(x, q, scale, None, lib)
+    assert torch.equal(got, torch.tensor([[9000.0] * 5, [-9000.0] * 5]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_nan_or_infinity_propagates_as_in_f_linear(lib, bad):
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 40, generator=gen), torch.randn(6, 40, generator=gen)
+    x[1, 7] = bad
+    q, scale = quantize.quantize_weight(w)
+    got = quantize.int8_linear(x, q, scale, None, lib)
+    want = F.linear(x.double(), _reference_dequantised(w))
+    assert torch.equal(torch.isnan(got[1]), torch.isnan(want[1])) and not torch.isfinite(got[1]).any()
+    if not torch.isnan(want[1]).any():  # an infinity: the same signs
+        assert torch.equal(got[1], want[1].float())
+    torch.testing.assert_close(got[[0, 2]].double(), want[[0, 2]], rtol=1e-5, atol=1e-5)  # other rows: float32 path
 
 
 def test_bfloat16_activations_give_bfloat16_rounded_once(lib):

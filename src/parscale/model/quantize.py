@@ -52,7 +52,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.parscale_int8_f32.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, ctypes.c_int]
     lib.parscale_int8_f32.restype = None
     lib.parscale_int8_isa.restype = ctypes.c_int
-    lib.isa = {2: "avx512", 1: "avx2", 0: "generic"}[lib.parscale_int8_isa()]
+    lib.isa = {3: "avx2-int16", 2: "avx512", 1: "avx2", 0: "generic"}[lib.parscale_int8_isa()]
     return lib
 
 

@@ -2,19 +2,33 @@
 //
 // Q: [N, K] int8 (symmetric, per output row), s: [N] float32 scales, x: [M, K] float32. The
 // same scheme as skinny_linear.cpp (each weight row streamed once and dotted with every row of
-// x while it sits in L1), reading a quarter of the float32 bytes: int8 is widened to float32 in
-// registers (sign-extend, convert) and the scale is applied once per output at the end, so the
-// sums are float32 products of exact integers with x. Three instruction paths chosen by the
-// compiler flags: AVX-512 (16 lanes, masked tails), AVX2/FMA (8 lanes) and plain C++.
+// x while it sits in L1), reading a quarter of the float32 bytes. Three instruction paths chosen
+// by the compiler flags:
+// - AVX2 without AVX-512: integer products. Each row of x is quantised once per call to int16
+//   (scale max|x_row| / 32767: a relative error of 1.5e-5 of the row's largest value, 250 times
+//   finer than the weights' int8 step), the weights are sign-extended to int16 in registers and
+//   multiplied with vpmaddwd, 16 multiply-adds per instruction summed exactly into int32. The
+//   float32 path below widens every 8 weights in two steps and does 8 multiply-adds per FMA, so
+//   8 rows of x made it compute-bound (benchmarks/README.md: the int8 P = 8 step at 1.93x
+//   P = 1 on an AVX2-only EPYC); Zen 3 issues two vpmaddwd per cycle as it does two FMAs, so the
+//   integer path does twice the work per instruction. Rows with a NaN or an infinity take the
+//   float32 path, so they propagate as in F.linear.
+// - AVX-512 (16 lanes, masked tails) and AVX2 when the integer path cannot run: int8 widened
+//   to float32 in registers (sign-extend, convert), float32 sums of exact integers times x.
+// - plain C++ (the compiler vectorises it).
+// The scales are applied once per output at the end.
 //
 // Why not torch's own CPU kernel, torch._weight_int8pack_mm (torch 2.13): on the 48 matrices of
 // 2816 x 1024 (benchmarks/int8_product.py, one thread, best of 5) it took 35/43/44/81 ms for
-// M = 1/2/4/8 rows with bfloat16 activations and 308-2419 ms with float32 ones; this kernel
-// 29/32/35/60 ms (and the bfloat16 kernel path 60/52/52/67 ms).
+// M = 1/2/4/8 rows with bfloat16 activations and 308-2419 ms with float32 ones; the float32
+// path of this kernel 29/32/35/60 ms (and the bfloat16 kernel path 60/52/52/67 ms).
 //
 // No torch header (see skinny_linear.cpp): Python calls the C functions at the end by ctypes.
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
+#include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define PARSCALE_AVX2 1
@@ -22,12 +36,20 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define PARSCALE_AVX512 1
 #endif
+#if defined(PARSCALE_AVX2) && !defined(PARSCALE_AVX512)
+#define PARSCALE_INT16 1  // integer products (the header says why); AVX-512 keeps its float32 path
+#endif
 #ifdef PARSCALE_AVX2
 // One 64-byte line of int8 weights per 64 elements: ask for the same offset in the next R rows,
 // one pass ahead, so that the loads of a block overlap (as in skinny_linear.cpp).
 #define PARSCALE_PREFETCH(w, r, R, K, k) \
   _mm_prefetch(reinterpret_cast<const char*>((w) + ((r) + (R)) * (K) + (k)), _MM_HINT_T0)
 #endif
+
+// The loops over the rows of a block (compile-time counts) are unrolled before register
+// allocation. Left to itself GCC 12 kept the accumulators of the larger blocks (8 rows of x) in
+// memory, a store (and a load) of each per step: half the speed of the same loop in registers.
+#define PARSCALE_UNROLL _Pragma("GCC unroll 16")
 
 namespace {
 
@@ -49,49 +71,49 @@ inline void block(const float* x, int64_t K, const int8_t* w, float* out, int64_
   float acc_s[R][MC] = {};
 #if defined(PARSCALE_AVX512)
   __m512 acc[R][MC];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
+  PARSCALE_UNROLL for (int r = 0; r < R; ++r)
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
   for (; k < K; k += 16) {
     const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
     __m512 wv[R];
-    for (int r = 0; r < R; ++r) {
+    PARSCALE_UNROLL for (int r = 0; r < R; ++r) {
       if (k % 64 == 0) PARSCALE_PREFETCH(w, r, R, K, k);
       __m128i bytes = _mm_maskz_loadu_epi8(mask, w + r * K + k);  // masked lanes read as 0
       wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
     }
-    for (int m = 0; m < MC; ++m) {
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) {
       __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
-      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+      PARSCALE_UNROLL for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) acc_s[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+  PARSCALE_UNROLL for (int r = 0; r < R; ++r)
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc_s[r][m] = _mm512_reduce_add_ps(acc[r][m]);
 #elif defined(PARSCALE_AVX2)
   __m256 acc[R][MC];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_setzero_ps();
+  PARSCALE_UNROLL for (int r = 0; r < R; ++r)
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_setzero_ps();
   for (; k + 8 <= K; k += 8) {
     __m256 wv[R];
-    for (int r = 0; r < R; ++r) {
+    PARSCALE_UNROLL for (int r = 0; r < R; ++r) {
       if (k % 64 == 0) PARSCALE_PREFETCH(w, r, R, K, k);
       __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * K + k));  // 8 bytes
       wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
     }
-    for (int m = 0; m < MC; ++m) {
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) {
       __m256 xv = _mm256_loadu_ps(x + m * K + k);
-      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
+      PARSCALE_UNROLL for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) acc_s[r][m] = hsum(acc[r][m]);
+  PARSCALE_UNROLL for (int r = 0; r < R; ++r)
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc_s[r][m] = hsum(acc[r][m]);
 #endif
   for (; k < K; ++k)  // the tail, or everything without AVX2 (vectorised by the compiler)
-    for (int r = 0; r < R; ++r) {
+    PARSCALE_UNROLL for (int r = 0; r < R; ++r) {
       float wk = static_cast<float>(w[r * K + k]);
-      for (int m = 0; m < MC; ++m) acc_s[r][m] += wk * x[m * K + k];
+      PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc_s[r][m] += wk * x[m * K + k];
     }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) out[m * ldy + r] = acc_s[r][m];
+  PARSCALE_UNROLL for (int r = 0; r < R; ++r)
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) out[m * ldy + r] = acc_s[r][m];
 }
 
 #ifdef PARSCALE_AVX512
@@ -121,6 +143,125 @@ void chunk(int64_t mc, const float* x, int64_t K, const int8_t* w, float* y, int
   }
 }
 
+
+#ifdef PARSCALE_INT16
+// ---------------------------------------------------------------- the integer path (AVX2)
+constexpr int64_t INT16_MAX_LEN = 2048;  // columns per pass: no int32 lane can overflow (below)
+constexpr int64_t X_BYTES = 32768;       // int16 x per pass, so that it stays in L1 (as skinny_linear.cpp)
+
+inline int64_t hsum_i64(__m256i v) {  // 8 int32 lanes summed in int64, in registers
+  // (through a memory array GCC kept the accumulators of the loop in memory too: 2x slower)
+  const __m256i wide = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                        _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+  const __m128i half = _mm_add_epi64(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+  return _mm_cvtsi128_si64(half) + _mm_extract_epi64(half, 1);
+}
+
+// out[m * ldy + r] (+)= dot(xq[m], w[r]) over `len` <= INT16_MAX_LEN columns, as float32 of the
+// exact integer sum. Each int32 lane adds two products of at most 32767 * 127 per 16 columns, so
+// 2048 columns stay below 128 * 2 * 32767 * 127 = 1.07e9 < 2^31.
+template <int MC, int R>
+inline void block_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w, float* out, int64_t ldy, bool add) {
+  __m256i acc[R][MC];
+  PARSCALE_UNROLL for (int r = 0; r < R; ++r)
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 16 <= len; k += 16) {
+    __m256i wv[R];
+    PARSCALE_UNROLL for (int r = 0; r < R; ++r) {
+      if (k % 64 == 0) PARSCALE_PREFETCH(w, r, R, ld, k);
+      wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * ld + k)));
+    }
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * ld + k));
+      PARSCALE_UNROLL for (int r = 0; r < R; ++r) acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(wv[r], xv));
+    }
+  }
+  int64_t sums[R][MC];
+  PARSCALE_UNROLL for (int r = 0; r < R; ++r)
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) sums[r][m] = hsum_i64(acc[r][m]);
+  for (; k < len; ++k)  // the last columns (fewer than 16)
+    PARSCALE_UNROLL for (int r = 0; r < R; ++r)
+      PARSCALE_UNROLL for (int m = 0; m < MC; ++m) sums[r][m] += int64_t(w[r * ld + k]) * x[m * ld + k];
+  PARSCALE_UNROLL for (int r = 0; r < R; ++r)
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m)
+      out[m * ldy + r] = (add ? out[m * ldy + r] : 0.0f) + static_cast<float>(sums[r][m]);
+}
+
+template <int MC>
+void rows_range_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w, float* y, int64_t N, int64_t n0,
+                    int64_t n1, bool add) {
+  constexpr int R = rows_per_step<MC>();  // MC * R accumulators + R weight vectors + x: at most 13 of 16 registers
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) block_i16<MC, R>(x, len, ld, w + n * ld, y + n, N, add);
+  for (; n < n1; ++n) block_i16<MC, 1>(x, len, ld, w + n * ld, y + n, N, add);
+}
+
+void chunk_i16(int64_t mc, const int16_t* x, int64_t len, int64_t ld, const int8_t* w, float* y, int64_t N,
+               int64_t n0, int64_t n1, bool add) {
+  switch (mc) {
+    case 1: return rows_range_i16<1>(x, len, ld, w, y, N, n0, n1, add);
+    case 2: return rows_range_i16<2>(x, len, ld, w, y, N, n0, n1, add);
+    case 3: return rows_range_i16<3>(x, len, ld, w, y, N, n0, n1, add);
+    case 4: return rows_range_i16<4>(x, len, ld, w, y, N, n0, n1, add);
+    case 5: return rows_range_i16<5>(x, len, ld, w, y, N, n0, n1, add);
+    case 6: return rows_range_i16<6>(x, len, ld, w, y, N, n0, n1, add);
+    case 7: return rows_range_i16<7>(x, len, ld, w, y, N, n0, n1, add);
+    default: return rows_range_i16<8>(x, len, ld, w, y, N, n0, n1, add);
+  }
+}
+
+// x's rows as int16, xq = round(x / xs) with xs = max|x_row| / 32767 (1 for a zero row). False
+// if some value is a NaN or an infinity (the caller then takes the float32 path). Vectorised by
+// hand: the scalar loop (a max chain, a finiteness test, rounding) cost 1.5 ns per value, about
+// as much as the product itself at 8 rows of K = 1024.
+bool quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), largest = _mm256_set1_ps(FLT_MAX);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    __m256 peak8 = _mm256_setzero_ps(), ok8 = _mm256_cmp_ps(peak8, peak8, _CMP_EQ_OQ);  // all true
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k));
+      peak8 = _mm256_max_ps(peak8, a);
+      ok8 = _mm256_and_ps(ok8, _mm256_cmp_ps(a, largest, _CMP_LE_OQ));  // false for a NaN or an infinity
+    }
+    __m128 p4 = _mm_max_ps(_mm256_castps256_ps128(peak8), _mm256_extractf128_ps(peak8, 1));
+    p4 = _mm_max_ps(p4, _mm_movehl_ps(p4, p4));
+    float peak = std::max(_mm_cvtss_f32(p4), _mm_cvtss_f32(_mm_movehdup_ps(p4)));
+    bool finite = _mm256_movemask_ps(ok8) == 0xFF;
+    for (; k < K; ++k) {
+      finite &= std::isfinite(row[k]);
+      peak = std::max(peak, std::fabs(row[k]));
+    }
+    if (!finite) return false;
+    xs[m] = peak > 0.0f ? peak / 32767.0f : 1.0f;
+    const float inv = peak > 0.0f ? 32767.0f / peak : 0.0f;
+    const __m256 inv8 = _mm256_set1_ps(inv), hi = _mm256_set1_ps(32767.0f), lo = _mm256_set1_ps(-32767.0f);
+    int16_t* out = xq + m * K;
+    for (k = 0; k + 16 <= K; k += 16) {  // rounded to nearest even (the default mode), as nearbyint
+      const __m256i a = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(row + k), inv8), lo), hi));
+      const __m256i b = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(row + k + 8), inv8), lo), hi));
+      // packs works within 128-bit lanes (a0-3 b0-3 a4-7 b4-7); the permute puts them in order
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+    }
+    for (; k < K; ++k) out[k] = static_cast<int16_t>(std::clamp(std::nearbyint(row[k] * inv), -32767.0f, 32767.0f));
+  }
+  return true;
+}
+
+// y = x Q^T unscaled by either scale; the caller applies xs[m] * s[n].
+void run_i16(const int16_t* xq, int64_t M, int64_t K, const int8_t* w, float* y, int64_t N, int64_t n0,
+             int64_t n1) {
+  for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M) {
+    const int64_t mc = std::min<int64_t>(CHUNK_M, M - m0);
+    const int64_t step = std::min<int64_t>(INT16_MAX_LEN, std::max<int64_t>(256, (X_BYTES / (mc * 2)) & ~int64_t(31)));
+    for (int64_t k0 = 0; k0 < K; k0 += step)
+      chunk_i16(mc, xq + m0 * K + k0, std::min(step, K - k0), K, w + k0, y + m0 * N, N, n0, n1, k0 > 0);
+  }
+}
+#endif
+
 }  // namespace
 
 // x: [M, K] float32; w: [N, K] int8; scale: [N] float32; bias: [N] float32 or null;
@@ -129,6 +270,20 @@ extern "C" void parscale_int8_f32(const float* x, int64_t M, int64_t K, const in
                                   const float* bias, float* y, int64_t N, int threads) {
   // Blocks of 16 weight rows handed out dynamically (a thread that loses its core does fewer).
   const int64_t blocks = (N + 15) / 16;
+#ifdef PARSCALE_INT16
+  std::vector<int16_t> xq(static_cast<size_t>(M * K));
+  std::vector<float> xs(static_cast<size_t>(M));
+  if (quantize_rows(x, M, K, xq.data(), xs.data())) {
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t n0 = b * 16, n1 = std::min(N, n0 + 16);
+      run_i16(xq.data(), M, K, w, y, N, n0, n1);
+      for (int64_t m = 0; m < M; ++m)  // both scales (and the bias) while y is in cache
+        for (int64_t n = n0; n < n1; ++n) y[m * N + n] = y[m * N + n] * (xs[m] * scale[n]) + (bias ? bias[n] : 0.0f);
+    }
+    return;
+  }
+#endif
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n0 = b * 16, n1 = std::min(N, n0 + 16);
@@ -140,8 +295,10 @@ extern "C" void parscale_int8_f32(const float* x, int64_t M, int64_t K, const in
   }
 }
 
-extern "C" int parscale_int8_isa() {  // 2: AVX-512, 1: AVX2/FMA, 0: plain C++
-#if defined(PARSCALE_AVX512)
+extern "C" int parscale_int8_isa() {  // 3: AVX2 integer products, 2: AVX-512, 1: AVX2/FMA, 0: plain C++
+#if defined(PARSCALE_INT16)
+  return 3;
+#elif defined(PARSCALE_AVX512)
   return 2;
 #elif defined(PARSCALE_AVX2)
   return 1;
