@@ -121,6 +121,18 @@ def test_bfloat16_activations_give_bfloat16_rounded_once(lib):
     assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5).all()
 
 
+@pytest.mark.parametrize("rows", [1, 8])
+def test_bfloat16_in_and_out_round_as_torch_rounds(lib, rows):
+    """bfloat16 x is widened and y rounded in C++: bit for bit the float32 entry's result
+    rounded by torch (truncating, or ties broken the wrong way, differs in about half)."""
+    gen = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 83, generator=gen).bfloat16(), torch.randn(21, 83, generator=gen), torch.randn(21, generator=gen)
+    q, scale = quantize.quantize_weight(w)
+    got = quantize.int8_linear(x, q, scale, b, lib)
+    want = quantize.int8_linear(x.float(), q, scale, b, lib).bfloat16()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
 def test_quantization_error_is_at_most_half_a_step():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(64, 200, generator=gen) * torch.logspace(-4, 2, 64)[:, None]  # rows of very different size

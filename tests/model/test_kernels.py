@@ -90,6 +90,22 @@ def _raw_bf16(lib, fn_name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tens
     return out
 
 
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_bfloat16_in_and_out_round_as_torch_rounds(lib, rows):
+    """parscale_skinny_bf16_io widens x and rounds y in C++; bit for bit what the float32-in,
+    float32-out entry gives followed by torch's own rounding (a truncation, or a tie broken the
+    wrong way, differs in about half of the values). A NaN stays NaN."""
+    gen = torch.Generator().manual_seed(rows)
+    x, w, b = (torch.randn(rows, 83, generator=gen).bfloat16(), torch.randn(29, 83, generator=gen).bfloat16(),
+               torch.randn(29, generator=gen).bfloat16())
+    x[0, 5] = float("nan")
+    want = _raw_bf16(lib, "parscale_skinny_bf16", x.float(), w, b).bfloat16()
+    got = torch.empty(rows, 29, dtype=torch.bfloat16)
+    lib.parscale_skinny_bf16_io(x.data_ptr(), rows, 83, w.data_ptr(), b.data_ptr(), got.data_ptr(), 29,
+                                torch.get_num_threads())
+    assert torch.isnan(got[0]).all() and torch.equal(got[1:], want[1:])
+
+
 @pytest.mark.parametrize("rows", [1, 5, 9, 12, 16])
 @pytest.mark.parametrize("k", [64, 1024])
 def test_amx_bfloat16_product_matches_float64(native_lib, rows, k):

@@ -44,7 +44,8 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 def _build_name(source: Path, prefix: str, flags: tuple[str, ...]) -> str:
     """A name unique to the source, the flags, torch and the CPU (-march=native is per CPU)."""
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(_FLAGS + list(flags)).encode(), torch.__version__.encode(),
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # included by the sources
+    for part in (source.read_bytes(), *headers, " ".join(_FLAGS + list(flags)).encode(), torch.__version__.encode(),
                  platform.machine().encode(), _cpu_model().encode()):
         digest.update(part)
     return f"{prefix}_{digest.hexdigest()[:12]}"
@@ -107,7 +108,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the C signatures (ctypes would otherwise guess them from the Python values)."""
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for fn in (lib.parscale_skinny_f32, lib.parscale_skinny_bf16, lib.parscale_skinny_bf16_dot,
-               lib.parscale_skinny_bf16_amx):
+               lib.parscale_skinny_bf16_amx, lib.parscale_skinny_bf16_io):
         fn.argtypes = [pointer, size, size, pointer, pointer, pointer, size, ctypes.c_int]
         fn.restype = None
     lib.parscale_skinny_has_bf16_dot.restype = ctypes.c_int
@@ -131,8 +132,16 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         rows = x.reshape(-1, k).contiguous()  # M K, bfloat16: the CPU's bfloat16 dot product takes it as is
         amx = _use_amx(lib, rows.shape[0], k, n_out)
         fn = lib.parscale_skinny_bf16_amx if amx else lib.parscale_skinny_bf16_dot
+    elif weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16:
+        # widened and rounded in C++: two torch calls fewer per product (see csrc/skinny_linear.cpp)
+        rows = x.reshape(-1, k).contiguous()  # M K, bfloat16
+        out = torch.empty(rows.shape[0], n_out, dtype=torch.bfloat16)  # M N
+        lib.parscale_skinny_bf16_io(rows.data_ptr(), rows.shape[0], k, weight.data_ptr(),
+                                    bias.data_ptr() if bias is not None else None, out.data_ptr(), n_out,
+                                    torch.get_num_threads())
+        return out.reshape(*x.shape[:-1], n_out)  # ... N
     else:
-        rows = x.reshape(-1, k).float().contiguous()  # M K, float32 (bfloat16 inputs are widened)
+        rows = x.reshape(-1, k).float().contiguous()  # M K, float32
         fn = lib.parscale_skinny_f32 if weight.dtype == torch.float32 else lib.parscale_skinny_bf16
     out = torch.empty(rows.shape[0], n_out, dtype=torch.float32)  # M N
     fn(rows.data_ptr(), rows.shape[0], k, weight.data_ptr(), bias.data_ptr() if bias is not None else None,

@@ -49,8 +49,9 @@ def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.parscale_int8_f32.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, ctypes.c_int]
-    lib.parscale_int8_f32.restype = None
+    for fn in (lib.parscale_int8_f32, lib.parscale_int8_bf16):
+        fn.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, ctypes.c_int]
+        fn.restype = None
     lib.parscale_int8_isa.restype = ctypes.c_int
     lib.isa = {3: "avx2-int16", 2: "avx512", 1: "avx2", 0: "generic"}[lib.parscale_int8_isa()]
     return lib
@@ -64,12 +65,13 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     if scale.dtype != torch.float32 or qweight.dtype != torch.int8:  # the kernel reads 4-byte scales, 1-byte weights
         raise UserError(f"the int8 kernel takes int8 weights and float32 scales, got {qweight.dtype} and {scale.dtype}; "
                         "cast the model before quantize_int8(), or keep Int8Linear's scales float32")
-    rows = x.reshape(-1, k).float().contiguous()  # M K
+    bfloat16 = x.dtype == torch.bfloat16  # then widened and rounded in C++, not by two torch calls
+    rows = x.reshape(-1, k).contiguous() if bfloat16 else x.reshape(-1, k).float().contiguous()  # M K
     bias32 = bias.float().contiguous() if bias is not None else None
-    out = torch.empty(rows.shape[0], n_out, dtype=torch.float32)  # M N
-    lib.parscale_int8_f32(rows.data_ptr(), rows.shape[0], k, qweight.data_ptr(), scale.data_ptr(),
-                          bias32.data_ptr() if bias32 is not None else None, out.data_ptr(), n_out,
-                          torch.get_num_threads())
+    out = torch.empty(rows.shape[0], n_out, dtype=x.dtype if bfloat16 else torch.float32)  # M N
+    fn = lib.parscale_int8_bf16 if bfloat16 else lib.parscale_int8_f32
+    fn(rows.data_ptr(), rows.shape[0], k, qweight.data_ptr(), scale.data_ptr(),
+       bias32.data_ptr() if bias32 is not None else None, out.data_ptr(), n_out, torch.get_num_threads())
     return out.to(x.dtype).reshape(*x.shape[:-1], n_out)  # ... N
 
 

@@ -15,26 +15,12 @@
 #include <cstring>
 #include <vector>
 
+#include "bfloat16.h"
+
 namespace {
 
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline void store(float* out, float v) { *out = v; }
-inline void store(uint16_t* out, float v) {  // float32 -> bfloat16, round to nearest even
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN
-    *out = static_cast<uint16_t>((bits >> 16) | 0x40);
-    return;
-  }
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  *out = static_cast<uint16_t>(bits >> 16);
-}
+using parscale::store;
+using parscale::to_float;
 
 // Scores of G queries (float32, [G][D]) against N keys ([N][stride] of T), into s[g * n_all + j].
 template <typename T>

@@ -29,6 +29,8 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+#include "bfloat16.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define PARSCALE_AVX2 1
@@ -293,6 +295,16 @@ extern "C" void parscale_int8_f32(const float* x, int64_t M, int64_t K, const in
         for (int64_t n = n0; n < n1; ++n) y[m * N + n] = y[m * N + n] * scale[n] + (bias ? bias[n] : 0.0f);
     }
   }
+}
+
+// bfloat16 x and y (bias and scales float32): widened and rounded here rather than by two torch
+// calls around the kernel, as in skinny_linear.cpp's parscale_skinny_bf16_io.
+extern "C" void parscale_int8_bf16(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
+                                   const float* bias, uint16_t* y, int64_t N, int threads) {
+  std::vector<float> x32(static_cast<size_t>(M * K)), y32(static_cast<size_t>(M * N));
+  for (int64_t i = 0; i < M * K; ++i) x32[i] = parscale::to_float(x[i]);
+  parscale_int8_f32(x32.data(), M, K, w, scale, bias, y32.data(), N, threads);
+  for (int64_t i = 0; i < M * N; ++i) parscale::store(y + i, y32[i]);
 }
 
 extern "C" int parscale_int8_isa() {  // 3: AVX2 integer products, 2: AVX-512, 1: AVX2/FMA, 0: plain C++

@@ -18,6 +18,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
+
+#include "bfloat16.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define PARSCALE_AVX2 1
@@ -76,13 +79,8 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using parscale::store;
+using parscale::to_float;
 
 // y[m, n] += bias[n] for every row m (bias may be null).
 template <typename B>
@@ -325,6 +323,18 @@ extern "C" void parscale_skinny_bf16(const float* x, int64_t M, int64_t K, const
                                      float* y, int64_t N, int threads) {
   run<float, uint16_t>(x, M, K, w, y, N, threads);
   add_bias(y, bias, M, N);
+}
+
+// bfloat16 x and y on the widening path (no AVX512-BF16): x widened and y rounded here, not in
+// two torch calls around the kernel (a few microseconds each, twice per Linear, 7 Linears per
+// layer and decode step). The result is the float32 path's, rounded once as torch rounds it.
+extern "C" void parscale_skinny_bf16_io(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
+                                        const uint16_t* bias, uint16_t* y, int64_t N, int threads) {
+  std::vector<float> x32(static_cast<size_t>(M * K)), y32(static_cast<size_t>(M * N));
+  for (int64_t i = 0; i < M * K; ++i) x32[i] = to_float(x[i]);
+  run<float, uint16_t>(x32.data(), M, K, w, y32.data(), N, threads);
+  add_bias(y32.data(), bias, M, N);
+  for (int64_t i = 0; i < M * N; ++i) store(y + i, y32[i]);
 }
 
 extern "C" int parscale_skinny_has_avx2() {
