@@ -7,9 +7,10 @@ scales, the bias kept as it was. `ParScaleForCausalLM.quantize_int8()` applies i
 backbone and the lm_head (not to a head tied to the embeddings, nor to the stream parameters:
 the prefixes and the aggregation MLP keep their dtype).
 
-Decoding with few rows on the CPU takes `csrc/int8_linear.cpp`, the skinny kernel's scheme with
-int8 weight rows widened to float32 in registers (AVX-512, AVX2/FMA or plain C++, built at first
-use like `kernels`). torch's own `torch._weight_int8pack_mm` does the same product, but on
+Decoding with few rows on the CPU takes `csrc/int8_linear.cpp`, the skinny kernel's scheme (built
+at first use like `kernels`): on AVX2 without AVX-512, integer products of int8 weights with the
+activations rounded to int16 per row; with AVX-512 or in plain C++, int8 widened to float32 in
+registers. torch's own `torch._weight_int8pack_mm` does the same product, but on
 the issue's workload (48 matrices of 2816 x 1024, M = 1-8 rows, one thread, best of 5,
 benchmarks/int8_product.py) it took 35-81 ms with bfloat16 activations and 308-2419 ms with
 float32 ones, against 29-60 ms for this kernel with either, so the opt-in uses this kernel

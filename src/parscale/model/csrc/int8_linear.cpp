@@ -264,24 +264,28 @@ void run_i16(const int16_t* xq, int64_t M, int64_t K, const int8_t* w, float* y,
 }
 #endif
 
-}  // namespace
-
-// x: [M, K] float32; w: [N, K] int8; scale: [N] float32; bias: [N] float32 or null;
-// y: [M, N] float32. All row-major and contiguous (checked by the Python caller).
-extern "C" void parscale_int8_f32(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
-                                  const float* bias, float* y, int64_t N, int threads) {
+// y = x Q^T * s (+ b) into float32 y, and also rounded into bfloat16 y16 when it is not null
+// (rounded block by block in the parallel loop, while the block's outputs are in cache).
+void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, const float* bias,
+                  float* y, uint16_t* y16, int64_t N, int threads) {
   // Blocks of 16 weight rows handed out dynamically (a thread that loses its core does fewer).
   const int64_t blocks = (N + 15) / 16;
+  auto finish = [&](int64_t m, int64_t n0, int64_t n1, float row_scale) {  // scales and bias, in cache
+    for (int64_t n = n0; n < n1; ++n) {
+      const float v = y[m * N + n] * (row_scale * scale[n]) + (bias ? bias[n] : 0.0f);
+      y[m * N + n] = v;
+      if (y16) parscale::store(y16 + m * N + n, v);
+    }
+  };
 #ifdef PARSCALE_INT16
-  std::vector<int16_t> xq(static_cast<size_t>(M * K));
+  parscale::Buffer<int16_t> xq(M * K);
   std::vector<float> xs(static_cast<size_t>(M));
   if (quantize_rows(x, M, K, xq.data(), xs.data())) {
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * 16, n1 = std::min(N, n0 + 16);
       run_i16(xq.data(), M, K, w, y, N, n0, n1);
-      for (int64_t m = 0; m < M; ++m)  // both scales (and the bias) while y is in cache
-        for (int64_t n = n0; n < n1; ++n) y[m * N + n] = y[m * N + n] * (xs[m] * scale[n]) + (bias ? bias[n] : 0.0f);
+      for (int64_t m = 0; m < M; ++m) finish(m, n0, n1, xs[m]);
     }
     return;
   }
@@ -291,20 +295,27 @@ extern "C" void parscale_int8_f32(const float* x, int64_t M, int64_t K, const in
     const int64_t n0 = b * 16, n1 = std::min(N, n0 + 16);
     for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M) {
       chunk(std::min<int64_t>(CHUNK_M, M - m0), x + m0 * K, K, w, y + m0 * N, N, n0, n1);
-      for (int64_t m = m0; m < std::min(M, m0 + CHUNK_M); ++m)  // the scale (and bias) while y is in cache
-        for (int64_t n = n0; n < n1; ++n) y[m * N + n] = y[m * N + n] * scale[n] + (bias ? bias[n] : 0.0f);
+      for (int64_t m = m0; m < std::min(M, m0 + CHUNK_M); ++m) finish(m, n0, n1, 1.0f);
     }
   }
+}
+
+}  // namespace
+
+// x: [M, K] float32; w: [N, K] int8; scale: [N] float32; bias: [N] float32 or null;
+// y: [M, N] float32. All row-major and contiguous (checked by the Python caller).
+extern "C" void parscale_int8_f32(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
+                                  const float* bias, float* y, int64_t N, int threads) {
+  int8_product(x, M, K, w, scale, bias, y, nullptr, N, threads);
 }
 
 // bfloat16 x and y (bias and scales float32): widened and rounded here rather than by two torch
 // calls around the kernel, as in skinny_linear.cpp's parscale_skinny_bf16_io.
 extern "C" void parscale_int8_bf16(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
                                    const float* bias, uint16_t* y, int64_t N, int threads) {
-  std::vector<float> x32(static_cast<size_t>(M * K)), y32(static_cast<size_t>(M * N));
-  for (int64_t i = 0; i < M * K; ++i) x32[i] = parscale::to_float(x[i]);
-  parscale_int8_f32(x32.data(), M, K, w, scale, bias, y32.data(), N, threads);
-  for (int64_t i = 0; i < M * N; ++i) parscale::store(y + i, y32[i]);
+  parscale::Buffer<float> x32(M * K), y32(M * N);
+  for (int64_t i = 0; i < M * K; ++i) x32.data()[i] = parscale::to_float(x[i]);
+  int8_product(x32.data(), M, K, w, scale, bias, y32.data(), y, N, threads);
 }
 
 extern "C" int parscale_int8_isa() {  // 3: AVX2 integer products, 2: AVX-512, 1: AVX2/FMA, 0: plain C++
