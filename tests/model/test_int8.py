@@ -277,6 +277,25 @@ def test_tied_head_and_biases(tiny_factory):
             torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_prefill_dequantises_a_block_of_rows_at_a_time(tiny_factory, monkeypatch):
+    """Prefill runs F.linear on dequantised weights, DEQUANT_ROWS output rows at a time (so a
+    large lm_head is never copied whole in float): every dequantize call stays within the block,
+    and the logits are those of the whole-layer dequantisation (float64 reference model)."""
+    model = _model(tiny_factory, 2)
+    ref = _dequantised_copy(model).double()
+    model.quantize_int8()
+    seen = []
+    real = quantize.dequantize
+    monkeypatch.setattr(quantize, "dequantize", lambda q, s: seen.append(q.shape[0]) or real(q, s))
+    monkeypatch.setattr(quantize, "DEQUANT_ROWS", 7)  # the head's 97 rows and the MLP's 72: 14 and 11 blocks
+    ids = torch.randint(2, 97, (2, 20), generator=torch.Generator().manual_seed(6))  # 40 rows: no kernel
+    with torch.no_grad():
+        logits = model(ids).logits
+        want = ref(ids).logits
+    assert seen and max(seen) <= 7 and 97 % 7 in seen  # the last, shorter block of the head
+    torch.testing.assert_close(logits.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_save_and_training_are_refused(tiny_factory, tmp_path):
     model = _model(tiny_factory, 2).quantize_int8()
     with pytest.raises(UserError, match=r"save before quantize_int8\(\); quantize after loading"):

@@ -16,7 +16,7 @@ benchmarks/int8_product.py) it took 35-81 ms with bfloat16 activations and 308-2
 float32 ones, against 29-60 ms for this kernel with either, so the opt-in uses this kernel
 (benchmarks/README.md has the table). Many rows
 (prefill), other devices or no compiler take `F.linear` with the weights dequantised to the
-activations' dtype. The scales stay float32 when the model is cast (`model.to(torch.bfloat16)`,
+activations' dtype, a block of output rows at a time (never a float copy of a whole layer). The scales stay float32 when the model is cast (`model.to(torch.bfloat16)`,
 `.half()`): the cast reaches the activations, never the scales. The layers are for inference
 only: training or autograd through them raises a `UserError`, and so does saving (quantize
 after loading).
@@ -92,6 +92,28 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return qweight.float() * scale[:, None]
 
 
+DEQUANT_ROWS = 1024  # output rows dequantised at a time by dequantized_linear
+
+
+def dequantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` on the int8 weights dequantised to x's dtype, DEQUANT_ROWS output rows at a time.
+
+    Prefill (more rows than the kernel takes), other devices and the stock switch need float
+    weights for the stock GEMM. A whole layer's copy is transient but large (an lm_head of
+    151936 x 896 is 545 MB in float32), so it is made one block of rows at a time: the peak is
+    one block (4 MB in float32 at K = 1024), and each block's GEMM is still large enough to run
+    at the GEMM's speed."""
+    n_out = qweight.shape[0]
+    if n_out <= DEQUANT_ROWS:
+        return F.linear(x, dequantize(qweight, scale).to(x.dtype), None if bias is None else bias.to(x.dtype))
+    out = x.new_empty(*x.shape[:-1], n_out)
+    for n0 in range(0, n_out, DEQUANT_ROWS):
+        n1 = min(n_out, n0 + DEQUANT_ROWS)
+        block = dequantize(qweight[n0:n1], scale[n0:n1]).to(x.dtype)
+        out[..., n0:n1] = F.linear(x, block, None if bias is None else bias[n0:n1].to(x.dtype))
+    return out
+
+
 class Int8Linear(nn.Module):
     """A Linear layer with int8 weights and float32 per-row scales, for inference only.
 
@@ -139,8 +161,7 @@ class Int8Linear(nn.Module):
             lib = library()
             if lib is not None:
                 return int8_linear(x, self.qweight, self.scale, self.bias, lib)
-        weight = dequantize(self.qweight, self.scale).to(x.dtype)
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        return dequantized_linear(x, self.qweight, self.scale, self.bias)
 
     def _eligible(self, x: torch.Tensor) -> bool:
         return (x.device.type == "cpu" and self.qweight.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
