@@ -296,6 +296,19 @@ def test_prefill_dequantises_a_block_of_rows_at_a_time(tiny_factory, monkeypatch
     torch.testing.assert_close(logits.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_bfloat16_prefill_runs_in_float32_where_the_cpu_has_no_bfloat16(monkeypatch):
+    """Without bfloat16 arithmetic the dequantised product runs in float32 (the stock bfloat16
+    GEMM is several times slower there): exact bfloat16 x times the float32 int8 weights,
+    rounded to bfloat16 once."""
+    monkeypatch.setattr(kernels, "slow_bfloat16_gemm", lambda: True)
+    gen = torch.Generator().manual_seed(9)
+    x, w, b = torch.randn(2, 30, 83, generator=gen).bfloat16(), torch.randn(19, 83, generator=gen), torch.randn(19, generator=gen)
+    q, scale = quantize.quantize_weight(w)
+    got = quantize.dequantized_linear(x, q, scale, b)
+    exact = F.linear(x.double(), _reference_dequantised(w), b.double())
+    assert got.dtype == torch.bfloat16 and ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5).all()
+
+
 def test_save_and_training_are_refused(tiny_factory, tmp_path):
     model = _model(tiny_factory, 2).quantize_int8()
     with pytest.raises(UserError, match=r"save before quantize_int8\(\); quantize after loading"):

@@ -82,6 +82,40 @@ def test_long_rows_summed_over_column_blocks_match_float64(lib, rows, dtype):
         assert ((got - want).abs() <= want.abs() * 2**-8 + 1e-4).all()
 
 
+def test_upcast_linear_rounds_once_from_float32(monkeypatch):
+    """bfloat16 prefill on a CPU without bfloat16 arithmetic: float32 products of the bfloat16
+    values, blocks of weight rows (7 here: 19 rows give a shorter last block), one rounding."""
+    monkeypatch.setattr(kernels, "UPCAST_ROWS", 7)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, 83, generator=gen).bfloat16()
+    w, b = torch.randn(19, 83, generator=gen).bfloat16(), torch.randn(19, generator=gen).bfloat16()
+    got = kernels.upcast_linear(x, w, b)
+    exact = F.linear(x.double(), w.double(), b.double())
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 40, 19)
+    assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5).all()
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_bfloat16_prefill_runs_in_float32_only_where_the_cpu_has_no_bfloat16(monkeypatch, count_calls, slow):
+    """Many bfloat16 rows (prefill) skip the stock bfloat16 GEMM only on a CPU without bfloat16
+    arithmetic, and never under autograd or with the fast kernels switched off."""
+    monkeypatch.setattr(kernels, "slow_bfloat16_gemm", lambda: slow)
+    calls = count_calls(kernels, "upcast_linear")
+    layer = nn.Linear(24, 10).bfloat16()
+    kernels.enable(layer)
+    x = torch.randn(3, 30, 24).bfloat16()
+    with torch.no_grad():
+        got = layer(x)
+    assert calls[0] == (1 if slow else 0)
+    torch.testing.assert_close(got.float(), F.linear(x.float(), layer.weight.float(), layer.bias.float()),
+                               rtol=2**-7, atol=1e-2)
+    layer(x).sum().backward()  # autograd: the stock op
+    with torch.no_grad():
+        kernels.enable(layer, False)
+        layer(x)  # use_fast_kernels(False): the stock op
+    assert calls[0] == (1 if slow else 0) and layer.weight.grad is not None
+
+
 def _raw_bf16(lib, fn_name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The kernel's float32 result before the final rounding to bfloat16."""
     out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)

@@ -162,8 +162,47 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return 0 < x.numel() <= MAX_ROWS * weight.shape[1]
 
 
+UPCAST_ROWS = 1024  # weight rows converted to float32 at a time by upcast_linear
+
+
+@functools.lru_cache(maxsize=None)
+def slow_bfloat16_gemm() -> bool:
+    """An x86 CPU without bfloat16 arithmetic (no AVX512-BF16, no AMX-BF16). There the stock
+    bfloat16 GEMM is several times slower than float32's: a 512-token prefill of the benchmark's
+    16-layer model took 9.1 s in bfloat16 against 1.35 s in float32 on an AVX2 EPYC, plain
+    transformers alike (benchmarks/README.md). Other architectures are left to the stock GEMM."""
+    cpu = cpu_info()
+    return cpu["arch"] in ("x86_64", "AMD64") and not {"avx512_bf16", "amx_bf16"} & set(cpu["flags"])
+
+
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` of bfloat16 tensors computed in float32, UPCAST_ROWS weight rows at a time,
+    rounded to bfloat16 once. The stock bfloat16 GEMM also sums in float32 and rounds once, so
+    the result is the same up to summation order, at float32's speed; the float32 copy of the
+    weight is one block (4 MB at K = 1024), never a whole layer."""
+    n_out = weight.shape[0]
+    x32 = x.float()
+    out = x.new_empty(*x.shape[:-1], n_out)
+    for n0 in range(0, n_out, UPCAST_ROWS):
+        n1 = min(n_out, n0 + UPCAST_ROWS)
+        out[..., n0:n1] = F.linear(x32, weight[n0:n1].float(), None if bias is None else bias[n0:n1].float())
+    return out
+
+
+def _upcast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """bfloat16 inference on a CPU whose bfloat16 GEMM is slow (prefill, or decoding without the kernel)."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.dim() == 0:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return False  # autograd keeps the stock op
+    if bias is not None and bias.dtype != torch.bfloat16:
+        return False
+    return not torch.compiler.is_compiling() and slow_bfloat16_gemm()
+
+
 class SkinnyLinear(nn.Linear):
-    """`nn.Linear` that uses the skinny kernel for few-row CPU inference (see the module docstring)."""
+    """`nn.Linear` that uses the skinny kernel for few-row CPU inference (see the module docstring),
+    and computes other bfloat16 CPU inference in float32 where the CPU has no bfloat16 arithmetic."""
 
     use_kernel: bool = True
 
@@ -172,6 +211,8 @@ class SkinnyLinear(nn.Linear):
             lib = library()
             if lib is not None:
                 return skinny_linear(x, self.weight, self.bias, lib)
+        if self.use_kernel and _upcast(x, self.weight, self.bias):
+            return upcast_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

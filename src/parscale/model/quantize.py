@@ -102,15 +102,19 @@ def dequantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     weights for the stock GEMM. A whole layer's copy is transient but large (an lm_head of
     151936 x 896 is 545 MB in float32), so it is made one block of rows at a time: the peak is
     one block (4 MB in float32 at K = 1024), and each block's GEMM is still large enough to run
-    at the GEMM's speed."""
+    at the GEMM's speed. bfloat16 activations on a CPU without bfloat16 arithmetic are multiplied
+    in float32 and rounded once (`kernels.upcast_linear`: the stock bfloat16 GEMM is several times
+    slower there)."""
     n_out = qweight.shape[0]
-    if n_out <= DEQUANT_ROWS:
-        return F.linear(x, dequantize(qweight, scale).to(x.dtype), None if bias is None else bias.to(x.dtype))
+    # bfloat16 on a CPU without bfloat16 arithmetic: the GEMM in float32 (kernels.slow_bfloat16_gemm)
+    upcast = x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.slow_bfloat16_gemm()
+    dtype = torch.float32 if upcast else x.dtype
+    rows = x.to(dtype)
     out = x.new_empty(*x.shape[:-1], n_out)
     for n0 in range(0, n_out, DEQUANT_ROWS):
         n1 = min(n_out, n0 + DEQUANT_ROWS)
-        block = dequantize(qweight[n0:n1], scale[n0:n1]).to(x.dtype)
-        out[..., n0:n1] = F.linear(x, block, None if bias is None else bias[n0:n1].to(x.dtype))
+        block = dequantize(qweight[n0:n1], scale[n0:n1]).to(dtype)
+        out[..., n0:n1] = F.linear(rows, block, None if bias is None else bias[n0:n1].to(dtype))
     return out
 
 
