@@ -11,7 +11,9 @@ with `-O3 -march=native` into the parscale cache directory and reused from there
 `enable(model)` turns the model's plain `nn.Linear` modules into `SkinnyLinear`, a subclass
 whose forward takes the kernel only for CPU inference with few rows (no autograd, not under
 `torch.compile`), and the stock `F.linear` otherwise: on CUDA, in training, for prefill, or
-when no compiler is present (logged once). Parameters and state-dict keys are unchanged. The
+when no compiler is present (logged once). The one exception: bfloat16 inference on an x86 CPU
+without bfloat16 arithmetic runs in float32 a block of weight rows at a time (`upcast_linear`),
+because the stock bfloat16 GEMM is several times slower there. Parameters and state-dict keys are unchanged. The
 kernel sums each dot product in another order than `F.linear`, so its results equal the stock
 ones to float tolerance (rounding differences only), not bit for bit.
 """

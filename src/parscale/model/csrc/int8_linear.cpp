@@ -9,10 +9,11 @@
 //   finer than the weights' int8 step), the weights are sign-extended to int16 in registers and
 //   multiplied with vpmaddwd, 16 multiply-adds per instruction summed exactly into int32. The
 //   float32 path below widens every 8 weights in two steps and does 8 multiply-adds per FMA, so
-//   8 rows of x made it compute-bound (benchmarks/README.md: the int8 P = 8 step at 1.93x
-//   P = 1 on an AVX2-only EPYC); Zen 3 issues two vpmaddwd per cycle as it does two FMAs, so the
-//   integer path does twice the work per instruction. Rows with a NaN or an infinity take the
-//   float32 path, so they propagate as in F.linear.
+//   8 rows of x made it compute-bound (the int8 P = 8 decode step at 1.93x P = 1 on an AVX2-only
+//   EPYC). Measured there (benchmarks/README.md, 48 matrices of 2816 x 1024, 2 threads): 8 rows
+//   17.4 -> 12.4 ms, 1 row 7.3 -> 6.4 ms. Rows with a NaN or an infinity take the float32 path,
+//   so they propagate as in F.linear. AVX-512 CPUs keep their float32 path: an integer (VNNI)
+//   variant there has not been written or measured.
 // - AVX-512 (16 lanes, masked tails) and AVX2 when the integer path cannot run: int8 widened
 //   to float32 in registers (sign-extend, convert), float32 sums of exact integers times x.
 // - plain C++ (the compiler vectorises it).
