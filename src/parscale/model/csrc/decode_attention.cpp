@@ -15,7 +15,7 @@
 #include <cstring>
 #include <vector>
 
-#include "bfloat16.h"
+#include "common.h"
 
 namespace {
 

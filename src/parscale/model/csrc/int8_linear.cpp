@@ -31,7 +31,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "bfloat16.h"
+#include "common.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define PARSCALE_AVX2 1
@@ -149,8 +149,7 @@ void chunk(int64_t mc, const float* x, int64_t K, const int8_t* w, float* y, int
 
 #ifdef PARSCALE_INT16
 // ---------------------------------------------------------------- the integer path (AVX2)
-constexpr int64_t INT16_MAX_LEN = 2048;  // columns per pass: no int32 lane can overflow (below)
-constexpr int64_t X_BYTES = 32768;       // int16 x per pass, so that it stays in L1 (as skinny_linear.cpp)
+constexpr int64_t INT16_MAX_LEN = 2048;  // columns per pass at most: no int32 lane can overflow (below)
 
 inline int64_t hsum_i64(__m256i v) {  // 8 int32 lanes summed in int64, in registers
   // (through a memory array GCC kept the accumulators of the loop in memory too: 2x slower)
@@ -258,7 +257,7 @@ void run_i16(const int16_t* xq, int64_t M, int64_t K, const int8_t* w, float* y,
              int64_t n1) {
   for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M) {
     const int64_t mc = std::min<int64_t>(CHUNK_M, M - m0);
-    const int64_t step = std::min<int64_t>(INT16_MAX_LEN, std::max<int64_t>(256, (X_BYTES / (mc * 2)) & ~int64_t(31)));
+    const int64_t step = std::min(INT16_MAX_LEN, parscale::k_step(mc, sizeof(int16_t), K));  // x in L1, no overflow
     for (int64_t k0 = 0; k0 < K; k0 += step)
       chunk_i16(mc, xq + m0 * K + k0, std::min(step, K - k0), K, w + k0, y + m0 * N, N, n0, n1, k0 > 0);
   }

@@ -20,7 +20,7 @@
 #include <cstring>
 #include <vector>
 
-#include "bfloat16.h"
+#include "common.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define PARSCALE_AVX2 1
@@ -202,15 +202,7 @@ void chunk(int64_t mc, const XT* x, int64_t len, int64_t ld, const WT* w, float*
   }
 }
 
-// Columns of x per pass: the rows of a chunk are re-read once per weight row, so x must stay in
-// L1. With 8 float32 rows of K = 2816 (a down projection) x is 90 KB, and every weight row then
-// streamed it from L2: the step became core-bound on those loads. Passes over blocks of at most
-// X_BYTES of x keep it in L1; each weight element is still read once, the partial sums add up in y.
-constexpr int64_t X_BYTES = 32768;
-inline int64_t k_step(int64_t mc, int64_t x_size, int64_t K) {
-  const int64_t step = std::max<int64_t>(256, (X_BYTES / (mc * x_size)) & ~int64_t(31));
-  return step >= K ? K : step;
-}
+using parscale::k_step;  // columns of x per pass (common.h)
 
 struct NoFinish {
   void operator()(int64_t, int64_t) const {}

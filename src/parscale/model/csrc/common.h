@@ -1,7 +1,9 @@
-// bfloat16 <-> float32 for the kernels, bit for bit as torch converts (bfloat16 is the high half
-// of a float32; narrowing rounds to nearest even). One header for the three kernel sources;
-// kernels.compiled hashes it with each source, so a change here rebuilds them all.
+// What the kernel sources share: bfloat16 <-> float32 bit for bit as torch converts (bfloat16 is
+// the high half of a float32; narrowing rounds to nearest even), an aligned scratch buffer, and
+// the columns of x per pass. kernels.compiled hashes this header with each source, so a change
+// here rebuilds them all.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -44,5 +46,15 @@ class Buffer {
  private:
   T* data_;
 };
+
+// Columns of x per pass: the rows of a chunk are re-read once per weight row, so x must stay in
+// L1. With 8 float32 rows of K = 2816 (a down projection) x is 90 KB, and every weight row then
+// streamed it from L2: the step became core-bound on those loads. Passes over blocks of at most
+// X_BYTES of x keep it in L1; each weight element is still read once, the partial sums add up in y.
+constexpr int64_t X_BYTES = 32768;
+inline int64_t k_step(int64_t mc, int64_t x_size, int64_t K) {
+  const int64_t step = std::max<int64_t>(256, (X_BYTES / (mc * x_size)) & ~int64_t(31));
+  return step >= K ? K : step;
+}
 
 }  // namespace parscale
