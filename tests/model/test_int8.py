@@ -278,7 +278,7 @@ def test_tied_head_and_biases(tiny_factory):
 
 
 def test_prefill_dequantises_a_block_of_rows_at_a_time(tiny_factory, monkeypatch):
-    """Prefill runs F.linear on dequantised weights, DEQUANT_ROWS output rows at a time (so a
+    """Prefill runs F.linear on dequantised weights, BLOCK_ROWS output rows at a time (so a
     large lm_head is never copied whole in float): every dequantize call stays within the block,
     and the logits are those of the whole-layer dequantisation (float64 reference model)."""
     model = _model(tiny_factory, 2)
@@ -287,7 +287,7 @@ def test_prefill_dequantises_a_block_of_rows_at_a_time(tiny_factory, monkeypatch
     seen = []
     real = quantize.dequantize
     monkeypatch.setattr(quantize, "dequantize", lambda q, s: seen.append(q.shape[0]) or real(q, s))
-    monkeypatch.setattr(quantize, "DEQUANT_ROWS", 7)  # the head's 97 rows and the MLP's 72: 14 and 11 blocks
+    monkeypatch.setattr(kernels, "BLOCK_ROWS", 7)  # the head's 97 rows and the MLP's 72: 14 and 11 blocks
     ids = torch.randint(2, 97, (2, 20), generator=torch.Generator().manual_seed(6))  # 40 rows: no kernel
     with torch.no_grad():
         logits = model(ids).logits

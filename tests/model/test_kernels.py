@@ -85,7 +85,7 @@ def test_long_rows_summed_over_column_blocks_match_float64(lib, rows, dtype):
 def test_upcast_linear_rounds_once_from_float32(monkeypatch):
     """bfloat16 prefill on a CPU without bfloat16 arithmetic: float32 products of the bfloat16
     values, blocks of weight rows (7 here: 19 rows give a shorter last block), one rounding."""
-    monkeypatch.setattr(kernels, "UPCAST_ROWS", 7)
+    monkeypatch.setattr(kernels, "BLOCK_ROWS", 7)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 40, 83, generator=gen).bfloat16()
     w, b = torch.randn(19, 83, generator=gen).bfloat16(), torch.randn(19, generator=gen).bfloat16()

@@ -13,8 +13,8 @@ whose forward takes the kernel only for CPU inference with few rows (no autograd
 `torch.compile`), and the stock `F.linear` otherwise: on CUDA, in training, for prefill, or
 when no compiler is present (logged once). The one exception: bfloat16 inference on an x86 CPU
 without bfloat16 arithmetic runs in float32 a block of weight rows at a time (`upcast_linear`),
-because the stock bfloat16 GEMM is several times slower there. Parameters and state-dict keys are unchanged. The
-kernel sums each dot product in another order than `F.linear`, so its results equal the stock
+because the stock bfloat16 GEMM is several times slower there. Parameters and state-dict keys
+are unchanged. The kernel sums each dot product in another order than `F.linear`, so its results equal the stock
 ones to float tolerance (rounding differences only), not bit for bit.
 """
 from __future__ import annotations
@@ -151,12 +151,18 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.to(weight.dtype).reshape(*x.shape[:-1], n_out)  # ... N
 
 
+def _tracked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Autograd records this product (training, or an input that needs a gradient): the stock op."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """CPU inference with few rows, matching dtypes and plain contiguous weights."""
     if x.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or x.dtype != weight.dtype:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return False  # autograd needs the stock op
+    if _tracked(x, weight, bias):
+        return False
     if torch.compiler.is_compiling() or not weight.is_contiguous() or x.dim() == 0:
         return False
     if bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()):
@@ -164,7 +170,7 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return 0 < x.numel() <= MAX_ROWS * weight.shape[1]
 
 
-UPCAST_ROWS = 1024  # weight rows converted to float32 at a time by upcast_linear
+BLOCK_ROWS = 1024  # weight rows made float at a time by blocked_linear (4 MB in float32 at K = 1024)
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,26 +183,32 @@ def slow_bfloat16_gemm() -> bool:
     return cpu["arch"] in ("x86_64", "AMD64") and not {"avx512_bf16", "amx_bf16"} & set(cpu["flags"])
 
 
-def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear` of bfloat16 tensors computed in float32, UPCAST_ROWS weight rows at a time,
-    rounded to bfloat16 once. The stock bfloat16 GEMM also sums in float32 and rounds once, so
-    the result is the same up to summation order, at float32's speed; the float32 copy of the
-    weight is one block (4 MB at K = 1024), never a whole layer."""
-    n_out = weight.shape[0]
-    x32 = x.float()
+def blocked_linear(x: torch.Tensor, weight_rows, n_out: int, bias: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """`F.linear(x, W, bias)` computed in `dtype`, the result in x's dtype (rounded once), with the
+    rows n0..n1 of W made by `weight_rows(n0, n1)` BLOCK_ROWS at a time: a float copy of a whole
+    layer never exists at once, and each block's GEMM is still large enough to run at its speed."""
+    rows = x.to(dtype)
     out = x.new_empty(*x.shape[:-1], n_out)
-    for n0 in range(0, n_out, UPCAST_ROWS):
-        n1 = min(n_out, n0 + UPCAST_ROWS)
-        out[..., n0:n1] = F.linear(x32, weight[n0:n1].float(), None if bias is None else bias[n0:n1].float())
+    for n0 in range(0, n_out, BLOCK_ROWS):
+        n1 = min(n_out, n0 + BLOCK_ROWS)
+        out[..., n0:n1] = F.linear(rows, weight_rows(n0, n1).to(dtype), None if bias is None else bias[n0:n1].to(dtype))
     return out
+
+
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` of bfloat16 tensors computed in float32 and rounded to bfloat16 once, a block of
+    weight rows at a time (`blocked_linear`). The stock bfloat16 GEMM also sums in float32 and
+    rounds once, so the result is the same up to summation order, at float32's speed."""
+    return blocked_linear(x, lambda n0, n1: weight[n0:n1], weight.shape[0], bias, torch.float32)
 
 
 def _upcast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """bfloat16 inference on a CPU whose bfloat16 GEMM is slow (prefill, or decoding without the kernel)."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.dim() == 0:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return False  # autograd keeps the stock op
+    if _tracked(x, weight, bias):
+        return False
     if bias is not None and bias.dtype != torch.bfloat16:
         return False
     return not torch.compiler.is_compiling() and slow_bfloat16_gemm()

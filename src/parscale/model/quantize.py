@@ -16,8 +16,8 @@ benchmarks/int8_product.py) it took 35-81 ms with bfloat16 activations and 308-2
 float32 ones, against 29-60 ms for this kernel with either, so the opt-in uses this kernel
 (benchmarks/README.md has the table). Many rows
 (prefill), other devices or no compiler take `F.linear` with the weights dequantised to the
-activations' dtype, a block of output rows at a time (never a float copy of a whole layer). The scales stay float32 when the model is cast (`model.to(torch.bfloat16)`,
-`.half()`): the cast reaches the activations, never the scales. The layers are for inference
+activations' dtype, a block of output rows at a time (never a float copy of a whole layer). The
+scales stay float32 when the model is cast (`model.to(torch.bfloat16)`, `.half()`): the cast reaches the activations, never the scales. The layers are for inference
 only: training or autograd through them raises a `UserError`, and so does saving (quantize
 after loading).
 """
@@ -92,30 +92,18 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return qweight.float() * scale[:, None]
 
 
-DEQUANT_ROWS = 1024  # output rows dequantised at a time by dequantized_linear
-
-
 def dequantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear` on the int8 weights dequantised to x's dtype, DEQUANT_ROWS output rows at a time.
+    """`F.linear` on the int8 weights dequantised to x's dtype, a block of output rows at a time.
 
     Prefill (more rows than the kernel takes), other devices and the stock switch need float
     weights for the stock GEMM. A whole layer's copy is transient but large (an lm_head of
-    151936 x 896 is 545 MB in float32), so it is made one block of rows at a time: the peak is
-    one block (4 MB in float32 at K = 1024), and each block's GEMM is still large enough to run
-    at the GEMM's speed. bfloat16 activations on a CPU without bfloat16 arithmetic are multiplied
-    in float32 and rounded once (`kernels.upcast_linear`: the stock bfloat16 GEMM is several times
-    slower there)."""
-    n_out = qweight.shape[0]
-    # bfloat16 on a CPU without bfloat16 arithmetic: the GEMM in float32 (kernels.slow_bfloat16_gemm)
+    151936 x 896 is 545 MB in float32), so `kernels.blocked_linear` makes it one block of rows
+    at a time. bfloat16 activations on a CPU without bfloat16 arithmetic are multiplied in
+    float32 and rounded once (as `kernels.upcast_linear`: the stock bfloat16 GEMM is several
+    times slower there)."""
     upcast = x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.slow_bfloat16_gemm()
-    dtype = torch.float32 if upcast else x.dtype
-    rows = x.to(dtype)
-    out = x.new_empty(*x.shape[:-1], n_out)
-    for n0 in range(0, n_out, DEQUANT_ROWS):
-        n1 = min(n_out, n0 + DEQUANT_ROWS)
-        block = dequantize(qweight[n0:n1], scale[n0:n1]).to(dtype)
-        out[..., n0:n1] = F.linear(rows, block, None if bias is None else bias[n0:n1].to(dtype))
-    return out
+    return kernels.blocked_linear(x, lambda n0, n1: dequantize(qweight[n0:n1], scale[n0:n1]), qweight.shape[0], bias,
+                                  torch.float32 if upcast else x.dtype)
 
 
 class Int8Linear(nn.Module):
