@@ -134,7 +134,8 @@ def _worker_job(tc) -> dict[str, Any]:
     with recorded_stop():
         try:
             return _job(tc, stop_notice="")
-        except KeyboardInterrupt:  # a second stop inside the loop: at once
+        except KeyboardInterrupt:  # not from a signal (`_job` takes every `Interrupted`, a second stop
+            # inside the loop included): a bare one raised by other code still ends the run as stopped
             return _stopped(tc, signal.SIGINT, start)
 
 
