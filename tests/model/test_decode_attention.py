@@ -57,11 +57,10 @@ def _reference(query, key, value, mask, prefix_k, prefix_v, scaling) -> torch.Te
     return out
 
 
-def _inputs(n_streams, batch, dtype, mask_kind, length=11, seed=0):
+def _inputs(n_streams, batch, dtype, mask_kind, length=11, seed=0, kv=2, groups=3, n_prefix=5, dim=16, spread=1.0):
     gen = torch.Generator().manual_seed(seed)
-    kv, groups, n_prefix, dim = 2, 3, 5, 16
     rows = n_streams * batch
-    query = torch.randn(rows, kv * groups, 1, dim, generator=gen).to(dtype)
+    query = (spread * torch.randn(rows, kv * groups, 1, dim, generator=gen)).to(dtype)
     key, value = (torch.randn(rows, kv, length, dim, generator=gen).to(dtype) for _ in range(2))
     prefix_k, prefix_v = (torch.randn(n_streams, kv, n_prefix, dim, generator=gen).to(dtype) for _ in range(2))
     visible = torch.ones(rows, 1, 1, length, dtype=torch.bool)
@@ -89,6 +88,35 @@ def test_equals_a_float64_loop_over_rows_and_heads(impl, dtype, mask_kind, batch
     # (2**-8 relative), the fused path's two partial outputs and probabilities once more each.
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv, groups, dim, n_prefix, length", [
+    (4, 4, 64, 48, 96),  # the decode benchmark's heads; the prefix and the cache in whole blocks of 8 keys
+    (2, 7, 24, 3, 13),  # query heads in blocks of 4 and 3, a 16- and an 8-column block of output
+    (1, 2, 128, 9, 5),  # fewer cache keys than one block
+    (2, 2, 12, 4, 10),  # a head size the vector loops do not take: the plain loops
+])
+def test_the_kernel_on_other_shapes_equals_the_float64_loop(dtype, kv, groups, dim, n_prefix, length):
+    """Queries scaled so the scores spread over tens of units: the kernel's exponential is a
+    polynomial, exact to float32 only over the whole range it is used on."""
+    inputs = _inputs(2, 3, dtype, "bool", length=length, kv=kv, groups=groups, n_prefix=n_prefix, dim=dim,
+                     spread=4.0)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(_kernel(*inputs).double(), _reference(*inputs), rtol=tol, atol=tol)
+
+
+def test_the_kernel_propagates_nan():
+    """A NaN in one query head makes that head's output NaN (as torch's softmax does), a NaN in
+    one cache key the outputs of the query heads that score it, and nothing else."""
+    query, key, *rest = _inputs(2, 1, torch.float32, "none", kv=4, groups=4, dim=64, n_prefix=8, length=16)
+    query[1, 5, 0, 3] = float("nan")  # row 1, query head 5
+    key[0, 2, 7, 0] = float("nan")  # row 0, KV head 2: query heads 8-11
+    got, want = _kernel(query, key, *rest).double(), _reference(query, key, *rest)
+    for row, heads in ((1, slice(5, 6)), (0, slice(8, 12))):
+        assert torch.isnan(got[row, 0, heads]).all() and torch.isnan(want[row, 0, heads]).all()
+        got[row, 0, heads] = want[row, 0, heads] = 0.0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_float64_stays_float64():

@@ -85,8 +85,11 @@ def tensor_bytes(tensors: Any) -> int:
     return sum(seen.values())
 
 
-def cache_bytes(cache: Any) -> int:
-    return tensor_bytes(t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+def cache_bytes(cache: Any, held: bool = False) -> int:
+    """Bytes of the cached tokens' keys and values; `held`: of the memory the cache holds, which
+    on CPU includes the room its layers keep for the next tokens (`model.kv_cache`)."""
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
+    return tensor_bytes(tensors) if held else sum(t.numel() * t.element_size() for t in tensors)
 
 
 @contextlib.contextmanager
@@ -182,15 +185,15 @@ def measure_one(model: Any, cfg: MeasureConfig, batch: int) -> dict[str, float]:
     buffers = tensor_bytes(list(model.buffers()))  # rotary frequencies: not weights, but memory
     with torch.no_grad():
         out, peak = _prefill_peak(model, ids)
-        transient = max(0, peak - weights - buffers - cache_bytes(output_cache(out)))
+        transient = max(0, peak - weights - buffers - cache_bytes(output_cache(out), held=True))
     del out
     # the prompt's forward gives the first token, then output_length decode steps, so the
     # cache ends with input + output tokens, as the predicted workload's does
     run = timed_generate(model, ids, cfg.output_length + 1)
-    kv = cache_bytes(run.cache)
-    return {"weights_bytes": weights, "buffers_bytes": buffers, "kv_cache_bytes": kv, "activation_bytes": transient,
-            "memory_bytes": weights + buffers + kv + transient, "decode_step_s": statistics.median(run.step_s),
-            "decode_step_min_s": min(run.step_s)}
+    kv, held = cache_bytes(run.cache), cache_bytes(run.cache, held=True)
+    return {"weights_bytes": weights, "buffers_bytes": buffers, "kv_cache_bytes": kv, "kv_room_bytes": held - kv,
+            "activation_bytes": transient, "memory_bytes": weights + buffers + held + transient,
+            "decode_step_s": statistics.median(run.step_s), "decode_step_min_s": min(run.step_s)}
 
 
 def predict_one(cfg: MeasureConfig, n_streams: int, batch: int, hw: Hardware) -> dict[str, float]:

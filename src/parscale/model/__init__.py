@@ -6,7 +6,7 @@ Lives here: `config` (ParScaleConfig), `wrapper` (ParScaleForCausalLM, to_parsca
 transformers), `decoding` (compiled decoding's generate keywords), `aggregation` (the dynamic weighted sum),
 `introspect` (all knowledge of backbone architectures), `format` (the released
 `qwen2_parscale` checkpoint files), `kernels` (the few-row CPU matmul for decoding, built
-from `csrc/` at first use), `adapters` (stream sets saved and switched on one backbone),
+from `csrc/` at first use), `kv_cache` (the CPU cache layer that appends in place), `adapters` (stream sets saved and switched on one backbone),
 `options` (the keywords `from_pretrained` takes) and `auto` (the Auto-class registration).
 
 May import: torch, transformers, safetensors and `parscale.errors`/`parscale.atomic`. Never

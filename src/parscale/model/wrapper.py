@@ -25,7 +25,7 @@ from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from parscale.model import adapters, format as checkpoint_format, introspect, kernels, options, quantize, streams
-from parscale.model import stream_lora
+from parscale.model import kv_cache, stream_lora
 from parscale.model import prefix_attention
 from parscale.model.cache_api import OUTPUT_FIELD, cache_kwargs, output_cache
 from parscale.model.aggregation import AggregationHead
@@ -302,6 +302,8 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask = attention_mask.expand(batch, -1)  # b s
         if position_ids is None and is_2d and self.parscale_config.has_prefixes:
             position_ids = _positions_from_mask(attention_mask, inputs_embeds.shape[1], cache)  # b s
+        if cache is not None and inputs_embeds.device.type == "cpu":
+            kv_cache.grow_in_place(cache)  # appends in place, not by a copy of the cache per step
         outputs = self.model(
             inputs_embeds=_repeat_rows(inputs_embeds, n_streams, batch, "inputs_embeds"),  # (n b) s h
             attention_mask=_repeat_rows(attention_mask, n_streams, batch, "attention_mask"),

@@ -5,10 +5,18 @@
 // (its per-call buffers, and bfloat16 conversions), twice per layer (prefix and cache), and
 // the log-sum-exp merge adds more small ops. Here one call does it all: for each (row, KV head)
 // the `groups` query heads that share the KV head score the T prefix keys of the row's stream
-// and the L cache keys, one float32 softmax over both, and sum the values; each key row is read
-// once for all its query heads. Float32 accumulation; bfloat16 keys and values are widened
-// in registers (a 16-bit shift). The additive mask (float32, per row or one for all) hides
-// padding. No torch header (see skinny_linear.cpp): Python calls it through ctypes.
+// and the L cache keys, one float32 softmax over both, and sum the values; each key and value
+// row is read once for all its query heads. Float32 accumulation; bfloat16 keys and values are
+// widened in registers (a 16-bit shift). The additive mask (float32, per row or one for all)
+// hides padding. No torch header (see skinny_linear.cpp): Python calls it through ctypes.
+//
+// With AVX2 and a head size that is a multiple of 8, the three loops are written for the
+// registers (the plain loops below them are the fallback): eight keys are scored at once, their
+// eight vector sums reduced together; the softmax's exponential is a vectorised polynomial; the
+// weighted sum keeps up to 4 query heads x 16 columns of output in registers over all keys.
+// Measured at P = 8 (8 rows, 16 heads, 4 KV heads, 64 columns, 48 + 96 keys, 2 threads): 204 us
+// per layer with the plain loops, which summed every dot product horizontally, kept the
+// output accumulators in memory and called a scalar exp per score.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -56,6 +64,150 @@ void weighted(const float* p, int64_t G, int64_t D, const T* values, int64_t N, 
   }
 }
 
+#ifdef PARSCALE_AVX2
+using parscale::load8;
+
+// The eight sums of eight vectors, as one vector (a[i]'s sum in lane i).
+inline __m256 sum8(const __m256 a[8]) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // lanes 0-3 | 4-7 halves
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// e^x in float32 lanes (Cephes' expf: x = n ln2 + r, e^r by its degree-5 polynomial, 2^n put
+// into the exponent bits; within 2 ulp). Scores are at most 0 after the max is taken out; from
+// about -87.6 down (-inf: a hidden key) the result is exactly 0; NaN stays NaN.
+inline __m256 exp8(__m256 x) {
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  const __m256 c = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(c, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), c);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_blendv_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(bits)), x, nan);
+}
+
+inline const float* as_float(const float* row, int64_t, float*) { return row; }
+inline const float* as_float(const uint16_t* row, int64_t D, float* buffer) {  // widened once for all heads
+  for (int64_t i = 0; i < D; i += 8) _mm256_storeu_ps(buffer + i, load8(row + i));
+  return buffer;
+}
+
+// scores() for D % 8 == 0: eight keys at a time, each query head's eight dot products summed
+// together (sum8) instead of one horizontal sum each. `buffer` holds 8 widened bfloat16 keys.
+template <typename T>
+void scores8(const float* q, int64_t G, int64_t D, const T* keys, int64_t N, int64_t stride, float* s, int64_t n_all,
+             float* buffer) {
+  for (int64_t j0 = 0; j0 < N; j0 += 8) {
+    const int64_t nb = std::min<int64_t>(8, N - j0);
+    const float* k[8];
+    for (int64_t i = 0; i < 8; ++i)  // a short last block scores its last key again, unused
+      k[i] = i < nb ? as_float(keys + (j0 + i) * stride, D, buffer + i * D) : k[nb - 1];
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + g * D;
+      __m256 acc[8];
+      PARSCALE_UNROLL for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 x = _mm256_loadu_ps(qg + d);
+        PARSCALE_UNROLL for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[i] + d), acc[i]);
+      }
+      const __m256 sums = sum8(acc);
+      if (nb == 8) {
+        _mm256_storeu_ps(s + g * n_all + j0, sums);
+      } else {
+        alignas(32) float part[8];
+        _mm256_store_ps(part, sums);
+        std::copy(part, part + nb, s + g * n_all + j0);
+      }
+    }
+  }
+}
+
+// Softmax of one head's scores in place; the mask is added to the last L of them (the cache).
+inline void softmax8(float* sg, int64_t n_all, const float* mask, int64_t Tp) {
+  if (mask)
+    for (int64_t j = Tp; j < n_all; ++j) sg[j] += mask[j - Tp];
+  const int64_t n8 = n_all & ~int64_t(7);
+  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n8; j += 8) top8 = _mm256_max_ps(_mm256_loadu_ps(sg + j), top8);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top8);
+  float top = *std::max_element(lanes, lanes + 8);
+  for (int64_t j = n8; j < n_all; ++j) top = std::max(top, sg[j]);
+  const __m256 top_v = _mm256_set1_ps(top);
+  __m256 total8 = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n8; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + j), top_v));
+    _mm256_storeu_ps(sg + j, e);
+    total8 = _mm256_add_ps(total8, e);
+  }
+  float total = parscale::hsum(total8);
+  for (int64_t j = n8; j < n_all; ++j) {
+    sg[j] = std::exp(sg[j] - top);
+    total += sg[j];
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / total);
+  for (int64_t j = 0; j < n8; j += 8) _mm256_storeu_ps(sg + j, _mm256_mul_ps(_mm256_loadu_ps(sg + j), inv));
+  for (int64_t j = n8; j < n_all; ++j) sg[j] *= 1.0f / total;
+}
+
+// out[g][d0, d0 + 8 DV) += sum_j p[g * n_all + j] * values[j][d0, d0 + 8 DV) for GB heads: the
+// GB x DV accumulators stay in registers over all N keys; each value vector is read (and
+// widened) once for the GB heads.
+template <int GB, int DV, typename T>
+inline void weighted_block(const float* p, int64_t n_all, const T* values, int64_t N, int64_t stride, float* out,
+                           int64_t D, int64_t d0) {
+  __m256 acc[GB][DV];
+  PARSCALE_UNROLL for (int g = 0; g < GB; ++g)
+    PARSCALE_UNROLL for (int u = 0; u < DV; ++u) acc[g][u] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < N; ++j) {
+    const T* v = values + j * stride + d0;
+    __m256 x[DV];
+    PARSCALE_UNROLL for (int u = 0; u < DV; ++u) x[u] = load8(v + 8 * u);
+    PARSCALE_UNROLL for (int g = 0; g < GB; ++g) {
+      const __m256 w = _mm256_broadcast_ss(p + g * n_all + j);
+      PARSCALE_UNROLL for (int u = 0; u < DV; ++u) acc[g][u] = _mm256_fmadd_ps(w, x[u], acc[g][u]);
+    }
+  }
+  PARSCALE_UNROLL for (int g = 0; g < GB; ++g)
+    PARSCALE_UNROLL for (int u = 0; u < DV; ++u) {
+      float* o = out + g * D + d0 + 8 * u;
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[g][u]));
+    }
+}
+
+template <int GB, typename T>
+void weighted_heads(const float* p, int64_t n_all, const T* values, int64_t N, int64_t stride, float* out, int64_t D) {
+  int64_t d0 = 0;
+  for (; d0 + 16 <= D; d0 += 16) weighted_block<GB, 2>(p, n_all, values, N, stride, out, D, d0);
+  if (d0 < D) weighted_block<GB, 1>(p, n_all, values, N, stride, out, D, d0);  // D % 16 == 8
+}
+
+// weighted() for D % 8 == 0, query heads in blocks of up to 4.
+template <typename T>
+void weighted8(const float* p, int64_t G, int64_t D, const T* values, int64_t N, int64_t stride, float* out,
+               int64_t n_all) {
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const float* pg = p + g0 * n_all;
+    float* og = out + g0 * D;
+    switch (std::min<int64_t>(4, G - g0)) {
+      case 4: weighted_heads<4>(pg, n_all, values, N, stride, og, D); break;
+      case 3: weighted_heads<3>(pg, n_all, values, N, stride, og, D); break;
+      case 2: weighted_heads<2>(pg, n_all, values, N, stride, og, D); break;
+      default: weighted_heads<1>(pg, n_all, values, N, stride, og, D); break;
+    }
+  }
+}
+#endif
+
 // query [rows][heads][D] (contiguous); key/value rows, heads and positions by strides, D contiguous;
 // prefix [P][kv][Tp][D] contiguous; mask [mask_rows][L] float32 additive or null; out [rows][heads][D].
 template <typename T>
@@ -63,40 +215,56 @@ void run(const T* query, const T* key, const T* value, int64_t row_stride, int64
          const T* prefix_k, const T* prefix_v, const float* mask, int64_t mask_rows, T* out, int64_t rows,
          int64_t heads, int64_t kv, int64_t L, int64_t Tp, int64_t D, int64_t batch, float scale, int threads) {
   const int64_t G = heads / kv, n_all = Tp + L;
+#ifdef PARSCALE_AVX2
+  const bool vectors = D % 8 == 0;
+#endif
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> q(G * D), s(G * n_all), acc(G * D);
+    parscale::Buffer<float> q(G * D), s(G * n_all), acc(G * D), keys(8 * D);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < rows * kv; ++task) {
       const int64_t row = task / kv, h = task % kv, stream = row / batch;
       const T* qrow = query + (row * heads + h * G) * D;  // heads are kv-major: h's G query heads are adjacent
-      for (int64_t i = 0; i < G * D; ++i) q[i] = to_float(qrow[i]) * scale;
+      for (int64_t i = 0; i < G * D; ++i) q.data()[i] = to_float(qrow[i]) * scale;
       const T* pk = prefix_k + (stream * kv + h) * Tp * D;
       const T* pv = prefix_v + (stream * kv + h) * Tp * D;
       const T* k = key + row * row_stride + h * head_stride;
       const T* v = value + row * row_stride + h * head_stride;
-      scores(q.data(), G, D, pk, Tp, D, s.data(), n_all);
-      scores(q.data(), G, D, k, L, pos_stride, s.data() + Tp, n_all);
       const float* m = mask ? mask + (mask_rows > 1 ? row : 0) * L : nullptr;
-      for (int64_t g = 0; g < G; ++g) {  // one softmax over [prefix ; cache]
-        float* sg = s.data() + g * n_all;
-        if (m)
-          for (int64_t j = 0; j < L; ++j) sg[Tp + j] += m[j];
-        float top = -INFINITY;
-        for (int64_t j = 0; j < n_all; ++j) top = std::max(top, sg[j]);
-        float total = 0.0f;
-        for (int64_t j = 0; j < n_all; ++j) {
-          sg[j] = std::exp(sg[j] - top);
-          total += sg[j];
+      float* sc = s.data();
+      float* a = acc.data();
+      std::fill(a, a + G * D, 0.0f);
+#ifdef PARSCALE_AVX2
+      if (vectors) {
+        scores8(q.data(), G, D, pk, Tp, D, sc, n_all, keys.data());
+        scores8(q.data(), G, D, k, L, pos_stride, sc + Tp, n_all, keys.data());
+        for (int64_t g = 0; g < G; ++g) softmax8(sc + g * n_all, n_all, m, Tp);  // one softmax over [prefix ; cache]
+        weighted8(sc, G, D, pv, Tp, D, a, n_all);
+        weighted8(sc + Tp, G, D, v, L, pos_stride, a, n_all);
+      } else
+#endif
+      {
+        scores(q.data(), G, D, pk, Tp, D, sc, n_all);
+        scores(q.data(), G, D, k, L, pos_stride, sc + Tp, n_all);
+        for (int64_t g = 0; g < G; ++g) {  // one softmax over [prefix ; cache]
+          float* sg = sc + g * n_all;
+          if (m)
+            for (int64_t j = 0; j < L; ++j) sg[Tp + j] += m[j];
+          float top = -INFINITY;
+          for (int64_t j = 0; j < n_all; ++j) top = std::max(top, sg[j]);
+          float total = 0.0f;
+          for (int64_t j = 0; j < n_all; ++j) {
+            sg[j] = std::exp(sg[j] - top);
+            total += sg[j];
+          }
+          const float inv = 1.0f / total;
+          for (int64_t j = 0; j < n_all; ++j) sg[j] *= inv;
         }
-        const float inv = 1.0f / total;
-        for (int64_t j = 0; j < n_all; ++j) sg[j] *= inv;
+        weighted(sc, G, D, pv, Tp, D, a, n_all);
+        weighted(sc + Tp, G, D, v, L, pos_stride, a, n_all);
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      weighted(s.data(), G, D, pv, Tp, D, acc.data(), n_all);
-      weighted(s.data() + Tp, G, D, v, L, pos_stride, acc.data(), n_all);
       T* o = out + (row * heads + h * G) * D;
-      for (int64_t i = 0; i < G * D; ++i) store(o + i, acc[i]);
+      for (int64_t i = 0; i < G * D; ++i) store(o + i, a[i]);
     }
   }
 }

@@ -32,10 +32,6 @@
 #include <vector>
 
 #include "common.h"
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define PARSCALE_AVX2 1
-#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define PARSCALE_AVX512 1
 #endif
@@ -49,23 +45,13 @@
   _mm_prefetch(reinterpret_cast<const char*>((w) + ((r) + (R)) * (K) + (k)), _MM_HINT_T0)
 #endif
 
-// The loops over the rows of a block (compile-time counts) are unrolled before register
-// allocation. Left to itself GCC 12 kept the accumulators of the larger blocks (8 rows of x) in
-// memory, a store (and a load) of each per step: half the speed of the same loop in registers.
-#define PARSCALE_UNROLL _Pragma("GCC unroll 16")
-
 namespace {
 
-constexpr int64_t CHUNK_M = 8;  // rows of x per pass over a block of weight rows
-
 #ifdef PARSCALE_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using parscale::hsum;
 #endif
+
+constexpr int64_t CHUNK_M = 8;  // rows of x per pass over a block of weight rows
 
 // out[m * ldy + r] = dot(x[m], q[r]) for m < MC rows of x and r < R weight rows (unscaled).
 template <int MC, int R>

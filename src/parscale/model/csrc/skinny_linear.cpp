@@ -21,10 +21,6 @@
 #include <vector>
 
 #include "common.h"
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define PARSCALE_AVX2 1
-#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define PARSCALE_AVX512 1  // 16 float32 lanes and 32 registers: more rows and accumulators per pass
 #endif
@@ -48,22 +44,14 @@
 #include <unistd.h>
 #endif
 
-// The loops over the rows of a block (compile-time counts) are unrolled before register
-// allocation. Left to itself GCC 12 kept the accumulators of the larger blocks (8 rows of x) in
-// memory, a store (and a load) of each per step: half the speed of the same loop in registers.
-#define PARSCALE_UNROLL _Pragma("GCC unroll 16")
-
 namespace {
 
 // Rows of x per pass over a block of weight rows; later passes re-read the block from cache.
 constexpr int64_t CHUNK_M = 8;
 
 #ifdef PARSCALE_AVX2
-inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
-inline __m256 load8(const uint16_t* w) {  // bfloat16 bits -> float32: shift into the high half
-  __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-}
+using parscale::hsum;
+using parscale::load8;
 #ifdef PARSCALE_AVX512
 inline __m512 load16(const float* w, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, w); }
 inline __m512 load16(const uint16_t* w, __mmask16 mask) {  // bfloat16 bits -> float32
@@ -71,12 +59,6 @@ inline __m512 load16(const uint16_t* w, __mmask16 mask) {  // bfloat16 bits -> f
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 #endif
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 #endif
 
 using parscale::store;

@@ -1,0 +1,114 @@
+"""The CPU cache layer that appends in place (`kv_cache.GrowingLayer`), against transformers' own
+`DynamicLayer` (which concatenates) driven through the same operations, and in generation."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from parscale.model import kv_cache
+from parscale.model.cache_api import cache_kwargs
+from parscale.model.config import ParScaleConfig
+from parscale.model.wrapper import to_parscale
+
+
+def _states(rows: int, new: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 2, new, 3, generator=gen), torch.randn(rows, 2, new, 3, generator=gen)
+
+
+def _grown() -> DynamicLayer:
+    layer = DynamicLayer()
+    layer.__class__ = kv_cache.GrowingLayer
+    return layer
+
+
+def test_every_operation_leaves_what_the_concatenating_layer_holds(monkeypatch):
+    """Prefill, steps across several buffer ends, crop, beam reordering, batch selection and
+    repetition, reset: after each, the same keys, values and length as `DynamicLayer`."""
+    monkeypatch.setattr(kv_cache, "CHUNK", 4)
+    stock, grown = DynamicLayer(), _grown()
+    seed = iter(range(1000))
+
+    def update(rows: int, new: int) -> None:
+        states = _states(rows, new, next(seed))
+        want, got = stock.update(*states), grown.update(*states)
+        for a, b in zip(want, got):
+            assert torch.equal(a, b)
+
+    def same() -> None:
+        assert grown.get_seq_length() == stock.get_seq_length()
+        assert torch.equal(grown.keys, stock.keys) and torch.equal(grown.values, stock.values)
+
+    update(3, 3)
+    for _ in range(6):  # 3 -> 9 tokens: two buffer ends at CHUNK = 4
+        update(3, 1)
+        same()
+    update(3, 5)  # more new tokens than one chunk
+    same()
+    for layer in (stock, grown):
+        layer.crop(-2)
+    same()
+    update(3, 1)  # writes over the cropped columns
+    same()
+    beams = torch.tensor([2, 0, 0])
+    for layer in (stock, grown):
+        layer.reorder_cache(beams)
+    update(3, 1)
+    same()
+    for layer in (stock, grown):
+        layer.batch_select_indices(torch.tensor([0, 2]))
+    update(2, 2)
+    same()
+    for layer in (stock, grown):
+        layer.batch_repeat_interleave(2)
+    update(4, 1)
+    same()
+    for layer in (stock, grown):
+        layer.reset()
+    update(4, 2)
+    same()
+
+
+def test_appends_in_place_until_the_buffer_is_full():
+    """The point of the layer: one buffer per CHUNK tokens, not a new tensor per step."""
+    layer = _grown()
+    layer.update(*_states(2, 10, 0))
+    buffers = {layer.keys.data_ptr()}
+    for step in range(2 * kv_cache.CHUNK):
+        layer.update(*_states(2, 1, step + 1))
+        buffers.add(layer.keys.data_ptr())
+    assert layer.get_seq_length() == 10 + 2 * kv_cache.CHUNK
+    assert len(buffers) == 3  # 10 + 512 tokens: the first buffer and two more
+
+
+def test_under_autograd_it_concatenates():
+    layer = _grown()
+    key, value = (t.requires_grad_() for t in _states(1, 3, 0))
+    keys, values = layer.update(key, value)
+    keys2, values2 = layer.update(*(t * 2 for t in _states(1, 1, 1)))  # no gradient wanted: in place again
+    (keys2.sum() + values2.sum()).backward()
+    assert torch.equal(key.grad, torch.ones_like(key)) and torch.equal(value.grad, torch.ones_like(value))
+
+
+@pytest.mark.parametrize("n_streams", [1, 4])
+def test_generate_on_cpu_grows_in_place_with_the_stock_tokens(tiny_factory, monkeypatch, n_streams):
+    """Left-padded batch of 3, past a buffer end: the cache `generate` used is the in-place one,
+    and its tokens and logits equal those of the same model with the concatenating cache."""
+    monkeypatch.setattr(kv_cache, "CHUNK", 8)
+    model = to_parscale(tiny_factory("qwen2"), ParScaleConfig(n_streams, 3), seed=2).eval()
+    ids = torch.randint(2, 97, (3, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = mask[2, :4] = 0
+    runs = []
+    for grows in (True, False):
+        if not grows:
+            monkeypatch.setattr(kv_cache, "grow_in_place", lambda cache: None)
+        with torch.no_grad():
+            cache = DynamicCache()
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=False,
+                                 **cache_kwargs(model, cache), return_dict_in_generate=True, output_logits=True)
+        assert all(type(layer) is (kv_cache.GrowingLayer if grows else DynamicLayer) for layer in cache.layers)
+        runs.append(out)
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    torch.testing.assert_close(torch.stack(runs[0].logits), torch.stack(runs[1].logits), rtol=1e-6, atol=1e-6)
