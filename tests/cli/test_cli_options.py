@@ -21,6 +21,11 @@ CASES = {  # args -> words of the one error line
                             ["did you mean --base?"]),
     "a cost sub-verb's option": (["cost", "compare", "--preset", "1.6B", "--batch", "1"],
                                  ["did you mean --batch-size?"]),
+    # argparse checks the required options first: the typo of one was answered "--model is required"
+    "a typo of a required option": (["generate", "--modle", "m", "--prompt", "hi"],
+                                    ["unknown option --modle; did you mean --model?"]),
+    "a sub-verb's required option": (["streams", "extract", "--modle", "a", "--out", "b"],
+                                     ["unknown option --modle; did you mean --model?"]),
 }
 
 

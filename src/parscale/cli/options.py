@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import sys
 
 from parscale.errors import UserError
 
@@ -100,10 +101,24 @@ class Parser(argparse.ArgumentParser):
         kwargs["formatter_class"] = _hiding(kwargs.get("formatter_class", argparse.HelpFormatter))
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):
+        # kept for `error`: argparse checks the required options before it reports unknown ones
+        self._given = list(args) if args is not None else sys.argv[1:]
+        return super().parse_known_args(args, namespace)
+
+    def _unknown_given(self) -> list[str]:
+        """The words given to this parser that look like options it does not have."""
+        names = set(option_names(self))
+        return [word for word in getattr(self, "_given", [])
+                if word.startswith("-") and word not in ("-", "--") and not self._negative_number_matcher.match(word)
+                and word.partition("=")[0] not in names and word not in ("-h", "--help")]
+
     def error(self, message: str):
         prefix = "unrecognized arguments: "
         unknown = [word for word in message[len(prefix):].split() if word.startswith("-")] \
             if message.startswith(prefix) else []
+        if not unknown and message.startswith("the following arguments are required"):
+            unknown = self._unknown_given()  # a misspelt required option: name it, not the missing one
         if unknown:
             option = unknown[0].partition("=")[0]
             raise UnknownOption(self.prog, option, close_options(option, option_names(self)))

@@ -283,7 +283,7 @@ def _decode_attention_kernel(query, key, value, mask, prefix_k, prefix_v, scalin
     rows, heads, _, dim = query.shape
     n_streams, kv, n_prefix, _ = prefix_k.shape
     length = key.shape[2]
-    q = query.reshape(rows, heads, dim).contiguous()  # rows heads d
+    q = query if query.is_contiguous() else query.contiguous()  # rows heads 1 d: rows heads d in memory
     additive = None
     if mask is not None:
         mask = mask[..., -1:, :].reshape(mask.shape[0], -1)  # rows|1 L
@@ -291,13 +291,13 @@ def _decode_attention_kernel(query, key, value, mask, prefix_k, prefix_v, scalin
             additive = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
         else:
             additive = mask.float().contiguous()
-    out = torch.empty(rows, heads, dim, dtype=dtype)  # rows heads d
+    out = torch.empty(rows, 1, heads, dim, dtype=dtype)  # rows 1 heads d: rows heads d in memory
     fn = lib.parscale_decode_attention_f32 if dtype == torch.float32 else lib.parscale_decode_attention_bf16
     fn(q.data_ptr(), key.data_ptr(), value.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
        prefix_k.data_ptr(), prefix_v.data_ptr(), additive.data_ptr() if additive is not None else None,
        additive.shape[0] if additive is not None else 0, out.data_ptr(), rows, heads, kv, length, n_prefix, dim,
        rows // n_streams, scaling, torch.get_num_threads())
-    return out.reshape(rows, 1, heads, dim)  # rows 1 heads d
+    return out
 
 
 def _decode_attention_matmul(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

@@ -67,13 +67,14 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
         raise UserError(f"the int8 kernel takes int8 weights and float32 scales, got {qweight.dtype} and {scale.dtype}; "
                         "cast the model before quantize_int8(), or keep Int8Linear's scales float32")
     bfloat16 = x.dtype == torch.bfloat16  # then widened and rounded in C++, not by two torch calls
-    rows = x.reshape(-1, k).contiguous() if bfloat16 else x.reshape(-1, k).float().contiguous()  # M K
+    rows = x if bfloat16 else x.float()
+    rows = rows if rows.is_contiguous() else rows.contiguous()  # M K in memory (see kernels.skinny_linear)
     bias32 = bias.float().contiguous() if bias is not None else None
-    out = torch.empty(rows.shape[0], n_out, dtype=x.dtype if bfloat16 else torch.float32)  # M N
+    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype if bfloat16 else torch.float32)  # ... N
     fn = lib.parscale_int8_bf16 if bfloat16 else lib.parscale_int8_f32
-    fn(rows.data_ptr(), rows.shape[0], k, qweight.data_ptr(), scale.data_ptr(),
+    fn(rows.data_ptr(), rows.numel() // k, k, qweight.data_ptr(), scale.data_ptr(),
        bias32.data_ptr() if bias32 is not None else None, out.data_ptr(), n_out, torch.get_num_threads())
-    return out.to(x.dtype).reshape(*x.shape[:-1], n_out)  # ... N
+    return out.to(x.dtype)
 
 
 # ---------------------------------------------------------------- quantization
