@@ -74,6 +74,8 @@ def test_set_streams_none_leaves_the_base_model_in_every_respect(saved, tiny_fac
     assert list(model.state_dict()) == list(base.state_dict())
     assert [n for n, _ in model.named_modules()] == [n for n, _ in base.named_modules()]
     assert list(model.stream_parameters()) == [] and model.parscale_config == ParScaleConfig(1)
+    # the stock sdpa and mask, with the CPU decode kernel for single queries (test_decode_attention)
+    assert model.config._attn_implementation == "parscale_plain_sdpa"
     model.save_pretrained(tmp_path / "plain")
     reloaded = ParScaleForCausalLM.from_pretrained(tmp_path / "plain")
     for m in (model, reloaded):

@@ -188,3 +188,30 @@ def test_greedy_generate_equals_the_uncached_argmax_loop(tiny_factory, count_cal
     assert calls[0] == per_step * (new_tokens - 1)  # the uncached forwards never take the decode path
     assert torch.equal(out.sequences, seq)
     torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(uncached, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_p1_decoding_takes_the_kernel_and_keeps_the_plain_models_tokens(tiny_factory, count_calls, family):
+    """P = 1 without prefixes (`parscale_plain_sdpa`): every decode step's attention is the C++
+    kernel with an empty prefix; tokens are those of the plain transformers model, logits within
+    float32 rounding. With the fast kernels off, no kernel call and the plain model bit for bit."""
+    if attention.kernel_library() is None:
+        pytest.skip("no C++ compiler: the decode attention kernel cannot be built here")
+    plain = tiny_factory(family, seed=3)
+    model = to_parscale(tiny_factory(family, seed=3), ParScaleConfig(1)).eval()
+    assert model.config._attn_implementation == "parscale_plain_sdpa"
+    ids = torch.randint(2, 97, (3, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = mask[2, :4] = 0
+    calls = count_calls(attention, "_decode_attention_kernel")
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        want = plain.generate(ids, **kw)
+        got = model.generate(ids, **kw)
+        assert calls[0] == 2 * 5  # two layers, five decode steps
+        model.use_fast_kernels(False)
+        stock = model.generate(ids, **kw)
+    assert calls[0] == 2 * 5
+    assert torch.equal(got.sequences, want.sequences) and torch.equal(stock.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.stack(stock.logits), torch.stack(want.logits))

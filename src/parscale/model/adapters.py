@@ -158,7 +158,7 @@ def install(model: nn.Module, stream_set: StreamSet | None, plain_attention: str
         del decoder.aggregate_layer
     if stream_set is None:
         model.parscale_config = ParScaleConfig(n_streams=1)
-        decoder.set_attn_implementation(plain_attention)
+        decoder.set_attn_implementation(prefix_attention.register_plain(plain_attention))
         return
     ref = model.get_output_embeddings().weight
     for attention, (k, v) in zip(attentions, stream_set.prefixes):

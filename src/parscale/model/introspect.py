@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from parscale.errors import UserError
-from parscale.model.prefix_attention import IMPLEMENTATIONS
+from parscale.model.prefix_attention import IMPLEMENTATIONS, PLAIN_IMPLEMENTATIONS
 
 # Config fields whose features the prefix-attention route cannot honour (value must be unset).
 _UNSUPPORTED_CONFIG_FIELDS = {
@@ -41,7 +41,8 @@ def check_supported(model: nn.Module) -> None:
             raise UserError(f"{name} uses {feature} ({field}={getattr(config, field)}), which ParScale cannot honour")
     requested = str(getattr(config, "_attn_implementation", "") or "")
     # ours (a config copied from a ParScale model) stand for the stock kinds they wrap
-    if requested and requested not in set(IMPLEMENTATIONS) | set(IMPLEMENTATIONS.values()):
+    known = set(IMPLEMENTATIONS) | set(IMPLEMENTATIONS.values()) | set(PLAIN_IMPLEMENTATIONS.values())
+    if requested and requested not in known:
         raise UserError(
             f"{name} was loaded with attn_implementation={requested!r}, which cannot carry the stream prefixes; "
             "reload it with attn_implementation='sdpa' (or 'eager', or 'flash_attention_2')"

@@ -20,6 +20,10 @@ Which path a call takes depends on the mask our mask function made (`prefix_mask
 - a 4D bool mask (padded rows, a cache, sliding windows): widened by T visible columns.
 - one query per row (a decode step): `decode_attention` scores the prefix and the cache
   separately, in the cache's own dtype, and merges them, so neither is joined or repeated.
+
+A P = 1 model without prefixes registers `parscale_plain_sdpa` (`plain_attention`): the stock
+sdpa and the stock mask, except that a CPU decode step takes the C++ decode kernel with an empty
+prefix while the model's fast kernels are on (`use_fast_kernels`).
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ logger = logging.getLogger(__name__)
 ATTN_IMPLEMENTATION = "parscale_sdpa"  # contains "sdpa" so transformers' sdpa dispatch checks pass
 # the backbone's attn_implementation -> ours
 IMPLEMENTATIONS = {"sdpa": ATTN_IMPLEMENTATION, "eager": "parscale_eager", "flash_attention_2": "parscale_fa2"}
+# ... and, for a P = 1 model without prefixes, the stock kind -> ours where we have one (else the stock kind)
+PLAIN_IMPLEMENTATIONS = {"sdpa": "parscale_plain_sdpa"}
 
 try:  # FlexAttention (torch >= 2.5): packed rows on CUDA
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -111,6 +117,24 @@ def parscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     mask = widen_mask(attention_mask.to(query.device), module.prefix_k.shape[2])
     kwargs["is_causal"] = False  # causality is in the mask; the prefix makes kv longer than q
     return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+def plain_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    """`parscale_plain_sdpa`, a layer without prefixes: transformers' sdpa, except one query per
+    row on the CPU with the fast kernels on (`module.parscale_fast_decode`, set by the wrapper),
+    which `decode_attention` takes with an empty prefix. torch's fused CPU attention spends
+    about 140 us per layer and step setting up for a single bfloat16 query (2.2 of a 28 ms step
+    at P = 1 on the benchmark's 16 layers); the kernel takes about 20."""
+    if (query.shape[2] == 1 and getattr(module, "parscale_fast_decode", False) and not module.training
+            and kwargs.get("softcap") is None and kwargs.get("s_aux") is None and query.device.type == "cpu"
+            and not (torch.is_grad_enabled() and query.requires_grad) and not torch.compiler.is_compiling()):
+        empty = key.new_empty(1, key.shape[1], 0, query.shape[-1])  # one stream, no prefix
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        out = _decode_attention_kernel(query, key, value, attention_mask, empty, empty, scaling)
+        if out is not None:  # else a dtype or layout it does not take, or no compiler: the stock sdpa
+            return out, None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def causal_prefix_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
@@ -380,7 +404,19 @@ class PackedMask:
 
 def plain_kind(name: str | None) -> str:
     """The stock attention a name stands for: ours map back to the kind they wrap."""
-    return {ours: stock for stock, ours in IMPLEMENTATIONS.items()}.get(name or "sdpa", name or "sdpa")
+    ours = {o: stock for table in (IMPLEMENTATIONS, PLAIN_IMPLEMENTATIONS) for stock, o in table.items()}
+    return ours.get(name or "sdpa", name or "sdpa")
+
+
+def register_plain(kind: str) -> str:
+    """The attention name for a P = 1 model without prefixes whose stock kind is `kind`:
+    `parscale_plain_sdpa` (registered here, with the stock sdpa mask) for sdpa, else `kind`."""
+    name = PLAIN_IMPLEMENTATIONS.get(kind)
+    if name is None:
+        return kind
+    AttentionInterface.register(name, plain_attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
 
 
 def implementation_for(requested: str | None) -> str:

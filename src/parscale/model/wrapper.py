@@ -133,6 +133,8 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
             for attention in introspect.attention_modules(base):
                 streams.add_prefixes(attention, n_streams, n_kv_heads, parscale_config.n_prefix_tokens, head_dim)
             self.model.set_attn_implementation(prefix_attention.register_attention(self._plain_attention))
+        else:  # the stock attention, with the CPU decode kernel for single queries
+            self.model.set_attn_implementation(prefix_attention.register_plain(self._plain_attention))
         if parscale_config.stream_lora_rank:  # zero until `init_stream_parameters` or a state dict fills them
             stream_lora.install(base, stream_lora.empty_adapters(base, n_streams, parscale_config.stream_lora_rank),
                                 parscale_config.stream_lora_scale)
@@ -144,7 +146,7 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         self.prefix_encoder: streams.PrefixEncoder | None = None
         if parscale_config.prefix_mlp_hidden:
             self.attach_prefix_encoder(parscale_config.prefix_mlp_hidden)
-        kernels.enable(self)  # few-row CPU inference through the skinny kernel; stock matmul otherwise
+        self.use_fast_kernels(True)  # few-row CPU inference through the C++ kernels; stock ops otherwise
 
     # ----- the reparameterised prefix (see `streams.PrefixEncoder`) -----------------------
     def attach_prefix_encoder(self, hidden: int, generator: torch.Generator | None = None) -> None:
@@ -193,9 +195,13 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         return self
 
     def use_fast_kernels(self, enabled: bool = True) -> None:
-        """Switch the CPU decode kernel on (the default) or off (the stock `F.linear` everywhere)."""
+        """Switch the CPU decode kernels on (the default) or off (the stock `F.linear` everywhere,
+        and at P = 1 without prefixes the stock attention: then the model computes exactly what
+        the plain transformers model does)."""
         kernels.enable(self, enabled)
         quantize.enable(self, enabled)  # int8 layers (after quantize_int8): their kernel, or dequantised weights
+        for attention in self.attention_modules():  # read by prefix_attention.plain_attention
+            attention.parscale_fast_decode = enabled
 
     def quantize_int8(self) -> "ParScaleForCausalLM":
         """Weight-only int8 for CPU decoding (opt-in; see `quantize`): the backbone's Linear layers
