@@ -411,3 +411,16 @@ def test_aggregation_functions_match_einops_and_a_loop():
         for n in range(3):
             expected[b] += smoothed[b, :, n, None] * hidden[n * 2 + b]
     torch.testing.assert_close(weighted_sum(hidden, smoothed), expected)
+
+
+def test_a_p1_models_backbone_wraps_again(tiny_factory):
+    """P = 1 sets its backbone's attention to `parscale_plain_sdpa`; that backbone (sharing its
+    config) wrapped with streams takes the prefix attention (the demo builds P > 1 from P = 1)."""
+    base = tiny_factory("qwen2")
+    p1 = to_parscale(base, ParScaleConfig(1))
+    assert base.config._attn_implementation == "parscale_plain_sdpa"
+    p2 = to_parscale(base, ParScaleConfig(2, 3), seed=0)
+    assert p2.config._attn_implementation == "parscale_sdpa"
+    with torch.no_grad():
+        assert p2(_ids(1, 4)).logits.shape == (1, 4, 97)
+    assert p1.parscale_config.n_streams == 1

@@ -422,6 +422,8 @@ def register_plain(kind: str) -> str:
 def implementation_for(requested: str | None) -> str:
     """Our attention name for the backbone's `attn_implementation` (a `UserError` for the rest)."""
     requested = requested or "sdpa"
+    if requested in PLAIN_IMPLEMENTATIONS.values():  # a P = 1 model's (its backbone wrapped again)
+        requested = plain_kind(requested)
     if requested in IMPLEMENTATIONS.values():
         return requested
     if requested not in IMPLEMENTATIONS:
