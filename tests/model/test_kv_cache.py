@@ -26,7 +26,7 @@ def _grown() -> DynamicLayer:
 def test_every_operation_leaves_what_the_concatenating_layer_holds(monkeypatch):
     """Prefill, steps across several buffer ends, crop, beam reordering, batch selection and
     repetition, reset: after each, the same keys, values and length as `DynamicLayer`."""
-    monkeypatch.setattr(kv_cache, "CHUNK", 4)
+    monkeypatch.setattr(kv_cache, "MIN_ROOM", 2)  # a buffer holds 2 tokens more than it is given
     stock, grown = DynamicLayer(), _grown()
     seed = iter(range(1000))
 
@@ -41,7 +41,7 @@ def test_every_operation_leaves_what_the_concatenating_layer_holds(monkeypatch):
         assert torch.equal(grown.keys, stock.keys) and torch.equal(grown.values, stock.values)
 
     update(3, 3)
-    for _ in range(6):  # 3 -> 9 tokens: two buffer ends at CHUNK = 4
+    for _ in range(6):  # 3 -> 9 tokens: two buffers replaced
         update(3, 1)
         same()
     update(3, 5)  # more new tokens than one chunk
@@ -70,16 +70,23 @@ def test_every_operation_leaves_what_the_concatenating_layer_holds(monkeypatch):
     same()
 
 
-def test_appends_in_place_until_the_buffer_is_full():
-    """The point of the layer: one buffer per CHUNK tokens, not a new tensor per step."""
+def test_appends_in_place_with_bounded_room_and_copies():
+    """The point of the layer: over 600 steps the buffers are replaced a few times, not at every
+    step; the tokens copied add up to a few times the final cache (concatenation copies the
+    whole cache per step: 190,000 tokens here); the room held is at most a quarter of the cache
+    or MIN_ROOM tokens."""
     layer = _grown()
     layer.update(*_states(2, 10, 0))
-    buffers = {layer.keys.data_ptr()}
-    for step in range(2 * kv_cache.CHUNK):
+    buffers, copied = 1, 0
+    for step in range(600):
+        before, length = layer.keys.data_ptr(), layer.get_seq_length()
         layer.update(*_states(2, 1, step + 1))
-        buffers.add(layer.keys.data_ptr())
-    assert layer.get_seq_length() == 10 + 2 * kv_cache.CHUNK
-    assert len(buffers) == 3  # 10 + 512 tokens: the first buffer and two more
+        if layer.keys.data_ptr() != before:
+            buffers, copied = buffers + 1, copied + length
+        room = layer._buffers[0].shape[-2] - layer.get_seq_length()
+        assert 0 <= room <= max(kv_cache.MIN_ROOM, layer.get_seq_length() // kv_cache.ROOM)
+    assert layer.get_seq_length() == 610
+    assert buffers <= 20 and copied <= 5 * 610
 
 
 def test_under_autograd_it_concatenates():
@@ -95,7 +102,7 @@ def test_under_autograd_it_concatenates():
 def test_generate_on_cpu_grows_in_place_with_the_stock_tokens(tiny_factory, monkeypatch, n_streams):
     """Left-padded batch of 3, past a buffer end: the cache `generate` used is the in-place one,
     and its tokens and logits equal those of the same model with the concatenating cache."""
-    monkeypatch.setattr(kv_cache, "CHUNK", 8)
+    monkeypatch.setattr(kv_cache, "MIN_ROOM", 2)  # buffers replaced during the generation
     model = to_parscale(tiny_factory("qwen2"), ParScaleConfig(n_streams, 3), seed=2).eval()
     ids = torch.randint(2, 97, (3, 6), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)

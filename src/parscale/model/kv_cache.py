@@ -2,14 +2,16 @@
 
 transformers' default cache (`DynamicCache` of `DynamicLayer`s) appends each decode step's keys
 and values with `torch.cat`, a copy of the whole cache per layer and step: O(L) bytes per token,
-O(L^2) over a generation. With P streams the cache has P*B rows, so the copy grows with P: at
-P = 8 on the benchmark's 16-layer model it was about 1 ms of a 46 ms bfloat16 step at 96 tokens
-(benchmarks/README.md), and it grows with the context. `GrowingLayer` keeps the keys and values
-in buffers with room for up to `CHUNK` more tokens and writes each step into the free columns;
-`keys`/`values` are views of the filled part, so everything that reads a `DynamicLayer` reads
-it unchanged (the decode attention kernel takes the views' strides as they are). A buffer is
-copied once per `CHUNK` tokens: 256x fewer bytes than the concatenation, for at most `CHUNK`
-tokens of unused room per layer.
+O(L^2) over a generation. With P streams the cache has P*B rows, so the copy grows with P and
+the context: on the benchmark's 16-layer model at P = 8 in bfloat16 (2 threads), 44.3 against
+44.0 ms per token in place with a 64-token prompt, but 62.2 against 53.5 ms with 1024 tokens
+(benchmarks/README.md). `GrowingLayer` keeps the keys and values
+in buffers with room for more tokens and writes each step into the free columns; `keys`/`values`
+are views of the filled part, so everything that reads a `DynamicLayer` reads it unchanged (the
+decode attention kernel takes the views' strides as they are). A full buffer is replaced by one
+with room for a quarter of its length more (at least `MIN_ROOM` tokens): the copies add up to a
+few times the final cache, not O(L^2), and the room held is at most a quarter of the cache
+(`parscale cost measure` reports it as `kv_room_bytes`).
 
 `grow_in_place(cache)` turns the plain `DynamicLayer`s of a cache into `GrowingLayer`s (the
 class of the object changes, its state stays, as `kernels.enable` does with Linear modules).
@@ -22,7 +24,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-CHUNK = 256  # tokens of room added when a buffer is full (a multiple of this, at least the new tokens)
+MIN_ROOM = 32  # tokens of room at least, when a buffer is replaced
+ROOM = 4  # ... and a 1/ROOM of the tokens it holds
 
 
 class GrowingLayer(DynamicLayer):
@@ -37,34 +40,28 @@ class GrowingLayer(DynamicLayer):
                 torch.compiler.is_compiling():
             self._buffers = None  # the stock concatenation, which autograd and the compiler know
             return super().update(key_states, value_states, *args, **kwargs)
-        length = self.keys.shape[-2] if self.keys.numel() else 0
-        needed = length + key_states.shape[-2]
-        if not self._owns_views() or needed > self._buffers[0].shape[-2]:
-            self._grow(key_states, value_states, length, needed)
-        keys, values = self._buffers
-        keys.narrow(-2, length, key_states.shape[-2]).copy_(key_states)
-        values.narrow(-2, length, value_states.shape[-2]).copy_(value_states)
-        self.keys, self.values = keys.narrow(-2, 0, needed), values.narrow(-2, 0, needed)
+        keys, buffers, new = self.keys, self._buffers, key_states.shape[-2]
+        length = keys.shape[-2] if keys.dim() == key_states.dim() else 0  # the empty start is 1-D
+        # `keys` is no longer the start of the buffer once `reorder_cache`, `batch_select_indices`
+        # or `reset` put other tensors in its place (a `crop` keeps a shorter view of it)
+        if (buffers is None or keys.data_ptr() != buffers[0].data_ptr() or keys.shape[:-2] != buffers[0].shape[:-2]
+                or length + new > buffers[0].shape[-2]):
+            buffers = self._grow(key_states, value_states, length, length + new)
+        buffers[0][..., length:length + new, :] = key_states
+        buffers[1][..., length:length + new, :] = value_states
+        self.keys, self.values = buffers[0][..., :length + new, :], buffers[1][..., :length + new, :]
         return self.keys, self.values
 
-    def _owns_views(self) -> bool:
-        """`keys`/`values` are still the start of the buffers (not tensors that `reorder_cache`,
-        `batch_select_indices` or `reset` put in their place; a `crop` keeps a shorter view)."""
-        if self._buffers is None:
-            return False
-        return all(view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.stride()
-                   and view.shape[:-2] == buffer.shape[:-2]
-                   for view, buffer in zip((self.keys, self.values), self._buffers))
-
-    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, needed: int) -> None:
-        capacity = -(-needed // CHUNK) * CHUNK
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, needed: int):
+        capacity = needed + max(MIN_ROOM, needed // ROOM)
         buffers = []
         for old, new in ((self.keys, key_states), (self.values, value_states)):
             buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
             if length:
-                buffer.narrow(-2, 0, length).copy_(old)
+                buffer[..., :length, :] = old
             buffers.append(buffer)
         self._buffers = (buffers[0], buffers[1])
+        return self._buffers
 
     def reset(self) -> None:
         self._buffers = None
