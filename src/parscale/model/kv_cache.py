@@ -3,9 +3,9 @@
 transformers' default cache (`DynamicCache` of `DynamicLayer`s) appends each decode step's keys
 and values with `torch.cat`, a copy of the whole cache per layer and step: O(L) bytes per token,
 O(L^2) over a generation. With P streams the cache has P*B rows, so the copy grows with P and
-the context: on the benchmark's 16-layer model at P = 8 in bfloat16 (2 threads), 44.3 against
-44.0 ms per token in place with a 64-token prompt, but 62.2 against 53.5 ms with 1024 tokens
-(benchmarks/README.md). `GrowingLayer` keeps the keys and values
+the context: on the decode benchmark's 16-layer model at P = 8 in bfloat16 (2 threads), 56.8
+against 51.7 ms per token in place with a 1024-token prompt, 44.4 against 42.3 with 64
+(benchmarks/kv_cache.py). `GrowingLayer` keeps the keys and values
 in buffers with room for more tokens and writes each step into the free columns; `keys`/`values`
 are views of the filled part, so everything that reads a `DynamicLayer` reads it unchanged (the
 decode attention kernel takes the views' strides as they are). A full buffer is replaced by one
