@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from parscale.errors import UserError
-from parscale.model.prefix_attention import IMPLEMENTATIONS, PLAIN_IMPLEMENTATIONS
+from parscale.model.prefix_attention import IMPLEMENTATIONS, plain_kind
 
 # Config fields whose features the prefix-attention route cannot honour (value must be unset).
 _UNSUPPORTED_CONFIG_FIELDS = {
@@ -41,8 +41,7 @@ def check_supported(model: nn.Module) -> None:
             raise UserError(f"{name} uses {feature} ({field}={getattr(config, field)}), which ParScale cannot honour")
     requested = str(getattr(config, "_attn_implementation", "") or "")
     # ours (a config copied from a ParScale model) stand for the stock kinds they wrap
-    known = set(IMPLEMENTATIONS) | set(IMPLEMENTATIONS.values()) | set(PLAIN_IMPLEMENTATIONS.values())
-    if requested and requested not in known:
+    if requested and plain_kind(requested) not in IMPLEMENTATIONS:
         raise UserError(
             f"{name} was loaded with attn_implementation={requested!r}, which cannot carry the stream prefixes; "
             "reload it with attn_implementation='sdpa' (or 'eager', or 'flash_attention_2')"
