@@ -10,10 +10,10 @@
 // widened in registers (a 16-bit shift). The additive mask (float32, per row or one for all)
 // hides padding. No torch header (see skinny_linear.cpp): Python calls it through ctypes.
 //
-// With AVX2 and a head size that is a multiple of 8, the three loops are written for the
-// registers (the plain loops below them are the fallback): eight keys are scored at once, their
-// eight vector sums reduced together; the softmax's exponential is a vectorised polynomial; the
-// weighted sum keeps up to 4 query heads x 16 columns of output in registers over all keys.
+// With AVX2 the loops are written for the registers: the softmax's exponential is a vectorised
+// polynomial, and where the head size is a multiple of 8 (else the plain loops run) eight keys
+// are scored at once, their eight vector sums reduced together, and the weighted sum keeps up
+// to 4 query heads x 16 columns of output in registers over all keys.
 // Measured at P = 8 (8 rows, 16 heads, 4 KV heads, 64 columns, 48 + 96 keys, 2 threads): 204 us
 // per layer with the plain loops, which summed every dot product horizontally, kept the
 // output accumulators in memory and called a scalar exp per score.
@@ -131,34 +131,6 @@ void scores8(const float* q, int64_t G, int64_t D, const T* keys, int64_t N, int
   }
 }
 
-// Softmax of one head's scores in place; the mask is added to the last L of them (the cache).
-inline void softmax8(float* sg, int64_t n_all, const float* mask, int64_t Tp) {
-  if (mask)
-    for (int64_t j = Tp; j < n_all; ++j) sg[j] += mask[j - Tp];
-  const int64_t n8 = n_all & ~int64_t(7);
-  __m256 top8 = _mm256_set1_ps(-INFINITY);
-  for (int64_t j = 0; j < n8; j += 8) top8 = _mm256_max_ps(_mm256_loadu_ps(sg + j), top8);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, top8);
-  float top = *std::max_element(lanes, lanes + 8);
-  for (int64_t j = n8; j < n_all; ++j) top = std::max(top, sg[j]);
-  const __m256 top_v = _mm256_set1_ps(top);
-  __m256 total8 = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n8; j += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + j), top_v));
-    _mm256_storeu_ps(sg + j, e);
-    total8 = _mm256_add_ps(total8, e);
-  }
-  float total = parscale::hsum(total8);
-  for (int64_t j = n8; j < n_all; ++j) {
-    sg[j] = std::exp(sg[j] - top);
-    total += sg[j];
-  }
-  const __m256 inv = _mm256_set1_ps(1.0f / total);
-  for (int64_t j = 0; j < n8; j += 8) _mm256_storeu_ps(sg + j, _mm256_mul_ps(_mm256_loadu_ps(sg + j), inv));
-  for (int64_t j = n8; j < n_all; ++j) sg[j] *= 1.0f / total;
-}
-
 // out[g][d0, d0 + 8 DV) += sum_j p[g * n_all + j] * values[j][d0, d0 + 8 DV) for GB heads: the
 // GB x DV accumulators stay in registers over all N keys; each value vector is read (and
 // widened) once for the GB heads.
@@ -208,6 +180,44 @@ void weighted8(const float* p, int64_t G, int64_t D, const T* values, int64_t N,
 }
 #endif
 
+// Softmax of one head's scores [prefix ; cache] in place, the mask added to the last L (the
+// cache). With AVX2 eight lanes at a time (a vectorised exponential), the tail in plain C++.
+inline void softmax(float* sg, int64_t n_all, const float* mask, int64_t Tp) {
+  if (mask)
+    for (int64_t j = Tp; j < n_all; ++j) sg[j] += mask[j - Tp];
+  int64_t n8 = 0;  // scores done eight at a time
+  float top = -INFINITY, total = 0.0f;
+#ifdef PARSCALE_AVX2
+  n8 = n_all & ~int64_t(7);
+  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n8; j += 8) top8 = _mm256_max_ps(_mm256_loadu_ps(sg + j), top8);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top8);
+  top = *std::max_element(lanes, lanes + 8);
+#endif
+  for (int64_t j = n8; j < n_all; ++j) top = std::max(top, sg[j]);
+#ifdef PARSCALE_AVX2
+  const __m256 top_v = _mm256_set1_ps(top);
+  __m256 total8 = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n8; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + j), top_v));
+    _mm256_storeu_ps(sg + j, e);
+    total8 = _mm256_add_ps(total8, e);
+  }
+  total = parscale::hsum(total8);
+#endif
+  for (int64_t j = n8; j < n_all; ++j) {
+    sg[j] = std::exp(sg[j] - top);
+    total += sg[j];
+  }
+  const float inv = 1.0f / total;
+#ifdef PARSCALE_AVX2
+  const __m256 inv8 = _mm256_set1_ps(inv);
+  for (int64_t j = 0; j < n8; j += 8) _mm256_storeu_ps(sg + j, _mm256_mul_ps(_mm256_loadu_ps(sg + j), inv8));
+#endif
+  for (int64_t j = n8; j < n_all; ++j) sg[j] *= inv;
+}
+
 // query [rows][heads][D] (contiguous); key/value rows, heads and positions by strides, D contiguous;
 // prefix [P][kv][Tp][D] contiguous; mask [mask_rows][L] float32 additive or null; out [rows][heads][D].
 template <typename T>
@@ -238,28 +248,20 @@ void run(const T* query, const T* key, const T* value, int64_t row_stride, int64
       if (vectors) {
         scores8(q.data(), G, D, pk, Tp, D, sc, n_all, keys.data());
         scores8(q.data(), G, D, k, L, pos_stride, sc + Tp, n_all, keys.data());
-        for (int64_t g = 0; g < G; ++g) softmax8(sc + g * n_all, n_all, m, Tp);  // one softmax over [prefix ; cache]
-        weighted8(sc, G, D, pv, Tp, D, a, n_all);
-        weighted8(sc + Tp, G, D, v, L, pos_stride, a, n_all);
       } else
 #endif
       {
         scores(q.data(), G, D, pk, Tp, D, sc, n_all);
         scores(q.data(), G, D, k, L, pos_stride, sc + Tp, n_all);
-        for (int64_t g = 0; g < G; ++g) {  // one softmax over [prefix ; cache]
-          float* sg = sc + g * n_all;
-          if (m)
-            for (int64_t j = 0; j < L; ++j) sg[Tp + j] += m[j];
-          float top = -INFINITY;
-          for (int64_t j = 0; j < n_all; ++j) top = std::max(top, sg[j]);
-          float total = 0.0f;
-          for (int64_t j = 0; j < n_all; ++j) {
-            sg[j] = std::exp(sg[j] - top);
-            total += sg[j];
-          }
-          const float inv = 1.0f / total;
-          for (int64_t j = 0; j < n_all; ++j) sg[j] *= inv;
-        }
+      }
+      for (int64_t g = 0; g < G; ++g) softmax(sc + g * n_all, n_all, m, Tp);  // one softmax over [prefix ; cache]
+#ifdef PARSCALE_AVX2
+      if (vectors) {
+        weighted8(sc, G, D, pv, Tp, D, a, n_all);
+        weighted8(sc + Tp, G, D, v, L, pos_stride, a, n_all);
+      } else
+#endif
+      {
         weighted(sc, G, D, pv, Tp, D, a, n_all);
         weighted(sc + Tp, G, D, v, L, pos_stride, a, n_all);
       }
