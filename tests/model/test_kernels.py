@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parscale.model import kernels
+from parscale.model import kernels, norms
 from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import to_parscale
 
@@ -253,6 +253,7 @@ def test_no_compiler_falls_back_to_the_stock_path(tiny_factory, tmp_path, monkey
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: the build must run
     monkeypatch.setattr(cpp, "load", no_compiler)
     kernels.library.cache_clear()
+    norms.library.cache_clear()
     try:
         model = _model(tiny_factory, 2)
         ids = _ids(1, 4)
@@ -260,10 +261,11 @@ def test_no_compiler_falls_back_to_the_stock_path(tiny_factory, tmp_path, monkey
             out = model(ids).logits
             model.use_fast_kernels(False)
             stock = model(ids).logits
-        assert kernels.library() is None and "unavailable" in caplog.text
+        assert kernels.library() is None and norms.library() is None and "unavailable" in caplog.text
         assert torch.equal(out, stock)
     finally:
         kernels.library.cache_clear()  # the next test builds or finds the real library again
+        norms.library.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

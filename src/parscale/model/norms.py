@@ -1,0 +1,111 @@
+"""The backbone's RMSNorm in one C++ call for decoding on CPU (`csrc/rms_norm.cpp`).
+
+transformers' Llama-family RMSNorm is seven torch calls; with a few rows per decode step their
+dispatch is the cost (75 us a call in bfloat16 on an AVX2 EPYC, two calls per layer: 2.5 ms of
+a 25 ms step at P = 1, 5 ms at P = 8; benchmarks/README.md). No hook of transformers replaces
+a norm's forward without the `kernels` hub package and a hub repository, so this module does
+what `kernels.enable` does for `nn.Linear`: `enable(model)` gives each recognised norm module a
+subclass of its own class (`isinstance` still holds, parameters and state-dict keys unchanged)
+whose forward takes the kernel for few-row CPU inference and the class's own forward otherwise
+(autograd, `torch.compile`, other devices, many rows, mixed dtypes, no compiler).
+
+A norm is recognised when its class's `forward` is LlamaRMSNorm's compiled code (the same
+bytecode, constants and names: Qwen2, Qwen3, Mistral, Mixtral, Phi-3, Granite, DeepSeek-V3...
+are generated from it) and it has `weight` and `variance_epsilon`. Gemma's `1 + weight` and
+Olmo2's order of operations have other code and keep their forward. The kernel does the stock
+arithmetic in float32 in the same order except for the sum of squares, so its results equal the
+stock ones to a rounding of the last bit (tested against float64 and the stock forward).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from parscale.model import kernels
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "rms_norm.cpp"
+
+
+@functools.lru_cache(maxsize=None)
+def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """`csrc/rms_norm.cpp`, built at first use like the decode matmul (`kernels.compiled`)."""
+    return kernels.compiled(_SOURCE, "parscale_rms_norm", flags, _bind, "CPU RMSNorm kernel",
+                            "norms use transformers' forward")
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    for fn in (lib.parscale_rms_norm_f32, lib.parscale_rms_norm_bf16):
+        fn.argtypes = [pointer, size, size, pointer, ctypes.c_float, pointer]
+        fn.restype = None
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _llama_code():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return LlamaRMSNorm.forward.__code__
+
+
+def is_llama_rms_norm(module: nn.Module) -> bool:
+    """The module computes LlamaRMSNorm's formula (see the module docstring)."""
+    forward = getattr(type(module), "_stock_forward", type(module).forward)
+    code, ref = getattr(forward, "__code__", None), _llama_code()
+    return (code is not None and code.co_code == ref.co_code and code.co_consts == ref.co_consts
+            and code.co_names == ref.co_names and isinstance(getattr(module, "weight", None), torch.Tensor)
+            and module.weight.dim() == 1 and isinstance(getattr(module, "variance_epsilon", None), float))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL) -> torch.Tensor:
+    """LlamaRMSNorm's forward by the kernel; x [..., H] and weight [H] of one dtype on the CPU."""
+    rows = x if x.is_contiguous() else x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    fn = lib.parscale_rms_norm_bf16 if x.dtype == torch.bfloat16 else lib.parscale_rms_norm_f32
+    hidden = weight.shape[0]
+    fn(rows.data_ptr(), rows.numel() // hidden, hidden, weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Few-row CPU inference in float32 or bfloat16, x and the weight of one dtype."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    if torch.compiler.is_compiling() or not weight.is_contiguous() or x.dim() == 0 or x.shape[-1] != weight.shape[0]:
+        return False
+    return 0 < x.numel() <= kernels.MAX_ROWS * weight.shape[0]
+
+
+def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    weight = self.weight
+    if self.use_kernel and _eligible(hidden_states, weight):
+        lib = library()
+        if lib is not None:
+            return rms_norm(hidden_states, weight, self.variance_epsilon, lib)
+    return self._stock_forward(hidden_states)
+
+
+@functools.lru_cache(maxsize=None)
+def fast_class(cls: type) -> type:
+    """`cls` with the kernel's forward (one class per norm class, so that `isinstance` holds)."""
+    return type(cls.__name__, (cls,), {"forward": _forward, "_stock_forward": cls.forward, "_stock_class": cls,
+                                       "use_kernel": True, "__module__": __name__})
+
+
+def enable(model: nn.Module, enabled: bool = True) -> int:
+    """Route the recognised RMSNorm modules of `model` through the kernel (or back to their own
+    forward with `enabled=False`); returns how many."""
+    count = 0
+    for module in model.modules():
+        if not is_llama_rms_norm(module):
+            continue
+        stock = getattr(type(module), "_stock_class", type(module))
+        module.__class__ = fast_class(stock) if enabled else stock
+        count += 1
+    return count
