@@ -242,6 +242,18 @@ def test_init_is_seeded_and_uniform_at_start(tiny_factory):
     torch.testing.assert_close(weights, torch.full_like(weights, 0.5))
 
 
+def test_a_number_of_streams_stands_for_the_default_config(tiny_factory):
+    ids = torch.randint(2, 97, (1, 5), generator=torch.Generator().manual_seed(0))
+    short = to_parscale(tiny_factory("qwen2"), 4, seed=3).eval()
+    full = to_parscale(tiny_factory("qwen2"), ParScaleConfig(n_streams=4), seed=3).eval()
+    assert short.parscale_config == full.parscale_config
+    with torch.no_grad():
+        assert torch.equal(short(ids).logits, full(ids).logits)
+    for wrong in ({"n_streams": 4}, True, "4"):
+        with pytest.raises(UserError, match="ParScaleConfig or a number of streams.*ParScaleConfig\\(n_streams=4\\) or 4"):
+            to_parscale(tiny_factory("qwen2"), wrong)
+
+
 def test_new_stream_parameters_have_the_documented_scale(tiny_factory):
     """Prefixes N(0, 0.02) drawn from Generator(seed) (12,288 draws: the sample std is within
     +-0.0005 of 0.02 at 4 standard errors), the first aggregation layer U(+-1/sqrt(P*H)),

@@ -484,8 +484,11 @@ def init_stream_parameters(model: ParScaleForCausalLM, seed: int = 0) -> None:
         stream_lora.init_adapters(model, generator)
 
 
-def to_parscale(model: PreTrainedModel, config: ParScaleConfig, seed: int = 0) -> ParScaleForCausalLM:
+def to_parscale(model: PreTrainedModel, config: ParScaleConfig | int, seed: int = 0) -> ParScaleForCausalLM:
     """Wrap a transformers decoder-only causal LM into a P-stream ParScale model.
+
+    `config` is a `ParScaleConfig`, or just the number of streams (`to_parscale(model, 4)` is
+    `to_parscale(model, ParScaleConfig(n_streams=4))`: the defaults for everything else).
 
     The base weights are shared, not copied: the returned model adopts the base's decoder and
     lm_head (and, for P > 1, adds prefixes to its attention modules and switches its attention
@@ -501,8 +504,11 @@ def to_parscale(model: PreTrainedModel, config: ParScaleConfig, seed: int = 0) -
     """
     if isinstance(model, ParScaleForCausalLM):
         raise UserError("the model is already a ParScale model; convert the plain backbone instead")
+    if isinstance(config, int) and not isinstance(config, bool):
+        config = ParScaleConfig(n_streams=config)
     if not isinstance(config, ParScaleConfig):
-        raise UserError(f"config must be a ParScaleConfig, got {type(config).__name__}")
+        raise UserError(f"config must be a ParScaleConfig or a number of streams, got {type(config).__name__}; "
+                        "pass e.g. ParScaleConfig(n_streams=4) or 4")
     wrapped = ParScaleForCausalLM(model, config)
     init_stream_parameters(wrapped, seed)
     wrapped.train(model.training)
