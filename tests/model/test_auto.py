@@ -90,6 +90,8 @@ def test_from_pretrained_takes_the_usual_keywords(p2_dir, kwargs, dtype):
     (dict(revision="v2"), "no revisions"),
     (dict(force_download=True), "never downloads"),
     (dict(dtype=torch.float16, torch_dtype=torch.bfloat16), "disagree"),
+    (dict(n_streams=4), r"does not take n_streams; to give a plain checkpoint P streams, wrap it: to_parscale"),
+    (dict(num_streams=4, load_in_8bit=True), r"does not take num_streams;.*ParScaleConfig\(n_streams=4\)"),
 ])
 def test_other_keywords_are_refused_clearly(p2_dir, kwargs, needle):
     with pytest.raises(UserError, match=needle):

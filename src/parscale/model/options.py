@@ -8,17 +8,20 @@ is a `UserError` naming the ones we do, never a `TypeError` or a silent no-op.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from parscale.errors import UserError
+from parscale.model.config import ParScaleConfig
 
 _DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
                 "float16": torch.float16, "half": torch.float16}
 # Passed by AutoModelForCausalLM / pipeline for their own bookkeeping, or hub options that are
 # meaningless for a local directory: accepted and ignored.
+# ParScaleConfig's fields and the names people guess for them: keywords that ask for streams
+_STREAM_FIELDS = {f.name for f in fields(ParScaleConfig)} | {"P", "num_streams", "streams", "n_prefix", "parscale_config"}
 _IGNORED = {"_from_auto", "_from_pipeline", "_commit_hash", "cache_dir", "proxies", "token",
             "local_files_only", "low_cpu_mem_usage", "trust_remote_code", "code_revision", "resume_download"}
 ACCEPTED = ("dtype", "torch_dtype", "device_map", "local_files_only", "attn_implementation", "use_safetensors",
@@ -77,6 +80,11 @@ def parse_load_kwargs(model_args: tuple, kwargs: dict[str, Any]) -> LoadOptions:
         raise UserError(f"from_pretrained takes the directory and keywords only; got {len(model_args)} extra "
                         "positional argument(s)")
     unknown = sorted(set(kwargs) - set(ACCEPTED) - _IGNORED)
+    streams = [key for key in unknown if key in _STREAM_FIELDS]
+    if streams:  # a plain checkpoint's streams are added by wrapping it, not by loading
+        raise UserError(f"from_pretrained loads the streams a checkpoint has and does not take {', '.join(streams)}; "
+                        "to give a plain checkpoint P streams, wrap it: to_parscale(AutoModelForCausalLM."
+                        "from_pretrained(path), ParScaleConfig(n_streams=4)) (then train the new streams)")
     if unknown:
         raise UserError(f"from_pretrained does not take {', '.join(unknown)}; it takes {', '.join(ACCEPTED)}")
     dtype, torch_dtype = kwargs.get("dtype"), kwargs.get("torch_dtype")
