@@ -102,7 +102,7 @@ def test_stock_forward_where_the_kernel_does_not_apply(count_calls):
     with torch.no_grad():
         norm(x)
         assert calls[0] == 1
-        norm(torch.randn(17, 32))  # more rows than a decode step has
+        norm(torch.randn(norms.MAX_VALUES // 32 + 1, 32))  # more values than MAX_VALUES (a long prefill)
         norm(x.bfloat16())  # float32 weight, bfloat16 input: torch promotes, the kernel does not
         norm.use_kernel = False
         norm(x)
@@ -123,9 +123,32 @@ def test_the_model_decodes_through_it_and_its_switch_restores_the_stock_norm(tin
         used = calls[0]
         model.use_fast_kernels(False)
         stock = model.generate(ids, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    # 4 decode steps of 4 rows, each two norms per layer and the final one (the 20-row prefill: stock)
-    assert used == 4 * (2 * 2 + 1)
+    # the prefill and 4 decode steps, each two norms per layer and the final one
+    assert used == 5 * (2 * 2 + 1)
     assert calls[0] == used and not any(type(m).__module__ == norms.__name__ for m in model.modules())
+    assert torch.equal(fast.sequences, stock.sequences)
+    for a, b in zip(fast.scores, stock.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen3_per_head_norms_take_it_too(count_calls):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if norms.library() is None:
+        pytest.skip("no C++ compiler: the kernel cannot be built here")
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = to_parscale(Qwen3ForCausalLM(config).eval(), 2).eval()
+    calls = count_calls(norms, "rms_norm")
+    ids = torch.randint(2, 97, (1, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        fast = model.generate(ids, **kwargs)
+        used = calls[0]
+        model.use_fast_kernels(False)
+        stock = model.generate(ids, **kwargs)
+    assert used == 5 * (2 * 4 + 1)  # per layer: input, q, k and post-attention norms; the final one
     assert torch.equal(fast.sequences, stock.sequences)
     for a, b in zip(fast.scores, stock.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

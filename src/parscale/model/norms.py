@@ -1,13 +1,16 @@
 """The backbone's RMSNorm in one C++ call for decoding on CPU (`csrc/rms_norm.cpp`).
 
 transformers' Llama-family RMSNorm is seven torch calls; with a few rows per decode step their
-dispatch is the cost (75 us a call in bfloat16 on an AVX2 EPYC, two calls per layer: 2.5 ms of
-a 25 ms step at P = 1, 5 ms at P = 8; benchmarks/README.md). No hook of transformers replaces
+dispatch is the cost: 31-40 us a call in bfloat16 on an AVX2 EPYC against 12-16 for the kernel,
+two calls per layer, 2 ms of a 25-45 ms step saved at P = 1 and P = 8 (`benchmarks/norm.py`,
+benchmarks/README.md). It takes the whole tensor up to `MAX_VALUES` values, so Qwen3's per-head
+q/k norms take it too. No hook of transformers replaces
 a norm's forward without the `kernels` hub package and a hub repository, so this module does
 what `kernels.enable` does for `nn.Linear`: `enable(model)` gives each recognised norm module a
 subclass of its own class (`isinstance` still holds, parameters and state-dict keys unchanged)
-whose forward takes the kernel for few-row CPU inference and the class's own forward otherwise
-(autograd, `torch.compile`, other devices, many rows, mixed dtypes, no compiler).
+whose forward takes the kernel for CPU inference and the class's own forward otherwise
+(autograd, `torch.compile`, other devices, more than `MAX_VALUES` values (a long prefill),
+mixed dtypes, no compiler).
 
 A norm is recognised when its class's `forward` is LlamaRMSNorm's compiled code (the same
 bytecode, constants and names: Qwen2, Qwen3, Mistral, Mixtral, Phi-3, Granite, DeepSeek-V3...
@@ -28,6 +31,10 @@ from torch import nn
 from parscale.model import kernels
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "rms_norm.cpp"
+# Values per call at most (the kernel runs on one thread): a decode step's P*B rows of the
+# hidden size, and Qwen3's per-head q/k norms (P*B*heads rows of the head size: 16384 values at
+# P = 8 with 16 heads of 128). A long prefill takes torch's multithreaded forward.
+MAX_VALUES = 1 << 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,14 +79,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Few-row CPU inference in float32 or bfloat16, x and the weight of one dtype."""
+    """CPU inference on at most MAX_VALUES values in float32 or bfloat16, x and the weight of one dtype."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
     if torch.compiler.is_compiling() or not weight.is_contiguous() or x.dim() == 0 or x.shape[-1] != weight.shape[0]:
         return False
-    return 0 < x.numel() <= kernels.MAX_ROWS * weight.shape[0]
+    return 0 < x.numel() <= MAX_VALUES
 
 
 def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

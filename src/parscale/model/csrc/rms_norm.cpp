@@ -4,8 +4,8 @@
 // transformers' forward (LlamaRMSNorm, and the Qwen2, Qwen3, Mistral... copies of it) is seven
 // torch calls on a [rows, hidden] tensor: widen, square, mean, add, rsqrt, multiply, narrow,
 // multiply by the weight. In a decode step each is a few microseconds of dispatch on a few
-// thousand values, and a model calls the norm twice per layer: 75 us per call in bfloat16 on
-// an AVX2 EPYC, 2.5 ms of a 25 ms step at P = 1 and 5 ms at P = 8 (benchmarks/README.md).
+// thousand values, and a model calls the norm twice per layer: 31-40 us per call in bfloat16
+// on an AVX2 EPYC against 12-16 through this kernel, 2 ms per step (benchmarks/norm.py).
 //
 // The arithmetic is the stock one step for step, in float32: the sum of squares divided by the
 // row length, eps added, 1 / sqrt, the product rounded to the input's dtype (bfloat16: nearest
