@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return peak_rss_row(args)
     from parscale.cost.hardware import copy_bandwidth
     from parscale.cost.measure import timed_generate
-    from parscale.model import kernels
+    from parscale.model import kernels, norms, prefix_attention, quantize
 
     streams = [int(p) for p in args.P.split(",")]
     batches = [int(b) for b in args.batch_size.split(",")]
@@ -171,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     prefill: dict[tuple, list[float]] = {}
     bandwidths = []
     load_before, start = os.getloadavg(), time.perf_counter()
-    print(f"kernel: {'compiled' if kernels.library() is not None else 'UNAVAILABLE, stock path'}", file=sys.stderr)
+    built = {"matmul": kernels.library() is not None, "attention": prefix_attention.kernel_library() is not None,
+             "norm": norms.library() is not None, **({"int8": quantize.library() is not None} if args.int8 else {})}
+    print("kernels: " + ", ".join(f"{name} {'compiled' if ok else 'UNAVAILABLE (stock path)'}"
+                                  for name, ok in built.items()), file=sys.stderr)
     for row in rows:  # warm-up: page faults, the kernel build, first-call dispatch
         dtype, key, impl, p, b = row
         if impl != "plain":
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     goals = goal_lines(results, prefill)
     print("\n".join(goals))
     result = {"threads": args.threads, "clock": args.clock, "copy_bandwidth": bandwidth, "bandwidths": bandwidths,
-              "kernel": kernels.library() is not None, "layers": args.layers, "prompt": args.prompt,
+              "kernel": built["matmul"], "kernels": built, "layers": args.layers, "prompt": args.prompt,
               "new_tokens": args.new_tokens, "reps": args.reps, "rows": results,
               "prefill_ms": {f"{d}/{i}": [s * 1e3 for s in v] for (d, i), v in prefill.items()},
               "goals": goals, "timing_process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
