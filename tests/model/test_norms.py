@@ -92,6 +92,10 @@ def test_only_llama_family_norms_are_recognised():
     assert norms.enable(net, False) == 1 and type(net["a"]) is Qwen2RMSNorm
 
 
+class _Subclass(torch.Tensor):
+    pass
+
+
 def test_stock_forward_where_the_kernel_does_not_apply(count_calls):
     if norms.library() is None:
         pytest.skip("no C++ compiler: the kernel cannot be built here")
@@ -104,6 +108,7 @@ def test_stock_forward_where_the_kernel_does_not_apply(count_calls):
         assert calls[0] == 1
         norm(torch.randn(norms.MAX_VALUES // 32 + 1, 32))  # more values than MAX_VALUES (a long prefill)
         norm(x.bfloat16())  # float32 weight, bfloat16 input: torch promotes, the kernel does not
+        norm(x.as_subclass(_Subclass))  # a tensor subclass (a DTensor's shard is not its whole value)
         norm.use_kernel = False
         norm(x)
         norm.use_kernel = True

@@ -35,6 +35,7 @@ _SOURCE = Path(__file__).resolve().parent / "csrc" / "rms_norm.cpp"
 # hidden size, and Qwen3's per-head q/k norms (P*B*heads rows of the head size: 16384 values at
 # P = 8 with 16 heads of 128). A long prefill takes torch's multithreaded forward.
 MAX_VALUES = 1 << 16
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,8 +80,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """CPU inference on at most MAX_VALUES values in float32 or bfloat16, x and the weight of one dtype."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+    """CPU inference on at most MAX_VALUES values in float32 or bfloat16, x and the weight of one
+    dtype, both plain tensors (a tensor subclass, a sharded DTensor for one, may not hold its
+    values where `data_ptr` points)."""
+    if type(x) is not torch.Tensor or type(weight) not in _PLAIN or not (x.is_cpu and weight.is_cpu):
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
