@@ -8,21 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _isa import ISA_FLAGS, build_or_skip
 from parscale.errors import UserError
 from parscale.model import kernels, quantize
 from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import to_parscale
 
-# The instruction paths of the int8 kernel on this CPU, as in test_kernels.py.
-ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "generic": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
-
 
 @pytest.fixture(scope="module", params=list(ISA_FLAGS))
 def lib(request):
-    built = quantize.library(ISA_FLAGS[request.param])
-    if built is None:
-        pytest.skip("no C++ compiler: the int8 kernel cannot be built here")
-    return built
+    return build_or_skip(quantize.library, request.param, "int8 kernel")
 
 
 def _reference_dequantised(w: torch.Tensor) -> torch.Tensor:

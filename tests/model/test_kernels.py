@@ -8,23 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _isa import ISA_FLAGS, build_or_skip
 from parscale.model import kernels, norms
 from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import to_parscale
 
 
-# Each instruction path the compiler can target on this CPU: -march=native (AVX-512 where the CPU
-# has it), AVX2/FMA without AVX-512, and plain C++. The products below run on all three, so a
-# path the default build does not take on this machine is still checked here.
-ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "generic": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
-
-
 @pytest.fixture(scope="module", params=list(ISA_FLAGS))
 def lib(request):
-    built = kernels.library(ISA_FLAGS[request.param])
-    if built is None:
-        pytest.skip("no C++ compiler: the kernel cannot be built here (the fallback is tested below)")
-    return built
+    return build_or_skip(kernels.library, request.param, "decode kernel")
 
 
 @pytest.fixture(scope="module")

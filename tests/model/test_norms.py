@@ -9,19 +9,15 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+from _isa import ISA_FLAGS, build_or_skip
 from parscale.model import norms
 from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import to_parscale
 
-ISA_FLAGS = {"native": (), "avx2": ("-mno-avx512f",), "generic": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
-
 
 @pytest.fixture(scope="module", params=list(ISA_FLAGS))
 def lib(request):
-    built = norms.library(ISA_FLAGS[request.param])
-    if built is None:
-        pytest.skip("no C++ compiler: the kernel cannot be built here")
-    return built
+    return build_or_skip(norms.library, request.param, "RMSNorm kernel")
 
 
 def _norm(hidden: int, dtype: torch.dtype, seed: int = 0, cls=Qwen2RMSNorm) -> nn.Module:
