@@ -225,6 +225,25 @@ def test_training_never_takes_the_kernel(tiny_factory, native_lib, count_calls):
     assert calls[0] > 0  # the same rows without autograd do take it
 
 
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_tensor_subclasses_take_the_stock_product(native_lib, count_calls):
+    """A subclass (a sharded DTensor for one) may not hold its values where data_ptr points."""
+    calls = count_calls(kernels, "skinny_linear")
+    layer = nn.Linear(8, 4)
+    kernels.enable(layer)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        layer(x)
+        assert calls[0] == 1
+        out = layer(x.as_subclass(_Subclass))
+        layer.weight = nn.Parameter(layer.weight.detach().as_subclass(_Subclass), requires_grad=False)
+        layer(x)
+    assert calls[0] == 1 and type(out) is _Subclass
+
+
 def test_enable_keeps_weights_and_leaves_subclasses_alone():
     class Adapter(nn.Linear):
         pass

@@ -162,15 +162,23 @@ def _tracked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
                                         or (bias is not None and bias.requires_grad))
 
 
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """CPU inference with few rows, matching dtypes and plain contiguous weights."""
-    if x.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or x.dtype != weight.dtype:
+    """CPU inference with few rows, matching dtypes and contiguous weights, all plain CPU tensors
+    (a tensor subclass, a sharded DTensor for one, may not hold its values where `data_ptr`
+    points). Run about a hundred times per decode step: `is_cpu` rather than `device.type`
+    (0.06 against 0.4 us)."""
+    if type(x) is not torch.Tensor or type(weight) not in _PLAIN or not (x.is_cpu and weight.is_cpu):
+        return False
+    if weight.dtype not in (torch.float32, torch.bfloat16) or x.dtype != weight.dtype:
         return False
     if _tracked(x, weight, bias):
         return False
     if torch.compiler.is_compiling() or not weight.is_contiguous() or x.dim() == 0:
         return False
-    if bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()):
+    if bias is not None and (type(bias) not in _PLAIN or bias.dtype != weight.dtype or not bias.is_contiguous()):
         return False
     return 0 < x.numel() <= MAX_ROWS * weight.shape[1]
 
