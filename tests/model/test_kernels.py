@@ -173,7 +173,7 @@ def _model(factory, n_streams: int, seed: int = 0):
     return model.eval()
 
 
-@pytest.mark.parametrize("n_streams", [1, 2, 4])
+@pytest.mark.parametrize("n_streams", [1, 2, 4, 8])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_default_path_matches_stock_path_in_generate(tiny_factory, native_lib, count_calls, n_streams, batch):
     model = _model(tiny_factory, n_streams)
@@ -194,8 +194,9 @@ def test_default_path_matches_stock_path_in_generate(tiny_factory, native_lib, c
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_beam_search_matches_stock_path(tiny_factory, native_lib):
-    model = _model(tiny_factory, 2)
+@pytest.mark.parametrize("n_streams", [2, 8])
+def test_beam_search_matches_stock_path(tiny_factory, native_lib, n_streams):
+    model = _model(tiny_factory, n_streams)
     ids = _ids(2, 4)
     kwargs = dict(max_new_tokens=5, num_beams=3, num_return_sequences=3, do_sample=False,
                   return_dict_in_generate=True, output_scores=True)
