@@ -163,7 +163,7 @@ def _dequantised_copy(model):
     return ref
 
 
-@pytest.mark.parametrize("n_streams", [1, 2, 4])
+@pytest.mark.parametrize("n_streams", [1, 2, 4, 8])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_quantized_model_equals_dequantised_float_model(tiny_factory, count_calls, n_streams, batch):
     if quantize.library() is None:
