@@ -153,3 +153,26 @@ def test_qwen3_per_head_norms_take_it_too(count_calls):
     assert torch.equal(fast.sequences, stock.sequences)
     for a, b in zip(fast.scores, stock.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_the_kernel_pickles_and_copies(tiny_factory):
+    """torch.save(model) and deepcopy worked before the class swap and still do: pickle names the
+    swapped class, and the norms module rebuilds it from that name."""
+    import copy
+    import io
+
+    model = to_parscale(tiny_factory("qwen2"), 2).eval()
+    fast = type(model.model.norm)
+    assert fast.__module__ == norms.__name__ and "Qwen2RMSNorm(" in repr(model)  # prints as before
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    ids = torch.randint(2, 97, (1, 4), generator=torch.Generator().manual_seed(0))
+    for other in (loaded, copy.deepcopy(model)):
+        assert type(other.model.norm) is fast
+        with torch.no_grad():
+            assert torch.equal(other(ids).logits, model(ids).logits)
+    assert norms.__getattr__(fast.__qualname__) is fast  # the lookup pickle makes in a new process
+    with pytest.raises(AttributeError):
+        norms.__getattr__("Fast_no_dsuch_cClass")

@@ -436,3 +436,28 @@ def test_a_p1_models_backbone_wraps_again(tiny_factory):
     with torch.no_grad():
         assert p2(_ids(1, 4)).logits.shape == (1, 4, 97)
     assert p1.parscale_config.n_streams == 1
+
+
+def test_a_whole_model_saved_with_torch_save_loads_in_a_new_process(tiny_factory, tmp_path):
+    """`torch.save(model)` pickles the model: a new process must find its classes (the norm
+    kernel's swapped class included) and its attention names before any model was wrapped there."""
+    import subprocess
+    import sys
+
+    ids = torch.randint(2, 97, (1, 5), generator=torch.Generator().manual_seed(0))
+    for n_streams in (1, 2):
+        model = to_parscale(tiny_factory("qwen2"), n_streams, seed=1).eval()
+        torch.save(model, tmp_path / f"p{n_streams}.pt")
+        with torch.no_grad():
+            torch.save(model(ids).logits, tmp_path / f"p{n_streams}-logits.pt")
+    script = (
+        "import sys, torch\n"
+        "ids = torch.randint(2, 97, (1, 5), generator=torch.Generator().manual_seed(0))\n"
+        "for p in (1, 2):\n"
+        "    model = torch.load(f'{sys.argv[1]}/p{p}.pt', weights_only=False)\n"
+        "    with torch.no_grad():\n"
+        "        assert torch.equal(model(ids).logits, torch.load(f'{sys.argv[1]}/p{p}-logits.pt')), p\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

@@ -415,11 +415,7 @@ def register_plain(kind: str) -> str:
     """The attention name for a P = 1 model without prefixes whose stock kind is `kind`:
     `parscale_plain_sdpa` (registered here, with the stock sdpa mask) for sdpa, else `kind`."""
     name = PLAIN_IMPLEMENTATIONS.get(kind)
-    if name is None:
-        return kind
-    AttentionInterface.register(name, plain_attention)
-    AttentionMaskInterface.register(name, sdpa_mask)
-    return name
+    return kind if name is None else _register(name)
 
 
 def implementation_for(requested: str | None) -> str:
@@ -440,11 +436,26 @@ _FUNCTIONS = {"parscale_sdpa": parscale_attention, "parscale_eager": eager_atten
 
 def register_attention(requested: str | None = "sdpa") -> str:
     """Register our attention and mask function for `requested` (idempotent) and return the name."""
-    name = implementation_for(requested)
-    AttentionInterface.register(name, _FUNCTIONS[name])
-    AttentionMaskInterface.register(name, prefix_mask if name == ATTN_IMPLEMENTATION else plain_prefix_mask)
+    return _register(implementation_for(requested))
+
+
+def _register(name: str) -> str:
+    """One of our names, with its attention and mask function, in transformers' registries."""
+    if name in _FUNCTIONS:
+        AttentionInterface.register(name, _FUNCTIONS[name])
+        AttentionMaskInterface.register(name, prefix_mask if name == ATTN_IMPLEMENTATION else plain_prefix_mask)
+    else:  # a P = 1 name (PLAIN_IMPLEMENTATIONS)
+        AttentionInterface.register(name, plain_attention)
+        AttentionMaskInterface.register(name, sdpa_mask)
     return name
 
 
 def is_prefix_attention(name: str | None) -> bool:
     return name in _FUNCTIONS
+
+
+# Every name is registered once on import as well: a whole model unpickled in a new process
+# (`torch.load(path, weights_only=False)` of a `torch.save(model)`) names its attention before
+# anything has wrapped a model there.
+for _name in (*_FUNCTIONS, *PLAIN_IMPLEMENTATIONS.values()):
+    _register(_name)
