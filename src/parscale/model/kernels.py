@@ -165,20 +165,33 @@ def _tracked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 _PLAIN = (torch.Tensor, nn.Parameter)
 
 
+def cpu_inference(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Where the C++ kernels may run, one rule for all of them: x a plain CPU tensor and every
+    given param (None skipped) a plain tensor or Parameter on the CPU (a tensor subclass, a
+    sharded DTensor for one, may not hold its values where `data_ptr` points), no autograd
+    recording any of them (the kernels have no gradient), and not under `torch.compile` (a
+    compiled graph is better served by the plain ops inductor fuses). Run about 150 times per
+    decode step: `is_cpu` rather than `device.type` (0.06 against 0.4 us)."""
+    if type(x) is not torch.Tensor or not x.is_cpu:
+        return False
+    tracked = torch.is_grad_enabled() and x.requires_grad
+    for param in params:
+        if param is not None:
+            if type(param) not in _PLAIN or not param.is_cpu:
+                return False
+            tracked = tracked or (torch.is_grad_enabled() and param.requires_grad)
+    return not tracked and not torch.compiler.is_compiling()
+
+
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """CPU inference with few rows, matching dtypes and contiguous weights, all plain CPU tensors
-    (a tensor subclass, a sharded DTensor for one, may not hold its values where `data_ptr`
-    points). Run about a hundred times per decode step: `is_cpu` rather than `device.type`
-    (0.06 against 0.4 us)."""
-    if type(x) is not torch.Tensor or type(weight) not in _PLAIN or not (x.is_cpu and weight.is_cpu):
+    """CPU inference (`cpu_inference`) with few rows, matching dtypes and contiguous weights."""
+    if not cpu_inference(x, weight, bias):
         return False
     if weight.dtype not in (torch.float32, torch.bfloat16) or x.dtype != weight.dtype:
         return False
-    if _tracked(x, weight, bias):
+    if not weight.is_contiguous() or x.dim() == 0:
         return False
-    if torch.compiler.is_compiling() or not weight.is_contiguous() or x.dim() == 0:
-        return False
-    if bias is not None and (type(bias) not in _PLAIN or bias.dtype != weight.dtype or not bias.is_contiguous()):
+    if bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()):
         return False
     return 0 < x.numel() <= MAX_ROWS * weight.shape[1]
 

@@ -37,7 +37,6 @@ _SOURCE = Path(__file__).resolve().parent / "csrc" / "rms_norm.cpp"
 # hidden size, and Qwen3's per-head q/k norms (P*B*heads rows of the head size: 16384 values at
 # P = 8 with 16 heads of 128). A long prefill takes torch's multithreaded forward.
 MAX_VALUES = 1 << 16
-_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,16 +81,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """CPU inference on at most MAX_VALUES values in float32 or bfloat16, x and the weight of one
-    dtype, both plain tensors (a tensor subclass, a sharded DTensor for one, may not hold its
-    values where `data_ptr` points)."""
-    if type(x) is not torch.Tensor or type(weight) not in _PLAIN or not (x.is_cpu and weight.is_cpu):
+    """CPU inference (`kernels.cpu_inference`) on at most MAX_VALUES values in float32 or
+    bfloat16, x and the weight of one dtype."""
+    if not kernels.cpu_inference(x, weight):
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
-    if torch.compiler.is_compiling() or not weight.is_contiguous() or x.dim() == 0 or x.shape[-1] != weight.shape[0]:
+    if not weight.is_contiguous() or x.dim() == 0 or x.shape[-1] != weight.shape[0]:
         return False
     return 0 < x.numel() <= MAX_VALUES
 

@@ -127,7 +127,7 @@ def plain_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     about 140 us per layer and step setting up for a single bfloat16 query (2.2 of a 28 ms step
     at P = 1 on the benchmark's 16 layers); the kernel takes about 20."""
     if (query.shape[2] == 1 and getattr(module, "parscale_fast_decode", False) and not module.training
-            and kwargs.get("softcap") is None and kwargs.get("s_aux") is None and _cpu_inference(query, key, value)):
+            and kwargs.get("softcap") is None and kwargs.get("s_aux") is None and kernels.cpu_inference(query, key, value)):
         empty = key.new_empty(1, key.shape[1], 0, query.shape[-1])  # one stream, no prefix
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         out = _decode_attention_kernel(query, key, value, attention_mask, empty, empty, scaling)
@@ -218,13 +218,6 @@ def flash_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     return out, None
 
 
-def _cpu_inference(query: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Where the fused CPU kernels may run: they are CPU-only and have no gradient, and a compiled
-    graph is better served by plain matmuls that inductor fuses."""
-    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (query, *others))
-    return query.device.type == "cpu" and not tracked and not torch.compiler.is_compiling()
-
-
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                      prefix_k: torch.Tensor, prefix_v: torch.Tensor, scaling: float) -> torch.Tensor:
     """One query per row over `[its stream's prefix ; the cache]`, without joining or repeating them.
@@ -242,7 +235,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     log-sum-exps, which is the softmax over the joined keys. Elsewhere (CUDA, autograd, graph
     capture), `_decode_attention_matmul`.
     """
-    if not _cpu_inference(query, key, value, prefix_k, prefix_v):
+    if not kernels.cpu_inference(query, key, value, prefix_k, prefix_v):
         return _decode_attention_matmul(query, key, value, mask, prefix_k, prefix_v, scaling)
     out = _decode_attention_kernel(query, key, value, mask, prefix_k, prefix_v, scaling)
     if out is not None:
