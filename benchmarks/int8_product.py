@@ -1,18 +1,24 @@
 """The few-row products behind `quantize_int8()`: int8 candidates against the float32 and bfloat16 kernel.
 
     python benchmarks/int8_product.py [--rows 1,2,4,8] [--threads 1,2] [--reps 5] [--matrices 48]
+                                      [--against REV]
 
 The issue's workload: 48 weight matrices of 2816 x 1024 (as many as the 16-layer decode model's
 gate/up/down projections), multiplied by M rows, timed over all 48 in a row. Variants:
 `f32` and `bf16` (`kernels.skinny_linear`, the default decode path), `int8` (our int8 kernel,
 float32 or bfloat16 activations) and `torch_int8pack` (`torch._weight_int8pack_mm`, torch's CPU
 int8 weight-only kernel). Repetitions are interleaved (each round runs every variant once) and
-the table gives the best of the rounds, in ms. Writes benchmarks/results/int8_product.json.
+the table gives the best of the rounds, in ms. `--against REV` adds the same three kernels as
+they were at git revision REV (built from that revision's `csrc/`, rows marked `@REV`), so a
+kernel change is measured against its predecessor in one run. Writes
+benchmarks/results/int8_product.json.
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,12 +31,31 @@ from parscale.machine import describe, header
 RESULTS = Path(__file__).resolve().parent / "results" / "int8_product.json"
 
 
+def kernels_at(rev: str):
+    """The product kernels (float32/bfloat16 and int8) built from git revision `rev`'s sources."""
+    from parscale.model import kernels, quantize
+
+    root = Path(__file__).resolve().parent.parent
+    csrc = Path(tempfile.mkdtemp(prefix="parscale-csrc-")) / "csrc"
+    csrc.mkdir()
+    for name in ("skinny_linear.cpp", "int8_linear.cpp", "common.h"):
+        text = subprocess.run(["git", "-C", str(root), "show", f"{rev}:src/parscale/model/csrc/{name}"],
+                              capture_output=True, text=True, check=True).stdout
+        (csrc / name).write_text(text)
+    lib = kernels.compiled(csrc / "skinny_linear.cpp", "parscale_skinny_at", (), kernels._bind, f"CPU decode kernel @{rev}",
+                           "no comparison")
+    lib8 = kernels.compiled(csrc / "int8_linear.cpp", "parscale_int8_at", (), quantize._bind, f"CPU int8 kernel @{rev}",
+                            "no comparison")
+    return lib, lib8
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,2,4,8")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--matrices", type=int, default=48)
+    parser.add_argument("--against", metavar="REV", help="also time the kernels of this git revision")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     from parscale.model import kernels, quantize
@@ -52,6 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         "torch_int8pack (x f32)": lambda x32, x16: [torch._weight_int8pack_mm(x32, q, s) for q, s in q8],
         "torch_int8pack (x bf16)": lambda x32, x16: [torch._weight_int8pack_mm(x16, q, s) for (q, _), s in zip(q8, s16)],
     }
+    if args.against:
+        old, old8 = kernels_at(args.against)
+        if old is None or old8 is None:
+            print(f"the kernels of {args.against} cannot be built here", file=sys.stderr)
+            return 1
+        variants.update({
+            f"f32 @{args.against}": lambda x32, x16: [kernels.skinny_linear(x32, w, None, old) for w in w32],
+            f"bf16 @{args.against}": lambda x32, x16: [kernels.skinny_linear(x16, w, None, old) for w in w16],
+            f"int8 (x bf16) @{args.against}": lambda x32, x16: [quantize.int8_linear(x16, q, s, None, old8) for q, s in q8],
+        })
     rows = [int(m) for m in args.rows.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     best: dict[tuple, float] = {}
@@ -73,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     print(header(machine))
     print(f"{args.matrices} matrices of 2816 x 1024, "
           f"best of {args.reps} interleaved rounds, ms; int8 kernel path: {lib8.isa}")
-    print(f"{'variant':<24} {'threads':>7} " + " ".join(f"{f'M={m}':>7}" for m in rows))
+    width = max(24, *(len(name) for name in variants))
+    print(f"{'variant':<{width}} {'threads':>7} " + " ".join(f"{f'M={m}':>7}" for m in rows))
     for t in threads:
         for name in variants:
-            print(f"{name:<24} {t:>7} " + " ".join(f"{best[(name, t, m)]:>7.1f}" for m in rows))
-    result = {"int8_isa": lib8.isa, "matrices": args.matrices, "reps": args.reps,
+            print(f"{name:<{width}} {t:>7} " + " ".join(f"{best[(name, t, m)]:>7.1f}" for m in rows))
+    result = {"int8_isa": lib8.isa, "matrices": args.matrices, "reps": args.reps, "against": args.against,
               "best_ms": [{"variant": n, "threads": t, "rows": m, "ms": v} for (n, t, m), v in best.items()]}
     write_result(args.out, result, __file__, argv, machine)
     return 0

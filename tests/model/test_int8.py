@@ -15,8 +15,18 @@ from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import to_parscale
 
 
-@pytest.fixture(scope="module", params=list(ISA_FLAGS))
+# The int8 kernel has one path more than the others: AVX-512 integer products without VNNI
+# (vpmaddwd and an add in place of vpdpwssd), for AVX-512 CPUs that lack it.
+INT8_FLAGS = {**ISA_FLAGS, "avx512-no-vnni": ("-mno-avx512vnni",)}
+
+
+@pytest.fixture(scope="module", params=list(INT8_FLAGS))
 def lib(request):
+    if request.param not in ISA_FLAGS:
+        built = quantize.library(INT8_FLAGS[request.param])
+        if built is None:
+            pytest.skip("no C++ compiler: the int8 kernel cannot be built here")
+        return built
     return build_or_skip(quantize.library, request.param, "int8 kernel")
 
 
@@ -29,8 +39,8 @@ def _reference_dequantised(w: torch.Tensor) -> torch.Tensor:
 
 
 def _activation_bound(x: torch.Tensor, w_deq: torch.Tensor) -> torch.Tensor:
-    """What rounding x to int16 per row (step max|x_row| / 32767, the AVX2 path) may move each
-    output by: half a step times sum |w|. Zero for the float32 paths' exact x."""
+    """What rounding x to int16 per row (step max|x_row| / 32767, the integer paths) may move
+    each output by: half a step times sum |w|. Zero for the float32 path's exact x."""
     step = x.double().abs().amax(-1, keepdim=True) / 32767
     return step / 2 * w_deq.abs().sum(1)
 
@@ -60,7 +70,7 @@ def test_int8_product_matches_float64_with_dequantised_weights(lib, rows, with_b
     w_deq = _reference_dequantised(w)
     want = F.linear(x.double(), w_deq, b.double() if with_bias else None)
     assert got.shape == (2, rows, 19) and got.dtype == torch.float32
-    bound = _activation_bound(x, w_deq) if lib.isa == "avx2-int16" else 0
+    bound = _activation_bound(x, w_deq) if lib.integer else 0
     assert ((got.double() - want).abs() <= bound + 1e-5 * (1 + want.abs())).all()
     assert torch.equal(got[:, :, 3], torch.zeros_like(got[:, :, 3]) + (b[3] if with_bias else 0))
 
@@ -68,10 +78,10 @@ def test_int8_product_matches_float64_with_dequantised_weights(lib, rows, with_b
 @pytest.mark.parametrize("rows", [1, 3, 8, 11])
 @pytest.mark.parametrize("k", [15, 16, 83, 1024, 2100])
 def test_the_integer_path_is_exact_integer_arithmetic(lib, rows, k):
-    """On the AVX2 integer path y is x's int16 values dotted exactly with the int8 weights: equal
+    """On the integer paths y is x's int16 values dotted exactly with the int8 weights: equal
     to float64 integer arithmetic up to float32's rounding of the result (K = 2100 crosses the
     2048-column passes, 15 and 83 leave tails, 11 rows make a second chunk of rows)."""
-    if lib.isa != "avx2-int16":
+    if not lib.integer:
         pytest.skip(f"the {lib.isa} path multiplies float32 x (test_int8_product_matches_float64_...)")
     gen = torch.Generator().manual_seed(k + rows)
     x, w = torch.randn(rows, k, generator=gen) * torch.logspace(-3, 3, rows)[:, None], torch.randn(21, k, generator=gen)
@@ -80,6 +90,23 @@ def test_the_integer_path_is_exact_integer_arithmetic(lib, rows, k):
     got = quantize.int8_linear(x, q, scale, None, lib).double()
     want, magnitude = _int16_reference(x, q, scale)
     assert ((got - want).abs() <= 1e-6 * magnitude).all()  # float32 rounds the sums and the scales only
+
+
+def test_every_integer_path_gives_the_same_bits():
+    """The AVX2 path (vpmaddwd, 16 columns a step) and the AVX-512 paths (vpdpwssd or vpmaddwd,
+    32 columns, masked tails) round x alike and sum exactly: their outputs must be equal bit for
+    bit, whatever the rows, tails and 2048-column passes."""
+    libs = {name: quantize.library(flags) for name, flags in INT8_FLAGS.items()}
+    integer = {lib.isa: lib for lib in libs.values() if lib is not None and lib.integer}
+    if len(integer) < 2:
+        pytest.skip(f"one integer path builds on this CPU ({sorted(integer)})")
+    gen = torch.Generator().manual_seed(11)
+    for rows, k in [(1, 83), (3, 1024), (8, 2100), (11, 47)]:
+        x, w = torch.randn(rows, k, generator=gen), torch.randn(37, k, generator=gen)
+        q, scale = quantize.quantize_weight(w)
+        outs = {isa: quantize.int8_linear(x, q, scale, None, lib) for isa, lib in integer.items()}
+        first = next(iter(outs.values()))
+        assert all(torch.equal(first, out) for out in outs.values()), (rows, k, sorted(outs))
 
 
 def test_the_integer_sums_do_not_overflow(lib):

@@ -111,6 +111,20 @@ def copy_bandwidth(size_mb: int = 256, repeats: int = 5, clock: Any = time.perf_
     return 2 * numel * 4 / _best_seconds(lambda: dst.copy_(src), repeats, clock)
 
 
+def read_bandwidth(size_mb: int = 256, repeats: int = 5, clock: Any = time.perf_counter) -> float:
+    """Bytes read per second by torch's sum of `size_mb` MiB of float32 (more than any cache).
+
+    A decode step reads and hardly writes. On some machines reading alone is far below the copy's
+    read + write rate (an AMD EPYC of Zen 5: 50 against 81 GB/s), so a floor from the copy rate
+    is one no step can reach there; benchmarks/decode.py reports both.
+    """
+    import torch
+
+    numel = size_mb * 2**20 // 4
+    src = torch.ones(numel)
+    return numel * 4 / _best_seconds(lambda: src.sum(), repeats, clock)
+
+
 def measure_cpu(size_mb: int = 256, matmul_n: int = 1024, repeats: int = 5) -> dict[str, float]:
     """Copy bandwidth (read + write bytes / s), float32 matmul rate (2n^3 / s), and the
     rate at which a matrix-vector product streams its matrix (bytes / s).

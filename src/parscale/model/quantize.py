@@ -8,9 +8,9 @@ backbone and the lm_head (not to a head tied to the embeddings, nor to the strea
 the prefixes and the aggregation MLP keep their dtype).
 
 Decoding with few rows on the CPU takes `csrc/int8_linear.cpp`, the skinny kernel's scheme (built
-at first use like `kernels`): on AVX2 without AVX-512, integer products of int8 weights with the
-activations rounded to int16 per row; with AVX-512 or in plain C++, int8 widened to float32 in
-registers. torch's own `torch._weight_int8pack_mm` does the same product, but on
+at first use like `kernels`): on AVX2 and AVX-512, integer products of int8 weights with the
+activations rounded to int16 per row (AVX-512 VNNI's vpdpwssd where the CPU has it); in plain
+C++, or for a row holding a NaN or an infinity, int8 widened to float32. torch's own `torch._weight_int8pack_mm` does the same product, but on
 the issue's workload (48 matrices of 2816 x 1024, M = 1-8 rows, one thread, best of 5,
 benchmarks/int8_product.py) it took 35-81 ms with bfloat16 activations and 308-2419 ms with
 float32 ones, against 29-60 ms for this kernel with either, so the opt-in uses this kernel
@@ -54,7 +54,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, ctypes.c_int]
         fn.restype = None
     lib.parscale_int8_isa.restype = ctypes.c_int
-    lib.isa = {3: "avx2-int16", 2: "avx512", 1: "avx2", 0: "generic"}[lib.parscale_int8_isa()]
+    # 2 and 1 (float32 products on AVX-512, AVX2): earlier builds, which benchmarks/int8_product.py --against may load
+    lib.isa = {5: "avx512-vnni", 4: "avx512-int16", 3: "avx2-int16", 2: "avx512", 1: "avx2",
+               0: "generic"}[lib.parscale_int8_isa()]
+    lib.integer = lib.isa.endswith(("vnni", "int16"))  # x rounded to int16 per row, exact integer sums (csrc/int8_linear.cpp)
     return lib
 
 

@@ -4,18 +4,22 @@
 // same scheme as skinny_linear.cpp (each weight row streamed once and dotted with every row of
 // x while it sits in L1), reading a quarter of the float32 bytes. Three instruction paths chosen
 // by the compiler flags:
-// - AVX2 without AVX-512: integer products. Each row of x is quantised once per call to int16
-//   (scale max|x_row| / 32767: a relative error of 1.5e-5 of the row's largest value, 250 times
-//   finer than the weights' int8 step), the weights are sign-extended to int16 in registers and
-//   multiplied with vpmaddwd, 16 multiply-adds per instruction summed exactly into int32. The
-//   float32 path below widens every 8 weights in two steps and does 8 multiply-adds per FMA, so
-//   8 rows of x made it compute-bound (the int8 P = 8 decode step at 1.93x P = 1 on an AVX2-only
-//   EPYC). Measured there (benchmarks/README.md, 48 matrices of 2816 x 1024, 2 threads): 8 rows
-//   17.4 -> 12.4 ms, 1 row 7.3 -> 6.4 ms. Rows with a NaN or an infinity take the float32 path,
-//   so they propagate as in F.linear. AVX-512 CPUs keep their float32 path: an integer (VNNI)
-//   variant there has not been written or measured.
-// - AVX-512 (16 lanes, masked tails) and AVX2 when the integer path cannot run: int8 widened
-//   to float32 in registers (sign-extend, convert), float32 sums of exact integers times x.
+// - Integer products, on AVX2 and on AVX-512 (BW). Each row of x is quantised once per call to
+//   int16 (scale max|x_row| / 32767: a relative error of 1.5e-5 of the row's largest value, 250
+//   times finer than the weights' int8 step), the weights are sign-extended to int16 in
+//   registers and multiplied pairwise, summed exactly into int32: vpmaddwd (16 multiply-adds
+//   per AVX2 instruction), or with AVX-512 VNNI vpdpwssd (32 multiply-adds and the add in one
+//   instruction; vpmaddwd and an add where AVX-512 has no VNNI). The float32 path below widens
+//   every 8 or 16 weights in two steps and does one multiply-add per lane, so 8 rows of x made it
+//   compute-bound. Measured (benchmarks/README.md, 48 matrices of 2816 x 1024, 2 threads): on
+//   an AVX2-only EPYC 8 rows 17.4 -> 12.4 ms, 1 row 7.3 -> 6.4 ms; on an AVX-512 EPYC with
+//   VNNI (Zen 5), against its float32 path in the same run, 8 rows 6.1 -> 5.7 ms and 7.1 ->
+//   5.4 ms an hour apart (the machine's memory speed moved between them), 1 row 3.8 -> 3.4 ms
+//   (with one weight row at a time, below). Rows with a NaN or an infinity
+//   take the float32 path, so they propagate as in F.linear. Both paths give the same integers
+//   (the same rounding of x, exact sums), so their outputs differ by float32 rounding only.
+// - AVX-512 and AVX2 when the integer path cannot run (a NaN or an infinity in x): int8
+//   widened to float32 in registers (sign-extend, convert), float32 sums of exact integers times x.
 // - plain C++ (the compiler vectorises it).
 // The scales are applied once per output at the end.
 //
@@ -35,8 +39,11 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define PARSCALE_AVX512 1
 #endif
-#if defined(PARSCALE_AVX2) && !defined(PARSCALE_AVX512)
-#define PARSCALE_INT16 1  // integer products (the header says why); AVX-512 keeps its float32 path
+#ifdef PARSCALE_AVX2
+#define PARSCALE_INT16 1  // integer products (the header says why)
+#endif
+#if defined(PARSCALE_AVX512) && defined(__AVX512VNNI__)
+#define PARSCALE_VNNI 1  // vpdpwssd: the pairwise int16 products and their sum in one instruction
 #endif
 #ifdef PARSCALE_AVX2
 // One 64-byte line of int8 weights per 64 elements: ask for the same offset in the next R rows,
@@ -105,8 +112,8 @@ inline void block(const float* x, int64_t K, const int8_t* w, float* out, int64_
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m) out[m * ldy + r] = acc_s[r][m];
 }
 
-#ifdef PARSCALE_AVX512
-template <int MC> constexpr int rows_per_step() { return MC <= 2 ? 8 : (MC <= 4 ? 4 : 2); }
+#ifdef PARSCALE_AVX512  // one row of x: one weight row at a time, as in skinny_linear.cpp (which says why)
+template <int MC> constexpr int rows_per_step() { return MC == 1 ? 1 : (MC <= 2 ? 8 : (MC <= 4 ? 4 : 2)); }
 #else
 template <int MC> constexpr int rows_per_step() { return MC <= 2 ? 4 : (MC <= 4 ? 2 : 1); }
 #endif
@@ -137,6 +144,25 @@ void chunk(int64_t mc, const float* x, int64_t K, const int8_t* w, float* y, int
 // ---------------------------------------------------------------- the integer path (AVX2)
 constexpr int64_t INT16_MAX_LEN = 2048;  // columns per pass at most: no int32 lane can overflow (below)
 
+#ifdef PARSCALE_AVX512
+inline __m512i dot_pairs(__m512i acc, __m512i w, __m512i x) {  // acc + the sums of pairs of int16 products, exact
+#ifdef PARSCALE_VNNI
+  return _mm512_dpwssd_epi32(acc, w, x);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
+#endif
+}
+
+inline __m512i dot_i16(__m512i acc, const int8_t* w, const int16_t* x, __mmask32 mask) {  // 32 columns
+  return dot_pairs(acc, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w)), _mm512_maskz_loadu_epi16(mask, x));
+}
+
+inline int64_t hsum_i64(__m512i v) {  // 16 int32 lanes summed in int64 (their int32 sum may overflow)
+  return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                                                  _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
+}
+#endif
+
 inline int64_t hsum_i64(__m256i v) {  // 8 int32 lanes summed in int64, in registers
   // (through a memory array GCC kept the accumulators of the loop in memory too: 2x slower)
   const __m256i wide = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
@@ -150,6 +176,43 @@ inline int64_t hsum_i64(__m256i v) {  // 8 int32 lanes summed in int64, in regis
 // 2048 columns stay below 128 * 2 * 32767 * 127 = 1.07e9 < 2^31.
 template <int MC, int R>
 inline void block_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w, float* out, int64_t ldy, bool add) {
+#ifdef PARSCALE_AVX512
+  // 32 columns per step into 16 int32 lanes (two products per lane per step, as AVX2's 16 into
+  // 8), the tail masked (zeros add nothing): so no lane holds more products than on AVX2.
+  if constexpr (MC == 1 && R == 1) {  // one row of x: one weight row at a time (rows_per_step says why)
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;  // 4 lanes of 16 take turns: fewer products each
+    int64_t k = 0;
+    for (; k + 128 <= len; k += 128) {
+      a0 = dot_i16(a0, w + k, x + k, 0xFFFFFFFFu);
+      a1 = dot_i16(a1, w + k + 32, x + k + 32, 0xFFFFFFFFu);
+      a2 = dot_i16(a2, w + k + 64, x + k + 64, 0xFFFFFFFFu);
+      a3 = dot_i16(a3, w + k + 96, x + k + 96, 0xFFFFFFFFu);
+    }
+    for (; k < len; k += 32)
+      a0 = dot_i16(a0, w + k, x + k, len - k >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (len - k)) - 1));
+    const int64_t sum = hsum_i64(a0) + hsum_i64(a1) + hsum_i64(a2) + hsum_i64(a3);
+    out[0] = (add ? out[0] : 0.0f) + static_cast<float>(sum);
+    return;
+  }
+  __m512i acc[R][MC];
+  PARSCALE_UNROLL for (int r = 0; r < R; ++r)
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < len; k += 32) {
+    const __mmask32 mask = len - k >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (len - k)) - 1);
+    __m512i wv[R];
+    PARSCALE_UNROLL for (int r = 0; r < R; ++r) {
+      if (k % 64 == 0) PARSCALE_PREFETCH(w, r, R, ld, k);
+      wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + r * ld + k));
+    }
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * ld + k);
+      PARSCALE_UNROLL for (int r = 0; r < R; ++r) acc[r][m] = dot_pairs(acc[r][m], wv[r], xv);
+    }
+  }
+  PARSCALE_UNROLL for (int r = 0; r < R; ++r)
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m)
+      out[m * ldy + r] = (add ? out[m * ldy + r] : 0.0f) + static_cast<float>(hsum_i64(acc[r][m]));
+#else
   __m256i acc[R][MC];
   PARSCALE_UNROLL for (int r = 0; r < R; ++r)
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_setzero_si256();
@@ -174,12 +237,13 @@ inline void block_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w
   PARSCALE_UNROLL for (int r = 0; r < R; ++r)
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m)
       out[m * ldy + r] = (add ? out[m * ldy + r] : 0.0f) + static_cast<float>(sums[r][m]);
+#endif
 }
 
 template <int MC>
 void rows_range_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w, float* y, int64_t N, int64_t n0,
                     int64_t n1, bool add) {
-  constexpr int R = rows_per_step<MC>();  // MC * R accumulators + R weight vectors + x: at most 13 of 16 registers
+  constexpr int R = rows_per_step<MC>();  // MC * R accumulators + R weight vectors + x: 13 of AVX2's 16 registers at most, 25 of AVX-512's 32
   int64_t n = n0;
   for (; n + R <= n1; n += R) block_i16<MC, R>(x, len, ld, w + n * ld, y + n, N, add);
   for (; n < n1; ++n) block_i16<MC, 1>(x, len, ld, w + n * ld, y + n, N, add);
@@ -304,13 +368,16 @@ extern "C" void parscale_int8_bf16(const uint16_t* x, int64_t M, int64_t K, cons
   int8_product(x32.data(), M, K, w, scale, bias, y32.data(), y, N, threads);
 }
 
-extern "C" int parscale_int8_isa() {  // 3: AVX2 integer products, 2: AVX-512, 1: AVX2/FMA, 0: plain C++
-#if defined(PARSCALE_INT16)
-  return 3;
+// 5: AVX-512 VNNI integer products, 4: AVX-512 integer products without VNNI, 3: AVX2 integer
+// products, 0: plain C++ (2 and 1, the float32 paths of AVX-512 and AVX2, now run only for a row
+// with a NaN or an infinity).
+extern "C" int parscale_int8_isa() {
+#if defined(PARSCALE_VNNI)
+  return 5;
 #elif defined(PARSCALE_AVX512)
-  return 2;
-#elif defined(PARSCALE_AVX2)
-  return 1;
+  return 4;
+#elif defined(PARSCALE_INT16)
+  return 3;
 #else
   return 0;
 #endif
