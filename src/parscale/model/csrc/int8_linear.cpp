@@ -13,9 +13,9 @@
 //   every 8 or 16 weights in two steps and does one multiply-add per lane, so 8 rows of x made it
 //   compute-bound. Measured (benchmarks/README.md, 48 matrices of 2816 x 1024, 2 threads): on
 //   an AVX2-only EPYC 8 rows 17.4 -> 12.4 ms, 1 row 7.3 -> 6.4 ms; on an AVX-512 EPYC with
-//   VNNI (Zen 5), against its float32 path in the same run, 8 rows 6.1 -> 5.7 ms and 7.1 ->
-//   5.4 ms an hour apart (the machine's memory speed moved between them), 1 row 3.8 -> 3.4 ms
-//   (with one weight row at a time, below). Rows with a NaN or an infinity
+//   VNNI (Zen 5), against the earlier float32 path in the same run (int8_product.py --against),
+//   8 rows 6.1 -> 5.7 ms, 1 row 3.8 -> 3.4 ms (with one weight row at a time, below): the gain
+//   at 8 rows is small there, as its FMAs were not far behind. Rows with a NaN or an infinity
 //   take the float32 path, so they propagate as in F.linear. Both paths give the same integers
 //   (the same rounding of x, exact sums), so their outputs differ by float32 rounding only.
 // - AVX-512 and AVX2 when the integer path cannot run (a NaN or an infinity in x): int8
