@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"dtype": dtype, "impl": impl, "P": p, "batch_size": b, "ms_per_token": med * 1e3,
                         "min_ms": min(times[row]) * 1e3, "max_ms": max(times[row]) * 1e3, "floor_ms": floor * 1e3,
                         "x_floor": med / floor, "read_floor_ms": nbytes / read * 1e3, "x_read_floor": med * read / nbytes,
-                        "kv_bytes_per_token": per_token[row],
+                        "kv_bytes_per_token": per_token[row], "round_ms": [t * 1e3 for t in times[row]],
                         "peak_rss_bytes": rss.get((dtype, key, b), {}).get("peak_rss"),
                         "built_rss_bytes": rss.get((dtype, key, b), {}).get("built_rss")})
     base = {(r["dtype"], r["impl"], r["batch_size"]): r["ms_per_token"] for r in results if r["P"] == 1}

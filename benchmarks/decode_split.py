@@ -1,0 +1,122 @@
+"""Where a decode step's time goes: the few-row products, the decode attention, the aggregation,
+the norms, and everything else (the eager work around them and `generate`'s own per-step work).
+
+    python benchmarks/decode_split.py [--dtype bfloat16] [--P 1,8] [--int8] [--reps 3] [--threads 2]
+
+The model of `benchmarks/decode.py` (random weights, 16 layers, hidden 1024, 64-token prompt,
+32 new tokens, batch 1). The four parts are timed by wrapping their Python entry points
+(`kernels.skinny_linear` and `quantize.int8_linear`, `prefix_attention.decode_attention`,
+`AggregationHead.forward`, `norms.rms_norm`) with a wall clock; a step's time is that of
+generating 33 tokens less that of generating 1, divided by 32, and each part likewise, so the
+prefill is left out. "other" is the step less the four parts. At P = 1 the attention runs the
+stock path or the P = 1 kernel through another entry point, so it counts as "other" there.
+Rounds are interleaved over the rows; the table gives medians, in ms per token. Writes
+benchmarks/results/decode_split.json.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from _result import write_result  # benchmarks/_result.py
+from decode import DTYPES, build  # benchmarks/decode.py: the same model
+
+from parscale.machine import describe, header
+
+RESULTS = Path(__file__).resolve().parent / "results" / "decode_split.json"
+PARTS = ("products", "attention", "aggregation", "norm")
+
+
+def instrument(spent: dict[str, float]) -> None:
+    """Wrap each part's entry point so that its wall time adds up in `spent` (for this process)."""
+    from parscale.model import aggregation, kernels, norms, prefix_attention, quantize
+
+    def wrap(owner, name: str, part: str) -> None:
+        inner = getattr(owner, name)
+
+        @functools.wraps(inner)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[part] = spent.get(part, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    wrap(kernels, "skinny_linear", "products")
+    wrap(quantize, "int8_linear", "products")
+    wrap(prefix_attention, "decode_attention", "attention")
+    wrap(aggregation.AggregationHead, "forward", "aggregation")
+    wrap(norms, "rms_norm", "norm")
+
+
+def split_step(model, prompt: torch.Tensor, new_tokens: int, spent: dict[str, float]) -> dict[str, float]:
+    """ms per decode step, in total and per part: (generate new_tokens + 1) less (generate 1)."""
+    def run(tokens: int) -> tuple[float, dict[str, float]]:
+        spent.clear()
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return time.perf_counter() - start, dict(spent)
+
+    with torch.no_grad():
+        long, long_parts = run(new_tokens + 1)
+        short, short_parts = run(1)
+    row = {part: (long_parts.get(part, 0.0) - short_parts.get(part, 0.0)) / new_tokens * 1e3 for part in PARTS}
+    row["step"] = (long - short) / new_tokens * 1e3
+    row["other"] = row["step"] - sum(row[part] for part in PARTS)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    parser.add_argument("--P", default="1,8")
+    parser.add_argument("--int8", action="store_true", help="also the same models after quantize_int8()")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    streams = [int(p) for p in args.P.split(",")]
+    models = build(args.layers, DTYPES[args.dtype], streams, plain=False)  # "P1", "P8", ...: the same weights
+    if args.int8:
+        import copy
+
+        models.update({f"{key}-int8": copy.deepcopy(model).quantize_int8() for key, model in list(models.items())})
+    spent: dict[str, float] = {}
+    instrument(spent)
+    prompt = torch.randint(0, 32000, (1, 64), generator=torch.Generator().manual_seed(0))
+    for model in models.values():  # warm-up: kernel builds, first-call dispatch
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=2, do_sample=False)
+    rows: dict[str, list[dict[str, float]]] = {key: [] for key in models}
+    for rep in range(args.reps):
+        for key, model in models.items():
+            rows[key].append(split_step(model, prompt, args.new_tokens, spent))
+        print(f"round {rep + 1}/{args.reps} done", file=sys.stderr)
+    machine = describe()
+    columns = ("step", *PARTS, "other")
+    medians = {key: {c: statistics.median(r[c] for r in runs) for c in columns} for key, runs in rows.items()}
+    print(header(machine))
+    print(f"{args.threads} thread(s), {args.dtype}, {args.layers} layers, prompt 64, {args.new_tokens} new tokens, "
+          f"median of {args.reps} interleaved rounds, ms per token")
+    print(f"{'model':<9} " + " ".join(f"{c:>11}" for c in columns))
+    for key, row in medians.items():
+        print(f"{key:<9} " + " ".join(f"{row[c]:>11.2f}" for c in columns))
+    result = {"dtype": args.dtype, "threads": args.threads, "layers": args.layers, "new_tokens": args.new_tokens,
+              "reps": args.reps, "median_ms": medians, "rounds_ms": rows}
+    write_result(args.out, result, __file__, argv, machine)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
