@@ -65,6 +65,55 @@ inline __m512 load16(const uint16_t* w, __mmask16 mask) {  // bfloat16 bits -> f
   __m256i half = _mm256_maskz_loadu_epi16(mask, w);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
+#ifdef PARSCALE_BF16DOT
+inline __m512bh bf16x32(const uint16_t* p, __mmask32 mask) {  // 32 bfloat16 values (masked lanes 0)
+  const __m512i v = _mm512_maskz_loadu_epi16(mask, p);
+  return reinterpret_cast<const __m512bh&>(v);
+}
+#endif
+
+// out[m * ldy] (+)= dot(x[m], w) for MC rows of x and one weight row, read straight through
+// (rows_per_step says when and why): U steps unrolled, so MC * U independent accumulators hide
+// the multiply-add latency. From two rows of x on, the weights 2 KB ahead are asked for (a
+// block's rows lie one after another, so near the end of a row this reaches into the next):
+// with that much arithmetic per line the hardware prefetcher alone fell behind (bfloat16, 2
+// rows 9.0 -> 7.6 ms, 4 rows 9.7 -> 8.1 on the 48 matrices of 2816 x 1024, Zen 5, 2 threads).
+template <int MC, typename XT, typename WT>
+inline void row_at_a_time(const XT* x, int64_t len, int64_t ld, const WT* w, float* out, int64_t ldy, bool add) {
+  constexpr bool dot = sizeof(XT) == 2;  // bfloat16 x and weights: vdpbf16ps, 32 columns a step
+  constexpr int64_t S = dot ? 32 : 16;
+  constexpr int U = MC == 1 ? 4 : (MC <= 8 ? 8 / MC : 1);
+  __m512 acc[U][MC];
+  PARSCALE_UNROLL for (int u = 0; u < U; ++u)
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc[u][m] = _mm512_setzero_ps();
+  auto step = [&](__m512* a, int64_t k, int64_t n) {  // columns k .. k + n (n <= S) into a[0 .. MC)
+    if constexpr (MC > 1) _mm_prefetch(reinterpret_cast<const char*>(w + k) + 2048, _MM_HINT_T0);
+#ifdef PARSCALE_BF16DOT
+    if constexpr (dot) {
+      const __mmask32 mask = n >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1);
+      const __m512bh wv = bf16x32(w + k, mask);
+      PARSCALE_UNROLL for (int m = 0; m < MC; ++m) a[m] = _mm512_dpbf16_ps(a[m], wv, bf16x32(x + m * ld + k, mask));
+      return;
+    }
+#endif
+    if constexpr (!dot) {
+      const __mmask16 mask = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+      const __m512 wv = load16(w + k, mask);
+      PARSCALE_UNROLL for (int m = 0; m < MC; ++m)
+        a[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, reinterpret_cast<const float*>(x) + m * ld + k), a[m]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + U * S <= len; k += U * S)
+    PARSCALE_UNROLL for (int u = 0; u < U; ++u) step(acc[u], k + u * S, S);
+  for (; k < len; k += S) step(acc[0], k, len - k);
+  PARSCALE_UNROLL for (int m = 0; m < MC; ++m) {
+    __m512 total = acc[0][m];
+    PARSCALE_UNROLL for (int u = 1; u < U; ++u) total = _mm512_add_ps(total, acc[u][m]);
+    const float sum = _mm512_reduce_add_ps(total);
+    out[m * ldy] = add ? out[m * ldy] + sum : sum;
+  }
+}
 #endif
 #endif
 
@@ -86,22 +135,7 @@ inline void block(const float* x, int64_t len, int64_t ld, const WT* w, float* o
   int64_t k = 0;
   float acc_s[R][MC] = {};
 #if defined(PARSCALE_AVX512)
-  if constexpr (MC == 1 && R == 1) {  // one row of x: one weight row at a time (rows_per_step says why)
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; k + 64 <= len; k += 64) {
-      a0 = _mm512_fmadd_ps(load16(w + k, 0xFFFF), _mm512_loadu_ps(x + k), a0);
-      a1 = _mm512_fmadd_ps(load16(w + k + 16, 0xFFFF), _mm512_loadu_ps(x + k + 16), a1);
-      a2 = _mm512_fmadd_ps(load16(w + k + 32, 0xFFFF), _mm512_loadu_ps(x + k + 32), a2);
-      a3 = _mm512_fmadd_ps(load16(w + k + 48, 0xFFFF), _mm512_loadu_ps(x + k + 48), a3);
-    }
-    for (; k < len; k += 16) {
-      const __mmask16 mask = len - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - k)) - 1);
-      a0 = _mm512_fmadd_ps(load16(w + k, mask), _mm512_maskz_loadu_ps(mask, x + k), a0);
-    }
-    const float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    out[0] = add ? out[0] + sum : sum;
-    return;
-  }
+  if constexpr (R == 1) return row_at_a_time<MC>(x, len, ld, w, out, ldy, add);
   // 16 lanes; the tail is a masked load (zeros add nothing), so no scalar loop runs.
   __m512 acc[R][MC];
   PARSCALE_UNROLL for (int r = 0; r < R; ++r)
@@ -169,34 +203,13 @@ inline void block(const float* x, int64_t len, int64_t ld, const WT* w, float* o
 }
 
 #ifdef PARSCALE_BF16DOT
-inline __m512bh bf16x32(const uint16_t* p, __mmask32 mask = 0xFFFFFFFFu) {  // 32 bfloat16 values (masked lanes 0)
-  const __m512i v = _mm512_maskz_loadu_epi16(mask, p);
-  return reinterpret_cast<const __m512bh&>(v);
-}
-
 // The same with bfloat16 activations: vdpbf16ps multiplies 32 bfloat16 pairs exactly and adds
 // them into 16 float32 sums, so nothing is widened in registers (the widening made the AVX2
 // path core-bound at half the bytes). The inputs are exactly those the stock kernels see.
 template <int MC, int R>
 inline void block(const uint16_t* x, int64_t len, int64_t ld, const uint16_t* w, float* out, int64_t ldy,
                   bool add) {
-  if constexpr (MC == 1 && R == 1) {  // one row of x: one weight row at a time (rows_per_step says why)
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t k = 0;
-    for (; k + 128 <= len; k += 128) {
-      a0 = _mm512_dpbf16_ps(a0, bf16x32(w + k), bf16x32(x + k));
-      a1 = _mm512_dpbf16_ps(a1, bf16x32(w + k + 32), bf16x32(x + k + 32));
-      a2 = _mm512_dpbf16_ps(a2, bf16x32(w + k + 64), bf16x32(x + k + 64));
-      a3 = _mm512_dpbf16_ps(a3, bf16x32(w + k + 96), bf16x32(x + k + 96));
-    }
-    for (; k < len; k += 32) {
-      const __mmask32 mask = len - k >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (len - k)) - 1);
-      a0 = _mm512_dpbf16_ps(a0, bf16x32(w + k, mask), bf16x32(x + k, mask));
-    }
-    const float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    out[0] = add ? out[0] + sum : sum;
-    return;
-  }
+  if constexpr (R == 1) return row_at_a_time<MC>(x, len, ld, w, out, ldy, add);
   __m512 acc[R][MC];
   PARSCALE_UNROLL for (int r = 0; r < R; ++r)
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -219,15 +232,16 @@ inline void block(const uint16_t* x, int64_t len, int64_t ld, const uint16_t* w,
 #endif
 
 // Weight rows per step: enough independent accumulators to hide the FMA latency, and all of
-// them in registers (AVX2 has 16 vector registers, AVX-512 32). With AVX-512 one row of x takes
-// one weight row at a time, straight through with four accumulators: a single stream that the
-// hardware prefetcher follows. On an AVX-512 EPYC (Zen 5) the 113 matrices of the benchmark's
-// 16-layer model read 20-25% faster so than as 8 rows side by side with software prefetch
-// (bfloat16, 2 threads, interleaved: 65 against 52-54 GB/s, where torch's sum reads 69-85);
-// with more rows of x the products need the side-by-side rows and their prefetch (8 rows as
-// one row at a time: 30-34 against 44 GB/s), so those keep them.
+// them in registers (AVX2 has 16 vector registers, AVX-512 32). With AVX-512, up to 4 rows of
+// x take one weight row at a time, straight through (`row_at_a_time`): a single stream that the
+// hardware prefetcher follows. On an AVX-512 EPYC (Zen 5), bfloat16, 2 threads, interleaved
+// with the earlier scheme (several weight rows side by side, each row's next lines prefetched
+// R rows ahead): 1 row of x over the 113 matrices of the benchmark's 16-layer model 65 against
+// 52-54 GB/s (torch's sum read 69-85 then); 2 and 4 rows over 48 matrices of 2816 x 1024 7.6
+// against 9.0 ms and 8.1 against 9.7. With 8 rows the side-by-side rows stay faster (9.3
+// against 9.9 ms one at a time), so 5-8 rows keep them.
 #ifdef PARSCALE_AVX512
-template <int MC> constexpr int rows_per_step() { return MC == 1 ? 1 : (MC <= 2 ? 8 : (MC <= 4 ? 4 : 2)); }
+template <int MC> constexpr int rows_per_step() { return MC <= 4 ? 1 : 2; }
 #else
 template <int MC> constexpr int rows_per_step() { return MC <= 2 ? 4 : (MC <= 4 ? 2 : 1); }
 #endif
