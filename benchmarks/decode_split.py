@@ -10,7 +10,9 @@ The model of `benchmarks/decode.py` (random weights, 16 layers, hidden 1024, 64-
 generating 33 tokens less that of generating 1, divided by 32, and each part likewise, so the
 prefill is left out. "other" is the step less the four parts. At P = 1 the attention runs the
 stock path or the P = 1 kernel through another entry point, so it counts as "other" there.
-Rounds are interleaved over the rows; the table gives medians, in ms per token. Writes
+Rounds are interleaved over the rows; the table gives medians, in ms per token. Each round also
+measures the read bandwidth (torch's sum of 256 MiB): on a machine whose memory is shared with
+other work it moves, and the products' share with it. Writes
 benchmarks/results/decode_split.json.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from _result import write_result  # benchmarks/_result.py
 from decode import DTYPES, build  # benchmarks/decode.py: the same model
 
+from parscale.cost.hardware import read_bandwidth
 from parscale.machine import describe, header
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode_split.json"
@@ -99,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             model.generate(prompt, max_new_tokens=2, do_sample=False)
     rows: dict[str, list[dict[str, float]]] = {key: [] for key in models}
+    reads = []
     for rep in range(args.reps):
+        reads.append(read_bandwidth(256, 3))
         for key, model in models.items():
             rows[key].append(split_step(model, prompt, args.new_tokens, spent))
         print(f"round {rep + 1}/{args.reps} done", file=sys.stderr)
@@ -108,12 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     medians = {key: {c: statistics.median(r[c] for r in runs) for c in columns} for key, runs in rows.items()}
     print(header(machine))
     print(f"{args.threads} thread(s), {args.dtype}, {args.layers} layers, prompt 64, {args.new_tokens} new tokens, "
-          f"median of {args.reps} interleaved rounds, ms per token")
+          f"median of {args.reps} interleaved rounds, ms per token; read bandwidth "
+          f"{statistics.median(reads) / 1e9:.1f} GB/s (rounds {min(reads) / 1e9:.0f}-{max(reads) / 1e9:.0f})")
     print(f"{'model':<9} " + " ".join(f"{c:>11}" for c in columns))
     for key, row in medians.items():
         print(f"{key:<9} " + " ".join(f"{row[c]:>11.2f}" for c in columns))
     result = {"dtype": args.dtype, "threads": args.threads, "layers": args.layers, "new_tokens": args.new_tokens,
-              "reps": args.reps, "median_ms": medians, "rounds_ms": rows}
+              "reps": args.reps, "median_ms": medians, "rounds_ms": rows, "read_bandwidths": reads}
     write_result(args.out, result, __file__, argv, machine)
     return 0
 
