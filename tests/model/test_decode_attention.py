@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _isa import require_kernel
 from parscale.model import prefix_attention as attention
 from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import to_parscale
@@ -20,8 +21,7 @@ def _flash_split(*args):
 
 def _kernel(*args):
     """The CPU path: `csrc/decode_attention.cpp` (skipped where it cannot be built)."""
-    if attention.kernel_library() is None:
-        pytest.skip("no C++ compiler: the decode attention kernel cannot be built here")
+    require_kernel(attention.kernel_library(), "decode attention kernel")
     out = attention._decode_attention_kernel(*args)
     assert out is not None, "the kernel did not take these inputs"
     return out
@@ -161,8 +161,8 @@ def test_greedy_generate_equals_the_uncached_argmax_loop(tiny_factory, count_cal
     """Left-padded batch of 3: every decode step goes through the CPU path (the C++ kernel, or
     torch's fused attention twice without it), and its tokens and logits are those of full
     forwards over the whole sequence (prefill path, no cache)."""
-    if path == "kernel" and attention.kernel_library() is None:
-        pytest.skip("no C++ compiler: the decode attention kernel cannot be built here")
+    if path == "kernel":
+        require_kernel(attention.kernel_library(), "decode attention kernel")
     monkeypatch.setattr(attention, "use_kernel", path == "kernel")
     config = ParScaleConfig(n_streams, 3, prefix_at_p1=n_streams == 1)
     model = to_parscale(tiny_factory("qwen2"), config, seed=2).eval()
@@ -195,8 +195,7 @@ def test_p1_decoding_takes_the_kernel_and_keeps_the_plain_models_tokens(tiny_fac
     """P = 1 without prefixes (`parscale_plain_sdpa`): every decode step's attention is the C++
     kernel with an empty prefix; tokens are those of the plain transformers model, logits within
     float32 rounding. With the fast kernels off, no kernel call and the plain model bit for bit."""
-    if attention.kernel_library() is None:
-        pytest.skip("no C++ compiler: the decode attention kernel cannot be built here")
+    require_kernel(attention.kernel_library(), "decode attention kernel")
     plain = tiny_factory(family, seed=3)
     model = to_parscale(tiny_factory(family, seed=3), ParScaleConfig(1)).eval()
     assert model.config._attn_implementation == "parscale_plain_sdpa"

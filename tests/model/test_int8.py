@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _isa import ISA_FLAGS, build_or_skip
+from _isa import ISA_FLAGS, build_or_skip, require_kernel
 from parscale.errors import UserError
 from parscale.model import kernels, quantize
 from parscale.model.config import ParScaleConfig
@@ -22,12 +22,7 @@ INT8_FLAGS = {**ISA_FLAGS, "avx512-no-vnni": ("-mno-avx512vnni",)}
 
 @pytest.fixture(scope="module", params=list(INT8_FLAGS))
 def lib(request):
-    if request.param not in ISA_FLAGS:
-        built = quantize.library(INT8_FLAGS[request.param])
-        if built is None:
-            pytest.skip("no C++ compiler: the int8 kernel cannot be built here")
-        return built
-    return build_or_skip(quantize.library, request.param, "int8 kernel")
+    return build_or_skip(quantize.library, request.param, "int8 kernel", INT8_FLAGS[request.param])
 
 
 def _reference_dequantised(w: torch.Tensor) -> torch.Tensor:
@@ -193,8 +188,7 @@ def _dequantised_copy(model):
 @pytest.mark.parametrize("n_streams", [1, 2, 4, 8])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_quantized_model_equals_dequantised_float_model(tiny_factory, count_calls, n_streams, batch):
-    if quantize.library() is None:
-        pytest.skip("no C++ compiler")
+    require_kernel(quantize.library(), "int8 kernel")
     model = _model(tiny_factory, n_streams)
     ref = _dequantised_copy(model)
     aggregate = {n: p.clone() for n, p in model.named_parameters() if "aggregate_layer" in n or "prefix" in n}

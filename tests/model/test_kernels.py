@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _isa import ISA_FLAGS, build_or_skip
+from _isa import ISA_FLAGS, build_or_skip, require_kernel
 from parscale.model import kernels, norms
 from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import to_parscale
@@ -22,10 +22,7 @@ def lib(request):
 @pytest.fixture(scope="module")
 def native_lib():
     """The build the model itself uses (-march=native)."""
-    built = kernels.library()
-    if built is None:
-        pytest.skip("no C++ compiler: the kernel cannot be built here (the fallback is tested below)")
-    return built
+    return require_kernel(kernels.library(), "decode kernel")  # (the fallback is tested below)
 
 
 def _ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
@@ -130,6 +127,21 @@ def test_bfloat16_in_and_out_round_as_torch_rounds(lib, rows):
     lib.parscale_skinny_bf16_io(x.data_ptr(), rows, 83, w.data_ptr(), b.data_ptr(), got.data_ptr(), 29,
                                 torch.get_num_threads())
     assert torch.isnan(got[0]).all() and torch.equal(got[1:], want[1:])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_bfloat16_dot_product_rounds_in_cpp_as_torch_rounds(lib, rows):
+    """Where the CPU has AVX512-BF16, skinny_linear takes parscale_skinny_bf16_dot_io, which rounds
+    y in C++: bit for bit the float32-out entry (bias added in float32) rounded by torch."""
+    if not lib.bf16_dot:
+        pytest.skip("this build has no AVX512-BF16 path")
+    gen = torch.Generator().manual_seed(rows)
+    x, w, b = (torch.randn(rows, 83, generator=gen).bfloat16(), torch.randn(29, 83, generator=gen).bfloat16(),
+               torch.randn(29, generator=gen).bfloat16())
+    x[0, 5] = float("nan")
+    want = _raw_bf16(lib, "parscale_skinny_bf16_dot", x, w, b).bfloat16()
+    got = kernels.skinny_linear(x, w, b, lib)
+    assert got.dtype == torch.bfloat16 and torch.isnan(got[0]).all() and torch.equal(got[1:], want[1:])
 
 
 @pytest.mark.parametrize("rows", [1, 5, 9, 12, 16])

@@ -9,7 +9,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from _isa import ISA_FLAGS, build_or_skip
+from _isa import ISA_FLAGS, build_or_skip, require_kernel
 from parscale.model import norms
 from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import to_parscale
@@ -93,8 +93,7 @@ class _Subclass(torch.Tensor):
 
 
 def test_stock_forward_where_the_kernel_does_not_apply(count_calls):
-    if norms.library() is None:
-        pytest.skip("no C++ compiler: the kernel cannot be built here")
+    require_kernel(norms.library(), "norm kernel")
     calls = count_calls(norms, "rms_norm")
     norm = _norm(32, torch.float32)
     norms.enable(norm)
@@ -114,8 +113,7 @@ def test_stock_forward_where_the_kernel_does_not_apply(count_calls):
 
 
 def test_the_model_decodes_through_it_and_its_switch_restores_the_stock_norm(tiny_factory, count_calls):
-    if norms.library() is None:
-        pytest.skip("no C++ compiler: the kernel cannot be built here")
+    require_kernel(norms.library(), "norm kernel")
     calls = count_calls(norms, "rms_norm")
     model = to_parscale(tiny_factory("qwen2"), ParScaleConfig(2, 3), seed=0).eval()
     ids = torch.randint(2, 97, (2, 5), generator=torch.Generator().manual_seed(0))
@@ -135,8 +133,7 @@ def test_the_model_decodes_through_it_and_its_switch_restores_the_stock_norm(tin
 def test_qwen3_per_head_norms_take_it_too(count_calls):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    if norms.library() is None:
-        pytest.skip("no C++ compiler: the kernel cannot be built here")
+    require_kernel(norms.library(), "norm kernel")
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)

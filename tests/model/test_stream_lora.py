@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from _isa import compiler_present
 from parscale.errors import UserError
-from parscale.model import kernels, quantize, stream_lora
+from parscale.model import quantize, stream_lora
 from parscale.model.cache_api import output_cache
 from parscale.model.config import ParScaleConfig
 from parscale.model.diagnostics import capture_stream_states
@@ -141,7 +142,7 @@ def test_cached_decoding_equals_the_uncached_forward(tiny_factory, n_streams, fa
             out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
             cache = output_cache(out)
             steps.append(out.logits)
-    assert calls[0] > 0 or kernels.library() is None
+    assert calls[0] > 0 or not compiler_present()
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
     model.use_fast_kernels(False)
     with torch.no_grad():

@@ -110,7 +110,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the C signatures (ctypes would otherwise guess them from the Python values)."""
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for fn in (lib.parscale_skinny_f32, lib.parscale_skinny_bf16, lib.parscale_skinny_bf16_dot,
-               lib.parscale_skinny_bf16_amx, lib.parscale_skinny_bf16_io):
+               lib.parscale_skinny_bf16_amx, lib.parscale_skinny_bf16_io, lib.parscale_skinny_bf16_dot_io):
         fn.argtypes = [pointer, size, size, pointer, pointer, pointer, size, ctypes.c_int]
         fn.restype = None
     lib.parscale_skinny_has_bf16_dot.restype = ctypes.c_int
@@ -141,10 +141,15 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     threads = torch.get_num_threads()
     if weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16:
         if getattr(lib, "bf16_dot", False):  # the CPU's bfloat16 dot product takes x as is
-            fn = lib.parscale_skinny_bf16_amx if _use_amx(lib, m, k, n_out) else lib.parscale_skinny_bf16_dot
-            out = torch.empty(shape, dtype=torch.float32)
-            fn(rows.data_ptr(), m, k, weight.data_ptr(), bias_ptr, out.data_ptr(), n_out, threads)
-            return out.to(torch.bfloat16)
+            if _use_amx(lib, m, k, n_out):
+                out = torch.empty(shape, dtype=torch.float32)
+                lib.parscale_skinny_bf16_amx(rows.data_ptr(), m, k, weight.data_ptr(), bias_ptr, out.data_ptr(), n_out,
+                                             threads)
+                return out.to(torch.bfloat16)
+            out = torch.empty(shape, dtype=torch.bfloat16)  # rounded in C++, as on the widening path below
+            lib.parscale_skinny_bf16_dot_io(rows.data_ptr(), m, k, weight.data_ptr(), bias_ptr, out.data_ptr(), n_out,
+                                            threads)
+            return out
         # widened and rounded in C++: two torch calls fewer per product (see csrc/skinny_linear.cpp)
         out = torch.empty(shape, dtype=torch.bfloat16)
         lib.parscale_skinny_bf16_io(rows.data_ptr(), m, k, weight.data_ptr(), bias_ptr, out.data_ptr(), n_out, threads)

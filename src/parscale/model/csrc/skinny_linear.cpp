@@ -451,6 +451,24 @@ extern "C" void parscale_skinny_bf16_dot(const uint16_t* x, int64_t M, int64_t K
 #endif
 }
 
+// As parscale_skinny_bf16_dot with y rounded to bfloat16 here, block by block in the parallel
+// loop (as parscale_skinny_bf16_io does): the float32 output and torch's rounding call after it
+// cost 2-3 us per product, about a hundred times per decode step. Bit for bit the float32
+// entry's result (bias added in float32) rounded as torch rounds it.
+extern "C" void parscale_skinny_bf16_dot_io(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
+                                            const uint16_t* bias, uint16_t* y, int64_t N, int threads) {
+#ifdef PARSCALE_BF16DOT
+  parscale::Buffer<float> y32(M * N);
+  float* out = y32.data();
+  run<uint16_t, uint16_t>(x, M, K, w, out, N, threads, [=](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) store(y + m * N + n, out[m * N + n] + (bias ? to_float(bias[n]) : 0.0f));
+  });
+#else
+  (void)x, (void)M, (void)K, (void)w, (void)bias, (void)y, (void)N, (void)threads;
+#endif
+}
+
 // As parscale_skinny_bf16_dot, on the AMX tiles; needs 1 <= M <= 16, K % 32 == 0, N % 16 == 0
 // (the caller checks) and parscale_skinny_has_amx() (which also asks Linux for the tile state).
 extern "C" void parscale_skinny_bf16_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
