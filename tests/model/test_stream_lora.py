@@ -13,7 +13,7 @@ from torch import nn
 
 from _isa import compiler_present
 from parscale.errors import UserError
-from parscale.model import quantize, stream_lora
+from parscale.model import kernels, quantize, stream_lora
 from parscale.model.cache_api import output_cache
 from parscale.model.config import ParScaleConfig
 from parscale.model.diagnostics import capture_stream_states

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from _isa import compiler_present
+from parscale.model import kernels
 from parscale.model.cache_api import output_cache
 from parscale.model.config import ParScaleConfig
 from parscale.errors import UserError
