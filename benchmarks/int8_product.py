@@ -9,8 +9,8 @@ gate/up/down projections), multiplied by M rows, timed over all 48 in a row. Var
 float32 or bfloat16 activations) and `torch_int8pack` (`torch._weight_int8pack_mm`, torch's CPU
 int8 weight-only kernel). Repetitions are interleaved (each round runs every variant once) and
 the table gives the best of the rounds, in ms. `--against REV` adds the same three kernels as
-they were at git revision REV (built from that revision's `csrc/`, rows marked `@REV`), so a
-kernel change is measured against its predecessor in one run. Writes
+they were at git revision REV (that revision's `kernels.py`, `quantize.py` and `csrc/`, rows
+marked `@REV`), so a kernel change is measured against its predecessor in one run. Writes
 benchmarks/results/int8_product.json.
 """
 from __future__ import annotations
@@ -32,21 +32,28 @@ RESULTS = Path(__file__).resolve().parent / "results" / "int8_product.json"
 
 
 def kernels_at(rev: str):
-    """The product kernels (float32/bfloat16 and int8) built from git revision `rev`'s sources."""
-    from parscale.model import kernels, quantize
+    """`parscale.model.kernels` and `quantize` as they were at git revision `rev`, Python and C++
+    alike (the Python around a product is part of its cost), loaded beside today's modules."""
+    import importlib.util
 
     root = Path(__file__).resolve().parent.parent
-    csrc = Path(tempfile.mkdtemp(prefix="parscale-csrc-")) / "csrc"
-    csrc.mkdir()
+    where = Path(tempfile.mkdtemp(prefix="parscale-at-"))
+    (where / "csrc").mkdir()
+
+    def show(path: str) -> str:
+        return subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], capture_output=True, text=True,
+                              check=True).stdout
+
     for name in ("skinny_linear.cpp", "int8_linear.cpp", "common.h"):
-        text = subprocess.run(["git", "-C", str(root), "show", f"{rev}:src/parscale/model/csrc/{name}"],
-                              capture_output=True, text=True, check=True).stdout
-        (csrc / name).write_text(text)
-    lib = kernels.compiled(csrc / "skinny_linear.cpp", "parscale_skinny_at", (), kernels._bind, f"CPU decode kernel @{rev}",
-                           "no comparison")
-    lib8 = kernels.compiled(csrc / "int8_linear.cpp", "parscale_int8_at", (), quantize._bind, f"CPU int8 kernel @{rev}",
-                            "no comparison")
-    return lib, lib8
+        (where / "csrc" / name).write_text(show(f"src/parscale/model/csrc/{name}"))
+    modules = []
+    for name in ("kernels", "quantize"):
+        (where / f"{name}.py").write_text(show(f"src/parscale/model/{name}.py"))
+        spec = importlib.util.spec_from_file_location(f"parscale_{name}_at", where / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return tuple(modules)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,14 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         "torch_int8pack (x bf16)": lambda x32, x16: [torch._weight_int8pack_mm(x16, q, s) for (q, _), s in zip(q8, s16)],
     }
     if args.against:
-        old, old8 = kernels_at(args.against)
+        kernels_then, quantize_then = kernels_at(args.against)
+        old, old8 = kernels_then.library(), quantize_then.library()
         if old is None or old8 is None:
             print(f"the kernels of {args.against} cannot be built here", file=sys.stderr)
             return 1
         variants.update({
-            f"f32 @{args.against}": lambda x32, x16: [kernels.skinny_linear(x32, w, None, old) for w in w32],
-            f"bf16 @{args.against}": lambda x32, x16: [kernels.skinny_linear(x16, w, None, old) for w in w16],
-            f"int8 (x bf16) @{args.against}": lambda x32, x16: [quantize.int8_linear(x16, q, s, None, old8) for q, s in q8],
+            f"f32 @{args.against}": lambda x32, x16: [kernels_then.skinny_linear(x32, w, None, old) for w in w32],
+            f"bf16 @{args.against}": lambda x32, x16: [kernels_then.skinny_linear(x16, w, None, old) for w in w16],
+            f"int8 (x bf16) @{args.against}": lambda x32, x16: [quantize_then.int8_linear(x16, q, s, None, old8)
+                                                                for q, s in q8],
         })
     rows = [int(m) for m in args.rows.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
