@@ -59,6 +59,11 @@ using parscale::hsum;
 #endif
 
 constexpr int64_t CHUNK_M = 8;  // rows of x per pass over a block of weight rows
+#ifdef PARSCALE_AVX512
+constexpr int64_t BLOCK_N = 32;  // weight rows per block of the parallel loop (skinny_linear.cpp says why)
+#else
+constexpr int64_t BLOCK_N = 16;
+#endif
 
 // out[m * ldy + r] = dot(x[m], q[r]) for m < MC rows of x and r < R weight rows (unscaled).
 template <int MC, int R>
@@ -318,8 +323,8 @@ void run_i16(const int16_t* xq, int64_t M, int64_t K, const int8_t* w, float* y,
 // (rounded block by block in the parallel loop, while the block's outputs are in cache).
 void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, const float* bias,
                   float* y, uint16_t* y16, int64_t N, int threads) {
-  // Blocks of 16 weight rows handed out dynamically (a thread that loses its core does fewer).
-  const int64_t blocks = (N + 15) / 16;
+  // Blocks of weight rows handed out dynamically (a thread that loses its core does fewer).
+  const int64_t blocks = (N + BLOCK_N - 1) / BLOCK_N;
   auto finish = [&](int64_t m, int64_t n0, int64_t n1, float row_scale) {  // scales and bias, in cache
     for (int64_t n = n0; n < n1; ++n) {
       const float v = y[m * N + n] * (row_scale * scale[n]) + (bias ? bias[n] : 0.0f);
@@ -333,7 +338,7 @@ void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const f
   if (quantize_rows(x, M, K, xq.data(), xs.data())) {
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t n0 = b * 16, n1 = std::min(N, n0 + 16);
+      const int64_t n0 = b * BLOCK_N, n1 = std::min(N, n0 + BLOCK_N);
       run_i16(xq.data(), M, K, w, y, N, n0, n1);
       for (int64_t m = 0; m < M; ++m) finish(m, n0, n1, xs[m]);
     }
@@ -342,7 +347,7 @@ void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const f
 #endif
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n0 = b * 16, n1 = std::min(N, n0 + 16);
+    const int64_t n0 = b * BLOCK_N, n1 = std::min(N, n0 + BLOCK_N);
     for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M) {
       chunk(std::min<int64_t>(CHUNK_M, M - m0), x + m0 * K, K, w, y + m0 * N, N, n0, n1);
       for (int64_t m = m0; m < std::min(M, m0 + CHUNK_M); ++m) finish(m, n0, n1, 1.0f);
