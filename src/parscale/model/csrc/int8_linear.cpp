@@ -195,7 +195,9 @@ inline void block_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w
     }
     for (; k < len; k += 32)
       a0 = dot_i16(a0, w + k, x + k, len - k >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (len - k)) - 1));
-    const int64_t sum = hsum_i64(a0) + hsum_i64(a1) + hsum_i64(a2) + hsum_i64(a3);
+    // The four add up in int32: each lane then holds the products of one accumulator of the
+    // side-by-side path over the same columns, which INT16_MAX_LEN keeps below 2^31.
+    const int64_t sum = hsum_i64(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
     out[0] = (add ? out[0] : 0.0f) + static_cast<float>(sum);
     return;
   }
