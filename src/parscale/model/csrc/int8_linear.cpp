@@ -75,7 +75,7 @@ inline void block(const float* x, int64_t K, const int8_t* w, float* out, int64_
   PARSCALE_UNROLL for (int r = 0; r < R; ++r)
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
   for (; k < K; k += 16) {
-    const __mmask16 mask = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    const __mmask16 mask = parscale::first16(K - k);
     __m512 wv[R];
     PARSCALE_UNROLL for (int r = 0; r < R; ++r) {
       if (k % 64 == 0) PARSCALE_PREFETCH(w, r, R, K, k);
@@ -199,7 +199,7 @@ inline void block_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w
       a3 = dot_i16(a3, w + k + 96, x + k + 96, 0xFFFFFFFFu);
     }
     for (; k < len; k += 32)
-      a0 = dot_i16(a0, w + k, x + k, len - k >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (len - k)) - 1));
+      a0 = dot_i16(a0, w + k, x + k, parscale::first32(len - k));
     // The four add up in int32: each lane then holds the products of one accumulator of the
     // side-by-side path over the same columns, which INT16_MAX_LEN keeps below 2^31.
     const int64_t sum = hsum_i64(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
@@ -210,7 +210,7 @@ inline void block_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w
   PARSCALE_UNROLL for (int r = 0; r < R; ++r)
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_si512();
   for (int64_t k = 0; k < len; k += 32) {
-    const __mmask32 mask = len - k >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (len - k)) - 1);
+    const __mmask32 mask = parscale::first32(len - k);
     __m512i wv[R];
     PARSCALE_UNROLL for (int r = 0; r < R; ++r) {
       if (k % 64 == 0) PARSCALE_PREFETCH(w, r, R, ld, k);

@@ -99,14 +99,14 @@ inline void row_at_a_time(const XT* x, int64_t len, int64_t ld, const WT* w, flo
     if constexpr (MC > 1) _mm_prefetch(reinterpret_cast<const char*>(w + k) + 2048, _MM_HINT_T0);
 #ifdef PARSCALE_BF16DOT
     if constexpr (dot) {
-      const __mmask32 mask = n >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1);
+      const __mmask32 mask = parscale::first32(n);
       const __m512bh wv = bf16x32(w + k, mask);
       PARSCALE_UNROLL for (int m = 0; m < MC; ++m) a[m] = _mm512_dpbf16_ps(a[m], wv, bf16x32(x + m * ld + k, mask));
       return;
     }
 #endif
     if constexpr (!dot) {
-      const __mmask16 mask = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+      const __mmask16 mask = parscale::first16(n);
       const __m512 wv = load16(w + k, mask);
       PARSCALE_UNROLL for (int m = 0; m < MC; ++m)
         a[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, reinterpret_cast<const float*>(x) + m * ld + k), a[m]);
@@ -150,7 +150,7 @@ inline void block(const float* x, int64_t len, int64_t ld, const WT* w, float* o
   PARSCALE_UNROLL for (int r = 0; r < R; ++r)
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
   for (; k < len; k += 16) {
-    const __mmask16 mask = len - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - k)) - 1);
+    const __mmask16 mask = parscale::first16(len - k);
     __m512 wv[R];
     PARSCALE_UNROLL for (int r = 0; r < R; ++r) {
       PARSCALE_PREFETCH(w, r, R, ld, k);
@@ -223,7 +223,7 @@ inline void block(const uint16_t* x, int64_t len, int64_t ld, const uint16_t* w,
   PARSCALE_UNROLL for (int r = 0; r < R; ++r)
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t k = 0; k < len; k += 32) {
-    const __mmask32 mask = len - k >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (len - k)) - 1);
+    const __mmask32 mask = parscale::first32(len - k);
     __m512i wv[R];
     PARSCALE_UNROLL for (int r = 0; r < R; ++r) {
       PARSCALE_PREFETCH(w, r, R, ld, k);
