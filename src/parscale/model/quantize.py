@@ -54,10 +54,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, ctypes.c_int]
         fn.restype = None
     lib.parscale_int8_isa.restype = ctypes.c_int
-    # 2 and 1 (float32 products on AVX-512, AVX2): earlier builds, which benchmarks/int8_product.py --against may load
-    lib.isa = {5: "avx512-vnni", 4: "avx512-int16", 3: "avx2-int16", 2: "avx512", 1: "avx2",
-               0: "generic"}[lib.parscale_int8_isa()]
-    lib.integer = lib.isa.endswith(("vnni", "int16"))  # x rounded to int16 per row, exact integer sums (csrc/int8_linear.cpp)
+    lib.isa = {5: "avx512-vnni", 4: "avx512-int16", 3: "avx2-int16", 0: "generic"}[lib.parscale_int8_isa()]
+    lib.integer = lib.isa != "generic"  # x rounded to int16 per row, exact integer sums (csrc/int8_linear.cpp)
     return lib
 
 

@@ -381,8 +381,8 @@ extern "C" void parscale_int8_bf16(const uint16_t* x, int64_t M, int64_t K, cons
 }
 
 // 5: AVX-512 VNNI integer products, 4: AVX-512 integer products without VNNI, 3: AVX2 integer
-// products, 0: plain C++ (2 and 1, the float32 paths of AVX-512 and AVX2, now run only for a row
-// with a NaN or an infinity).
+// products, 0: plain C++ (the float32 paths of AVX-512 and AVX2 run only for a row with a NaN
+// or an infinity; 2 and 1 named them in earlier builds).
 extern "C" int parscale_int8_isa() {
 #if defined(PARSCALE_VNNI)
   return 5;
