@@ -250,13 +250,13 @@ def format_table(results: list[dict], bandwidth: float, read: float, args: argpa
 
 def goal_lines(results: list[dict], prefill: dict) -> list[str]:
     """The issue's batch-1 goals, from the medians of this run."""
-    ms = {(r["dtype"], r["impl"], r["P"]): r["ms_per_token"] for r in results if r["batch_size"] == 1}
-    floors = {(r["dtype"], r["impl"], r["P"]): r for r in results if r["batch_size"] == 1}
+    batch1 = {(r["dtype"], r["impl"], r["P"]): r for r in results if r["batch_size"] == 1}
+    ms = {key: r["ms_per_token"] for key, r in batch1.items()}
     lines = []
 
     def over_floor(label: str, row: tuple, goal: float) -> None:
-        if row in floors:
-            value, read = floors[row]["x_floor"], floors[row]["x_read_floor"]
+        if row in batch1:
+            value, read = batch1[row]["x_floor"], batch1[row]["x_read_floor"]
             lines.append(f"{label}: {value:.2f} (goal <= {goal}) {'ok' if value <= goal else 'MISSED'}; "
                          f"x the read floor {read:.2f}")
 
