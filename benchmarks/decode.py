@@ -10,8 +10,8 @@ the plain transformers model (P = 1), our default path, and our stock path (the 
 kernel switched off) for every P. The **floor** of a step is the bytes it must read (every
 weight but the input embedding, the prefixes, the KV cache at the mean length) divided by
 the copy bandwidth measured in the same run (on the same clock as the steps); the **read floor**
-divides the same bytes by the rate at which torch's sum reads memory (`x read`), which on some
-CPUs is well below the copy's read + write rate. Repetitions are interleaved (each round runs
+divides the same bytes by the rate at which torch's sum reads memory (`x read`), which need not
+equal the copy's read + write rate. Repetitions are interleaved (each round runs
 every row once) and every row reports the median over rounds with min and max, so a burst
 of load from other processes moves all rows alike; ratios are taken from medians of one run.
 Writes benchmarks/results/decode.json with the CPU's name and its AVX-512/AMX flags.

@@ -114,9 +114,10 @@ def copy_bandwidth(size_mb: int = 256, repeats: int = 5, clock: Any = time.perf_
 def read_bandwidth(size_mb: int = 256, repeats: int = 5, clock: Any = time.perf_counter) -> float:
     """Bytes read per second by torch's sum of `size_mb` MiB of float32 (more than any cache).
 
-    A decode step reads and hardly writes. On some machines reading alone is far below the copy's
-    read + write rate (an AMD EPYC of Zen 5: 50 against 81 GB/s), so a floor from the copy rate
-    is one no step can reach there; benchmarks/decode.py reports both.
+    A decode step reads and hardly writes, so its floor is the bytes over this rate as much as
+    over the copy's read + write rate; the two need not agree (on an AMD EPYC of Zen 5 whose
+    memory is shared, 51-89 against 47-83 GB/s within one run), so benchmarks/decode.py reports
+    both.
     """
     import torch
 
