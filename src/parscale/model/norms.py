@@ -104,15 +104,25 @@ def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 _FAST = "Fast_"  # the fast classes' qualified names: this prefix and the stock class's, encoded
 
 
-def _encode(stock: type) -> str:
-    """`module:qualname` as one identifier ("_" -> "_u", "." -> "_d", ":" -> "_c"), so that
-    pickle can name the class and `__getattr__` below can rebuild it from the name alone."""
+def encode_class(stock: type, prefix: str = _FAST) -> str:
+    """`prefix` + `module:qualname` as one identifier ("_" -> "_u", "." -> "_d", ":" -> "_c"), so
+    that pickle can name the class and a module `__getattr__` can rebuild it from the name alone.
+    (`decode_layer` names its fast layer classes the same way, with its own prefix.)"""
     path = f"{stock.__module__}:{stock.__qualname__}"
-    return _FAST + path.replace("_", "_u").replace(".", "_d").replace(":", "_c")
+    return prefix + path.replace("_", "_u").replace(".", "_d").replace(":", "_c")
 
 
-def _decode(name: str) -> str:
-    return re.sub(r"_([udc])", lambda m: {"u": "_", "d": ".", "c": ":"}[m.group(1)], name[len(_FAST):])
+def stock_class(name: str, prefix: str = _FAST) -> type:
+    """The stock class an `encode_class` name stands for (AttributeError if it cannot be imported here)."""
+    path = re.sub(r"_([udc])", lambda m: {"u": "_", "d": ".", "c": ":"}[m.group(1)], name[len(prefix):])
+    module, _, qualname = path.partition(":")
+    try:
+        stock = importlib.import_module(module)
+        for part in qualname.split("."):
+            stock = getattr(stock, part)
+    except (ImportError, AttributeError) as error:
+        raise AttributeError(f"{name!r} names {module}:{qualname}, which cannot be imported here ({error})") from None
+    return stock
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,21 +131,14 @@ def fast_class(cls: type) -> type:
     Its name is the stock one (a model prints as before); its qualified name lets pickle find it
     in this module (`torch.save(model)`, `copy.deepcopy` and multiprocessing work as before)."""
     return type(cls.__name__, (cls,), {"forward": _forward, "_stock_forward": cls.forward, "_stock_class": cls,
-                                       "use_kernel": True, "__module__": __name__, "__qualname__": _encode(cls)})
+                                       "use_kernel": True, "__module__": __name__, "__qualname__": encode_class(cls)})
 
 
 def __getattr__(name: str) -> type:
     """Pickle's lookup of a fast class (PEP 562): rebuilt from the stock class its name encodes."""
     if not name.startswith(_FAST):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, _, qualname = _decode(name).partition(":")
-    try:
-        stock = importlib.import_module(module)
-        for part in qualname.split("."):
-            stock = getattr(stock, part)
-    except (ImportError, AttributeError) as error:
-        raise AttributeError(f"{name!r} names {module}:{qualname}, which cannot be imported here ({error})") from None
-    return fast_class(stock)
+    return fast_class(stock_class(name))
 
 
 def enable(model: nn.Module, enabled: bool = True) -> int:

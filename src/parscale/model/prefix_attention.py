@@ -282,6 +282,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn.argtypes = ([pointer] * 3 + [size] * 3 + [pointer] * 3 + [size, pointer] + [size] * 7
                        + [ctypes.c_float, ctypes.c_int])
         fn.restype = None
+    for fn in (lib.parscale_rotary_f32, lib.parscale_rotary_bf16):
+        fn.argtypes = [pointer] + [size] * 4 + [pointer] * 2 + [size]
+        fn.restype = None
     return lib
 
 

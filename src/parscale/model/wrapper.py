@@ -25,7 +25,7 @@ from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from parscale.model import adapters, format as checkpoint_format, introspect, kernels, options, quantize, streams
-from parscale.model import kv_cache, norms, stream_lora
+from parscale.model import decode_layer, kv_cache, norms, stream_lora
 from parscale.model import prefix_attention
 from parscale.model.cache_api import OUTPUT_FIELD, cache_kwargs, output_cache
 from parscale.model.aggregation import AggregationHead
@@ -200,6 +200,7 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         the plain transformers model does)."""
         kernels.enable(self, enabled)
         norms.enable(self, enabled)
+        decode_layer.enable(self, enabled)  # a decode step's layer as direct kernel calls
         quantize.enable(self, enabled)  # int8 layers (after quantize_int8): their kernel, or dequantised weights
         for attention in self.attention_modules():  # read by prefix_attention.plain_attention
             attention.parscale_fast_decode = enabled

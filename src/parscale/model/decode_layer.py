@@ -1,0 +1,293 @@
+"""A Llama-family decoder layer's decode step on CPU as a few direct kernel calls.
+
+At batch 1 a decode step's products read the weights at the memory's speed (`kernels`), and
+what is left is the eager work around them: in a layer, transformers' attention module makes
+about fifty torch calls and module calls for one token (views, the rotary embedding's eleven
+ops, the attention interface's lookup), its MLP and the layer a dozen more. On a 16-layer model
+with hidden size 64 (where the products cost nothing) that is 2.5 ms per step on a 2-core EPYC,
+about a third of a bfloat16 step of the decode benchmark's model (benchmarks/README.md).
+
+`enable(model)` gives each recognised decoder layer a subclass of its own class (as `norms`
+does with RMSNorm: `isinstance` holds, parameters and state-dict keys unchanged) whose forward
+runs one decode step as: the norm kernel, the q/k/v products, the rotary embedding of q and k
+in place (`csrc/decode_attention.cpp`, the stock rounding bit for bit), the cache's own
+`update`, the decode attention kernel, the o product, the residual add, the norm kernel, the
+gate/up products, SiLU times up, the down product, the residual add. The arithmetic is the
+stock layer's, op for op, through the same kernels the modules would call; only the Python
+between them is gone.
+
+A layer is recognised when its forward, its attention's and its MLP's are the Llama code
+(Qwen2, Mistral, Qwen3's layer... are generated from it; compared as bytecode, as `norms` does)
+and its MLP's activation is SiLU. Every other case takes the layer's own forward: more than one
+token (prefill), autograd, `torch.compile`, any hook on the layer or its parts (stream LoRA,
+`output_attentions`, user hooks), layers that are not the fast kernels' classes (adapters),
+sliding windows, another attention kind (`eager` returns weights), a cache layer other than the
+in-place or dynamic one, mixed dtypes, no compiler.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as torch_module
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from parscale.model import kernels, norms, prefix_attention, quantize
+from parscale.model.cache_api import NEW_NAME, OLD_NAME
+from parscale.model.kv_cache import GrowingLayer
+
+_FAST = "FastLayer_"  # the fast layer classes' qualified names (see norms.encode_class)
+# our attention kinds whose decode step is `prefix_attention.decode_attention` (with prefixes) or
+# the P = 1 kernel (`plain_attention`, without)
+_PREFIX_KINDS = ("parscale_sdpa", "parscale_fa2")
+_PLAIN_KIND = "parscale_plain_sdpa"
+_CACHE_LAYERS = (DynamicLayer, GrowingLayer)  # contiguous keys and values of one layout
+
+
+def _code(function):
+    return getattr(inspect.unwrap(function), "__code__", None)  # under the deprecation decorators
+
+
+def _same_code(function, reference) -> bool:
+    code, ref = _code(function), _code(reference)
+    return (code is not None and code.co_code == ref.co_code and code.co_consts == ref.co_consts
+            and code.co_names == ref.co_names)
+
+
+@functools.lru_cache(maxsize=None)
+def _references() -> dict:
+    from transformers.models.llama import modeling_llama
+    from transformers.models.mistral import modeling_mistral
+    from transformers.models.qwen2 import modeling_qwen2
+
+    # Qwen2's and Mistral's attention pass a sliding window as well (the module's attribute, the
+    # config's); the code is otherwise Llama's
+    return {"layer": modeling_llama.LlamaDecoderLayer.forward, "mlp": modeling_llama.LlamaMLP.forward,
+            "attention": {"llama": modeling_llama.LlamaAttention.forward, "qwen2": modeling_qwen2.Qwen2Attention.forward,
+                          "mistral": modeling_mistral.MistralAttention.forward},
+            "rotary": modeling_llama.apply_rotary_pos_emb}
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_code(cls: type) -> str | None:
+    """Which reference attention code `cls` has ("llama", "qwen2", "mistral"), if its module's
+    `apply_rotary_pos_emb` is Llama's as well (x * cos + rotate_half(x) * sin); else None."""
+    import sys
+
+    refs = _references()
+    rotary = getattr(sys.modules.get(cls.__module__), "apply_rotary_pos_emb", None)
+    if rotary is None or not _same_code(rotary, refs["rotary"]):
+        return None
+    return next((name for name, ref in refs["attention"].items() if _same_code(cls.forward, ref)), None)
+
+
+def _sliding(attention: nn.Module, code: str) -> bool:
+    """The attention uses a sliding window (which the decode step does not apply)."""
+    if code == "mistral":
+        return getattr(attention.config, "sliding_window", None) is not None
+    return getattr(attention, "sliding_window", None) is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _recognised_mlp(cls: type) -> bool:
+    return _same_code(cls.forward, _references()["mlp"])
+
+
+def is_llama_decoder_layer(module: nn.Module) -> bool:
+    """The module computes the Llama decoder layer (see the module docstring)."""
+    forward = getattr(type(module), "_stock_forward", type(module).forward)
+    attention, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
+    return (_same_code(forward, _references()["layer"]) and attention is not None and mlp is not None
+            and _attention_code(type(attention)) is not None and _recognised_mlp(type(mlp))
+            and isinstance(getattr(mlp, "act_fn", None), _SILU))
+
+
+def _silu_classes() -> tuple[type, ...]:
+    from transformers.activations import SiLUActivation
+
+    return (SiLUActivation, nn.SiLU)
+
+
+_SILU = _silu_classes()
+
+
+# ----- the kernels the step calls ---------------------------------------------------------------
+def rotary_in_place(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, lib: ctypes.CDLL) -> None:
+    """`apply_rotary_pos_emb`'s x * cos + rotate_half(x) * sin, written over x: x `[rows, 1, heads * d]`
+    contiguous (a product's output), cos and sin `[rows or 1, 1, d]` contiguous, all of one dtype."""
+    rows, dim = x.shape[0], cos.shape[-1]
+    fn = lib.parscale_rotary_bf16 if x.dtype == torch.bfloat16 else lib.parscale_rotary_f32
+    fn(x.data_ptr(), rows, heads, dim, x.stride(0), cos.data_ptr(), sin.data_ptr(), dim if cos.shape[0] > 1 else 0)
+
+
+def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
+    """(float kernel?, weight or int8 weight, scale, bias) of a linear layer that is one of the
+    fast kernels' (the float kernel with weights of x's dtype, or int8), switched on, without hooks
+    (a stream adapter's), its tensors on the CPU; else None. Run seven times per layer and step:
+    the tensors are read from the module's dicts, not through `nn.Module.__getattr__`."""
+    if linear._forward_hooks or linear._forward_pre_hooks or not getattr(linear, "use_kernel", False):
+        return None
+    kind = type(linear)
+    if kind is kernels.SkinnyLinear:
+        params = linear._parameters
+        weight, bias = params["weight"], params["bias"]
+        if (weight.dtype == dtype and weight.is_cpu and weight.is_contiguous() and type(weight) in kernels._PLAIN
+                and (bias is None or (bias.dtype == dtype and bias.is_contiguous() and type(bias) in kernels._PLAIN))):
+            return True, weight, None, bias
+    elif kind is quantize.Int8Linear and not linear.training:
+        buffers = linear._buffers
+        weight = buffers["qweight"]
+        if weight.is_cpu and weight.dtype == torch.int8:
+            return False, weight, buffers["scale"], linear.bias
+    return None
+
+
+def _norm_args(norm: nn.Module, x: torch.Tensor) -> tuple | None:
+    """(weight, eps) of a norm that takes the kernel (`norms`) for x, without hooks; else None."""
+    if type(norm).forward is not norms._forward or not norm.use_kernel or norm._forward_hooks or norm._forward_pre_hooks:
+        return None
+    weight = norm._parameters["weight"]
+    return (weight, norm.variance_epsilon) if norms._eligible(x, weight) else None
+
+
+def _product(args: tuple, x: torch.Tensor, libs) -> torch.Tensor:
+    floating, weight, scale, bias = args
+    if floating:
+        return kernels.skinny_linear(x, weight, bias, libs[0])
+    return quantize.int8_linear(x, weight, scale, bias, libs[1])
+
+
+@functools.lru_cache(maxsize=None)
+def _libraries(int8: bool) -> tuple | None:
+    """(float product, int8 product or None, norm, attention) kernels, or None if one cannot be built."""
+    libs = (kernels.library(), quantize.library() if int8 else None, norms.library(), prefix_attention.kernel_library())
+    return None if any(lib is None for i, lib in enumerate(libs) if i != 1 or int8) else libs
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def decode_step(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+    """One decode step of a recognised layer by the kernels, or None (then nothing was done) where
+    the layer's own forward must run."""
+    cache = kwargs.get(NEW_NAME, kwargs.get(OLD_NAME))
+    embeddings = kwargs.get("position_embeddings")
+    if (cache is None or embeddings is None or torch.is_grad_enabled() or hidden_states.dim() != 3
+            or hidden_states.shape[1] != 1 or layer.training or not kernels.cpu_inference(hidden_states)):
+        return None
+    dtype = hidden_states.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or hidden_states.shape[0] > kernels.MAX_ROWS:
+        return None
+    modules = layer._modules
+    attention, mlp = modules["self_attn"], modules["mlp"]
+    code = _attention_code(type(attention))
+    if (attention.training or _hooked(layer, attention, mlp) or code is None or not _recognised_mlp(type(mlp))
+            or _sliding(attention, code)):
+        return None
+    parts, mlp_parts = attention._modules, mlp._modules
+    act = mlp_parts["act_fn"]
+    if not isinstance(act, _SILU) or act._forward_hooks or act._forward_pre_hooks:
+        return None
+    products = [_product_args(parts[name], dtype) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    products += [_product_args(mlp_parts[name], dtype) for name in ("gate_proj", "up_proj", "down_proj")]
+    norm_args = (_norm_args(modules["input_layernorm"], hidden_states),
+                 _norm_args(modules["post_attention_layernorm"], hidden_states))
+    if None in products or None in norm_args:
+        return None
+    kind = attention.config._attn_implementation
+    prefix_k = getattr(attention, "prefix_k", None)
+    if prefix_k is not None:
+        prefix_v = attention.prefix_v
+        if (kind not in _PREFIX_KINDS or prefix_k.dtype != dtype or prefix_v.dtype != dtype or not prefix_k.is_cpu
+                or not prefix_v.is_cpu or not prefix_k.is_contiguous() or not prefix_v.is_contiguous()):
+            return None
+    elif kind != _PLAIN_KIND or not getattr(attention, "parscale_fast_decode", False):
+        return None
+    layers, index = getattr(cache, "layers", None), attention.layer_idx
+    if layers is None or index >= len(layers) or type(layers[index]) not in _CACHE_LAYERS:
+        return None
+    cos, sin = embeddings
+    head_dim = attention.head_dim
+    if (cos.dtype != dtype or sin.dtype != dtype or cos.shape != sin.shape or cos.dim() != 3 or cos.shape[1] != 1
+            or cos.shape[-1] != head_dim or cos.shape[0] not in (1, hidden_states.shape[0])
+            or not (cos.is_contiguous() and sin.is_contiguous()) or not (cos.is_cpu and sin.is_cpu) or head_dim % 2):
+        return None
+    libs = _libraries(not all(args[0] for args in products))
+    if libs is None:
+        return None
+    return _step(attention, hidden_states, kwargs.get("attention_mask"), cos, sin, cache, products, norm_args, libs)
+
+
+def _step(attention, hidden_states, mask, cos, sin, cache, products, norm_args, libs) -> torch.Tensor:
+    """The stock layer's arithmetic in its order (see the module docstring); the checks are done."""
+    q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = products
+    rows, head_dim, index = hidden_states.shape[0], attention.head_dim, attention.layer_idx
+    x = norms.rms_norm(hidden_states, *norm_args[0], libs[2])
+    query, key, value = _product(q_proj, x, libs), _product(k_proj, x, libs), _product(v_proj, x, libs)  # rows 1 n*d
+    heads, kv = query.shape[-1] // head_dim, key.shape[-1] // head_dim
+    rotary_in_place(query, heads, cos, sin, libs[3])
+    rotary_in_place(key, kv, cos, sin, libs[3])
+    keys, values = cache.update(key.view(rows, 1, kv, head_dim).transpose(1, 2),
+                                value.view(rows, 1, kv, head_dim).transpose(1, 2), index)
+    query = query.view(rows, heads, 1, head_dim)
+    prefix_k = getattr(attention, "prefix_k", None)
+    if prefix_k is None:
+        prefix_k = prefix_v = keys.new_empty(1, kv, 0, head_dim)  # one stream, no prefix (plain_attention)
+    else:
+        prefix_v = attention.prefix_v
+    scaling = attention.scaling
+    out = prefix_attention._decode_attention_kernel(query, keys, values, mask, prefix_k, prefix_v, scaling)
+    if out is None:  # a layout the kernel does not take: the attention kind's own function (the cache is updated)
+        function = ALL_ATTENTION_FUNCTIONS[attention.config._attn_implementation]
+        out, _ = function(attention, query, keys, values, mask, dropout=0.0, scaling=scaling)
+    hidden_states = hidden_states + _product(o_proj, out.reshape(rows, 1, heads * head_dim), libs)
+    x = norms.rms_norm(hidden_states, *norm_args[1], libs[2])
+    up = _product(gate_proj, x, libs)
+    up = F.silu(up) * _product(up_proj, x, libs)
+    return hidden_states + _product(down_proj, up, libs)
+
+
+# ----- the class swap ---------------------------------------------------------------------------
+def _forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if self.use_kernel and not args:
+        out = decode_step(self, hidden_states, kwargs)
+        if out is not None:
+            return out
+    return self._stock_forward(hidden_states, *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def fast_class(cls: type) -> type:
+    """`cls` with the decode step's forward (named as `norms.fast_class` names its classes, so
+    that pickle, `copy.deepcopy` and `torch.save(model)` find it in this module)."""
+    return type(cls.__name__, (cls,), {"forward": _forward, "_stock_forward": cls.forward, "_stock_class": cls,
+                                       "use_kernel": True, "__module__": __name__,
+                                       "__qualname__": norms.encode_class(cls, _FAST)})
+
+
+def __getattr__(name: str) -> type:
+    """Pickle's lookup of a fast class (PEP 562): rebuilt from the stock class its name encodes."""
+    if not name.startswith(_FAST):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return fast_class(norms.stock_class(name, _FAST))
+
+
+def enable(model: nn.Module, enabled: bool = True) -> int:
+    """Give the recognised decoder layers of `model` the decode step (or their own forward back
+    with `enabled=False`); returns how many."""
+    count = 0
+    for module in model.modules():
+        if not is_llama_decoder_layer(module):
+            continue
+        stock = getattr(type(module), "_stock_class", type(module))
+        module.__class__ = fast_class(stock) if enabled else stock
+        count += 1
+    return count

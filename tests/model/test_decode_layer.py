@@ -1,0 +1,252 @@
+"""The decode step of a Llama-family layer as direct kernel calls (`decode_layer`): the rotary
+kernel against transformers' function, the whole step against the same layer's own forward
+(the same kernels, called through the modules) bit for bit, which layers it takes, and every
+case in which the layer's own forward must run instead."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from _isa import ISA_FLAGS, build_or_skip, require_kernel
+from parscale.model import decode_layer, kernels, prefix_attention
+from parscale.model.config import ParScaleConfig
+from parscale.model.wrapper import to_parscale
+
+
+@pytest.fixture(scope="module", params=list(ISA_FLAGS))
+def attention_lib(request):
+    return build_or_skip(prefix_attention.kernel_library, request.param, "decode attention kernel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, cos_rows, heads, dim", [(1, 1, 4, 16), (3, 1, 5, 64), (6, 6, 2, 8), (8, 8, 16, 128)])
+def test_the_rotary_kernel_is_transformers_function_bit_for_bit(attention_lib, dtype, rows, cos_rows, heads, dim):
+    gen = torch.Generator().manual_seed(rows * heads)
+    x = (torch.randn(rows, 1, heads * dim, generator=gen) * 4).to(dtype)
+    angles = torch.rand(cos_rows, 1, dim // 2, generator=gen) * 100
+    angles = torch.cat([angles, angles], dim=-1)  # the rotary embedding's layout: the frequencies twice
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    view = x.view(rows, 1, heads, dim).transpose(1, 2)  # rows heads 1 d, as the attention module has it
+    want, _ = apply_rotary_pos_emb(view, view, cos, sin)
+    decode_layer.rotary_in_place(x, heads, cos, sin, attention_lib)
+    assert torch.equal(x.view(rows, 1, heads, dim).transpose(1, 2), want)
+
+
+def test_the_rotary_kernel_equals_float64_to_the_dtypes_rounding(attention_lib):
+    """An independent check of the formula (transformers' function could share a mistake)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 3 * 8, generator=gen)
+    angles = torch.rand(1, 1, 4, generator=gen) * 10
+    angles = torch.cat([angles, angles], dim=-1)
+    x64 = x.double().view(2, 3, 8)
+    c, s = angles.cos().double().view(8), angles.sin().double().view(8)
+    first, second = x64[..., :4], x64[..., 4:]
+    want = torch.cat([first * c[:4] - second * s[:4], second * c[4:] + first * s[4:]], dim=-1)
+    decode_layer.rotary_in_place(x, 3, angles.cos(), angles.sin(), attention_lib)
+    torch.testing.assert_close(x.view(2, 3, 8).double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_which_layers_are_recognised(tiny_factory):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    for family in ("qwen2", "llama", "mistral"):
+        model = tiny_factory(family)
+        assert all(decode_layer.is_llama_decoder_layer(layer) for layer in model.model.layers), family
+    # Gemma's MLP is a GELU; Qwen3's attention normalises q and k per head: their own forward
+    assert not any(decode_layer.is_llama_decoder_layer(layer) for layer in tiny_factory("gemma").model.layers)
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    assert not decode_layer.is_llama_decoder_layer(qwen3.model.layers[0])
+
+
+def _model(tiny_factory, n_streams: int, dtype: torch.dtype, family: str = "qwen2", int8: bool = False):
+    model = to_parscale(tiny_factory(family, seed=3), ParScaleConfig(n_streams), seed=1).to(dtype).eval()
+    with torch.no_grad():  # an aggregation that is not uniform
+        for p in model.model.aggregate_layer[2].parameters() if n_streams > 1 else []:
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+    return model.quantize_int8() if int8 else model
+
+
+def _padded_batch(batch: int):
+    ids = torch.randint(2, 97, (batch, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :2] = mask[-1, :4] = 0  # left padding
+    return ids, mask
+
+
+def _libraries_or_fail(int8: bool = False) -> None:
+    libs = decode_layer._libraries(int8)
+    require_kernel(libs, "CPU decode kernels (product, norm, attention" + (", int8" if int8 else "") + ")")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("n_streams", [1, 2, 4, 8])
+def test_each_decode_step_equals_the_layers_own_forward_bit_for_bit(tiny_factory, count_calls, dtype, batch, n_streams):
+    """The same kernels in the same order, so the same bits: greedy tokens and every step's logits
+    of the step (on) and of the layer's own forward through the modules (off), left-padded rows."""
+    _libraries_or_fail()
+    model = _model(tiny_factory, n_streams, dtype)
+    ids, mask = _padded_batch(batch)
+    steps = count_calls(decode_layer, "_step")
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        fast = model.generate(ids, **kw)
+        # two layers, five decode steps (the prefill takes the layer's forward); 24 rows are more
+        # than the few-row kernels take
+        expected = 2 * 5 if n_streams * batch <= kernels.MAX_ROWS else 0
+        assert steps[0] == expected
+        assert decode_layer.enable(model, False) == 2
+        own = model.generate(ids, **kw)
+    assert steps[0] == expected
+    assert torch.equal(fast.sequences, own.sequences)
+    assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_other_families_and_int8_equal_the_layers_own_forward(tiny_factory, count_calls, family):
+    _libraries_or_fail(int8=True)
+    for int8 in (False, True):
+        model = _model(tiny_factory, 2, torch.bfloat16, family, int8=int8)
+        ids, mask = _padded_batch(3)
+        steps = count_calls(decode_layer, "_step")
+        kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True)
+        with torch.no_grad():
+            fast = model.generate(ids, **kw)
+            decode_layer.enable(model, False)
+            own = model.generate(ids, **kw)
+        assert steps[0] == 2 * 4, (family, int8)
+        assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits)), (family, int8)
+
+
+def test_float32_tokens_equal_the_stock_path_and_beam_search_too(tiny_factory, count_calls):
+    """Against the stock path (every kernel off: transformers' own modules and ops) the step keeps
+    the greedy tokens, with logits within float32 rounding; beam search reorders the cache between
+    steps and keeps its sequences."""
+    _libraries_or_fail()
+    model = _model(tiny_factory, 4, torch.float32)
+    ids, mask = _padded_batch(3)
+    steps = count_calls(decode_layer, "_step")
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        fast = model.generate(ids, **kw)
+        beams = model.generate(ids[1:2], attention_mask=mask[1:2], max_new_tokens=5, num_beams=3, do_sample=False)
+        used = steps[0]
+        model.use_fast_kernels(False)
+        stock = model.generate(ids, **kw)
+        stock_beams = model.generate(ids[1:2], attention_mask=mask[1:2], max_new_tokens=5, num_beams=3, do_sample=False)
+    assert used == 2 * 5 + 2 * 4 and steps[0] == used  # 3 beams x 4 streams: 12 rows
+    assert torch.equal(fast.sequences, stock.sequences) and torch.equal(beams, stock_beams)
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(stock.logits), rtol=1e-5, atol=1e-5)
+
+
+def test_the_layers_own_forward_runs_where_the_step_does_not_apply(tiny_factory, count_calls):
+    """Hooks (a user's, `output_attentions`), autograd, the eager attention kind, the stream
+    adapters' hooks, fast kernels off: the step is not taken, and the result is the layer's own."""
+    _libraries_or_fail()
+    steps = count_calls(decode_layer, "_step")
+    model = _model(tiny_factory, 2, torch.float32)
+    ids, mask = _padded_batch(3)
+    kw = dict(attention_mask=mask, max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        model.generate(ids, **kw)
+        assert steps[0] == 2 * 2
+        steps[0] = 0
+        handle = model.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, i, o: o * 2)
+        hooked = model.generate(ids, **kw, return_dict_in_generate=True, output_logits=True)
+        assert steps[0] == 2  # layer 0 only, two decode steps
+        handle.remove()
+        model.generate(ids, **kw, output_attentions=True, return_dict_in_generate=True)
+        assert steps[0] == 2
+        model.use_fast_kernels(False)
+        model.generate(ids, **kw)
+        assert steps[0] == 2
+        model.use_fast_kernels(True)
+    # the hook's doubling is in the logits: compare with the whole stock path under the same hook
+    reference = _model(tiny_factory, 2, torch.float32)
+    reference.use_fast_kernels(False)
+    reference.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, i, o: o * 2)
+    with torch.no_grad():
+        want = reference.generate(ids, **kw, return_dict_in_generate=True, output_logits=True)
+    torch.testing.assert_close(torch.stack(hooked.logits), torch.stack(want.logits), rtol=1e-5, atol=1e-5)
+    # autograd: a forward with a cache, outside no_grad
+    cache_out = model(ids, attention_mask=mask, use_cache=True)
+    cache = cache_out.cache if hasattr(cache_out, "cache") else cache_out.past_key_values
+    model(ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), **{decode_kwarg(model): cache})
+    assert steps[0] == 2
+
+
+def decode_kwarg(model) -> str:
+    from parscale.model.cache_api import cache_argument
+
+    return cache_argument(model)
+
+
+def test_eager_attention_and_stream_adapters_keep_the_layers_forward(tiny_factory, count_calls):
+    _libraries_or_fail()
+    steps = count_calls(decode_layer, "_step")
+    base = tiny_factory("qwen2")
+    base.set_attn_implementation("eager")
+    eager = to_parscale(base, ParScaleConfig(2), seed=1).eval()
+    assert eager.config._attn_implementation == "parscale_eager"
+    ids, mask = _padded_batch(1)
+    with torch.no_grad():
+        eager.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert steps[0] == 0
+    adapted = to_parscale(tiny_factory("qwen2"), ParScaleConfig(2, stream_lora_rank=2), seed=1).eval()
+    with torch.no_grad():
+        adapted.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert steps[0] == 0
+
+
+def test_a_model_with_the_step_pickles_copies_and_switches_back(tiny_factory):
+    model = to_parscale(tiny_factory("qwen2"), ParScaleConfig(2), seed=0).eval()
+    layer = model.model.layers[0]
+    fast = type(layer)
+    assert fast.__module__ == decode_layer.__name__ and isinstance(layer, fast._stock_class)
+    assert decode_layer.__getattr__(fast.__qualname__) is fast  # the lookup pickle makes in a new process
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (loaded, copy.deepcopy(model)):
+        assert type(other.model.layers[0]) is fast
+        assert other.state_dict().keys() == model.state_dict().keys()
+    model.use_fast_kernels(False)
+    assert type(model.model.layers[0]) is fast._stock_class
+    with pytest.raises(AttributeError):
+        decode_layer.__getattr__("nothing_here")
+
+
+def test_rows_beyond_the_few_row_kernels_take_the_layers_forward(tiny_factory, count_calls):
+    _libraries_or_fail()
+    steps = count_calls(decode_layer, "_step")
+    model = _model(tiny_factory, 8, torch.float32)
+    ids = torch.randint(2, 97, (kernels.MAX_ROWS // 8 + 1, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert steps[0] == 0
+
+
+
+@pytest.mark.parametrize("family, window", [("mistral", dict(sliding_window=4)),
+                                            ("qwen2", dict(use_sliding_window=True, sliding_window=4,
+                                                           max_window_layers=0))])
+def test_a_sliding_window_takes_the_layers_forward(tiny_factory, count_calls, family, window):
+    _libraries_or_fail()
+    steps = count_calls(decode_layer, "_step")
+    model = to_parscale(tiny_factory(family, **window), ParScaleConfig(2), seed=1).eval()
+    ids, mask = _padded_batch(1)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)  # the cache's window layers
+        # a cache made without the config has plain layers: the layer's own window must be seen
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                       **{decode_kwarg(model): DynamicCache()})
+    assert steps[0] == 0
