@@ -1,18 +1,20 @@
 """Where a decode step's time goes: the few-row products, the decode attention, the aggregation,
 the norms, and everything else (the eager work around them and `generate`'s own per-step work).
 
-    python benchmarks/decode_split.py [--dtype bfloat16] [--P 1,8] [--int8] [--reps 3] [--threads 2]
+    python benchmarks/decode_split.py [--dtype bfloat16] [--P 1,8] [--int8] [--own-layer] [--reps 3] [--threads 2]
 
 The model of `benchmarks/decode.py` (random weights, 16 layers, hidden 1024, 64-token prompt,
 32 new tokens, batch 1). The four parts are timed by wrapping their Python entry points
-(`kernels.skinny_linear` and `quantize.int8_linear`, `prefix_attention.decode_attention`,
+(`kernels.skinny_linear` and `quantize.int8_linear`, `prefix_attention._decode_attention_kernel`,
 `AggregationHead.forward`, `norms.rms_norm`) with a wall clock; a step's time is that of
 generating 33 tokens less that of generating 1, divided by 32, and each part likewise, so the
-prefill is left out. "other" is the step less the four parts. At P = 1 the attention runs the
-stock path or the P = 1 kernel through another entry point, so it counts as "other" there.
+prefill is left out. "other" is the step less the four parts (with the attention kernel off,
+torch's fused attention counts as "other").
 Rounds are interleaved over the rows; the table gives medians, in ms per token. Each round also
 measures the read bandwidth (torch's sum of 256 MiB): on a machine whose memory is shared with
-other work it moves, and the products' share with it. Writes
+other work it moves, and the products' share with it. `--own-layer` adds a row KEY-own per
+model: the same model with its decoder layers' own forward (`decode_layer.enable(model, False)`),
+the eager path the decode step replaces, timed in the same rounds. Writes
 benchmarks/results/decode_split.json.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ from _result import write_result  # benchmarks/_result.py
 from decode import DTYPES, build  # benchmarks/decode.py: the same model
 
 from parscale.cost.hardware import read_bandwidth
+from parscale.model import decode_layer
 from parscale.machine import describe, header
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode_split.json"
@@ -55,7 +58,9 @@ def instrument(spent: dict[str, float]) -> None:
 
     wrap(kernels, "skinny_linear", "products")
     wrap(quantize, "int8_linear", "products")
-    wrap(prefix_attention, "decode_attention", "attention")
+    # the kernel, not `decode_attention`: the decode step (`decode_layer`) and the P = 1 attention
+    # call it directly
+    wrap(prefix_attention, "_decode_attention_kernel", "attention")
     wrap(aggregation.AggregationHead, "forward", "aggregation")
     wrap(norms, "rms_norm", "norm")
 
@@ -82,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     parser.add_argument("--P", default="1,8")
     parser.add_argument("--int8", action="store_true", help="also the same models after quantize_int8()")
+    parser.add_argument("--own-layer", action="store_true",
+                        help="also every model with its layers' own forward (decode_layer off): rows KEY-own")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
@@ -95,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         import copy
 
         models.update({f"{key}-int8": copy.deepcopy(model).quantize_int8() for key, model in list(models.items())})
+    if args.own_layer:  # the same model objects, switched per row below
+        models.update({f"{key}-own": model for key, model in list(models.items())})
     spent: dict[str, float] = {}
     instrument(spent)
     prompt = torch.randint(0, 32000, (1, 64), generator=torch.Generator().manual_seed(0))
@@ -106,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.reps):
         reads.append(read_bandwidth(256, 3))
         for key, model in models.items():
+            decode_layer.enable(model, not key.endswith("-own"))
             rows[key].append(split_step(model, prompt, args.new_tokens, spent))
         print(f"round {rep + 1}/{args.reps} done", file=sys.stderr)
     machine = describe()

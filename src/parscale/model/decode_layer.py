@@ -3,9 +3,9 @@
 At batch 1 a decode step's products read the weights at the memory's speed (`kernels`), and
 what is left is the eager work around them: in a layer, transformers' attention module makes
 about fifty torch calls and module calls for one token (views, the rotary embedding's eleven
-ops, the attention interface's lookup), its MLP and the layer a dozen more. On a 16-layer model
-with hidden size 64 (where the products cost nothing) that is 2.5 ms per step on a 2-core EPYC,
-about a third of a bfloat16 step of the decode benchmark's model (benchmarks/README.md).
+ops, the attention interface's lookup), its MLP and the layer a dozen more: 3.0 ms of a 10 ms
+bfloat16 step of the decode benchmark's 16-layer model at P = 1 on a 2-core EPYC, 0.8 ms less
+with this step (`benchmarks/decode_split.py --own-layer`, benchmarks/README.md).
 
 `enable(model)` gives each recognised decoder layer a subclass of its own class (as `norms`
 does with RMSNorm: `isinstance` holds, parameters and state-dict keys unchanged) whose forward
