@@ -40,6 +40,15 @@ inline void store(uint16_t* out, float v) {  // float32 -> bfloat16, round to ne
   *out = static_cast<uint16_t>(bits >> 16);
 }
 
+// The value v would have once stored as T and read back: v itself for float32, v rounded to the
+// nearest-even bfloat16 (as store() rounds) for bfloat16; narrow8 below likewise for eight lanes.
+inline float narrow(float*, float v) { return v; }
+inline float narrow(uint16_t*, float v) {
+  uint16_t b;
+  store(&b, v);
+  return to_float(b);
+}
+
 // A scratch buffer aligned to a cache line. The kernels load x 32 or 64 bytes at a time; from a
 // std::vector (malloc aligns to 16 bytes) every other load straddled two lines, and 8 rows of
 // bfloat16 decoding ran 20% slower than from torch's 64-byte aligned tensors.
@@ -68,6 +77,24 @@ inline int64_t k_step(int64_t mc, int64_t x_size, int64_t K) {
 }
 
 #ifdef PARSCALE_AVX2
+inline __m256 round_bf16(__m256 v) {  // float32 -> the nearest-even bfloat16, kept as float32
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)),
+                                           _mm256_set1_epi32(int(0xffff0000u)));
+  const __m256 quiet = _mm256_castsi256_ps(_mm256_or_si256(bits, _mm256_set1_epi32(0x00400000)));  // as store()
+  return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), quiet, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
+inline void store8(uint16_t* out, __m256 v) {  // v already rounded to bfloat16: its high halves
+  const __m256i high = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), packed);
+}
+
+inline __m256 narrow8(float*, __m256 v) { return v; }
+inline __m256 narrow8(uint16_t*, __m256 v) { return round_bf16(v); }
 inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
 inline __m256 load8(const uint16_t* w) {  // bfloat16 bits -> float32: shift into the high half
   __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));

@@ -21,33 +21,11 @@
 
 namespace {
 
+using parscale::narrow;
 #ifdef PARSCALE_AVX2
-inline __m256 round_bf16(__m256 v) {  // float32 -> the nearest-even bfloat16, kept as float32
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)),
-                                           _mm256_set1_epi32(int(0xffff0000u)));
-  const __m256 quiet = _mm256_castsi256_ps(_mm256_or_si256(bits, _mm256_set1_epi32(0x00400000)));  // as store()
-  return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), quiet, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-}
-
-inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
-inline void store8(uint16_t* out, __m256 v) {  // v already rounded to bfloat16: its high halves
-  const __m256i high = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), packed);
-}
-
-inline __m256 narrow8(float*, __m256 v) { return v; }
-inline __m256 narrow8(uint16_t*, __m256 v) { return round_bf16(v); }
+using parscale::narrow8;
+using parscale::store8;
 #endif
-
-inline float narrow(float*, float v) { return v; }
-inline float narrow(uint16_t*, float v) {
-  uint16_t b;
-  parscale::store(&b, v);
-  return parscale::to_float(b);
-}
 
 template <typename T>
 void rms_norm(const T* x, int64_t M, int64_t H, const T* w, float eps, T* y) {
