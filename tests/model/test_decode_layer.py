@@ -250,3 +250,55 @@ def test_a_sliding_window_takes_the_layers_forward(tiny_factory, count_calls, fa
         model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
                        **{decode_kwarg(model): DynamicCache()})
     assert steps[0] == 0
+
+
+def test_the_layout_is_found_once_per_cache_and_again_after_any_new_hook(tiny_factory, count_calls):
+    """The checks run at a cache's first decode step per layer and are reused while the cache is the
+    same object; a hook registered between two steps of one cache (here on an MLP projection,
+    doubling its output) is seen at the next step, which then equals the layer's own forward."""
+    from parscale.model.cache_api import cache_argument, output_cache
+
+    _libraries_or_fail()
+    layouts, steps = count_calls(decode_layer, "_layout"), count_calls(decode_layer, "_step")
+    model = _model(tiny_factory, 2, torch.float32)
+    ids, mask = _padded_batch(3)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        assert layouts[0] == 2 and steps[0] == 2 * 3  # two layers, three decode steps
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        assert layouts[0] == 4  # a new cache
+
+        def decode(net, hook: bool):
+            """The prompt, then two steps by hand on one cache; the hook goes in between."""
+            out = net(ids, attention_mask=mask, use_cache=True)
+            cache, logits, full = output_cache(out), [], mask
+            token = out.logits[:, -1:].argmax(-1)
+            for step in range(2):
+                if step == 1 and hook:
+                    handle = net.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, i, o: o * 2)
+                full = torch.cat([full, torch.ones_like(full[:, :1])], dim=1)
+                out = net(token, attention_mask=full, **{cache_argument(net): cache}, use_cache=True)
+                logits.append(out.logits[:, -1])
+                token = out.logits[:, -1:].argmax(-1)
+            if hook:
+                handle.remove()
+            return torch.stack(logits)
+
+        layouts[0] = steps[0] = 0
+        got = decode(model, hook=True)
+        assert layouts[0] == 2 + 2 and steps[0] == 2 + 1  # found again after the hook; layer 1 then hooked
+        decode_layer.enable(model, False)
+        want = decode(model, hook=True)
+        unhooked = decode(model, hook=False)
+    assert torch.equal(got, want) and not torch.equal(got[1], unhooked[1])
+
+
+def test_quantize_int8_drops_the_layouts_that_name_the_float_layers(tiny_factory):
+    _libraries_or_fail(int8=True)
+    model = _model(tiny_factory, 2, torch.float32)
+    ids, mask = _padded_batch(1)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        assert all(layer.__dict__.get("_parscale_plan") is not None for layer in model.model.layers)
+        model.quantize_int8()
+        assert not any("_parscale_plan" in layer.__dict__ for layer in model.model.layers)

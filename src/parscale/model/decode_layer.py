@@ -16,6 +16,12 @@ gate/up products, SiLU times up, the down product, the residual add. The arithme
 stock layer's, op for op, through the same kernels the modules would call; only the Python
 between them is gone.
 
+The checks that decide whether a layer may take the step read about a hundred module
+attributes; they run at the first decode step of each cache and their result is kept on the
+layer (`_Plan`) while the cache is the same object, no hook has been registered anywhere since,
+and the dtype and train/eval mode are unchanged (`quantize_int8` and `enable` drop it). Modules
+replaced by hand between two steps of one cache are not seen.
+
 A layer is recognised when its forward, its attention's and its MLP's are the Llama code
 (Qwen2, Mistral, Qwen3's layer... are generated from it; compared as bytecode, as `norms` does)
 and its MLP's activation is SiLU. Every other case takes the layer's own forward: more than one
@@ -29,11 +35,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import inspect
+import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
+from torch.utils.hooks import RemovableHandle
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -147,12 +156,14 @@ def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
     return None
 
 
-def _norm_args(norm: nn.Module, x: torch.Tensor) -> tuple | None:
-    """(weight, eps) of a norm that takes the kernel (`norms`) for x, without hooks; else None."""
+def _norm_args(norm: nn.Module, dtype: torch.dtype) -> tuple | None:
+    """(weight, eps) of a norm that takes the kernel (`norms`) for x of `dtype`, without hooks; else None."""
     if type(norm).forward is not norms._forward or not norm.use_kernel or norm._forward_hooks or norm._forward_pre_hooks:
         return None
     weight = norm._parameters["weight"]
-    return (weight, norm.variance_epsilon) if norms._eligible(x, weight) else None
+    if weight.dtype != dtype or not weight.is_cpu or not weight.is_contiguous() or type(weight) not in kernels._PLAIN:
+        return None
+    return weight, norm.variance_epsilon
 
 
 def _product(args: tuple, x: torch.Tensor, libs) -> torch.Tensor:
@@ -169,6 +180,69 @@ def _libraries(int8: bool) -> tuple | None:
     return None if any(lib is None for i, lib in enumerate(libs) if i != 1 or int8) else libs
 
 
+class _Layout(NamedTuple):
+    """What a layer's decode step reads from its modules, found once (`_layout`)."""
+    products: tuple  # q, k, v, o, gate, up, down: `_product_args`
+    norms: tuple  # input, post-attention: `_norm_args`
+    attention: nn.Module
+    prefix: tuple | None  # (prefix_k, prefix_v), or None without prefixes
+    head_dim: int
+    index: int
+    libs: tuple
+
+
+class _Plan(NamedTuple):
+    """A layer's `_Layout` (or None: the layer's own forward) for one cache, dtype and mode. The
+    checks read about a hundred module attributes, 40 us per layer and step on the decode
+    benchmark's model (the layers' weights stream through the caches in between, so the Python
+    objects are cold each time); within one `generate` the modules do not change, so the layout
+    is found at its first decode step and reused while the cache is the same object, no hook was
+    registered anywhere since (torch numbers every hook handle: `RemovableHandle.next_id`), and
+    the dtype and train/eval mode are the same."""
+    cache: weakref.ref
+    hooks: int
+    dtype: torch.dtype
+    training: bool
+    layout: _Layout | None
+
+
+def _layout(layer: nn.Module, dtype: torch.dtype) -> _Layout | None:
+    """The layer's modules and tensors for the decode step in `dtype`, or None where its own forward must run."""
+    modules = layer._modules
+    attention, mlp = modules["self_attn"], modules["mlp"]
+    code = _attention_code(type(attention))
+    if (layer.training or attention.training or _hooked(layer, attention, mlp) or code is None
+            or not _recognised_mlp(type(mlp)) or _sliding(attention, code)):
+        return None
+    parts, mlp_parts = attention._modules, mlp._modules
+    act = mlp_parts["act_fn"]
+    if not isinstance(act, _SILU) or act._forward_hooks or act._forward_pre_hooks:
+        return None
+    products = tuple(_product_args(parts[name], dtype) for name in ("q_proj", "k_proj", "v_proj", "o_proj")) + tuple(
+        _product_args(mlp_parts[name], dtype) for name in ("gate_proj", "up_proj", "down_proj"))
+    norm_args = (_norm_args(modules["input_layernorm"], dtype), _norm_args(modules["post_attention_layernorm"], dtype))
+    if None in products or None in norm_args:
+        return None
+    kind = attention.config._attn_implementation
+    prefix_k = getattr(attention, "prefix_k", None)
+    if prefix_k is not None:
+        prefix_v = attention.prefix_v
+        if (kind not in _PREFIX_KINDS or prefix_k.dtype != dtype or prefix_v.dtype != dtype or not prefix_k.is_cpu
+                or not prefix_v.is_cpu or not prefix_k.is_contiguous() or not prefix_v.is_contiguous()):
+            return None
+        prefix = (prefix_k, prefix_v)
+    elif kind != _PLAIN_KIND or not getattr(attention, "parscale_fast_decode", False):
+        return None
+    else:
+        prefix = None
+    if attention.head_dim % 2:
+        return None
+    libs = _libraries(not all(args[0] for args in products))
+    if libs is None:
+        return None
+    return _Layout(products, norm_args, attention, prefix, attention.head_dim, attention.layer_idx, libs)
+
+
 def _hooked(*modules: nn.Module) -> bool:
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
@@ -181,75 +255,54 @@ def decode_step(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> 
     cache = kwargs.get(NEW_NAME, kwargs.get(OLD_NAME))
     embeddings = kwargs.get("position_embeddings")
     if (cache is None or embeddings is None or torch.is_grad_enabled() or hidden_states.dim() != 3
-            or hidden_states.shape[1] != 1 or layer.training or not kernels.cpu_inference(hidden_states)):
+            or hidden_states.shape[1] != 1 or not kernels.cpu_inference(hidden_states)
+            or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks):
         return None
-    dtype = hidden_states.dtype
-    if dtype not in (torch.float32, torch.bfloat16) or hidden_states.shape[0] > kernels.MAX_ROWS:
+    dtype, rows = hidden_states.dtype, hidden_states.shape[0]
+    if dtype not in (torch.float32, torch.bfloat16) or rows > kernels.MAX_ROWS or hidden_states.numel() > norms.MAX_VALUES:
         return None
-    modules = layer._modules
-    attention, mlp = modules["self_attn"], modules["mlp"]
-    code = _attention_code(type(attention))
-    if (attention.training or _hooked(layer, attention, mlp) or code is None or not _recognised_mlp(type(mlp))
-            or _sliding(attention, code)):
+    plan = layer.__dict__.get("_parscale_plan")
+    if (plan is None or plan.cache() is not cache or plan.hooks != RemovableHandle.next_id or plan.dtype != dtype
+            or plan.training != layer.training):
+        plan = _Plan(weakref.ref(cache), RemovableHandle.next_id, dtype, layer.training, _layout(layer, dtype))
+        layer.__dict__["_parscale_plan"] = plan
+    layout = plan.layout
+    if layout is None:
         return None
-    parts, mlp_parts = attention._modules, mlp._modules
-    act = mlp_parts["act_fn"]
-    if not isinstance(act, _SILU) or act._forward_hooks or act._forward_pre_hooks:
-        return None
-    products = [_product_args(parts[name], dtype) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    products += [_product_args(mlp_parts[name], dtype) for name in ("gate_proj", "up_proj", "down_proj")]
-    norm_args = (_norm_args(modules["input_layernorm"], hidden_states),
-                 _norm_args(modules["post_attention_layernorm"], hidden_states))
-    if None in products or None in norm_args:
-        return None
-    kind = attention.config._attn_implementation
-    prefix_k = getattr(attention, "prefix_k", None)
-    if prefix_k is not None:
-        prefix_v = attention.prefix_v
-        if (kind not in _PREFIX_KINDS or prefix_k.dtype != dtype or prefix_v.dtype != dtype or not prefix_k.is_cpu
-                or not prefix_v.is_cpu or not prefix_k.is_contiguous() or not prefix_v.is_contiguous()):
-            return None
-    elif kind != _PLAIN_KIND or not getattr(attention, "parscale_fast_decode", False):
-        return None
-    layers, index = getattr(cache, "layers", None), attention.layer_idx
-    if layers is None or index >= len(layers) or type(layers[index]) not in _CACHE_LAYERS:
+    layers = getattr(cache, "layers", None)
+    if layers is None or layout.index >= len(layers) or type(layers[layout.index]) not in _CACHE_LAYERS:
         return None
     cos, sin = embeddings
-    head_dim = attention.head_dim
     if (cos.dtype != dtype or sin.dtype != dtype or cos.shape != sin.shape or cos.dim() != 3 or cos.shape[1] != 1
-            or cos.shape[-1] != head_dim or cos.shape[0] not in (1, hidden_states.shape[0])
-            or not (cos.is_contiguous() and sin.is_contiguous()) or not (cos.is_cpu and sin.is_cpu) or head_dim % 2):
+            or cos.shape[-1] != layout.head_dim or cos.shape[0] not in (1, rows)
+            or not (cos.is_contiguous() and sin.is_contiguous()) or not (cos.is_cpu and sin.is_cpu)):
         return None
-    libs = _libraries(not all(args[0] for args in products))
-    if libs is None:
-        return None
-    return _step(attention, hidden_states, kwargs.get("attention_mask"), cos, sin, cache, products, norm_args, libs)
+    return _step(layout, hidden_states, kwargs.get("attention_mask"), cos, sin, cache)
 
 
-def _step(attention, hidden_states, mask, cos, sin, cache, products, norm_args, libs) -> torch.Tensor:
+def _step(layout: _Layout, hidden_states, mask, cos, sin, cache) -> torch.Tensor:
     """The stock layer's arithmetic in its order (see the module docstring); the checks are done."""
-    q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = products
-    rows, head_dim, index = hidden_states.shape[0], attention.head_dim, attention.layer_idx
-    x = norms.rms_norm(hidden_states, *norm_args[0], libs[2])
+    q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = layout.products
+    libs, head_dim, rows = layout.libs, layout.head_dim, hidden_states.shape[0]
+    x = norms.rms_norm(hidden_states, *layout.norms[0], libs[2])
     query, key, value = _product(q_proj, x, libs), _product(k_proj, x, libs), _product(v_proj, x, libs)  # rows 1 n*d
     heads, kv = query.shape[-1] // head_dim, key.shape[-1] // head_dim
     rotary_in_place(query, heads, cos, sin, libs[3])
     rotary_in_place(key, kv, cos, sin, libs[3])
     keys, values = cache.update(key.view(rows, 1, kv, head_dim).transpose(1, 2),
-                                value.view(rows, 1, kv, head_dim).transpose(1, 2), index)
+                                value.view(rows, 1, kv, head_dim).transpose(1, 2), layout.index)
     query = query.view(rows, heads, 1, head_dim)
-    prefix_k = getattr(attention, "prefix_k", None)
-    if prefix_k is None:
+    if layout.prefix is None:
         prefix_k = prefix_v = keys.new_empty(1, kv, 0, head_dim)  # one stream, no prefix (plain_attention)
     else:
-        prefix_v = attention.prefix_v
-    scaling = attention.scaling
-    out = prefix_attention._decode_attention_kernel(query, keys, values, mask, prefix_k, prefix_v, scaling)
+        prefix_k, prefix_v = layout.prefix
+    attention = layout.attention
+    out = prefix_attention._decode_attention_kernel(query, keys, values, mask, prefix_k, prefix_v, attention.scaling)
     if out is None:  # a layout the kernel does not take: the attention kind's own function (the cache is updated)
         function = ALL_ATTENTION_FUNCTIONS[attention.config._attn_implementation]
-        out, _ = function(attention, query, keys, values, mask, dropout=0.0, scaling=scaling)
+        out, _ = function(attention, query, keys, values, mask, dropout=0.0, scaling=attention.scaling)
     hidden_states = hidden_states + _product(o_proj, out.reshape(rows, 1, heads * head_dim), libs)
-    x = norms.rms_norm(hidden_states, *norm_args[1], libs[2])
+    x = norms.rms_norm(hidden_states, *layout.norms[1], libs[2])
     up = _product(gate_proj, x, libs)
     up = F.silu(up) * _product(up_proj, x, libs)
     return hidden_states + _product(down_proj, up, libs)
@@ -280,9 +333,17 @@ def __getattr__(name: str) -> type:
     return fast_class(norms.stock_class(name, _FAST))
 
 
+def forget(model: nn.Module) -> None:
+    """Drop the layers' cached layouts (`_Plan`): after modules were replaced (`quantize_int8`),
+    so that no layout holds the replaced weights or is reused with a cache it was found for."""
+    for module in model.modules():
+        module.__dict__.pop("_parscale_plan", None)
+
+
 def enable(model: nn.Module, enabled: bool = True) -> int:
     """Give the recognised decoder layers of `model` the decode step (or their own forward back
     with `enabled=False`); returns how many."""
+    forget(model)
     count = 0
     for module in model.modules():
         if not is_llama_decoder_layer(module):

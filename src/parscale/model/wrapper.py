@@ -220,6 +220,7 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         if lora:  # the stream adapters move to the int8 projections, in float
             stream_lora.install(self, [], 0.0)
         saved = quantize.quantize_int8(self, skip=skip)
+        decode_layer.forget(self)  # a decode step's cached layout names the float layers
         if lora:
             stream_lora.install(self, lora, self.parscale_config.stream_lora_scale)
         logger.info("int8 weights: %.1f MB saved", saved / 1e6)
