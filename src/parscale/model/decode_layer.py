@@ -135,7 +135,7 @@ def rotary_in_place(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.T
 
 
 def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
-    """(float kernel?, weight or int8 weight, scale, bias) of a linear layer that is one of the
+    """(True for the float kernel or None for int8, weight or int8 weight, scale, bias) of a linear layer that is one of the
     fast kernels' (the float kernel with weights of x's dtype, or int8), switched on, without hooks
     (a stream adapter's), its tensors on the CPU; else None. Run seven times per layer and step:
     the tensors are read from the module's dicts, not through `nn.Module.__getattr__`."""
@@ -147,12 +147,12 @@ def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
         weight, bias = params["weight"], params["bias"]
         if (weight.dtype == dtype and weight.is_cpu and weight.is_contiguous() and type(weight) in kernels._PLAIN
                 and (bias is None or (bias.dtype == dtype and bias.is_contiguous() and type(bias) in kernels._PLAIN))):
-            return True, weight, None, bias
+            return True, weight, None, bias  # True: the float kernel (`_layout` puts its C function here)
     elif kind is quantize.Int8Linear and not linear.training:
         buffers = linear._buffers
         weight = buffers["qweight"]
         if weight.is_cpu and weight.dtype == torch.int8:
-            return False, weight, buffers["scale"], linear.bias
+            return None, weight, buffers["scale"], linear.bias
     return None
 
 
@@ -166,11 +166,29 @@ def _norm_args(norm: nn.Module, dtype: torch.dtype) -> tuple | None:
     return weight, norm.variance_epsilon
 
 
-def _product(args: tuple, x: torch.Tensor, libs) -> torch.Tensor:
-    floating, weight, scale, bias = args
-    if floating:
+def _float_entry(lib: ctypes.CDLL, dtype: torch.dtype):
+    """The float kernel's C function that `kernels.skinny_linear` calls for x and weights of `dtype`
+    below AMX_MIN_ROWS rows (x and y in that dtype: no torch call around it)."""
+    if dtype == torch.float32:
+        return lib.parscale_skinny_f32
+    return lib.parscale_skinny_bf16_dot_io if getattr(lib, "bf16_dot", False) else lib.parscale_skinny_bf16_io
+
+
+def _product(args: tuple, x: torch.Tensor, libs, threads: int) -> torch.Tensor:
+    """x [rows, 1, K] (contiguous) times a layer's weights: `kernels.skinny_linear`'s C call made
+    directly (its Python around the call is 1-2 us, seven products per layer and step), or
+    `skinny_linear` itself where the AMX tiles may take the rows; int8 by `quantize.int8_linear`."""
+    entry, weight, scale, bias = args
+    if entry is None:
+        return quantize.int8_linear(x, weight, scale, bias, libs[1])
+    rows = x.shape[0]
+    if rows >= kernels.AMX_MIN_ROWS:
         return kernels.skinny_linear(x, weight, bias, libs[0])
-    return quantize.int8_linear(x, weight, scale, bias, libs[1])
+    n_out, k = weight.shape
+    out = torch.empty((rows, 1, n_out), dtype=x.dtype)
+    entry(x.data_ptr(), rows, k, weight.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
+          n_out, threads)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -237,9 +255,10 @@ def _layout(layer: nn.Module, dtype: torch.dtype) -> _Layout | None:
         prefix = None
     if attention.head_dim % 2:
         return None
-    libs = _libraries(not all(args[0] for args in products))
+    libs = _libraries(any(args[0] is None for args in products))
     if libs is None:
         return None
+    products = tuple(args if args[0] is None else (_float_entry(libs[0], dtype), *args[1:]) for args in products)
     return _Layout(products, norm_args, attention, prefix, attention.head_dim, attention.layer_idx, libs)
 
 
@@ -284,8 +303,11 @@ def _step(layout: _Layout, hidden_states, mask, cos, sin, cache) -> torch.Tensor
     """The stock layer's arithmetic in its order (see the module docstring); the checks are done."""
     q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = layout.products
     libs, head_dim, rows = layout.libs, layout.head_dim, hidden_states.shape[0]
+    threads = torch.get_num_threads()
+    hidden_states = hidden_states if hidden_states.is_contiguous() else hidden_states.contiguous()
     x = norms.rms_norm(hidden_states, *layout.norms[0], libs[2])
-    query, key, value = _product(q_proj, x, libs), _product(k_proj, x, libs), _product(v_proj, x, libs)  # rows 1 n*d
+    query = _product(q_proj, x, libs, threads)  # rows 1 heads*d
+    key, value = _product(k_proj, x, libs, threads), _product(v_proj, x, libs, threads)  # rows 1 kv*d
     heads, kv = query.shape[-1] // head_dim, key.shape[-1] // head_dim
     rotary_in_place(query, heads, cos, sin, libs[3])
     rotary_in_place(key, kv, cos, sin, libs[3])
@@ -301,11 +323,11 @@ def _step(layout: _Layout, hidden_states, mask, cos, sin, cache) -> torch.Tensor
     if out is None:  # a layout the kernel does not take: the attention kind's own function (the cache is updated)
         function = ALL_ATTENTION_FUNCTIONS[attention.config._attn_implementation]
         out, _ = function(attention, query, keys, values, mask, dropout=0.0, scaling=attention.scaling)
-    hidden_states = hidden_states + _product(o_proj, out.reshape(rows, 1, heads * head_dim), libs)
+    hidden_states = hidden_states + _product(o_proj, out.reshape(rows, 1, heads * head_dim), libs, threads)
     x = norms.rms_norm(hidden_states, *layout.norms[1], libs[2])
-    up = _product(gate_proj, x, libs)
-    up = F.silu(up) * _product(up_proj, x, libs)
-    return hidden_states + _product(down_proj, up, libs)
+    up = _product(gate_proj, x, libs, threads)
+    up = F.silu(up) * _product(up_proj, x, libs, threads)
+    return hidden_states + _product(down_proj, up, libs, threads)
 
 
 # ----- the class swap ---------------------------------------------------------------------------
