@@ -5,8 +5,9 @@ the norms, and everything else (the eager work around them and `generate`'s own 
 
 The model of `benchmarks/decode.py` (random weights, 16 layers, hidden 1024, 64-token prompt,
 32 new tokens, batch 1). The four parts are timed by wrapping their Python entry points
-(`kernels.skinny_linear` and `quantize.int8_linear`, `prefix_attention._decode_attention_kernel`,
-`AggregationHead.forward`, `norms.rms_norm`) with a wall clock; a step's time is that of
+(`kernels.skinny_linear`, `quantize.int8_linear` and `decode_layer._product`,
+`prefix_attention._decode_attention_kernel`, `AggregationHead.forward`, `norms.rms_norm`; one
+called by another counts once) with a wall clock; a step's time is that of
 generating 33 tokens less that of generating 1, divided by 32, and each part likewise, so the
 prefill is left out. "other" is the step less the four parts (with the attention kernel off,
 torch's fused attention counts as "other").
@@ -41,23 +42,30 @@ PARTS = ("products", "attention", "aggregation", "norm")
 
 def instrument(spent: dict[str, float]) -> None:
     """Wrap each part's entry point so that its wall time adds up in `spent` (for this process)."""
-    from parscale.model import aggregation, kernels, norms, prefix_attention, quantize
+    from parscale.model import aggregation, decode_layer, kernels, norms, prefix_attention, quantize
+
+    inside: set[str] = set()  # parts being timed now: an entry point called by another is not counted twice
 
     def wrap(owner, name: str, part: str) -> None:
         inner = getattr(owner, name)
 
         @functools.wraps(inner)
         def timed(*args, **kwargs):
+            if part in inside:
+                return inner(*args, **kwargs)
+            inside.add(part)
             start = time.perf_counter()
             try:
                 return inner(*args, **kwargs)
             finally:
+                inside.discard(part)
                 spent[part] = spent.get(part, 0.0) + time.perf_counter() - start
 
         setattr(owner, name, timed)
 
     wrap(kernels, "skinny_linear", "products")
     wrap(quantize, "int8_linear", "products")
+    wrap(decode_layer, "_product", "products")  # the decode step calls the float kernel's C function itself
     # the kernel, not `decode_attention`: the decode step (`decode_layer`) and the P = 1 attention
     # call it directly
     wrap(prefix_attention, "_decode_attention_kernel", "attention")

@@ -3,18 +3,19 @@
 At batch 1 a decode step's products read the weights at the memory's speed (`kernels`), and
 what is left is the eager work around them: in a layer, transformers' attention module makes
 about fifty torch calls and module calls for one token (views, the rotary embedding's eleven
-ops, the attention interface's lookup), its MLP and the layer a dozen more: 3.0 ms of a 10 ms
-bfloat16 step of the decode benchmark's 16-layer model at P = 1 on a 2-core EPYC, 0.8 ms less
-with this step (`benchmarks/decode_split.py --own-layer`, benchmarks/README.md).
+ops, the attention interface's lookup), its MLP and the layer a dozen more: 3.1 ms of a 10 ms
+bfloat16 step of the decode benchmark's 16-layer model at P = 1 on a 2-core EPYC, 1.4-1.7 ms
+less with this step at P = 1 and P = 8 (`benchmarks/decode_split.py --own-layer`,
+benchmarks/README.md).
 
 `enable(model)` gives each recognised decoder layer a subclass of its own class (as `norms`
 does with RMSNorm: `isinstance` holds, parameters and state-dict keys unchanged) whose forward
 runs one decode step as: the norm kernel, the q/k/v products, the rotary embedding of q and k
 in place (`csrc/decode_attention.cpp`, the stock rounding bit for bit), the cache's own
 `update`, the decode attention kernel, the o product, the residual add, the norm kernel, the
-gate/up products, SiLU times up, the down product, the residual add. The arithmetic is the
-stock layer's, op for op, through the same kernels the modules would call; only the Python
-between them is gone.
+gate/up products, SiLU times up, the down product, the residual add; the float products' C
+functions are called directly (`_product`). The arithmetic is the stock layer's, op for op,
+through the same kernels the modules would call; only the Python between them is gone.
 
 The checks that decide whether a layer may take the step read about a hundred module
 attributes; they run at the first decode step of each cache and their result is kept on the
