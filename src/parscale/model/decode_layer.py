@@ -342,11 +342,8 @@ def _forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor
 
 @functools.lru_cache(maxsize=None)
 def fast_class(cls: type) -> type:
-    """`cls` with the decode step's forward (named as `norms.fast_class` names its classes, so
-    that pickle, `copy.deepcopy` and `torch.save(model)` find it in this module)."""
-    return type(cls.__name__, (cls,), {"forward": _forward, "_stock_forward": cls.forward, "_stock_class": cls,
-                                       "use_kernel": True, "__module__": __name__,
-                                       "__qualname__": norms.encode_class(cls, _FAST)})
+    """`cls` with the decode step's forward (`norms.subclass`: pickle finds it in this module)."""
+    return norms.subclass(cls, _forward, __name__, _FAST)
 
 
 def __getattr__(name: str) -> type:
@@ -367,11 +364,4 @@ def enable(model: nn.Module, enabled: bool = True) -> int:
     """Give the recognised decoder layers of `model` the decode step (or their own forward back
     with `enabled=False`); returns how many."""
     forget(model)
-    count = 0
-    for module in model.modules():
-        if not is_llama_decoder_layer(module):
-            continue
-        stock = getattr(type(module), "_stock_class", type(module))
-        module.__class__ = fast_class(stock) if enabled else stock
-        count += 1
-    return count
+    return norms.swap_classes(model, is_llama_decoder_layer, fast_class, enabled)

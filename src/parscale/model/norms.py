@@ -125,13 +125,33 @@ def stock_class(name: str, prefix: str = _FAST) -> type:
     return stock
 
 
+def subclass(cls: type, forward, module: str, prefix: str = _FAST) -> type:
+    """`cls` with another `forward` (its own kept as `_stock_forward`, the class as `_stock_class`),
+    named as `cls` (a model prints as before) and qualified by `encode_class`, so that pickle finds
+    it in `module` through that module's `__getattr__` (`torch.save(model)`, `copy.deepcopy` and
+    multiprocessing work as before). Used for the norms here and the decoder layers (`decode_layer`)."""
+    return type(cls.__name__, (cls,), {"forward": forward, "_stock_forward": cls.forward, "_stock_class": cls,
+                                       "use_kernel": True, "__module__": module,
+                                       "__qualname__": encode_class(cls, prefix)})
+
+
+def swap_classes(model: nn.Module, recognised, fast, enabled: bool) -> int:
+    """Give each module of `model` that `recognised` accepts the class `fast(stock class)`, or its
+    stock class back with `enabled=False` (the object and its state stay); returns how many."""
+    count = 0
+    for module in model.modules():
+        if not recognised(module):
+            continue
+        stock = getattr(type(module), "_stock_class", type(module))
+        module.__class__ = fast(stock) if enabled else stock
+        count += 1
+    return count
+
+
 @functools.lru_cache(maxsize=None)
 def fast_class(cls: type) -> type:
-    """`cls` with the kernel's forward (one class per norm class, so that `isinstance` holds).
-    Its name is the stock one (a model prints as before); its qualified name lets pickle find it
-    in this module (`torch.save(model)`, `copy.deepcopy` and multiprocessing work as before)."""
-    return type(cls.__name__, (cls,), {"forward": _forward, "_stock_forward": cls.forward, "_stock_class": cls,
-                                       "use_kernel": True, "__module__": __name__, "__qualname__": encode_class(cls)})
+    """`cls` with the kernel's forward (one class per norm class, so that `isinstance` holds)."""
+    return subclass(cls, _forward, __name__)
 
 
 def __getattr__(name: str) -> type:
@@ -144,11 +164,4 @@ def __getattr__(name: str) -> type:
 def enable(model: nn.Module, enabled: bool = True) -> int:
     """Route the recognised RMSNorm modules of `model` through the kernel (or back to their own
     forward with `enabled=False`); returns how many."""
-    count = 0
-    for module in model.modules():
-        if not is_llama_rms_norm(module):
-            continue
-        stock = getattr(type(module), "_stock_class", type(module))
-        module.__class__ = fast_class(stock) if enabled else stock
-        count += 1
-    return count
+    return swap_classes(model, is_llama_rms_norm, fast_class, enabled)
