@@ -302,3 +302,20 @@ def test_quantize_int8_drops_the_layouts_that_name_the_float_layers(tiny_factory
         assert all(layer.__dict__.get("_parscale_plan") is not None for layer in model.model.layers)
         model.quantize_int8()
         assert not any("_parscale_plan" in layer.__dict__ for layer in model.model.layers)
+
+
+def test_hooks_on_the_layer_itself_run_as_they_would(tiny_factory, count_calls):
+    """The fast class's `__call__` skips `nn.Module.__call__` only where no hook is there to run:
+    a forward hook and a pre-hook on a layer run at every call, prefill and decode steps alike."""
+    _libraries_or_fail()
+    steps = count_calls(decode_layer, "_step")
+    model = _model(tiny_factory, 2, torch.float32)
+    ids, mask = _padded_batch(1)
+    seen = {"pre": 0, "post": 0}
+    layer = model.model.layers[0]
+    layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("pre", seen["pre"] + 1))
+    layer.register_forward_hook(lambda m, a, o: seen.__setitem__("post", seen["post"] + 1))
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert seen == {"pre": 4, "post": 4}  # the prefill and three decode steps
+    assert steps[0] == 3  # layer 1 only

@@ -125,14 +125,15 @@ def stock_class(name: str, prefix: str = _FAST) -> type:
     return stock
 
 
-def subclass(cls: type, forward, module: str, prefix: str = _FAST) -> type:
+def subclass(cls: type, forward, module: str, prefix: str = _FAST, **extra) -> type:
     """`cls` with another `forward` (its own kept as `_stock_forward`, the class as `_stock_class`),
     named as `cls` (a model prints as before) and qualified by `encode_class`, so that pickle finds
     it in `module` through that module's `__getattr__` (`torch.save(model)`, `copy.deepcopy` and
-    multiprocessing work as before). Used for the norms here and the decoder layers (`decode_layer`)."""
+    multiprocessing work as before). Used for the norms here and the decoder layers (`decode_layer`,
+    which adds a `__call__` through `extra`)."""
     return type(cls.__name__, (cls,), {"forward": forward, "_stock_forward": cls.forward, "_stock_class": cls,
                                        "use_kernel": True, "__module__": module,
-                                       "__qualname__": encode_class(cls, prefix)})
+                                       "__qualname__": encode_class(cls, prefix), **extra})
 
 
 def swap_classes(model: nn.Module, recognised, fast, enabled: bool) -> int:
