@@ -51,17 +51,29 @@ def test_the_rotary_kernel_equals_float64_to_the_dtypes_rounding(attention_lib):
     torch.testing.assert_close(x.view(2, 3, 8).double(), want, rtol=1e-6, atol=1e-6)
 
 
-def test_which_layers_are_recognised(tiny_factory):
+def _qwen3(seed: int = 3, **overrides):
     from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(**{**dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0),
+                            **overrides})
+    return Qwen3ForCausalLM(config).eval()
+
+
+def test_which_layers_are_recognised(tiny_factory):
+    from transformers.models.olmo2.configuration_olmo2 import Olmo2Config
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2ForCausalLM
 
     for family in ("qwen2", "llama", "mistral"):
         model = tiny_factory(family)
         assert all(decode_layer.is_llama_decoder_layer(layer) for layer in model.model.layers), family
-    # Gemma's MLP is a GELU; Qwen3's attention normalises q and k per head: their own forward
+    assert all(decode_layer.is_llama_decoder_layer(layer) for layer in _qwen3().model.layers)
+    # Gemma's MLP is a GELU, Olmo2 normalises after attention and MLP: their own forward
     assert not any(decode_layer.is_llama_decoder_layer(layer) for layer in tiny_factory("gemma").model.layers)
-    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
-    assert not decode_layer.is_llama_decoder_layer(qwen3.model.layers[0])
+    olmo2 = Olmo2ForCausalLM(Olmo2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    assert not decode_layer.is_llama_decoder_layer(olmo2.model.layers[0])
 
 
 def _model(tiny_factory, n_streams: int, dtype: torch.dtype, family: str = "qwen2", int8: bool = False):
@@ -319,3 +331,21 @@ def test_hooks_on_the_layer_itself_run_as_they_would(tiny_factory, count_calls):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert seen == {"pre": 4, "post": 4}  # the prefill and three decode steps
     assert steps[0] == 3  # layer 1 only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen3_heads_normalised_before_the_rotation_equal_the_layers_own_forward(count_calls, dtype):
+    """Qwen3 normalises each head of q and k (`q_norm`, `k_norm`) before the rotary embedding;
+    the step does the same through the norm kernel, bit for bit the layer's own forward."""
+    _libraries_or_fail()
+    model = to_parscale(_qwen3(), ParScaleConfig(2), seed=1).to(dtype).eval()
+    ids, mask = _padded_batch(3)
+    steps = count_calls(decode_layer, "_step")
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        fast = model.generate(ids, **kw)
+        assert steps[0] == 2 * 4
+        decode_layer.enable(model, False)
+        own = model.generate(ids, **kw)
+    assert steps[0] == 2 * 4
+    assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))

@@ -24,8 +24,9 @@ and the dtype and train/eval mode are unchanged (`quantize_int8` and `enable` dr
 replaced by hand between two steps of one cache are not seen.
 
 A layer is recognised when its forward, its attention's and its MLP's are the Llama code
-(Qwen2, Mistral, Qwen3's layer... are generated from it; compared as bytecode, as `norms` does)
-and its MLP's activation is SiLU. Every other case takes the layer's own forward: more than one
+(Qwen2, Mistral, Qwen3... are generated from it; compared as bytecode, as `norms` does; Qwen2's
+and Mistral's attention add a sliding window, Qwen3's a norm of q and k per head) and its MLP's
+activation is SiLU. Every other case takes the layer's own forward: more than one
 token (prefill), autograd, `torch.compile`, any hook on the layer or its parts (stream LoRA,
 `output_attentions`, user hooks), layers that are not the fast kernels' classes (adapters),
 sliding windows, another attention kind (`eager` returns weights), a cache layer other than the
@@ -74,18 +75,21 @@ def _references() -> dict:
     from transformers.models.llama import modeling_llama
     from transformers.models.mistral import modeling_mistral
     from transformers.models.qwen2 import modeling_qwen2
+    from transformers.models.qwen3 import modeling_qwen3
 
     # Qwen2's and Mistral's attention pass a sliding window as well (the module's attribute, the
     # config's); the code is otherwise Llama's
     return {"layer": modeling_llama.LlamaDecoderLayer.forward, "mlp": modeling_llama.LlamaMLP.forward,
             "attention": {"llama": modeling_llama.LlamaAttention.forward, "qwen2": modeling_qwen2.Qwen2Attention.forward,
-                          "mistral": modeling_mistral.MistralAttention.forward},
+                          "mistral": modeling_mistral.MistralAttention.forward,
+                          # Qwen3's normalises q and k per head (`q_norm`, `k_norm`) before the rotation
+                          "qwen3": modeling_qwen3.Qwen3Attention.forward},
             "rotary": modeling_llama.apply_rotary_pos_emb}
 
 
 @functools.lru_cache(maxsize=None)
 def _attention_code(cls: type) -> str | None:
-    """Which reference attention code `cls` has ("llama", "qwen2", "mistral"), if its module's
+    """Which reference attention code `cls` has ("llama", "qwen2", "mistral", "qwen3"), if its module's
     `apply_rotary_pos_emb` is Llama's as well (x * cos + rotate_half(x) * sin); else None."""
     import sys
 
@@ -203,6 +207,7 @@ class _Layout(NamedTuple):
     """What a layer's decode step reads from its modules, found once (`_layout`)."""
     products: tuple  # q, k, v, o, gate, up, down: `_product_args`
     norms: tuple  # input, post-attention: `_norm_args`
+    head_norms: tuple | None  # q and k per head (Qwen3): `_norm_args`, or None
     attention: nn.Module
     prefix: tuple | None  # (prefix_k, prefix_v), or None without prefixes
     head_dim: int
@@ -242,6 +247,11 @@ def _layout(layer: nn.Module, dtype: torch.dtype) -> _Layout | None:
     norm_args = (_norm_args(modules["input_layernorm"], dtype), _norm_args(modules["post_attention_layernorm"], dtype))
     if None in products or None in norm_args:
         return None
+    head_norms = None
+    if code == "qwen3":
+        head_norms = (_norm_args(parts["q_norm"], dtype), _norm_args(parts["k_norm"], dtype))
+        if None in head_norms:
+            return None
     kind = attention.config._attn_implementation
     prefix_k = getattr(attention, "prefix_k", None)
     if prefix_k is not None:
@@ -260,7 +270,7 @@ def _layout(layer: nn.Module, dtype: torch.dtype) -> _Layout | None:
     if libs is None:
         return None
     products = tuple(args if args[0] is None else (_float_entry(libs[0], dtype), *args[1:]) for args in products)
-    return _Layout(products, norm_args, attention, prefix, attention.head_dim, attention.layer_idx, libs)
+    return _Layout(products, norm_args, head_norms, attention, prefix, attention.head_dim, attention.layer_idx, libs)
 
 
 def _hooked(*modules: nn.Module) -> bool:
@@ -289,6 +299,8 @@ def decode_step(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> 
     layout = plan.layout
     if layout is None:
         return None
+    if layout.head_norms is not None and rows * layout.products[0][1].shape[0] > norms.MAX_VALUES:
+        return None  # the q norm's own forward would take torch's path for that many values
     layers = getattr(cache, "layers", None)
     if layers is None or layout.index >= len(layers) or type(layers[layout.index]) not in _CACHE_LAYERS:
         return None
@@ -310,6 +322,9 @@ def _step(layout: _Layout, hidden_states, mask, cos, sin, cache) -> torch.Tensor
     query = _product(q_proj, x, libs, threads)  # rows 1 heads*d
     key, value = _product(k_proj, x, libs, threads), _product(v_proj, x, libs, threads)  # rows 1 kv*d
     heads, kv = query.shape[-1] // head_dim, key.shape[-1] // head_dim
+    if layout.head_norms is not None:  # Qwen3: each head of q and k normalised, then rotated
+        query = norms.rms_norm(query.view(rows, heads, head_dim), *layout.head_norms[0], libs[2]).view(rows, 1, -1)
+        key = norms.rms_norm(key.view(rows, kv, head_dim), *layout.head_norms[1], libs[2]).view(rows, 1, -1)
     rotary_in_place(query, heads, cos, sin, libs[3])
     rotary_in_place(key, kv, cos, sin, libs[3])
     keys, values = cache.update(key.view(rows, 1, kv, head_dim).transpose(1, 2),
