@@ -349,3 +349,19 @@ def test_qwen3_heads_normalised_before_the_rotation_equal_the_layers_own_forward
         own = model.generate(ids, **kw)
     assert steps[0] == 2 * 4
     assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))
+
+
+def test_a_prefix_encoder_model_equals_the_layers_own_forward(tiny_factory, count_calls):
+    """With a prefix encoder the prefixes are computed again at every forward (`streams`): the
+    same values each time in inference, so the step's layout may keep the first step's."""
+    _libraries_or_fail()
+    model = to_parscale(tiny_factory("qwen2", seed=3), ParScaleConfig(2, prefix_mlp_hidden=16), seed=1).eval()
+    ids, mask = _padded_batch(3)
+    steps = count_calls(decode_layer, "_step")
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        fast = model.generate(ids, **kw)
+        assert steps[0] == 2 * 4
+        decode_layer.enable(model, False)
+        own = model.generate(ids, **kw)
+    assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))

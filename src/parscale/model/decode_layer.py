@@ -4,7 +4,7 @@ At batch 1 a decode step's products read the weights at the memory's speed (`ker
 what is left is the eager work around them: in a layer, transformers' attention module makes
 about fifty torch calls and module calls for one token (views, the rotary embedding's eleven
 ops, the attention interface's lookup), its MLP and the layer a dozen more: 3.1 ms of a 10 ms
-bfloat16 step of the decode benchmark's 16-layer model at P = 1 on a 2-core EPYC, 1.4-1.7 ms
+bfloat16 step of the decode benchmark's 16-layer model at P = 1 on a 2-core EPYC, 1.5-2.0 ms
 less with this step at P = 1 and P = 8 (`benchmarks/decode_split.py --own-layer`,
 benchmarks/README.md).
 
