@@ -92,6 +92,20 @@ def _padded_batch(batch: int):
     return ids, mask
 
 
+def _with_and_without_the_step(model, ids, mask, new_tokens: int, steps: list[int]):
+    """`generate` with the decode step, then with the layers' own forward (greedy, the logits kept):
+    (with, without, the decode steps taken); the second run takes none."""
+    kw = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
+              output_logits=True)
+    with torch.no_grad():
+        fast = model.generate(ids, **kw)
+        taken = steps[0]
+        assert decode_layer.enable(model, False) > 0
+        own = model.generate(ids, **kw)
+    assert steps[0] == taken
+    return fast, own, taken
+
+
 def _libraries_or_fail(int8: bool = False) -> None:
     libs = decode_layer._libraries(int8)
     require_kernel(libs, "CPU decode kernels (product, norm, attention" + (", int8" if int8 else "") + ")")
@@ -106,17 +120,10 @@ def test_each_decode_step_equals_the_layers_own_forward_bit_for_bit(tiny_factory
     _libraries_or_fail()
     model = _model(tiny_factory, n_streams, dtype)
     ids, mask = _padded_batch(batch)
-    steps = count_calls(decode_layer, "_step")
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    with torch.no_grad():
-        fast = model.generate(ids, **kw)
-        # two layers, five decode steps (the prefill takes the layer's forward); 24 rows are more
-        # than the few-row kernels take
-        expected = 2 * 5 if n_streams * batch <= kernels.MAX_ROWS else 0
-        assert steps[0] == expected
-        assert decode_layer.enable(model, False) == 2
-        own = model.generate(ids, **kw)
-    assert steps[0] == expected
+    fast, own, taken = _with_and_without_the_step(model, ids, mask, 6, count_calls(decode_layer, "_step"))
+    # two layers, five decode steps (the prefill takes the layer's forward); 24 rows are more than
+    # the few-row kernels take
+    assert taken == (2 * 5 if n_streams * batch <= kernels.MAX_ROWS else 0)
     assert torch.equal(fast.sequences, own.sequences)
     assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))
 
@@ -127,14 +134,8 @@ def test_other_families_and_int8_equal_the_layers_own_forward(tiny_factory, coun
     for int8 in (False, True):
         model = _model(tiny_factory, 2, torch.bfloat16, family, int8=int8)
         ids, mask = _padded_batch(3)
-        steps = count_calls(decode_layer, "_step")
-        kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
-                  output_logits=True)
-        with torch.no_grad():
-            fast = model.generate(ids, **kw)
-            decode_layer.enable(model, False)
-            own = model.generate(ids, **kw)
-        assert steps[0] == 2 * 4, (family, int8)
+        fast, own, taken = _with_and_without_the_step(model, ids, mask, 5, count_calls(decode_layer, "_step"))
+        assert taken == 2 * 4, (family, int8)
         assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits)), (family, int8)
 
 
@@ -340,14 +341,8 @@ def test_qwen3_heads_normalised_before_the_rotation_equal_the_layers_own_forward
     _libraries_or_fail()
     model = to_parscale(_qwen3(), ParScaleConfig(2), seed=1).to(dtype).eval()
     ids, mask = _padded_batch(3)
-    steps = count_calls(decode_layer, "_step")
-    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    with torch.no_grad():
-        fast = model.generate(ids, **kw)
-        assert steps[0] == 2 * 4
-        decode_layer.enable(model, False)
-        own = model.generate(ids, **kw)
-    assert steps[0] == 2 * 4
+    fast, own, taken = _with_and_without_the_step(model, ids, mask, 5, count_calls(decode_layer, "_step"))
+    assert taken == 2 * 4
     assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))
 
 
@@ -357,11 +352,6 @@ def test_a_prefix_encoder_model_equals_the_layers_own_forward(tiny_factory, coun
     _libraries_or_fail()
     model = to_parscale(tiny_factory("qwen2", seed=3), ParScaleConfig(2, prefix_mlp_hidden=16), seed=1).eval()
     ids, mask = _padded_batch(3)
-    steps = count_calls(decode_layer, "_step")
-    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    with torch.no_grad():
-        fast = model.generate(ids, **kw)
-        assert steps[0] == 2 * 4
-        decode_layer.enable(model, False)
-        own = model.generate(ids, **kw)
+    fast, own, taken = _with_and_without_the_step(model, ids, mask, 5, count_calls(decode_layer, "_step"))
+    assert taken == 2 * 4
     assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))
