@@ -37,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import inspect
+import sys
 import weakref
 from typing import NamedTuple
 
@@ -91,8 +92,6 @@ def _references() -> dict:
 def _attention_code(cls: type) -> str | None:
     """Which reference attention code `cls` has ("llama", "qwen2", "mistral", "qwen3"), if its module's
     `apply_rotary_pos_emb` is Llama's as well (x * cos + rotate_half(x) * sin); else None."""
-    import sys
-
     refs = _references()
     rotary = getattr(sys.modules.get(cls.__module__), "apply_rotary_pos_emb", None)
     if rotary is None or not _same_code(rotary, refs["rotary"]):
