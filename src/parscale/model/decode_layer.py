@@ -139,18 +139,16 @@ def rotary_in_place(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.T
 
 
 def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
-    """(True for the float kernel or None for int8, weight or int8 weight, scale, bias) of a linear layer that is one of the
-    fast kernels' (the float kernel with weights of x's dtype, or int8), switched on, without hooks
-    (a stream adapter's), its tensors on the CPU; else None. Run seven times per layer and step:
-    the tensors are read from the module's dicts, not through `nn.Module.__getattr__`."""
-    if linear._forward_hooks or linear._forward_pre_hooks or not getattr(linear, "use_kernel", False):
+    """(True for the float kernel or None for int8, weight or int8 weight, scale, bias) of a linear
+    layer that is one of the fast kernels' (the float kernel with weights of x's dtype, or int8),
+    switched on, without hooks (a stream adapter's), its tensors plain and on the CPU; else None."""
+    if _hooked(linear) or not getattr(linear, "use_kernel", False):
         return None
     kind = type(linear)
     if kind is kernels.SkinnyLinear:
-        params = linear._parameters
-        weight, bias = params["weight"], params["bias"]
-        if (weight.dtype == dtype and weight.is_cpu and weight.is_contiguous() and type(weight) in kernels._PLAIN
-                and (bias is None or (bias.dtype == dtype and bias.is_contiguous() and type(bias) in kernels._PLAIN))):
+        weight, bias = linear.weight, linear.bias
+        plain = all(t is None or (type(t) in kernels._PLAIN and t.is_cpu) for t in (weight, bias))
+        if plain and kernels.takes_weights(weight, bias, dtype):
             return True, weight, None, bias  # True: the float kernel (`_layout` puts its C function here)
     elif kind is quantize.Int8Linear and not linear.training:
         buffers = linear._buffers
@@ -162,26 +160,19 @@ def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
 
 def _norm_args(norm: nn.Module, dtype: torch.dtype) -> tuple | None:
     """(weight, eps) of a norm that takes the kernel (`norms`) for x of `dtype`, without hooks; else None."""
-    if type(norm).forward is not norms._forward or not norm.use_kernel or norm._forward_hooks or norm._forward_pre_hooks:
+    if type(norm).forward is not norms._forward or not norm.use_kernel or _hooked(norm):
         return None
-    weight = norm._parameters["weight"]
+    weight = norm.weight
     if weight.dtype != dtype or not weight.is_cpu or not weight.is_contiguous() or type(weight) not in kernels._PLAIN:
         return None
     return weight, norm.variance_epsilon
 
 
-def _float_entry(lib: ctypes.CDLL, dtype: torch.dtype):
-    """The float kernel's C function that `kernels.skinny_linear` calls for x and weights of `dtype`
-    below AMX_MIN_ROWS rows (x and y in that dtype: no torch call around it)."""
-    if dtype == torch.float32:
-        return lib.parscale_skinny_f32
-    return lib.parscale_skinny_bf16_dot_io if getattr(lib, "bf16_dot", False) else lib.parscale_skinny_bf16_io
-
-
 def _product(args: tuple, x: torch.Tensor, libs, threads: int) -> torch.Tensor:
-    """x [rows, 1, K] (contiguous) times a layer's weights: `kernels.skinny_linear`'s C call made
-    directly (its Python around the call is 1-2 us, seven products per layer and step), or
-    `skinny_linear` itself where the AMX tiles may take the rows; int8 by `quantize.int8_linear`."""
+    """x [rows, 1, K] (contiguous) times a layer's weights: the C function `kernels.skinny_linear`
+    would call (`kernels.io_entry`) called directly (its Python around the call is 1-2 us, seven
+    products per layer and step), or `skinny_linear` itself where the AMX tiles may take the
+    rows; int8 by `quantize.int8_linear`."""
     entry, weight, scale, bias = args
     if entry is None:
         return quantize.int8_linear(x, weight, scale, bias, libs[1])
@@ -239,7 +230,7 @@ def _layout(layer: nn.Module, dtype: torch.dtype) -> _Layout | None:
         return None
     parts, mlp_parts = attention._modules, mlp._modules
     act = mlp_parts["act_fn"]
-    if not isinstance(act, _SILU) or act._forward_hooks or act._forward_pre_hooks:
+    if not isinstance(act, _SILU) or _hooked(act):
         return None
     products = tuple(_product_args(parts[name], dtype) for name in ("q_proj", "k_proj", "v_proj", "o_proj")) + tuple(
         _product_args(mlp_parts[name], dtype) for name in ("gate_proj", "up_proj", "down_proj"))
@@ -268,13 +259,12 @@ def _layout(layer: nn.Module, dtype: torch.dtype) -> _Layout | None:
     libs = _libraries(any(args[0] is None for args in products))
     if libs is None:
         return None
-    products = tuple(args if args[0] is None else (_float_entry(libs[0], dtype), *args[1:]) for args in products)
+    products = tuple(args if args[0] is None else (kernels.io_entry(libs[0], dtype), *args[1:]) for args in products)
     return _Layout(products, norm_args, head_norms, attention, prefix, attention.head_dim, attention.layer_idx, libs)
 
 
 def _hooked(*modules: nn.Module) -> bool:
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return True
+    """A forward hook or pre-hook on one of the modules (global hooks: `decode_step` checks them at every call)."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 

@@ -127,6 +127,26 @@ def _use_amx(lib: ctypes.CDLL, rows: int, k: int, n_out: int) -> bool:
     return getattr(lib, "amx", False) and lib.use_amx and rows >= AMX_MIN_ROWS and k % 32 == 0 and n_out % 16 == 0
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def io_entry(lib: ctypes.CDLL, dtype: torch.dtype):
+    """The C function for x, weights and y all of `dtype` (float32 or bfloat16) below the AMX
+    rows: no torch call around it. bfloat16 x goes to the CPU's bfloat16 dot product as it is
+    where there is one; else it is widened, and y rounded, in C++ (two torch calls fewer per
+    product, see csrc/skinny_linear.cpp). `decode_layer` calls it directly too."""
+    if dtype == torch.float32:
+        return lib.parscale_skinny_f32
+    return lib.parscale_skinny_bf16_dot_io if getattr(lib, "bf16_dot", False) else lib.parscale_skinny_bf16_io
+
+
+def takes_weights(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """The kernel takes these weights for x of `dtype`: one dtype (float32 or bfloat16), contiguous,
+    the bias alike or none. (Where they lie and autograd: `cpu_inference`.)"""
+    return (weight.dtype == dtype and dtype in _KERNEL_DTYPES and weight.is_contiguous()
+            and (bias is None or (bias.dtype == dtype and bias.is_contiguous())))
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lib: ctypes.CDLL) -> torch.Tensor:
     """`F.linear(x, weight, bias)` by the kernel; x and weight on the CPU, float32 or bfloat16.
 
@@ -139,20 +159,13 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     m = rows.numel() // k
     bias_ptr = bias.data_ptr() if bias is not None else None
     threads = torch.get_num_threads()
-    if weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16:
-        if getattr(lib, "bf16_dot", False):  # the CPU's bfloat16 dot product takes x as is
-            if _use_amx(lib, m, k, n_out):
-                out = torch.empty(shape, dtype=torch.float32)
-                lib.parscale_skinny_bf16_amx(rows.data_ptr(), m, k, weight.data_ptr(), bias_ptr, out.data_ptr(), n_out,
-                                             threads)
-                return out.to(torch.bfloat16)
-            out = torch.empty(shape, dtype=torch.bfloat16)  # rounded in C++, as on the widening path below
-            lib.parscale_skinny_bf16_dot_io(rows.data_ptr(), m, k, weight.data_ptr(), bias_ptr, out.data_ptr(), n_out,
-                                            threads)
-            return out
-        # widened and rounded in C++: two torch calls fewer per product (see csrc/skinny_linear.cpp)
-        out = torch.empty(shape, dtype=torch.bfloat16)
-        lib.parscale_skinny_bf16_io(rows.data_ptr(), m, k, weight.data_ptr(), bias_ptr, out.data_ptr(), n_out, threads)
+    if weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and _use_amx(lib, m, k, n_out):
+        out = torch.empty(shape, dtype=torch.float32)
+        lib.parscale_skinny_bf16_amx(rows.data_ptr(), m, k, weight.data_ptr(), bias_ptr, out.data_ptr(), n_out, threads)
+        return out.to(torch.bfloat16)
+    if x.dtype == weight.dtype and x.dtype in _KERNEL_DTYPES:  # x and y in the weights' dtype (`io_entry`)
+        out = torch.empty(shape, dtype=x.dtype)
+        io_entry(lib, x.dtype)(rows.data_ptr(), m, k, weight.data_ptr(), bias_ptr, out.data_ptr(), n_out, threads)
         return out
     rows = rows.float()  # float32 x: the same tensor
     fn = lib.parscale_skinny_f32 if weight.dtype == torch.float32 else lib.parscale_skinny_bf16
@@ -190,13 +203,7 @@ def cpu_inference(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """CPU inference (`cpu_inference`) with few rows, matching dtypes and contiguous weights."""
-    if not cpu_inference(x, weight, bias):
-        return False
-    if weight.dtype not in (torch.float32, torch.bfloat16) or x.dtype != weight.dtype:
-        return False
-    if not weight.is_contiguous() or x.dim() == 0:
-        return False
-    if bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()):
+    if not cpu_inference(x, weight, bias) or not takes_weights(weight, bias, x.dtype) or x.dim() == 0:
         return False
     return 0 < x.numel() <= MAX_ROWS * weight.shape[1]
 
