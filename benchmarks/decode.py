@@ -16,7 +16,9 @@ every row once) and every row reports the median over rounds with min and max, s
 of load from other processes moves all rows alike; ratios are taken from medians of one run.
 Writes benchmarks/results/decode.json with the CPU's name and its AVX-512/AMX flags.
 `--int8` adds rows with path `int8` at every P: the same model after `quantize_int8()` (int8
-weights, activations in the row's dtype); their floor counts the int8 weight bytes.
+weights, activations in the row's dtype); their floor counts the int8 weight bytes. `--w8a8`
+adds rows with path `int8a8`: `quantize_int8(activation_bits=8)`, the activations rounded to
+int8 per row as well.
 """
 from __future__ import annotations
 
@@ -67,11 +69,11 @@ def peak_rss_row(args: argparse.Namespace) -> int:
     dtype, key, batch = args.rss_row.split(",")
     from parscale.cost.measure import timed_generate
 
-    base_key, int8 = key.removesuffix("-int8"), key.endswith("-int8")
+    base_key, _, int8 = key.partition("-")  # P8-int8, P8-int8a8
     streams = [] if base_key == "plain" else [int(base_key[1:])]
     model = build(args.layers, DTYPES[dtype], streams, plain=base_key == "plain")[base_key]
     if int8:
-        model.quantize_int8()
+        model.quantize_int8(activation_bits=8 if int8 == "int8a8" else 16)
     # Hand freed heap pages back (the float32 build, the replaced weights): glibc keeps them otherwise,
     # and they would count against the configuration.
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu: CPU time per step (with --threads 1, steadier on a machine shared with other work)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock-path rows")
     parser.add_argument("--int8", action="store_true", help="add rows for the weight-only int8 opt-in (quantize_int8)")
+    parser.add_argument("--w8a8", action="store_true",
+                        help="add rows for int8 weights and int8 activations (quantize_int8(activation_bits=8))")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-rss", action="store_true", help="skip the per-configuration peak RSS (a process each)")
     parser.add_argument("--rss-row", help=argparse.SUPPRESS)
@@ -158,12 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     streams = [int(p) for p in args.P.split(",")]
     batches = [int(b) for b in args.batch_size.split(",")]
     models = {name: build(args.layers, DTYPES[name], streams) for name in args.dtype.split(",")}
-    impls = ["ours"] + ([] if args.no_stock else ["stock"]) + (["int8"] if args.int8 else [])
-    for variants in models.values() if args.int8 else []:  # int8 copies of the same weights
-        for p in streams:
-            variants[f"P{p}-int8"] = copy.deepcopy(variants[f"P{p}"]).quantize_int8()
+    quantized = {"int8": 16} if args.int8 else {}  # path: the activations' bits
+    quantized.update({"int8a8": 8} if args.w8a8 else {})
+    impls = ["ours"] + ([] if args.no_stock else ["stock"]) + list(quantized)
+    for variants in models.values():  # int8 copies of the same weights
+        for impl, bits in quantized.items():
+            for p in streams:
+                variants[f"P{p}-{impl}"] = copy.deepcopy(variants[f"P{p}"]).quantize_int8(activation_bits=bits)
     rows = [(d, "plain", "plain", 1, b) for d in models for b in batches]
-    rows += [(d, f"P{p}" + ("-int8" if impl == "int8" else ""), impl, p, b)
+    rows += [(d, f"P{p}" + (f"-{impl}" if impl in quantized else ""), impl, p, b)
              for d in models for impl in impls for p in streams for b in batches]
     gen = torch.Generator().manual_seed(0)
     prompts = {b: torch.randint(0, 32000, (b, args.prompt), generator=gen) for b in batches}
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     bandwidths, reads = [], []
     load_before, start = os.getloadavg(), time.perf_counter()
     built = {"matmul": kernels.library() is not None, "attention": prefix_attention.kernel_library() is not None,
-             "norm": norms.library() is not None, **({"int8": quantize.library() is not None} if args.int8 else {})}
+             "norm": norms.library() is not None, **({"int8": quantize.library() is not None} if quantized else {})}
     print("kernels: " + ", ".join(f"{name} {'compiled' if ok else 'UNAVAILABLE (stock path)'}"
                                   for name, ok in built.items()), file=sys.stderr)
     for row in rows:  # warm-up: page faults, the kernel build, first-call dispatch
@@ -277,9 +284,10 @@ def goal_lines(results: list[dict], prefill: dict) -> list[str]:
     ratio("bfloat16 P=1 / float32 P=1", ("bfloat16", "ours", 1), ("float32", "ours", 1), 0.75)
     over_floor("bfloat16 P=1 / its floor", ("bfloat16", "ours", 1), 1.3)
     over_floor("bfloat16 P=8 / its floor", ("bfloat16", "ours", 8), 1.5)
-    for dtype in ("float32", "bfloat16"):
-        ratio(f"{dtype} int8 P=8 / int8 P=1", (dtype, "int8", 8), (dtype, "int8", 1), 1.3)
-    ratio("bfloat16 int8 P=1 / bfloat16 P=1", ("bfloat16", "int8", 1), ("bfloat16", "ours", 1), 0.6)
+    for path in ("int8", "int8a8"):
+        for dtype in ("float32", "bfloat16"):
+            ratio(f"{dtype} {path} P=8 / {path} P=1", (dtype, path, 8), (dtype, path, 1), 1.3)
+        ratio(f"bfloat16 {path} P=1 / bfloat16 P=1", ("bfloat16", path, 1), ("bfloat16", "ours", 1), 0.6)
     return lines
 
 

@@ -1,6 +1,7 @@
 """The accuracy cost of `quantize_int8()` on a trained model: held-out loss and greedy tokens, float32 vs int8.
 
     python benchmarks/int8_accuracy.py --run runs/demo/runs/p2/final [--prompts 8] [--new-tokens 32]
+                                       [--activation-bits 16]
 
 `--run` is a saved model directory of a training run (`parscale train` or `parscale demo`),
 whose `config.yaml` sits one level up. The held-out loss is the trainer's own evaluation
@@ -11,7 +12,9 @@ reported its `val_loss`. It is computed for the float32 model and for the same m
 agreement: `--prompts` windows of 32 held-out tokens (evenly spaced) are continued by
 `--new-tokens` greedy tokens with both models (decoding takes the int8 kernel); reported are
 the fraction of identical new tokens, position by position, and of prompts whose whole
-continuation is identical. Writes benchmarks/results/int8_accuracy_<run name>.json.
+continuation is identical. `--activation-bits 8` measures `quantize_int8(activation_bits=8)`
+(the activations rounded to int8 per row too) instead. Writes
+benchmarks/results/int8_accuracy_<run name>.json (`..._a8.json` with 8-bit activations).
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--activation-bits", type=int, default=16, choices=[16, 8])
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/int8_accuracy_<run>.json")
     args = parser.parse_args(argv)
     from parscale.data.batches import evaluate_loss
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare_data(tc.data, cache_dir=tc.cache_dir)
     val = data.val
     float_model = ParScaleForCausalLM.from_pretrained(args.run, dtype=torch.float32).eval()
-    int8_model = ParScaleForCausalLM.from_pretrained(args.run, dtype=torch.float32).eval().quantize_int8()
+    int8_model = ParScaleForCausalLM.from_pretrained(args.run, dtype=torch.float32).eval().quantize_int8(args.activation_bits)
 
     def loss(model) -> float:
         return evaluate_loss(model, val, seq_len=tc.seq_len, batch_size=tc.batch_size, max_tokens=tc.eval_tokens,
@@ -75,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     float_bytes = sum(m.weight.numel() * m.weight.element_size() for n, m in float_model.named_modules()
                       if isinstance(m, torch.nn.Linear) and "aggregate_layer" not in n)
     result = {
-        "command": f"python benchmarks/int8_accuracy.py --run {os.path.relpath(args.run)}",  # no machine paths
+        "command": f"python benchmarks/int8_accuracy.py --run {os.path.relpath(args.run)}"  # no machine paths
+                   + (f" --activation-bits {args.activation_bits}" if args.activation_bits != 16 else ""),
+        "activation_bits": args.activation_bits,
         "run": run_name(args.run), "P": float_model.parscale_config.n_streams,
         "eval_tokens": min(tc.eval_tokens or len(val), len(val)), "seq_len": tc.seq_len,
         "val_loss_float32": losses["float32"], "val_loss_int8": losses["int8"],
@@ -92,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{losses['int8']:.5f}, delta {result['delta_nats']:+.5f} nats over {result['eval_tokens']} tokens; greedy "
           f"agreement {result['greedy_token_agreement']:.3f} of {args.prompts}x{args.new_tokens} tokens, "
           f"{result['greedy_identical_prompts']}/{args.prompts} continuations identical")
-    write_result(args.out or RESULTS / f"int8_accuracy_{result['run']}.json", result, __file__, argv, machine)
+    suffix = "_a8" if args.activation_bits == 8 else ""
+    write_result(args.out or RESULTS / f"int8_accuracy_{result['run']}{suffix}.json", result, __file__, argv, machine)
     return 0
 
 

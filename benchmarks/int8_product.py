@@ -6,7 +6,8 @@
 The issue's workload: 48 weight matrices of 2816 x 1024 (as many as the 16-layer decode model's
 gate/up/down projections), multiplied by M rows, timed over all 48 in a row. Variants:
 `f32` and `bf16` (`kernels.skinny_linear`, the default decode path), `int8` (our int8 kernel,
-float32 or bfloat16 activations) and `torch_int8pack` (`torch._weight_int8pack_mm`, torch's CPU
+float32 or bfloat16 activations; "int8 act." rounds them to int8 per row,
+`quantize_int8(activation_bits=8)`) and `torch_int8pack` (`torch._weight_int8pack_mm`, torch's CPU
 int8 weight-only kernel). Repetitions are interleaved (each round runs every variant once) and
 the table gives the best of the rounds, in ms. `--against REV` adds the same three kernels as
 they were at git revision REV (that revision's `kernels.py`, `quantize.py` and `csrc/`, rows
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "bf16": lambda x32, x16: [kernels.skinny_linear(x16, w, None, lib) for w in w16],
         "int8 (x f32)": lambda x32, x16: [quantize.int8_linear(x32, q, s, None, lib8) for q, s in q8],
         "int8 (x bf16)": lambda x32, x16: [quantize.int8_linear(x16, q, s, None, lib8) for q, s in q8],
+        "int8 (x bf16, int8 act.)": lambda x32, x16: [quantize.int8_linear(x16, q, s, None, lib8, 8) for q, s in q8],
         "torch_int8pack (x f32)": lambda x32, x16: [torch._weight_int8pack_mm(x32, q, s) for q, s in q8],
         "torch_int8pack (x bf16)": lambda x32, x16: [torch._weight_int8pack_mm(x16, q, s) for (q, _), s in zip(q8, s16)],
     }

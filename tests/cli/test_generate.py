@@ -344,6 +344,7 @@ def test_ctrl_c_while_answering_ends_the_half_printed_line(saved, monkeypatch, c
     [
         (["--system", "be brief"], "--system only applies to chat models; add --chat"),
         (["--interactive"], "--interactive reads its prompts from stdin; drop --prompt"),
+        (["--int8-activations"], "--int8-activations rounds the activations of int8 layers; add --int8"),
     ],
 )
 def test_bad_chat_and_interactive_flags_are_user_errors(saved, extra, pattern):

@@ -40,14 +40,15 @@ def _activation_bound(x: torch.Tensor, w_deq: torch.Tensor) -> torch.Tensor:
     return step / 2 * w_deq.abs().sum(1)
 
 
-def _int16_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The integer path written out: x rounded to int16 per row as the kernel rounds it (float32
-    x * (32767 / peak), half to even), exact integer dot products in float64, both scales. Also
-    the same sums of |products|, to bound float32's rounding of the result."""
+def _int16_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                     top: int = 32767) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer path written out: x rounded to int16 (`top` 32767) or int8 (127) per row as
+    the kernel rounds it (float32 x * (top / peak), half to even), exact integer dot products in
+    float64, both scales. Also the same sums of |products|, to bound float32's rounding of the result."""
     peak = x.abs().amax(-1, keepdim=True)  # float32, as in the kernel
-    inv = torch.where(peak > 0, 32767 / peak, torch.zeros_like(peak))
-    step = torch.where(peak > 0, peak / 32767, torch.ones_like(peak)).double()
-    xq = torch.round(x * inv).clamp(-32767, 32767).double()
+    inv = torch.where(peak > 0, top / peak, torch.zeros_like(peak))
+    step = torch.where(peak > 0, peak / top, torch.ones_like(peak)).double()
+    xq = torch.round(x * inv).clamp(-top, top).double()
     scales = step * scale.double()
     return (xq @ q.double().T) * scales, (xq.abs() @ q.double().abs().T) * scales
 
@@ -87,6 +88,43 @@ def test_the_integer_path_is_exact_integer_arithmetic(lib, rows, k):
     assert ((got - want).abs() <= 1e-6 * magnitude).all()  # float32 rounds the sums and the scales only
 
 
+@pytest.mark.parametrize("rows", [1, 4, 5, 8, 11, 16])
+@pytest.mark.parametrize("k", [15, 83, 130, 1024, 2100])
+def test_int8_activations_are_exact_integer_arithmetic(lib, rows, k):
+    """`bits` 8 (W8A8): every path rounds x to int8 per row (step max|x_row| / 127) and sums the
+    integer products exactly (VNNI: vpdpbusd on x + 128, less 128 * sum(w); AVX2 and AVX-512
+    without VNNI: the int16 kernels; the plain C++ path: float32 sums of integers): float64 integer arithmetic up to float32's
+    rounding. 130 and 15 columns leave tails of the 64-byte steps, 11 rows a second chunk."""
+    gen = torch.Generator().manual_seed(k * rows)
+    x, w = torch.randn(rows, k, generator=gen) * torch.logspace(-3, 3, rows)[:, None], torch.randn(21, k, generator=gen)
+    x[0, 0] = -x[0].abs().max() * 1.5  # the peak negative: -127, the smallest x + 128
+    x[-1, 1] = x[-1].abs().max() * 1.5  # the peak positive: 255 after the offset
+    q, scale = quantize.quantize_weight(w)
+    got = quantize.int8_linear(x, q, scale, None, lib, 8).double()
+    want, magnitude = _int16_reference(x, q, scale, top=127)
+    assert ((got - want).abs() <= 1e-6 * magnitude).all()
+
+
+def test_int8_activations_give_the_same_bits_on_every_integer_path_and_row_count():
+    """The integer paths sum the same int8 values exactly: equal bit for bit across paths (VNNI's
+    vpdpbusd kernel and the int16 kernels), and all rows at once (a second chunk of rows at 11)
+    equal each row alone."""
+    libs = {name: quantize.library(flags) for name, flags in INT8_FLAGS.items()}
+    integer = {lib.isa: lib for lib in libs.values() if lib is not None and lib.integer}
+    if not integer:
+        pytest.skip("no integer path builds on this CPU")
+    gen = torch.Generator().manual_seed(12)
+    for rows, k in [(8, 83), (6, 1024), (11, 2100)]:
+        x, w = torch.randn(rows, k, generator=gen), torch.randn(37, k, generator=gen)
+        q, scale = quantize.quantize_weight(w)
+        outs = {isa: quantize.int8_linear(x, q, scale, None, lib, 8) for isa, lib in integer.items()}
+        first = next(iter(outs.values()))
+        assert all(torch.equal(first, out) for out in outs.values()), (rows, k, sorted(outs))
+        for lib in integer.values():
+            alone = torch.cat([quantize.int8_linear(x[i:i + 1], q, scale, None, lib, 8) for i in range(rows)])
+            assert torch.equal(alone, first), (lib.isa, rows, k)
+
+
 def test_every_integer_path_gives_the_same_bits():
     """The AVX2 path (vpmaddwd, 16 columns a step) and the AVX-512 paths (vpdpwssd or vpmaddwd,
     32 columns, masked tails) round x alike and sum exactly: their outputs must be equal bit for
@@ -104,14 +142,33 @@ def test_every_integer_path_gives_the_same_bits():
         assert all(torch.equal(first, out) for out in outs.values()), (rows, k, sorted(outs))
 
 
-def test_the_integer_sums_do_not_overflow(lib):
+@pytest.mark.parametrize("bits", [16, 8])
+def test_the_integer_sums_do_not_overflow(lib, bits):
     """9000 columns of the largest values: one int32 lane would hold 9000 / 16 * 2 * 32767 * 127
-    = 4.7e9 > 2^31; the passes of at most 2048 columns keep every lane below 1.1e9."""
-    x = torch.ones(2, 9000)
-    x[1] = -1
+    = 4.7e9 > 2^31; the passes of at most 2048 columns keep every lane below 1.1e9. With int8
+    activations (on VNNI x + 128 = 255 and 1) a lane holds 4.6e7."""
+    x = torch.ones(6, 9000)
+    x[1::2] = -1
     q, scale = quantize.quantize_weight(torch.ones(5, 9000))
-    got = quantize.int8_linear(x, q, scale, None, lib)
-    assert torch.equal(got, torch.tensor([[9000.0] * 5, [-9000.0] * 5]))
+    got = quantize.int8_linear(x, q, scale, None, lib, bits)
+    # (the plain C++ path adds 9000 products of 127 * 127 in float32: past 2^24, rounded)
+    rtol = 1e-4 if bits == 8 and not lib.integer else 1e-6
+    torch.testing.assert_close(got, torch.tensor([[9000.0] * 5, [-9000.0] * 5] * 3), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_with_int8_activations_a_nan_propagates_and_the_other_rows_are_rounded(lib, bad):
+    """A row with a NaN or an infinity cannot be rounded to integers: it propagates as in F.linear,
+    and the call's other rows keep their int8 rounding."""
+    gen = torch.Generator().manual_seed(6)
+    x, w = torch.randn(6, 70, generator=gen), torch.randn(9, 70, generator=gen)
+    x[2, 5] = bad
+    q, scale = quantize.quantize_weight(w)
+    got = quantize.int8_linear(x, q, scale, None, lib, 8).double()
+    assert not torch.isfinite(got[2]).any()
+    others = [0, 1, 3, 4, 5]
+    want, magnitude = _int16_reference(x[others], q, scale, top=127)
+    assert ((got[others] - want).abs() <= 1e-6 * magnitude).all()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -212,6 +269,71 @@ def test_quantized_model_equals_dequantised_float_model(tiny_factory, count_call
     for a, b in zip(got.scores, want.scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)  # prefill: the dequantised path
+
+
+def _round_inputs_to_int8(model) -> None:
+    """Forward pre-hooks on the reference's quantized layers: each input row rounded to int8
+    (step max|x_row| / 127, half to even), written out here in float64 independently of
+    `quantize.round_activations` and the kernel."""
+    def hook(module, args):
+        x = args[0].double()
+        step = x.abs().amax(-1, keepdim=True) / 127
+        step[step == 0] = 1
+        return ((x / step).round().clamp(-127, 127) * step).to(args[0].dtype),
+
+    embedding = model.get_input_embeddings().weight
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and "aggregate_layer" not in name and module.weight is not embedding:
+            module.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("n_streams", [1, 4])
+def test_int8_activations_model_equals_the_dequantised_model_with_rounded_inputs(tiny_factory, count_calls, n_streams):
+    """`quantize_int8(activation_bits=8)`: decoding (the kernel, 3 or 12 rows) and prefill (the
+    dequantised path, `round_activations`) compute the dequantised float model whose quantized
+    layers see their inputs rounded to int8 per row."""
+    require_kernel(quantize.library(), "int8 kernel")
+    model = _model(tiny_factory, n_streams)
+    ref = _dequantised_copy(model)
+    _round_inputs_to_int8(ref)
+    model.quantize_int8(activation_bits=8)
+    layers = [m for m in model.modules() if isinstance(m, quantize.Int8Linear)]
+    assert layers and {m.activation_bits for m in layers} == {8} and "int8 activations" in repr(layers[0])
+    calls = count_calls(quantize, "int8_linear")
+    ids = torch.randint(2, 97, (3, 6), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True, pad_token_id=0)
+    with torch.no_grad():
+        got, want = model.generate(ids, **kwargs), ref.generate(ids, **kwargs)
+        logits, ref_logits = model(ids).logits, ref(ids).logits
+    assert calls[0] > 0
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    # and the rounding moved the logits (else this test could not tell 8 bits from 16)
+    plain = _dequantised_copy(_model(tiny_factory, n_streams))
+    with torch.no_grad():
+        assert (plain(ids).logits - ref_logits).abs().max() > 1e-3
+
+
+def test_int8_activations_on_the_kernel_and_the_dequantised_path_agree(lib):
+    """One layer, 40 rows at once (the dequantised F.linear after `round_activations`) against
+    each row alone (the kernel): the same rounding of x, so float32 rounding apart only."""
+    layer = quantize.Int8Linear(nn.Linear(83, 19), activation_bits=8).eval()
+    x = torch.randn(40, 83, generator=torch.Generator().manual_seed(8)) * 3
+    with torch.no_grad():
+        many = layer(x)
+        one = torch.cat([quantize.int8_linear(x[i:i + 1], layer.qweight, layer.scale, layer.bias, lib, 8)
+                         for i in range(40)])
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 32, "8"])
+def test_unsupported_activation_bits_are_refused(tiny_factory, bits):
+    model = _model(tiny_factory, 2)
+    with pytest.raises(UserError, match=r"activation_bits=.* is not supported; use 16 .* or 8"):
+        model.quantize_int8(activation_bits=bits)
+    assert not any(isinstance(m, quantize.Int8Linear) for m in model.modules())
 
 
 def test_bfloat16_model_decodes_in_bfloat16(tiny_factory):
@@ -358,3 +480,9 @@ def test_generate_cli_int8_runs(tmp_path, tiny_factory, capsys, monkeypatch, cou
     char_tokenizer().save_pretrained(tmp_path / "model")
     assert main(["--model", str(tmp_path / "model"), "--prompt", "def f(", "--max-new-tokens", "4", "--int8"]) == 0
     assert capsys.readouterr().out.startswith("def f(") and calls[0] > 0
+    bits = []
+    real = quantize.int8_linear
+    monkeypatch.setattr(quantize, "int8_linear", lambda *a: bits.append(a[5]) or real(*a))
+    assert main(["--model", str(tmp_path / "model"), "--prompt", "def f(", "--max-new-tokens", "4", "--int8",
+                 "--int8-activations"]) == 0
+    assert capsys.readouterr().out.startswith("def f(") and bits and set(bits) == {8}

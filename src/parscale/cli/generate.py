@@ -15,7 +15,9 @@ from the model directory unless `--tokenizer DIR` names another one. The model d
 hold our files, a released `qwen2_parscale` checkpoint or a plain transformers model (which
 runs as P = 1); `--streams` loads a stream adapter onto it (see `parscale streams`).
 `--int8` quantizes the backbone's weights to int8 after loading (`quantize_int8()`): less
-memory and faster CPU decoding, at a small accuracy cost.
+memory and faster CPU decoding, at a small accuracy cost; `--int8-activations` rounds their
+inputs to int8 per row too (`quantize_int8(activation_bits=8)`: faster with many streams on
+AVX-512 VNNI, a larger accuracy cost).
 
 `--compile` decodes with a static cache and a `torch.compile`d step (CUDA graphs on a GPU): the
 first call compiles (seconds on a GPU, a minute or more on a small CPU), then each token is one
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true",
                    help="weight-only int8 for the backbone and lm_head after loading (CPU decoding reads a quarter "
                         "of the float32 weight bytes; a small accuracy cost, see docs/model.md)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="with --int8: round the activations to int8 per row too (W8A8; faster with many streams "
+                        "on AVX-512 VNNI CPUs, a larger accuracy cost, see docs/model.md)")
     p.add_argument("--compile", action="store_true",
                    help="static cache + torch.compile'd decode step (CUDA graphs on a GPU); the first call "
                         "compiles, then decoding is faster: worth it for long outputs")
@@ -102,6 +107,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--temperature must be > 0, got {args.temperature}; use greedy decoding (no --do-sample) for 0")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.int8_activations and not args.int8:
+        raise UserError("--int8-activations rounds the activations of int8 layers; add --int8")
     if args.system is not None and not args.chat:
         raise UserError("--system only applies to chat models; add --chat")
     if args.interactive and args.prompt is not None:
@@ -155,7 +162,7 @@ def load(args: argparse.Namespace) -> tuple[ParScaleForCausalLM, PreTrainedToken
         name, directory = args.stream_spec
         model.set_streams(model.load_streams(directory, name=name))
     if args.int8:
-        model.quantize_int8()
+        model.quantize_int8(activation_bits=8 if args.int8_activations else 16)
     return model, tokenizer
 
 

@@ -139,7 +139,8 @@ def rotary_in_place(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.T
 
 
 def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
-    """(True for the float kernel or None for int8, weight or int8 weight, scale, bias) of a linear
+    """(True for the float kernel or None for int8, weight or int8 weight, scale, bias, the int8
+    activations' bits) of a linear
     layer that is one of the fast kernels' (the float kernel with weights of x's dtype, or int8),
     switched on, without hooks (a stream adapter's), its tensors plain and on the CPU; else None."""
     if _hooked(linear) or not getattr(linear, "use_kernel", False):
@@ -149,12 +150,12 @@ def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
         weight, bias = linear.weight, linear.bias
         plain = all(t is None or (type(t) in kernels._PLAIN and t.is_cpu) for t in (weight, bias))
         if plain and kernels.takes_weights(weight, bias, dtype):
-            return True, weight, None, bias  # True: the float kernel (`_layout` puts its C function here)
+            return True, weight, None, bias, None  # True: the float kernel (`_layout` puts its C function here)
     elif kind is quantize.Int8Linear and not linear.training:
         buffers = linear._buffers
         weight = buffers["qweight"]
         if weight.is_cpu and weight.dtype == torch.int8:
-            return None, weight, buffers["scale"], linear.bias
+            return None, weight, buffers["scale"], linear.bias, linear.activation_bits
     return None
 
 
@@ -173,9 +174,9 @@ def _product(args: tuple, x: torch.Tensor, libs, threads: int) -> torch.Tensor:
     would call (`kernels.io_entry`) called directly (its Python around the call is 1-2 us, seven
     products per layer and step), or `skinny_linear` itself where the AMX tiles may take the
     rows; int8 by `quantize.int8_linear`."""
-    entry, weight, scale, bias = args
+    entry, weight, scale, bias, bits = args
     if entry is None:
-        return quantize.int8_linear(x, weight, scale, bias, libs[1])
+        return quantize.int8_linear(x, weight, scale, bias, libs[1], bits)
     rows = x.shape[0]
     if rows >= kernels.AMX_MIN_ROWS:
         return kernels.skinny_linear(x, weight, bias, libs[0])

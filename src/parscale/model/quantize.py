@@ -10,7 +10,11 @@ the prefixes and the aggregation MLP keep their dtype).
 Decoding with few rows on the CPU takes `csrc/int8_linear.cpp`, the skinny kernel's scheme (built
 at first use like `kernels`): on AVX2 and AVX-512, integer products of int8 weights with the
 activations rounded to int16 per row (AVX-512 VNNI's vpdpwssd where the CPU has it); in plain
-C++, or for a row holding a NaN or an infinity, int8 widened to float32. torch's own `torch._weight_int8pack_mm` does the same product, but on
+C++, or for a row holding a NaN or an infinity, int8 widened to float32.
+`quantize_int8(..., activation_bits=8)` rounds the activations to int8 per row instead, on
+every path (W8A8, dynamic per token): AVX-512 VNNI's vpdpbusd then does 64 multiply-adds per
+instruction on the weights as they lie, twice the int16 path's, for the many rows of many
+streams; the accuracy cost is larger (docs/model.md). torch's own `torch._weight_int8pack_mm` does the same product, but on
 the issue's workload (48 matrices of 2816 x 1024, M = 1-8 rows, one thread, best of 5,
 benchmarks/int8_product.py) it took 35-81 ms with bfloat16 activations and 308-2419 ms with
 float32 ones, against 29-60 ms for this kernel with either, so the opt-in uses this kernel
@@ -37,6 +41,7 @@ from parscale.model import kernels
 MAX_ROWS = kernels.MAX_ROWS  # above this the dequantised stock GEMM is compute-efficient
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_linear.cpp"
 SAVE_FIX = "save before quantize_int8(); quantize after loading"
+ACTIVATION_BITS = (16, 8)  # the activations' rounding per row: int16 (near exact) or int8 (W8A8)
 
 
 # ---------------------------------------------------------------- the kernel
@@ -51,7 +56,7 @@ def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for fn in (lib.parscale_int8_f32, lib.parscale_int8_bf16):
-        fn.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, ctypes.c_int]
+        fn.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, ctypes.c_int, ctypes.c_int]
         fn.restype = None
     lib.parscale_int8_isa.restype = ctypes.c_int
     lib.isa = {5: "avx512-vnni", 4: "avx512-int16", 3: "avx2-int16", 0: "generic"}[lib.parscale_int8_isa()]
@@ -60,9 +65,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                lib: ctypes.CDLL) -> torch.Tensor:
+                lib: ctypes.CDLL, bits: int = 16) -> torch.Tensor:
     """`F.linear(x, qweight * scale[:, None], bias)` by the kernel, in x's dtype; x on the CPU,
-    float32 or bfloat16 (widened to float32), qweight [N, K] int8, scale [N] float32."""
+    float32 or bfloat16 (widened to float32), qweight [N, K] int8, scale [N] float32. `bits` 8
+    rounds x to int8 per row first (`round_activations`), 16 to int16 on the integer paths."""
     n_out, k = qweight.shape
     if scale.dtype != torch.float32 or qweight.dtype != torch.int8:  # the kernel reads 4-byte scales, 1-byte weights
         raise UserError(f"the int8 kernel takes int8 weights and float32 scales, got {qweight.dtype} and {scale.dtype}; "
@@ -74,11 +80,26 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype if bfloat16 else torch.float32)  # ... N
     fn = lib.parscale_int8_bf16 if bfloat16 else lib.parscale_int8_f32
     fn(rows.data_ptr(), rows.numel() // k, k, qweight.data_ptr(), scale.data_ptr(),
-       bias32.data_ptr() if bias32 is not None else None, out.data_ptr(), n_out, torch.get_num_threads())
+       bias32.data_ptr() if bias32 is not None else None, out.data_ptr(), n_out, torch.get_num_threads(), bits)
     return out.to(x.dtype)
 
 
 # ---------------------------------------------------------------- quantization
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 per row and scaled back, in x's dtype: round(x / xs) * xs with
+    xs = max|x_row| / 127, the kernel's rounding with `bits` 8 (csrc/int8_linear.cpp computes
+    xs and 127 / max|x_row| in float32 as here). For the dequantised path (prefill), so that a
+    model with int8 activations computes the same function with few rows and with many. Rows
+    with a NaN or an infinity are left as they are, as the kernel leaves them."""
+    x32 = x.float()
+    peak = x32.abs().amax(dim=-1, keepdim=True)
+    has = peak > 0
+    step = torch.where(has, peak / 127, torch.ones_like(peak))
+    inv = torch.where(has, 127 / peak, torch.zeros_like(peak))
+    rounded = torch.round(x32 * inv).clamp_(-127, 127) * step
+    return torch.where(torch.isfinite(peak), rounded, x32).to(x.dtype)
+
+
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 [N, K], float32 scale [N]): symmetric per output row, scale = max|w_row| / 127.
     An all-zero row gets scale 1 (its int8 values are 0, so it dequantises to zeros)."""
@@ -115,13 +136,16 @@ class Int8Linear(nn.Module):
     devices, no compiler, `use_kernel = False`) runs `F.linear` on the weights dequantised to
     the activations' dtype. The output has the activations' dtype. `weight` gives the
     dequantised weights in the original dtype (a copy made on each access), for code that
-    reads a layer's dtype, device or shape.
+    reads a layer's dtype, device or shape. `activation_bits` 8 rounds every input row to
+    int8 as well (`round_activations`, on both paths).
     """
 
     use_kernel: bool = True
+    activation_bits: int = 16
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, activation_bits: int = 16) -> None:
         super().__init__()
+        self.activation_bits = activation_bits
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype = linear.weight.dtype
         q, scale = quantize_weight(linear.weight)
@@ -145,7 +169,8 @@ class Int8Linear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        activations = ", int8 activations" if self.activation_bits == 8 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8{activations}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))):
@@ -154,7 +179,9 @@ class Int8Linear(nn.Module):
         if self.use_kernel and self._eligible(x):
             lib = library()
             if lib is not None:
-                return int8_linear(x, self.qweight, self.scale, self.bias, lib)
+                return int8_linear(x, self.qweight, self.scale, self.bias, lib, self.activation_bits)
+        if self.activation_bits == 8:
+            x = round_activations(x)
         return dequantized_linear(x, self.qweight, self.scale, self.bias)
 
     def _eligible(self, x: torch.Tensor) -> bool:
@@ -163,13 +190,15 @@ class Int8Linear(nn.Module):
                 and 0 < x.numel() <= MAX_ROWS * self.in_features)
 
 
-def quantize_int8(module: nn.Module, skip: set[str] | frozenset[str] = frozenset()) -> int:
+def quantize_int8(module: nn.Module, skip: set[str] | frozenset[str] = frozenset(), activation_bits: int = 16) -> int:
     """Replace the plain `nn.Linear`/`SkinnyLinear` layers of `module` by `Int8Linear`, in place.
 
     Layers whose qualified name is in `skip`, or that lie under such a name, are left alone,
     as are Linear subclasses other than the decode kernel's (adapter or quantized layers).
-    Returns the float weight bytes replaced minus the int8 bytes that took their place.
+    `activation_bits` 8 also rounds the layers' inputs to int8 per row (see the module
+    docstring). Returns the float weight bytes replaced minus the int8 bytes that took their place.
     """
+    check_activation_bits(activation_bits)
     def skipped(name: str) -> bool:
         return any(name == s or name.startswith(s + ".") for s in skip)
 
@@ -179,11 +208,18 @@ def quantize_int8(module: nn.Module, skip: set[str] | frozenset[str] = frozenset
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        replacement = Int8Linear(linear)
+        replacement = Int8Linear(linear, activation_bits)
         before = linear.weight.numel() * linear.weight.element_size()
         saved += before - replacement.qweight.numel() - replacement.scale.numel() * 4
         setattr(parent, attr, replacement)
     return saved
+
+
+def check_activation_bits(bits) -> None:
+    if bits not in ACTIVATION_BITS:
+        raise UserError(f"activation_bits={bits!r} is not supported; use 16 (activations rounded to int16, the "
+                        "default: almost no accuracy cost) or 8 (int8 activations: faster with many streams on "
+                        "AVX-512 VNNI, less accurate)")
 
 
 def enable(module: nn.Module, enabled: bool = True) -> int:

@@ -18,6 +18,10 @@
 //   at 8 rows is small there, as its FMAs were not far behind. Rows with a NaN or an infinity
 //   take the float32 path, so they propagate as in F.linear. Both paths give the same integers
 //   (the same rounding of x, exact sums), so their outputs differ by float32 rounding only.
+// - int8 activations (`bits` 8, `quantize_int8(activation_bits=8)`): x rounded to int8 per row
+//   instead (step max|x_row| / 127) on every path; on AVX-512 VNNI, vpdpbusd multiplies the
+//   int8 weights as they lie with x + 128 (64 multiply-adds per instruction; the section below
+//   says more), elsewhere the int16 kernels take the int8 values: the same integers.
 // - AVX-512 and AVX2 when the integer path cannot run (a NaN or an infinity in x): int8
 //   widened to float32 in registers (sign-extend, convert), float32 sums of exact integers times x.
 // - plain C++ (the compiler vectorises it).
@@ -184,46 +188,27 @@ inline void block_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w
 #ifdef PARSCALE_AVX512
   // 32 columns per step into 16 int32 lanes (two products per lane per step, as AVX2's 16 into
   // 8), the tail masked (zeros add nothing): so no lane holds more products than on AVX2.
-  if constexpr (MC == 1 && R == 1) {  // one row of x: one weight row at a time (rows_per_step says why)
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;  // 4 lanes of 16 take turns: fewer products each
-    int64_t k = 0;
-    for (; k + 128 <= len; k += 128) {
-      // the two lines 4 KB ahead (reaching into the next rows: a block's rows lie one after
-      // another): 1 KB rows are too short a stream for the hardware prefetcher alone (the 113
-      // int8 matrices of the benchmark's model, Zen 5: 5.5 -> 4.3 ms; 1, 2, 8, 16 KB ahead no better)
-      _mm_prefetch(reinterpret_cast<const char*>(w + k) + 4096, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w + k) + 4096 + 64, _MM_HINT_T0);
-      a0 = dot_i16(a0, w + k, x + k, 0xFFFFFFFFu);
-      a1 = dot_i16(a1, w + k + 32, x + k + 32, 0xFFFFFFFFu);
-      a2 = dot_i16(a2, w + k + 64, x + k + 64, 0xFFFFFFFFu);
-      a3 = dot_i16(a3, w + k + 96, x + k + 96, 0xFFFFFFFFu);
-    }
-    for (; k < len; k += 32)
-      a0 = dot_i16(a0, w + k, x + k, parscale::first32(len - k));
-    // The four add up in int32: each lane then holds the products of one accumulator of the
-    // side-by-side path over the same columns, which INT16_MAX_LEN keeps below 2^31.
-    const int64_t sum = hsum_i64(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
-    out[0] = (add ? out[0] : 0.0f) + static_cast<float>(sum);
-    return;
+  // One row of x (more rows take `row_i16`): one weight row at a time (rows_per_step says why).
+  static_assert(MC == 1 && R == 1, "row_i16 takes two or more rows of x");
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;  // 4 lanes of 16 take turns: fewer products each
+  int64_t k = 0;
+  for (; k + 128 <= len; k += 128) {
+    // the two lines 4 KB ahead (reaching into the next rows: a block's rows lie one after
+    // another): 1 KB rows are too short a stream for the hardware prefetcher alone (the 113
+    // int8 matrices of the benchmark's model, Zen 5: 5.5 -> 4.3 ms; 1, 2, 8, 16 KB ahead no better)
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 4096, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 4096 + 64, _MM_HINT_T0);
+    a0 = dot_i16(a0, w + k, x + k, 0xFFFFFFFFu);
+    a1 = dot_i16(a1, w + k + 32, x + k + 32, 0xFFFFFFFFu);
+    a2 = dot_i16(a2, w + k + 64, x + k + 64, 0xFFFFFFFFu);
+    a3 = dot_i16(a3, w + k + 96, x + k + 96, 0xFFFFFFFFu);
   }
-  __m512i acc[R][MC];
-  PARSCALE_UNROLL for (int r = 0; r < R; ++r)
-    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_si512();
-  for (int64_t k = 0; k < len; k += 32) {
-    const __mmask32 mask = parscale::first32(len - k);
-    __m512i wv[R];
-    PARSCALE_UNROLL for (int r = 0; r < R; ++r) {
-      if (k % 64 == 0) PARSCALE_PREFETCH(w, r, R, ld, k);
-      wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + r * ld + k));
-    }
-    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) {
-      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * ld + k);
-      PARSCALE_UNROLL for (int r = 0; r < R; ++r) acc[r][m] = dot_pairs(acc[r][m], wv[r], xv);
-    }
-  }
-  PARSCALE_UNROLL for (int r = 0; r < R; ++r)
-    PARSCALE_UNROLL for (int m = 0; m < MC; ++m)
-      out[m * ldy + r] = (add ? out[m * ldy + r] : 0.0f) + static_cast<float>(hsum_i64(acc[r][m]));
+  for (; k < len; k += 32)
+    a0 = dot_i16(a0, w + k, x + k, parscale::first32(len - k));
+  // The four add up in int32: each lane then holds as many products as one accumulator of
+  // the AVX2 path over the same columns, which INT16_MAX_LEN keeps below 2^31.
+  const int64_t sum = hsum_i64(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
+  out[0] = (add ? out[0] : 0.0f) + static_cast<float>(sum);
 #else
   __m256i acc[R][MC];
   PARSCALE_UNROLL for (int r = 0; r < R; ++r)
@@ -252,13 +237,51 @@ inline void block_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w
 #endif
 }
 
+#ifdef PARSCALE_AVX512
+// out[m * ldy] (+)= dot(xq[m], w) for MC >= 2 rows of x and one weight row, as `row_u8` does for
+// int8 activations: a single stream through the weights per thread, the lines 4 KB ahead
+// requested, two sets of accumulators taking turns (each lane then holds at most as many
+// products as above). On the 113 int8 matrices of the decode benchmark's model (Zen 5, 2
+// threads, best of 7 interleaved rounds) against the earlier scheme (2-8 weight rows side by
+// side, `rows_per_step`): 8 rows 7.3 against 9.4 ms, 5 rows 5.6 against 6.9, 2-3 rows the same.
+template <int MC>
+inline void row_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w, float* out, int64_t ldy, bool add) {
+  __m512i a0[MC], a1[MC];
+  PARSCALE_UNROLL for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + 64 <= len; k += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 4096, _MM_HINT_T0);
+    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
+    const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32)));
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) {
+      a0[m] = dot_pairs(a0[m], w0, _mm512_loadu_si512(x + m * ld + k));
+      a1[m] = dot_pairs(a1[m], w1, _mm512_loadu_si512(x + m * ld + k + 32));
+    }
+  }
+  for (; k < len; k += 32) {
+    const __mmask32 mask = parscale::first32(len - k);
+    const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + k));
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) a0[m] = dot_pairs(a0[m], w0, _mm512_maskz_loadu_epi16(mask, x + m * ld + k));
+  }
+  PARSCALE_UNROLL for (int m = 0; m < MC; ++m)
+    out[m * ldy] = (add ? out[m * ldy] : 0.0f) + static_cast<float>(hsum_i64(_mm512_add_epi32(a0[m], a1[m])));
+}
+#endif
+
 template <int MC>
 void rows_range_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w, float* y, int64_t N, int64_t n0,
                     int64_t n1, bool add) {
-  constexpr int R = rows_per_step<MC>();  // MC * R accumulators + R weight vectors + x: 13 of AVX2's 16 registers at most, 25 of AVX-512's 32
+#ifdef PARSCALE_AVX512
+  for (int64_t n = n0; n < n1; ++n) {  // one weight row at a time (row_i16 says why)
+    if constexpr (MC == 1) block_i16<1, 1>(x, len, ld, w + n * ld, y + n, N, add);
+    else row_i16<MC>(x, len, ld, w + n * ld, y + n, N, add);
+  }
+#else
+  constexpr int R = rows_per_step<MC>();  // MC * R accumulators + R weight vectors + x: 13 of AVX2's 16 registers at most
   int64_t n = n0;
   for (; n + R <= n1; n += R) block_i16<MC, R>(x, len, ld, w + n * ld, y + n, N, add);
   for (; n < n1; ++n) block_i16<MC, 1>(x, len, ld, w + n * ld, y + n, N, add);
+#endif
 }
 
 void chunk_i16(int64_t mc, const int16_t* x, int64_t len, int64_t ld, const int8_t* w, float* y, int64_t N,
@@ -275,11 +298,89 @@ void chunk_i16(int64_t mc, const int16_t* x, int64_t len, int64_t ld, const int8
   }
 }
 
-// x's rows as int16, xq = round(x / xs) with xs = max|x_row| / 32767 (1 for a zero row). False
+#ifdef PARSCALE_VNNI
+// ---------------------------------------------------------------- 8-bit activations (AVX-512 VNNI)
+// With activations rounded to int8 (`bits` 8), vpdpbusd multiplies 64 bytes of weights with 64
+// of x and sums each four products into an int32 lane: twice vpdpwssd's 32 products, and the
+// weights are not widened first. Its first operand is unsigned, so x goes in as xq + 128
+// (1..255) and 128 * sum(w) is taken off again (the weight row's sums come from the same
+// instruction with a vector of ones, once per weight row and pass, shared by every row of x).
+// The integers are those of the int16 path with the same xq, summed exactly: the same results.
+// A lane adds at most 4 * 255 * 128 per 64 columns, so no pass can overflow it.
+inline __mmask64 first64(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
+
+// out[m * ldy] (+)= dot(x[m], w) for MC rows of x and one weight row: one weight row at a time,
+// so each thread reads one straight stream (the lines 4 KB ahead requested as well), with two
+// sets of accumulators taking turns (2 * MC + 2 independent sums). On the 113 int8 matrices of
+// the decode benchmark's model (Zen 5, 2 threads, best of 7 interleaved rounds) against the
+// int16 kernel with the same values: 8 rows 5.3 against 7.8 ms, 4 rows 4.5 against 5.0, 2 rows
+// 4.3 against 5.2, 1 row 4.3 against 4.5; two or more weight rows side by side (the int16
+// kernel's scheme) took 6.0 ms at 8 rows, and 8 KB ahead was no better.
+template <int MC>
+inline void row_u8(const uint8_t* x, int64_t len, int64_t ld, const int8_t* w, float* out, int64_t ldy, bool add) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i a0[MC], a1[MC], s0 = _mm512_setzero_si512(), s1 = s0;
+  PARSCALE_UNROLL for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + 128 <= len; k += 128) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 4096, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 4096 + 64, _MM_HINT_T0);
+    const __m512i w0 = _mm512_loadu_si512(w + k), w1 = _mm512_loadu_si512(w + k + 64);
+    s0 = _mm512_dpbusd_epi32(s0, ones, w0);
+    s1 = _mm512_dpbusd_epi32(s1, ones, w1);
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m) {
+      a0[m] = _mm512_dpbusd_epi32(a0[m], _mm512_loadu_si512(x + m * ld + k), w0);
+      a1[m] = _mm512_dpbusd_epi32(a1[m], _mm512_loadu_si512(x + m * ld + k + 64), w1);
+    }
+  }
+  for (; k < len; k += 64) {  // the tail, masked (zeros add nothing, to either sum)
+    const __mmask64 mask = first64(len - k);
+    const __m512i w0 = _mm512_maskz_loadu_epi8(mask, w + k);
+    s0 = _mm512_dpbusd_epi32(s0, ones, w0);
+    PARSCALE_UNROLL for (int m = 0; m < MC; ++m)
+      a0[m] = _mm512_dpbusd_epi32(a0[m], _mm512_maskz_loadu_epi8(mask, x + m * ld + k), w0);
+  }
+  const int64_t offset = 128 * hsum_i64(_mm512_add_epi32(s0, s1));
+  PARSCALE_UNROLL for (int m = 0; m < MC; ++m)
+    out[m * ldy] = (add ? out[m * ldy] : 0.0f) + static_cast<float>(hsum_i64(_mm512_add_epi32(a0[m], a1[m])) - offset);
+}
+
+template <int MC>
+void rows_range_u8(const uint8_t* x, int64_t len, int64_t ld, const int8_t* w, float* y, int64_t N, int64_t n0,
+                   int64_t n1, bool add) {
+  for (int64_t n = n0; n < n1; ++n) row_u8<MC>(x, len, ld, w + n * ld, y + n, N, add);
+}
+
+void chunk_u8(int64_t mc, const uint8_t* x, int64_t len, int64_t ld, const int8_t* w, float* y, int64_t N,
+              int64_t n0, int64_t n1, bool add) {
+  switch (mc) {
+    case 1: return rows_range_u8<1>(x, len, ld, w, y, N, n0, n1, add);
+    case 2: return rows_range_u8<2>(x, len, ld, w, y, N, n0, n1, add);
+    case 3: return rows_range_u8<3>(x, len, ld, w, y, N, n0, n1, add);
+    case 4: return rows_range_u8<4>(x, len, ld, w, y, N, n0, n1, add);
+    case 5: return rows_range_u8<5>(x, len, ld, w, y, N, n0, n1, add);
+    case 6: return rows_range_u8<6>(x, len, ld, w, y, N, n0, n1, add);
+    case 7: return rows_range_u8<7>(x, len, ld, w, y, N, n0, n1, add);
+    default: return rows_range_u8<8>(x, len, ld, w, y, N, n0, n1, add);
+  }
+}
+
+void run_u8(const uint8_t* xq, int64_t M, int64_t K, const int8_t* w, float* y, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M) {
+    const int64_t mc = std::min<int64_t>(CHUNK_M, M - m0);
+    const int64_t step = parscale::k_step(mc, sizeof(uint8_t), K);  // x in L1
+    for (int64_t k0 = 0; k0 < K; k0 += step)
+      chunk_u8(mc, xq + m0 * K + k0, std::min(step, K - k0), K, w + k0, y + m0 * N, N, n0, n1, k0 > 0);
+  }
+}
+#endif
+
+// x's rows as integers, xq = round(x / xs) with xs = max|x_row| / top (1 for a zero row), top 32767
+// (int16) or 127 (int8 activations), kept as int16. False
 // if some value is a NaN or an infinity (the caller then takes the float32 path). Vectorised by
 // hand: the scalar loop (a max chain, a finiteness test, rounding) cost 1.5 ns per value, about
 // as much as the product itself at 8 rows of K = 1024.
-bool quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs) {
+bool quantize_rows(const float* x, int64_t M, int64_t K, float top, int16_t* xq, float* xs) {
   const __m256 sign = _mm256_set1_ps(-0.0f), largest = _mm256_set1_ps(FLT_MAX);
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * K;
@@ -299,9 +400,9 @@ bool quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs)
       peak = std::max(peak, std::fabs(row[k]));
     }
     if (!finite) return false;
-    xs[m] = peak > 0.0f ? peak / 32767.0f : 1.0f;
-    const float inv = peak > 0.0f ? 32767.0f / peak : 0.0f;
-    const __m256 inv8 = _mm256_set1_ps(inv), hi = _mm256_set1_ps(32767.0f), lo = _mm256_set1_ps(-32767.0f);
+    xs[m] = peak > 0.0f ? peak / top : 1.0f;
+    const float inv = peak > 0.0f ? top / peak : 0.0f;
+    const __m256 inv8 = _mm256_set1_ps(inv), hi = _mm256_set1_ps(top), lo = _mm256_set1_ps(-top);
     int16_t* out = xq + m * K;
     for (k = 0; k + 16 <= K; k += 16) {  // rounded to nearest even (the default mode), as nearbyint
       const __m256i a = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(row + k), inv8), lo), hi));
@@ -309,7 +410,7 @@ bool quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs)
       // packs works within 128-bit lanes (a0-3 b0-3 a4-7 b4-7); the permute puts them in order
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
     }
-    for (; k < K; ++k) out[k] = static_cast<int16_t>(std::clamp(std::nearbyint(row[k] * inv), -32767.0f, 32767.0f));
+    for (; k < K; ++k) out[k] = static_cast<int16_t>(std::clamp(std::nearbyint(row[k] * inv), -top, top));
   }
   return true;
 }
@@ -326,10 +427,32 @@ void run_i16(const int16_t* xq, int64_t M, int64_t K, const int8_t* w, float* y,
 }
 #endif
 
+
+// Rows rounded to int8 and kept as float32 (xq = round(x / xs), xs = max|x_row| / 127, as
+// `quantize_rows` computes them), for the float32 products below: the plain C++ path's int8
+// activations, and the rows of a call that the integer paths cannot take. A row with a NaN or
+// an infinity is left as it is (xs 1), so that it propagates and the other rows are rounded.
+void quantize_rows_float(const float* x, int64_t M, int64_t K, float* xq, float* xs) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    float peak = 0.0f;
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      finite &= std::isfinite(row[k]);
+      peak = std::max(peak, std::fabs(row[k]));
+    }
+    xs[m] = finite && peak > 0.0f ? peak / 127.0f : 1.0f;
+    const float inv = peak > 0.0f ? 127.0f / peak : 0.0f;
+    for (int64_t k = 0; k < K; ++k)
+      xq[m * K + k] = finite ? std::clamp(std::nearbyint(row[k] * inv), -127.0f, 127.0f) : row[k];
+  }
+}
+
 // y = x Q^T * s (+ b) into float32 y, and also rounded into bfloat16 y16 when it is not null
-// (rounded block by block in the parallel loop, while the block's outputs are in cache).
+// (rounded block by block in the parallel loop, while the block's outputs are in cache). `bits`
+// 16: x rounded to int16 per row where the integer path runs; 8: to int8 per row on every path.
 void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, const float* bias,
-                  float* y, uint16_t* y16, int64_t N, int threads) {
+                  float* y, uint16_t* y16, int64_t N, int threads, int bits) {
   // Blocks of weight rows handed out dynamically (a thread that loses its core does fewer).
   const int64_t blocks = (N + BLOCK_N - 1) / BLOCK_N;
   auto finish = [&](int64_t m, int64_t n0, int64_t n1, float row_scale) {  // scales and bias, in cache
@@ -339,10 +462,23 @@ void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const f
       if (y16) parscale::store(y16 + m * N + n, v);
     }
   };
+  std::vector<float> xs(static_cast<size_t>(M), 1.0f);
 #ifdef PARSCALE_INT16
   parscale::Buffer<int16_t> xq(M * K);
-  std::vector<float> xs(static_cast<size_t>(M));
-  if (quantize_rows(x, M, K, xq.data(), xs.data())) {
+  if (quantize_rows(x, M, K, bits == 8 ? 127.0f : 32767.0f, xq.data(), xs.data())) {
+#ifdef PARSCALE_VNNI
+    if (bits == 8) {
+      parscale::Buffer<uint8_t> xu(M * K);
+      for (int64_t i = 0; i < M * K; ++i) xu.data()[i] = static_cast<uint8_t>(xq.data()[i] + 128);
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t n0 = b * BLOCK_N, n1 = std::min(N, n0 + BLOCK_N);
+        run_u8(xu.data(), M, K, w, y, N, n0, n1);
+        for (int64_t m = 0; m < M; ++m) finish(m, n0, n1, xs[m]);
+      }
+      return;
+    }
+#endif
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * BLOCK_N, n1 = std::min(N, n0 + BLOCK_N);
@@ -351,13 +487,19 @@ void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const f
     }
     return;
   }
+  xs.assign(static_cast<size_t>(M), 1.0f);  // a NaN or an infinity: x as it is (it propagates)
 #endif
+  parscale::Buffer<float> x8(bits == 8 ? M * K : 0);  // int8 activations on the float32 path
+  if (bits == 8) {
+    quantize_rows_float(x, M, K, x8.data(), xs.data());
+    x = x8.data();
+  }
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n0 = b * BLOCK_N, n1 = std::min(N, n0 + BLOCK_N);
     for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M) {
       chunk(std::min<int64_t>(CHUNK_M, M - m0), x + m0 * K, K, w, y + m0 * N, N, n0, n1);
-      for (int64_t m = m0; m < std::min(M, m0 + CHUNK_M); ++m) finish(m, n0, n1, 1.0f);
+      for (int64_t m = m0; m < std::min(M, m0 + CHUNK_M); ++m) finish(m, n0, n1, xs[m]);
     }
   }
 }
@@ -365,19 +507,20 @@ void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const f
 }  // namespace
 
 // x: [M, K] float32; w: [N, K] int8; scale: [N] float32; bias: [N] float32 or null;
-// y: [M, N] float32. All row-major and contiguous (checked by the Python caller).
+// y: [M, N] float32. All row-major and contiguous (checked by the Python caller). bits: 16 or 8,
+// the activations' rounding (`int8_product`).
 extern "C" void parscale_int8_f32(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
-                                  const float* bias, float* y, int64_t N, int threads) {
-  int8_product(x, M, K, w, scale, bias, y, nullptr, N, threads);
+                                  const float* bias, float* y, int64_t N, int threads, int bits) {
+  int8_product(x, M, K, w, scale, bias, y, nullptr, N, threads, bits);
 }
 
 // bfloat16 x and y (bias and scales float32): widened and rounded here rather than by two torch
 // calls around the kernel, as in skinny_linear.cpp's parscale_skinny_bf16_io.
 extern "C" void parscale_int8_bf16(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
-                                   const float* bias, uint16_t* y, int64_t N, int threads) {
+                                   const float* bias, uint16_t* y, int64_t N, int threads, int bits) {
   parscale::Buffer<float> x32(M * K), y32(M * N);
   for (int64_t i = 0; i < M * K; ++i) x32.data()[i] = parscale::to_float(x[i]);
-  int8_product(x32.data(), M, K, w, scale, bias, y32.data(), y, N, threads);
+  int8_product(x32.data(), M, K, w, scale, bias, y32.data(), y, N, threads, bits);
 }
 
 // 5: AVX-512 VNNI integer products, 4: AVX-512 integer products without VNNI, 3: AVX2 integer
