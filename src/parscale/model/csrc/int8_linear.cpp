@@ -37,6 +37,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -135,17 +136,24 @@ void rows_range(const float* x, int64_t K, const int8_t* w, float* y, int64_t N,
   for (; n < n1; ++n) block<MC, 1>(x, K, w + n * K, y + n, N);
 }
 
-void chunk(int64_t mc, const float* x, int64_t K, const int8_t* w, float* y, int64_t N, int64_t n0, int64_t n1) {
+// The rows of x in a chunk (1-8) as a compile-time constant: the kernels keep MC accumulators
+// in registers. f is called with std::integral_constant<int, MC>.
+template <typename F>
+inline void with_rows(int64_t mc, F&& f) {
   switch (mc) {
-    case 1: return rows_range<1>(x, K, w, y, N, n0, n1);
-    case 2: return rows_range<2>(x, K, w, y, N, n0, n1);
-    case 3: return rows_range<3>(x, K, w, y, N, n0, n1);
-    case 4: return rows_range<4>(x, K, w, y, N, n0, n1);
-    case 5: return rows_range<5>(x, K, w, y, N, n0, n1);
-    case 6: return rows_range<6>(x, K, w, y, N, n0, n1);
-    case 7: return rows_range<7>(x, K, w, y, N, n0, n1);
-    default: return rows_range<8>(x, K, w, y, N, n0, n1);
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
   }
+}
+
+void chunk(int64_t mc, const float* x, int64_t K, const int8_t* w, float* y, int64_t N, int64_t n0, int64_t n1) {
+  with_rows(mc, [&](auto m) { rows_range<decltype(m)::value>(x, K, w, y, N, n0, n1); });
 }
 
 
@@ -286,16 +294,7 @@ void rows_range_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w, 
 
 void chunk_i16(int64_t mc, const int16_t* x, int64_t len, int64_t ld, const int8_t* w, float* y, int64_t N,
                int64_t n0, int64_t n1, bool add) {
-  switch (mc) {
-    case 1: return rows_range_i16<1>(x, len, ld, w, y, N, n0, n1, add);
-    case 2: return rows_range_i16<2>(x, len, ld, w, y, N, n0, n1, add);
-    case 3: return rows_range_i16<3>(x, len, ld, w, y, N, n0, n1, add);
-    case 4: return rows_range_i16<4>(x, len, ld, w, y, N, n0, n1, add);
-    case 5: return rows_range_i16<5>(x, len, ld, w, y, N, n0, n1, add);
-    case 6: return rows_range_i16<6>(x, len, ld, w, y, N, n0, n1, add);
-    case 7: return rows_range_i16<7>(x, len, ld, w, y, N, n0, n1, add);
-    default: return rows_range_i16<8>(x, len, ld, w, y, N, n0, n1, add);
-  }
+  with_rows(mc, [&](auto m) { rows_range_i16<decltype(m)::value>(x, len, ld, w, y, N, n0, n1, add); });
 }
 
 #ifdef PARSCALE_VNNI
@@ -345,24 +344,11 @@ inline void row_u8(const uint8_t* x, int64_t len, int64_t ld, const int8_t* w, f
     out[m * ldy] = (add ? out[m * ldy] : 0.0f) + static_cast<float>(hsum_i64(_mm512_add_epi32(a0[m], a1[m])) - offset);
 }
 
-template <int MC>
-void rows_range_u8(const uint8_t* x, int64_t len, int64_t ld, const int8_t* w, float* y, int64_t N, int64_t n0,
-                   int64_t n1, bool add) {
-  for (int64_t n = n0; n < n1; ++n) row_u8<MC>(x, len, ld, w + n * ld, y + n, N, add);
-}
-
 void chunk_u8(int64_t mc, const uint8_t* x, int64_t len, int64_t ld, const int8_t* w, float* y, int64_t N,
               int64_t n0, int64_t n1, bool add) {
-  switch (mc) {
-    case 1: return rows_range_u8<1>(x, len, ld, w, y, N, n0, n1, add);
-    case 2: return rows_range_u8<2>(x, len, ld, w, y, N, n0, n1, add);
-    case 3: return rows_range_u8<3>(x, len, ld, w, y, N, n0, n1, add);
-    case 4: return rows_range_u8<4>(x, len, ld, w, y, N, n0, n1, add);
-    case 5: return rows_range_u8<5>(x, len, ld, w, y, N, n0, n1, add);
-    case 6: return rows_range_u8<6>(x, len, ld, w, y, N, n0, n1, add);
-    case 7: return rows_range_u8<7>(x, len, ld, w, y, N, n0, n1, add);
-    default: return rows_range_u8<8>(x, len, ld, w, y, N, n0, n1, add);
-  }
+  with_rows(mc, [&](auto m) {
+    for (int64_t n = n0; n < n1; ++n) row_u8<decltype(m)::value>(x, len, ld, w + n * ld, y + n, N, add);
+  });
 }
 
 void run_u8(const uint8_t* xq, int64_t M, int64_t K, const int8_t* w, float* y, int64_t N, int64_t n0, int64_t n1) {
@@ -463,6 +449,16 @@ void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const f
     }
   };
   std::vector<float> xs(static_cast<size_t>(M), 1.0f);
+  // The parallel loop over blocks of weight rows: `rows(n0, n1)` puts the unscaled sums of
+  // outputs n0 .. n1 of every row of x into y, then the scales and bias go on while in cache.
+  auto over_blocks = [&](auto rows) {
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t n0 = b * BLOCK_N, n1 = std::min(N, n0 + BLOCK_N);
+      rows(n0, n1);
+      for (int64_t m = 0; m < M; ++m) finish(m, n0, n1, xs[m]);
+    }
+  };
 #ifdef PARSCALE_INT16
   parscale::Buffer<int16_t> xq(M * K);
   if (quantize_rows(x, M, K, bits == 8 ? 127.0f : 32767.0f, xq.data(), xs.data())) {
@@ -470,21 +466,11 @@ void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const f
     if (bits == 8) {
       parscale::Buffer<uint8_t> xu(M * K);
       for (int64_t i = 0; i < M * K; ++i) xu.data()[i] = static_cast<uint8_t>(xq.data()[i] + 128);
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t n0 = b * BLOCK_N, n1 = std::min(N, n0 + BLOCK_N);
-        run_u8(xu.data(), M, K, w, y, N, n0, n1);
-        for (int64_t m = 0; m < M; ++m) finish(m, n0, n1, xs[m]);
-      }
+      over_blocks([&](int64_t n0, int64_t n1) { run_u8(xu.data(), M, K, w, y, N, n0, n1); });
       return;
     }
 #endif
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t n0 = b * BLOCK_N, n1 = std::min(N, n0 + BLOCK_N);
-      run_i16(xq.data(), M, K, w, y, N, n0, n1);
-      for (int64_t m = 0; m < M; ++m) finish(m, n0, n1, xs[m]);
-    }
+    over_blocks([&](int64_t n0, int64_t n1) { run_i16(xq.data(), M, K, w, y, N, n0, n1); });
     return;
   }
   xs.assign(static_cast<size_t>(M), 1.0f);  // a NaN or an infinity: x as it is (it propagates)
@@ -494,14 +480,10 @@ void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const f
     quantize_rows_float(x, M, K, x8.data(), xs.data());
     x = x8.data();
   }
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n0 = b * BLOCK_N, n1 = std::min(N, n0 + BLOCK_N);
-    for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M) {
+  over_blocks([&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M)
       chunk(std::min<int64_t>(CHUNK_M, M - m0), x + m0 * K, K, w, y + m0 * N, N, n0, n1);
-      for (int64_t m = m0; m < std::min(M, m0 + CHUNK_M); ++m) finish(m, n0, n1, xs[m]);
-    }
-  }
+  });
 }
 
 }  // namespace
