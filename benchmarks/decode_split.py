@@ -1,7 +1,8 @@
 """Where a decode step's time goes: the few-row products, the decode attention, the aggregation,
 the norms, and everything else (the eager work around them and `generate`'s own per-step work).
 
-    python benchmarks/decode_split.py [--dtype bfloat16] [--P 1,8] [--int8] [--own-layer] [--reps 3] [--threads 2]
+    python benchmarks/decode_split.py [--dtype bfloat16] [--P 1,8] [--int8] [--w8a8] [--own-layer] [--reps 3]
+                                      [--threads 2]
 
 The model of `benchmarks/decode.py` (random weights, 16 layers, hidden 1024, 64-token prompt,
 32 new tokens, batch 1). The four parts are timed by wrapping their Python entry points
@@ -21,6 +22,7 @@ benchmarks/results/decode_split.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import statistics
 import sys
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     parser.add_argument("--P", default="1,8")
     parser.add_argument("--int8", action="store_true", help="also the same models after quantize_int8()")
+    parser.add_argument("--w8a8", action="store_true",
+                        help="also the same models after quantize_int8(activation_bits=8): rows KEY-int8a8")
     parser.add_argument("--own-layer", action="store_true",
                         help="also every model with its layers' own forward (decode_layer off): rows KEY-own")
     parser.add_argument("--layers", type=int, default=16)
@@ -106,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     streams = [int(p) for p in args.P.split(",")]
     models = build(args.layers, DTYPES[args.dtype], streams, plain=False)  # "P1", "P8", ...: the same weights
-    if args.int8:
-        import copy
-
-        models.update({f"{key}-int8": copy.deepcopy(model).quantize_int8() for key, model in list(models.items())})
+    quantized = {**({"int8": 16} if args.int8 else {}), **({"int8a8": 8} if args.w8a8 else {})}
+    floats = list(models.items())
+    for suffix, bits in quantized.items():
+        models.update({f"{key}-{suffix}": copy.deepcopy(model).quantize_int8(activation_bits=bits) for key, model in floats})
     if args.own_layer:  # the same model objects, switched per row below
         models.update({f"{key}-own": model for key, model in list(models.items())})
     spent: dict[str, float] = {}
