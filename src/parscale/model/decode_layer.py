@@ -153,9 +153,10 @@ def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
             return True, weight, None, bias, None  # True: the float kernel (`_layout` puts its C function here)
     elif kind is quantize.Int8Linear and not linear.training:
         buffers = linear._buffers
-        weight = buffers["qweight"]
-        if weight.is_cpu and weight.dtype == torch.int8:
-            return None, weight, buffers["scale"], linear.bias, linear.activation_bits
+        weight, scale, bias = buffers["qweight"], buffers["scale"], linear.bias
+        if (weight.is_cpu and weight.dtype == torch.int8 and weight.is_contiguous() and scale.dtype == torch.float32
+                and scale.is_contiguous() and (bias is None or (bias.is_cpu and bias.is_contiguous()))):
+            return None, weight, scale, bias, linear.activation_bits
     return None
 
 
@@ -171,17 +172,20 @@ def _norm_args(norm: nn.Module, dtype: torch.dtype) -> tuple | None:
 
 def _product(args: tuple, x: torch.Tensor, libs, threads: int) -> torch.Tensor:
     """x [rows, 1, K] (contiguous) times a layer's weights: the C function `kernels.skinny_linear`
-    would call (`kernels.io_entry`) called directly (its Python around the call is 1-2 us, seven
-    products per layer and step), or `skinny_linear` itself where the AMX tiles may take the
-    rows; int8 by `quantize.int8_linear`."""
+    or `quantize.int8_linear` would call (`kernels.io_entry`, `quantize.io_entry`) called
+    directly (their Python around the call is 1.5-3.5 us, seven products per layer and step),
+    or `skinny_linear` itself where the AMX tiles may take the rows."""
     entry, weight, scale, bias, bits = args
-    if entry is None:
-        return quantize.int8_linear(x, weight, scale, bias, libs[1], bits)
     rows = x.shape[0]
-    if rows >= kernels.AMX_MIN_ROWS:
-        return kernels.skinny_linear(x, weight, bias, libs[0])
     n_out, k = weight.shape
     out = torch.empty((rows, 1, n_out), dtype=x.dtype)
+    if scale is not None:  # int8: float32 scales and bias (a bfloat16 bias is widened, as int8_linear does)
+        bias = bias if bias is None or bias.dtype == torch.float32 else bias.float()
+        entry(x.data_ptr(), rows, k, weight.data_ptr(), scale.data_ptr(), bias.data_ptr() if bias is not None else None,
+              out.data_ptr(), n_out, threads, bits)
+        return out
+    if rows >= kernels.AMX_MIN_ROWS:
+        return kernels.skinny_linear(x, weight, bias, libs[0])
     entry(x.data_ptr(), rows, k, weight.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
           n_out, threads)
     return out
@@ -260,7 +264,8 @@ def _layout(layer: nn.Module, dtype: torch.dtype) -> _Layout | None:
     libs = _libraries(any(args[0] is None for args in products))
     if libs is None:
         return None
-    products = tuple(args if args[0] is None else (kernels.io_entry(libs[0], dtype), *args[1:]) for args in products)
+    products = tuple((quantize.io_entry(libs[1], dtype) if args[0] is None else kernels.io_entry(libs[0], dtype), *args[1:])
+                     for args in products)
     return _Layout(products, norm_args, head_norms, attention, prefix, attention.head_dim, attention.layer_idx, libs)
 
 

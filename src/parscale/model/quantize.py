@@ -78,10 +78,16 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     rows = rows if rows.is_contiguous() else rows.contiguous()  # M K in memory (see kernels.skinny_linear)
     bias32 = bias.float().contiguous() if bias is not None else None
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype if bfloat16 else torch.float32)  # ... N
-    fn = lib.parscale_int8_bf16 if bfloat16 else lib.parscale_int8_f32
+    fn = io_entry(lib, torch.bfloat16 if bfloat16 else torch.float32)
     fn(rows.data_ptr(), rows.numel() // k, k, qweight.data_ptr(), scale.data_ptr(),
        bias32.data_ptr() if bias32 is not None else None, out.data_ptr(), n_out, torch.get_num_threads(), bits)
     return out.to(x.dtype)
+
+
+def io_entry(lib: ctypes.CDLL, dtype: torch.dtype):
+    """The C function for x and y of `dtype` (float32 or bfloat16; int8 weights, float32 scales
+    and bias). `decode_layer` calls it directly too."""
+    return lib.parscale_int8_bf16 if dtype == torch.bfloat16 else lib.parscale_int8_f32
 
 
 # ---------------------------------------------------------------- quantization
