@@ -14,6 +14,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from _isa import ISA_FLAGS, build_or_skip, require_kernel
 from parscale.model import decode_layer, kernels, prefix_attention
+from parscale.model.cache_api import NEW_NAME
 from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import to_parscale
 
@@ -49,6 +50,27 @@ def test_the_rotary_kernel_equals_float64_to_the_dtypes_rounding(attention_lib):
     want = torch.cat([first * c[:4] - second * s[:4], second * c[4:] + first * s[4:]], dim=-1)
     decode_layer.rotary_in_place(x, 3, angles.cos(), angles.sin(), attention_lib)
     torch.testing.assert_close(x.view(2, 3, 8).double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, cos_rows, heads, dim", [(1, 1, 4, 16), (6, 6, 2, 8), (8, 1, 4, 64)])
+def test_rotary_append_rotates_the_keys_into_the_cache_column(attention_lib, dtype, rows, cos_rows, heads, dim):
+    """The keys rotated as `rotary_in_place` rotates them and the values copied, written into one
+    column of a [rows, heads, capacity, d] buffer; every other column left as it was."""
+    gen = torch.Generator().manual_seed(rows + heads)
+    key, value = ((torch.randn(rows, 1, heads * dim, generator=gen) * 4).to(dtype) for _ in range(2))
+    angles = torch.rand(cos_rows, 1, dim // 2, generator=gen) * 100
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    buffers = tuple(torch.randn(rows, heads, 9, dim, generator=gen).to(dtype) for _ in range(2))
+    before = tuple(b.clone() for b in buffers)
+    decode_layer.rotary_append(key, value, heads, cos, sin, buffers, 5, attention_lib)
+    rotated = key.clone()
+    decode_layer.rotary_in_place(rotated, heads, cos, sin, attention_lib)
+    assert torch.equal(buffers[0][:, :, 5], rotated.view(rows, heads, dim))
+    assert torch.equal(buffers[1][:, :, 5], value.view(rows, heads, dim))
+    for got, old in zip(buffers, before):
+        assert torch.equal(got[:, :, :5], old[:, :, :5]) and torch.equal(got[:, :, 6:], old[:, :, 6:])
 
 
 def _qwen3(seed: int = 3, **overrides):
@@ -121,12 +143,48 @@ def test_each_decode_step_equals_the_layers_own_forward_bit_for_bit(tiny_factory
     _libraries_or_fail()
     model = _model(tiny_factory, n_streams, dtype)
     ids, mask = _padded_batch(batch)
+    appended = count_calls(decode_layer, "rotary_append")
     fast, own, taken = _with_and_without_the_step(model, ids, mask, 6, count_calls(decode_layer, "_step"))
     # two layers, five decode steps (the prefill takes the layer's forward); 24 rows are more than
     # the few-row kernels take
     assert taken == (2 * 5 if n_streams * batch <= kernels.MAX_ROWS else 0)
+    assert appended[0] == taken  # every step wrote its keys and values into the cache's buffers itself
     assert torch.equal(fast.sequences, own.sequences)
     assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))
+
+
+def test_steps_past_the_cache_room_and_a_cache_of_its_own_take_update(tiny_factory, count_calls):
+    """When a step's keys fill the buffers, the cache's own `update` grows them (and the steps
+    after append in place again); a cache class with its own `update` always gets it called.
+    Both bit for bit as the layer's own forward."""
+    from transformers import DynamicCache
+
+    from parscale.model import kv_cache
+
+    _libraries_or_fail()
+    model = _model(tiny_factory, 2, torch.bfloat16)
+    ids, mask = _padded_batch(1)
+    appended, steps = count_calls(decode_layer, "rotary_append"), count_calls(decode_layer, "_step")
+    grown = count_calls(kv_cache.GrowingLayer, "_grow")
+    new_tokens = 6 + kv_cache.MIN_ROOM + 4  # past the room the prefill's buffers have
+    fast, own, taken = _with_and_without_the_step(model, ids, mask, new_tokens, steps)
+    assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))
+    assert taken == 2 * (new_tokens - 1) and 0 < appended[0] < taken and grown[0] > 2 * 2
+
+    class Counting(DynamicCache):
+        calls = 0
+
+        def update(self, *args, **kwargs):
+            Counting.calls += 1
+            return super().update(*args, **kwargs)
+
+    decode_layer.enable(model)
+    appended[0] = steps[0] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        got = model.generate(ids, **{NEW_NAME: Counting()}, **kw)
+    assert steps[0] == 2 * 4 and appended[0] == 0 and Counting.calls == 2 * 5
+    assert torch.equal(torch.stack(got.logits), torch.stack(fast.logits[:5]))
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])

@@ -10,10 +10,12 @@ benchmarks/README.md).
 
 `enable(model)` gives each recognised decoder layer a subclass of its own class (as `norms`
 does with RMSNorm: `isinstance` holds, parameters and state-dict keys unchanged) whose forward
-runs one decode step as: the norm kernel, the q/k/v products, the rotary embedding of q and k
-in place (`csrc/decode_attention.cpp`, the stock rounding bit for bit), the cache's own
-`update`, the decode attention kernel, the o product, the residual add, the norm kernel, the
-gate/up products, SiLU times up, the down product, the residual add; the float products' C
+runs one decode step as: the norm kernel, the q/k/v products, the rotary embedding of q in
+place and of k into the cache (`csrc/decode_attention.cpp`, the stock rounding bit for bit: the
+keys rotated and the values copied straight into the free column of a `GrowingLayer`'s
+buffers where the cache's `update` is the stock one, else k rotated in place and the cache's
+own `update`), the decode attention kernel, the o product, the residual add, the norm kernel,
+the gate/up products, SiLU times up, the down product, the residual add; the products' C
 functions are called directly (`_product`). The arithmetic is the stock layer's, op for op,
 through the same kernels the modules would call; only the Python between them is gone.
 
@@ -46,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
 from torch.utils.hooks import RemovableHandle
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from parscale.model import kernels, norms, prefix_attention, quantize
@@ -136,6 +138,18 @@ def rotary_in_place(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.T
     rows, dim = x.shape[0], cos.shape[-1]
     fn = lib.parscale_rotary_bf16 if x.dtype == torch.bfloat16 else lib.parscale_rotary_f32
     fn(x.data_ptr(), rows, heads, dim, x.stride(0), cos.data_ptr(), sin.data_ptr(), dim if cos.shape[0] > 1 else 0)
+
+
+def rotary_append(key: torch.Tensor, value: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                  buffers: tuple[torch.Tensor, torch.Tensor], column: int, lib: ctypes.CDLL) -> None:
+    """key rotated (as `rotary_in_place`) and value written into column `column` of a
+    `GrowingLayer`'s buffers [rows, heads, capacity, d] (contiguous); key and value `[rows, 1,
+    heads * d]` contiguous (the products' outputs), cos and sin as for `rotary_in_place`."""
+    kbuf, vbuf = buffers
+    rows, dim = key.shape[0], cos.shape[-1]
+    fn = lib.parscale_rotary_append_bf16 if key.dtype == torch.bfloat16 else lib.parscale_rotary_append_f32
+    fn(key.data_ptr(), value.data_ptr(), rows, heads, dim, cos.data_ptr(), sin.data_ptr(), dim if cos.shape[0] > 1 else 0,
+       kbuf.data_ptr(), vbuf.data_ptr(), kbuf.stride(0), kbuf.stride(1), column)
 
 
 def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
@@ -299,15 +313,22 @@ def decode_step(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> 
     layers = getattr(cache, "layers", None)
     if layers is None or layout.index >= len(layers) or type(layers[layout.index]) not in _CACHE_LAYERS:
         return None
+    # a cache of in-place layers whose `update` is the stock one (no subclass of the cache adds
+    # to it, no offloading): the step may append the keys and values itself
+    append = (type(layers[layout.index]) is GrowingLayer and type(cache).update is _CACHE_UPDATE
+              and not getattr(cache, "offloading", False))
     cos, sin = embeddings
     if (cos.dtype != dtype or sin.dtype != dtype or cos.shape != sin.shape or cos.dim() != 3 or cos.shape[1] != 1
             or cos.shape[-1] != layout.head_dim or cos.shape[0] not in (1, rows)
             or not (cos.is_contiguous() and sin.is_contiguous()) or not (cos.is_cpu and sin.is_cpu)):
         return None
-    return _step(layout, hidden_states, kwargs.get("attention_mask"), cos, sin, cache)
+    return _step(layout, hidden_states, kwargs.get("attention_mask"), cos, sin, cache, append)
 
 
-def _step(layout: _Layout, hidden_states, mask, cos, sin, cache) -> torch.Tensor:
+_CACHE_UPDATE = Cache.update
+
+
+def _step(layout: _Layout, hidden_states, mask, cos, sin, cache, append: bool) -> torch.Tensor:
     """The stock layer's arithmetic in its order (see the module docstring); the checks are done."""
     q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = layout.products
     libs, head_dim, rows = layout.libs, layout.head_dim, hidden_states.shape[0]
@@ -321,9 +342,15 @@ def _step(layout: _Layout, hidden_states, mask, cos, sin, cache) -> torch.Tensor
         query = norms.rms_norm(query.view(rows, heads, head_dim), *layout.head_norms[0], libs[2]).view(rows, 1, -1)
         key = norms.rms_norm(key.view(rows, kv, head_dim), *layout.head_norms[1], libs[2]).view(rows, 1, -1)
     rotary_in_place(query, heads, cos, sin, libs[3])
-    rotary_in_place(key, kv, cos, sin, libs[3])
-    keys, values = cache.update(key.view(rows, 1, kv, head_dim).transpose(1, 2),
-                                value.view(rows, 1, kv, head_dim).transpose(1, 2), layout.index)
+    layer_cache = cache.layers[layout.index]
+    column = layer_cache.free_column(rows, kv, head_dim, hidden_states.dtype) if append else None
+    if column is not None:  # rotated straight into the cache's buffers: what the two lines below do
+        rotary_append(key, value, kv, cos, sin, layer_cache._buffers, column, libs[3])
+        keys, values = layer_cache.filled(column + 1)
+    else:
+        rotary_in_place(key, kv, cos, sin, libs[3])
+        keys, values = cache.update(key.view(rows, 1, kv, head_dim).transpose(1, 2),
+                                    value.view(rows, 1, kv, head_dim).transpose(1, 2), layout.index)
     query = query.view(rows, heads, 1, head_dim)
     if layout.prefix is None:
         prefix_k = prefix_v = keys.new_empty(1, kv, 0, head_dim)  # one stream, no prefix (plain_attention)

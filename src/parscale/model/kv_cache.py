@@ -13,6 +13,10 @@ with room for a quarter of its length more (at least `MIN_ROOM` tokens): the cop
 few times the final cache, not O(L^2), and the room held is at most a quarter of the cache
 (`parscale cost measure` reports it as `kv_room_bytes`).
 
+The decode step of a Llama-family layer (`decode_layer`) writes a step's rotated keys and its
+values into the buffers' free column itself (`free_column`, `filled`) when the cache's `update`
+is the stock one.
+
 `grow_in_place(cache)` turns the plain `DynamicLayer`s of a cache into `GrowingLayer`s (the
 class of the object changes, its state stays, as `kernels.enable` does with Linear modules).
 The wrapper calls it for CPU inference; under autograd or `torch.compile` a layer appends by
@@ -50,6 +54,26 @@ class GrowingLayer(DynamicLayer):
         buffers[0][..., length:length + new, :] = key_states
         buffers[1][..., length:length + new, :] = value_states
         self.keys, self.values = buffers[0][..., :length + new, :], buffers[1][..., :length + new, :]
+        return self.keys, self.values
+
+    def free_column(self, rows: int, heads: int, dim: int, dtype: torch.dtype) -> int | None:
+        """Where the next token's keys and values go when the buffers have room for one more and
+        `keys`/`values` are still their views of these shapes: then the decode step
+        (`decode_layer`) writes that column itself and calls `filled`. Else None (`update`)."""
+        buffers = self._buffers
+        if buffers is None:
+            return None
+        keys, buffer = self.keys, buffers[0]
+        if (keys.data_ptr() != buffer.data_ptr() or keys.dim() != 4 or buffer.shape[0] != rows
+                or buffer.shape[1] != heads or buffer.shape[3] != dim or buffer.dtype != dtype
+                or buffers[1].shape != buffer.shape or buffers[1].dtype != dtype):
+            return None
+        length = keys.shape[2]
+        return length if length < buffer.shape[2] else None
+
+    def filled(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`keys` and `values` as the views of the buffers' first `length` positions (`update`'s)."""
+        self.keys, self.values = self._buffers[0].narrow(2, 0, length), self._buffers[1].narrow(2, 0, length)
         return self.keys, self.values
 
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, needed: int):

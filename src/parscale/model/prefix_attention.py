@@ -285,6 +285,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for fn in (lib.parscale_rotary_f32, lib.parscale_rotary_bf16):
         fn.argtypes = [pointer] + [size] * 4 + [pointer] * 2 + [size]
         fn.restype = None
+    for fn in (lib.parscale_rotary_append_f32, lib.parscale_rotary_append_bf16):
+        fn.argtypes = [pointer] * 2 + [size] * 3 + [pointer] * 2 + [size] + [pointer] * 2 + [size] * 3
+        fn.restype = None
     return lib
 
 

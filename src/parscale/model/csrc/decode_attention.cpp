@@ -325,22 +325,24 @@ inline __m256 product8(__m256 a, __m256 b) {
   return p;
 }
 
-// pairs [i, i + 8) and [half + i, half + i + 8) of one head
+// pairs [i, i + 8) and [half + i, half + i + 8) of one head, from v to o (the same or another place)
 template <typename T>
-inline void rotary8(T* v, const T* c, const T* s, int64_t i, int64_t half) {
+inline void rotary8(const T* v, T* o, const T* c, const T* s, int64_t i, int64_t half) {
   const __m256 a = load8(v + i), b = load8(v + i + half);
   const __m256 minus_b = _mm256_xor_ps(b, _mm256_set1_ps(-0.0f));
-  const __m256 first = _mm256_add_ps(narrow8(v, product8(a, load8(c + i))), narrow8(v, product8(minus_b, load8(s + i))));
-  const __m256 second = _mm256_add_ps(narrow8(v, product8(b, load8(c + i + half))),
-                                      narrow8(v, product8(a, load8(s + i + half))));
-  store8(v + i, narrow8(v, first));
-  store8(v + i + half, narrow8(v, second));
+  const __m256 first = _mm256_add_ps(narrow8(o, product8(a, load8(c + i))), narrow8(o, product8(minus_b, load8(s + i))));
+  const __m256 second = _mm256_add_ps(narrow8(o, product8(b, load8(c + i + half))),
+                                      narrow8(o, product8(a, load8(s + i + half))));
+  store8(o + i, narrow8(o, first));
+  store8(o + i + half, narrow8(o, second));
 }
 #endif
 
+// x [rows][heads][D] (rows row_stride apart) rotated into out (rows out_row_stride and heads
+// out_head_stride apart; out may be x itself: each pair is read before it is written).
 template <typename T>
-void rotary(T* x, int64_t rows, int64_t heads, int64_t D, int64_t row_stride, const T* cos, const T* sin,
-            int64_t cs_stride) {
+void rotary(const T* x, int64_t rows, int64_t heads, int64_t D, int64_t row_stride, const T* cos, const T* sin,
+            int64_t cs_stride, T* out, int64_t out_row_stride, int64_t out_head_stride) {
   const int64_t half = D / 2;
   int64_t vector_end = 0;  // pairs done eight at a time
 #ifdef PARSCALE_AVX2
@@ -350,16 +352,17 @@ void rotary(T* x, int64_t rows, int64_t heads, int64_t D, int64_t row_stride, co
     const T* c = cos + r * cs_stride;
     const T* s = sin + r * cs_stride;
     for (int64_t h = 0; h < heads; ++h) {
-      T* v = x + r * row_stride + h * D;
+      const T* v = x + r * row_stride + h * D;
+      T* o = out + r * out_row_stride + h * out_head_stride;
 #ifdef PARSCALE_AVX2
-      for (int64_t i = 0; i < vector_end; i += 8) rotary8(v, c, s, i, half);
+      for (int64_t i = 0; i < vector_end; i += 8) rotary8(v, o, c, s, i, half);
 #endif
       for (int64_t i = vector_end; i < half; ++i) {
         const float a = to_float(v[i]), b = to_float(v[i + half]);
-        const float first = narrow(v, product(a, to_float(c[i]))) + narrow(v, product(-b, to_float(s[i])));
-        const float second = narrow(v, product(b, to_float(c[i + half]))) + narrow(v, product(a, to_float(s[i + half])));
-        store(v + i, first);
-        store(v + i + half, second);
+        const float first = narrow(o, product(a, to_float(c[i]))) + narrow(o, product(-b, to_float(s[i])));
+        const float second = narrow(o, product(b, to_float(c[i + half]))) + narrow(o, product(a, to_float(s[i + half])));
+        store(o + i, first);
+        store(o + i + half, second);
       }
     }
   }
@@ -369,10 +372,38 @@ void rotary(T* x, int64_t rows, int64_t heads, int64_t D, int64_t row_stride, co
 
 extern "C" void parscale_rotary_f32(float* x, int64_t rows, int64_t heads, int64_t D, int64_t row_stride,
                                     const float* cos, const float* sin, int64_t cs_stride) {
-  rotary(x, rows, heads, D, row_stride, cos, sin, cs_stride);
+  rotary(x, rows, heads, D, row_stride, cos, sin, cs_stride, x, row_stride, D);
 }
 
 extern "C" void parscale_rotary_bf16(uint16_t* x, int64_t rows, int64_t heads, int64_t D, int64_t row_stride,
                                      const uint16_t* cos, const uint16_t* sin, int64_t cs_stride) {
-  rotary(x, rows, heads, D, row_stride, cos, sin, cs_stride);
+  rotary(x, rows, heads, D, row_stride, cos, sin, cs_stride, x, row_stride, D);
+}
+
+// A decode step's keys and values appended to a KV cache with room (`kv_cache.GrowingLayer`):
+// key and value [rows][heads * D] (the products' outputs), the keys rotated on the way, into
+// column `pos` of the buffers [rows][heads][capacity][D] (rows buf_row_stride, heads
+// buf_head_stride apart). One call for what `rotary_in_place` and the cache's `update` did
+// in eight torch calls (two indexed copies, two views).
+template <typename T>
+void rotary_append(const T* key, const T* value, int64_t rows, int64_t heads, int64_t D, const T* cos, const T* sin,
+                   int64_t cs_stride, T* kbuf, T* vbuf, int64_t buf_row_stride, int64_t buf_head_stride, int64_t pos) {
+  rotary(key, rows, heads, D, heads * D, cos, sin, cs_stride, kbuf + pos * D, buf_row_stride, buf_head_stride);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < heads; ++h)
+      std::memcpy(vbuf + r * buf_row_stride + h * buf_head_stride + pos * D, value + (r * heads + h) * D, D * sizeof(T));
+}
+
+extern "C" void parscale_rotary_append_f32(const float* key, const float* value, int64_t rows, int64_t heads,
+                                           int64_t D, const float* cos, const float* sin, int64_t cs_stride,
+                                           float* kbuf, float* vbuf, int64_t buf_row_stride, int64_t buf_head_stride,
+                                           int64_t pos) {
+  rotary_append(key, value, rows, heads, D, cos, sin, cs_stride, kbuf, vbuf, buf_row_stride, buf_head_stride, pos);
+}
+
+extern "C" void parscale_rotary_append_bf16(const uint16_t* key, const uint16_t* value, int64_t rows, int64_t heads,
+                                            int64_t D, const uint16_t* cos, const uint16_t* sin, int64_t cs_stride,
+                                            uint16_t* kbuf, uint16_t* vbuf, int64_t buf_row_stride,
+                                            int64_t buf_head_stride, int64_t pos) {
+  rotary_append(key, value, rows, heads, D, cos, sin, cs_stride, kbuf, vbuf, buf_row_stride, buf_head_stride, pos);
 }
