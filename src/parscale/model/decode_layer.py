@@ -218,7 +218,7 @@ class _Layout(NamedTuple):
     norms: tuple  # input, post-attention: `_norm_args`
     head_norms: tuple | None  # q and k per head (Qwen3): `_norm_args`, or None
     attention: nn.Module
-    prefix: tuple | None  # (prefix_k, prefix_v), or None without prefixes
+    prefix: tuple  # (prefix_k, prefix_v); without prefixes, empty ones of one stream (plain_attention)
     head_dim: int
     index: int
     libs: tuple
@@ -273,14 +273,18 @@ def _layout(layer: nn.Module, dtype: torch.dtype) -> _Layout | None:
         return None
     else:
         prefix = None
-    if attention.head_dim % 2:
+    head_dim = attention.head_dim
+    if head_dim % 2:
         return None
+    if prefix is None:  # one stream without a prefix: empty ones (the keys' heads from k_proj's rows)
+        empty = torch.empty(1, products[1][1].shape[0] // head_dim, 0, head_dim, dtype=dtype)
+        prefix = (empty, empty)
     libs = _libraries(any(args[0] is None for args in products))
     if libs is None:
         return None
     products = tuple((quantize.io_entry(libs[1], dtype) if args[0] is None else kernels.io_entry(libs[0], dtype), *args[1:])
                      for args in products)
-    return _Layout(products, norm_args, head_norms, attention, prefix, attention.head_dim, attention.layer_idx, libs)
+    return _Layout(products, norm_args, head_norms, attention, prefix, head_dim, attention.layer_idx, libs)
 
 
 def _hooked(*modules: nn.Module) -> bool:
@@ -352,12 +356,14 @@ def _step(layout: _Layout, hidden_states, mask, cos, sin, cache, append: bool) -
         keys, values = cache.update(key.view(rows, 1, kv, head_dim).transpose(1, 2),
                                     value.view(rows, 1, kv, head_dim).transpose(1, 2), layout.index)
     query = query.view(rows, heads, 1, head_dim)
-    if layout.prefix is None:
-        prefix_k = prefix_v = keys.new_empty(1, kv, 0, head_dim)  # one stream, no prefix (plain_attention)
-    else:
-        prefix_k, prefix_v = layout.prefix
+    prefix_k, prefix_v = layout.prefix
     attention = layout.attention
-    out = prefix_attention._decode_attention_kernel(query, keys, values, mask, prefix_k, prefix_v, attention.scaling)
+    if column is not None and prefix_attention.use_kernel:  # the kernel's checks hold: the buffers' views
+        out = prefix_attention.call_kernel(query, keys, values, prefix_attention.additive_mask(mask), prefix_k,
+                                           prefix_v, attention.scaling, libs[3])
+    else:
+        out = prefix_attention._decode_attention_kernel(query, keys, values, mask, prefix_k, prefix_v,
+                                                        attention.scaling)
     if out is None:  # a layout the kernel does not take: the attention kind's own function (the cache is updated)
         function = ALL_ATTENTION_FUNCTIONS[attention.config._attn_implementation]
         out, _ = function(attention, query, keys, values, mask, dropout=0.0, scaling=attention.scaling)

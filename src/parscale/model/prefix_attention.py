@@ -306,22 +306,33 @@ def _decode_attention_kernel(query, key, value, mask, prefix_k, prefix_v, scalin
     lib = kernel_library()
     if lib is None:
         return None
+    q = query if query.is_contiguous() else query.contiguous()  # rows heads 1 d: rows heads d in memory
+    return call_kernel(q, key, value, additive_mask(mask), prefix_k, prefix_v, scaling, lib)
+
+
+def additive_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The last query's row of the attention mask as the kernel reads it: float32 [rows or 1, L],
+    0 or -inf (a bool mask) or the mask's own values (an additive one)."""
+    if mask is None:
+        return None
+    mask = mask[..., -1:, :].reshape(mask.shape[0], -1)  # rows|1 L
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+    return mask.float().contiguous()
+
+
+def call_kernel(query, key, value, additive, prefix_k, prefix_v, scaling, lib) -> torch.Tensor:
+    """The kernel's C call, its checks done (`_decode_attention_kernel`): query [rows, heads, 1, d]
+    contiguous, key and value [rows, kv, L, d] of equal strides (d contiguous), the prefixes
+    [P, kv, T, d] contiguous, all of one dtype; `additive` from `additive_mask`. The decode step
+    (`decode_layer`) calls it directly where its plan has checked the same."""
     rows, heads, _, dim = query.shape
     n_streams, kv, n_prefix, _ = prefix_k.shape
-    length = key.shape[2]
-    q = query if query.is_contiguous() else query.contiguous()  # rows heads 1 d: rows heads d in memory
-    additive = None
-    if mask is not None:
-        mask = mask[..., -1:, :].reshape(mask.shape[0], -1)  # rows|1 L
-        if mask.dtype == torch.bool:
-            additive = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
-        else:
-            additive = mask.float().contiguous()
-    out = torch.empty(rows, 1, heads, dim, dtype=dtype)  # rows 1 heads d: rows heads d in memory
-    fn = lib.parscale_decode_attention_f32 if dtype == torch.float32 else lib.parscale_decode_attention_bf16
-    fn(q.data_ptr(), key.data_ptr(), value.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
+    out = torch.empty(rows, 1, heads, dim, dtype=query.dtype)  # rows 1 heads d: rows heads d in memory
+    fn = lib.parscale_decode_attention_f32 if query.dtype == torch.float32 else lib.parscale_decode_attention_bf16
+    fn(query.data_ptr(), key.data_ptr(), value.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
        prefix_k.data_ptr(), prefix_v.data_ptr(), additive.data_ptr() if additive is not None else None,
-       additive.shape[0] if additive is not None else 0, out.data_ptr(), rows, heads, kv, length, n_prefix, dim,
+       additive.shape[0] if additive is not None else 0, out.data_ptr(), rows, heads, kv, key.shape[2], n_prefix, dim,
        rows // n_streams, scaling, torch.get_num_threads())
     return out
 
