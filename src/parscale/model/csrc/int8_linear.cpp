@@ -64,6 +64,13 @@ using parscale::hsum;
 #endif
 
 constexpr int64_t CHUNK_M = 8;  // rows of x per pass over a block of weight rows
+// Bytes ahead in a thread's stream of weight rows that the one-row-at-a-time loops below ask for
+// (into the next rows: a block's rows lie one after another; 1 KB rows are too short a stream
+// for the hardware prefetcher alone). On the 113 int8 matrices of the decode benchmark's model
+// (Zen 5, 2 threads, with the guided schedule, best of 9-11 interleaved rounds) 8 KB against 4:
+// 1 row 3.97 against 4.22 ms, 2 rows 3.84 against 4.30, 4 rows 4.65 against 5.02, 8 rows 6.29
+// against 6.70; int8 activations 1 row 3.23 against 3.34; 16 KB no better than 8.
+constexpr int64_t AHEAD = 8192;
 #ifdef PARSCALE_AVX512
 constexpr int64_t BLOCK_N = 32;  // weight rows per block of the parallel loop (skinny_linear.cpp says why)
 #else
@@ -201,11 +208,10 @@ inline void block_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;  // 4 lanes of 16 take turns: fewer products each
   int64_t k = 0;
   for (; k + 128 <= len; k += 128) {
-    // the two lines 4 KB ahead (reaching into the next rows: a block's rows lie one after
-    // another): 1 KB rows are too short a stream for the hardware prefetcher alone (the 113
-    // int8 matrices of the benchmark's model, Zen 5: 5.5 -> 4.3 ms; 1, 2, 8, 16 KB ahead no better)
-    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 4096, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 4096 + 64, _MM_HINT_T0);
+    // the two lines AHEAD bytes ahead (the 113 int8 matrices of the benchmark's model, Zen 5:
+    // 5.5 -> 4.3 ms with 4 KB against none, before the guided schedule)
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + AHEAD, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + AHEAD + 64, _MM_HINT_T0);
     a0 = dot_i16(a0, w + k, x + k, 0xFFFFFFFFu);
     a1 = dot_i16(a1, w + k + 32, x + k + 32, 0xFFFFFFFFu);
     a2 = dot_i16(a2, w + k + 64, x + k + 64, 0xFFFFFFFFu);
@@ -247,7 +253,7 @@ inline void block_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w
 
 #ifdef PARSCALE_AVX512
 // out[m * ldy] (+)= dot(xq[m], w) for MC >= 2 rows of x and one weight row, as `row_u8` does for
-// int8 activations: a single stream through the weights per thread, the lines 4 KB ahead
+// int8 activations: a single stream through the weights per thread, the lines AHEAD bytes ahead
 // requested, two sets of accumulators taking turns (each lane then holds at most as many
 // products as above). On the 113 int8 matrices of the decode benchmark's model (Zen 5, 2
 // threads, best of 7 interleaved rounds) against the earlier scheme (2-8 weight rows side by
@@ -258,7 +264,7 @@ inline void row_i16(const int16_t* x, int64_t len, int64_t ld, const int8_t* w, 
   PARSCALE_UNROLL for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm512_setzero_si512();
   int64_t k = 0;
   for (; k + 64 <= len; k += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 4096, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + AHEAD, _MM_HINT_T0);
     const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
     const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32)));
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m) {
@@ -309,12 +315,12 @@ void chunk_i16(int64_t mc, const int16_t* x, int64_t len, int64_t ld, const int8
 inline __mmask64 first64(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
 
 // out[m * ldy] (+)= dot(x[m], w) for MC rows of x and one weight row: one weight row at a time,
-// so each thread reads one straight stream (the lines 4 KB ahead requested as well), with two
+// so each thread reads one straight stream (the lines AHEAD bytes ahead requested as well), with two
 // sets of accumulators taking turns (2 * MC + 2 independent sums). On the 113 int8 matrices of
 // the decode benchmark's model (Zen 5, 2 threads, best of 7 interleaved rounds) against the
 // int16 kernel with the same values: 8 rows 5.3 against 7.8 ms, 4 rows 4.5 against 5.0, 2 rows
 // 4.3 against 5.2, 1 row 4.3 against 4.5; two or more weight rows side by side (the int16
-// kernel's scheme) took 6.0 ms at 8 rows, and 8 KB ahead was no better.
+// kernel's scheme) took 6.0 ms at 8 rows (all with 4 KB ahead then).
 template <int MC>
 inline void row_u8(const uint8_t* x, int64_t len, int64_t ld, const int8_t* w, float* out, int64_t ldy, bool add) {
   const __m512i ones = _mm512_set1_epi8(1);
@@ -322,8 +328,8 @@ inline void row_u8(const uint8_t* x, int64_t len, int64_t ld, const int8_t* w, f
   PARSCALE_UNROLL for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm512_setzero_si512();
   int64_t k = 0;
   for (; k + 128 <= len; k += 128) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 4096, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 4096 + 64, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + AHEAD, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + AHEAD + 64, _MM_HINT_T0);
     const __m512i w0 = _mm512_loadu_si512(w + k), w1 = _mm512_loadu_si512(w + k + 64);
     s0 = _mm512_dpbusd_epi32(s0, ones, w0);
     s1 = _mm512_dpbusd_epi32(s1, ones, w1);
