@@ -143,12 +143,13 @@ def test_each_decode_step_equals_the_layers_own_forward_bit_for_bit(tiny_factory
     _libraries_or_fail()
     model = _model(tiny_factory, n_streams, dtype)
     ids, mask = _padded_batch(batch)
-    appended = count_calls(decode_layer, "rotary_append")
+    appended, grouped = count_calls(decode_layer, "rotary_append"), count_calls(decode_layer, "_grouped")
     fast, own, taken = _with_and_without_the_step(model, ids, mask, 6, count_calls(decode_layer, "_step"))
     # two layers, five decode steps (the prefill takes the layer's forward); 24 rows are more than
     # the few-row kernels take
     assert taken == (2 * 5 if n_streams * batch <= kernels.MAX_ROWS else 0)
     assert appended[0] == taken  # every step wrote its keys and values into the cache's buffers itself
+    assert grouped[0] == 2 * taken  # q, k, v and gate, up as two groups
     assert torch.equal(fast.sequences, own.sequences)
     assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))
 

@@ -1,6 +1,7 @@
 """The CPU decode kernel: the product itself, the default path against the stock path, fallbacks."""
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import pytest
@@ -319,3 +320,34 @@ def test_decode_attention_equals_joined_prefix_and_sdpa(dtype, mask_kind):
     assert got.shape == (rows, 1, kv * groups, dim) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: the output is rounded once (2**-8 relative)
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_a_group_of_products_equals_each_product_alone_bit_for_bit(lib, dtype, rows):
+    """`kernels.group_entry`: q, k and v (or gate and up) of one x in one parallel loop, each
+    output [rows, N] one after another, equal bit for bit to `io_entry`'s call for that product
+    alone (the same blocks, sums and roundings); sizes that leave partial blocks and K tails,
+    one product without a bias."""
+    gen = torch.Generator().manual_seed(rows)
+    k, sizes = 83, (37, 19, 70)
+    x = torch.randn(rows, 1, k, generator=gen).to(dtype)
+    weights = [torch.randn(n, k, generator=gen).to(dtype) for n in sizes]
+    biases = [torch.randn(n, generator=gen).to(dtype) for n in sizes[:2]] + [None]
+    alone = []
+    for w, b in zip(weights, biases):
+        out = torch.empty(rows, 1, w.shape[0], dtype=dtype)
+        kernels.io_entry(lib, dtype)(x.data_ptr(), rows, k, w.data_ptr(), b.data_ptr() if b is not None else None,
+                                     out.data_ptr(), w.shape[0], 2)
+        alone.append(out)
+    grouped = torch.empty(rows * sum(sizes), dtype=dtype)
+    pointers = ctypes.c_void_p * 3
+    kernels.group_entry(lib, dtype)(x.data_ptr(), rows, k, 3, pointers(*(w.data_ptr() for w in weights)),
+                                    pointers(*(b.data_ptr() if b is not None else None for b in biases)),
+                                    grouped.data_ptr(), (ctypes.c_int64 * 3)(*sizes), 2)
+    parts = grouped.split([rows * n for n in sizes])
+    for got, want in zip(parts, alone):
+        assert torch.equal(got.view(rows, 1, -1), want)
+    want = torch.nn.functional.linear(x.double(), weights[0].double(), biases[0].double())
+    torch.testing.assert_close(parts[0].view(rows, 1, -1).double(), want, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=2e-2 if dtype == torch.bfloat16 else 1e-5)  # and the product is the product

@@ -113,6 +113,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
                lib.parscale_skinny_bf16_amx, lib.parscale_skinny_bf16_io, lib.parscale_skinny_bf16_dot_io):
         fn.argtypes = [pointer, size, size, pointer, pointer, pointer, size, ctypes.c_int]
         fn.restype = None
+    for fn in (lib.parscale_skinny_group_f32, lib.parscale_skinny_group_bf16_io, lib.parscale_skinny_group_bf16_dot_io):
+        # x, M, K, G, weights[G], biases[G], y, N[G], threads
+        fn.argtypes = [pointer, size, size, size, pointer, pointer, pointer, pointer, ctypes.c_int]
+        fn.restype = None
     lib.parscale_skinny_has_bf16_dot.restype = ctypes.c_int
     lib.parscale_skinny_has_amx.restype = ctypes.c_int
     lib.bf16_dot = bool(lib.parscale_skinny_has_bf16_dot())
@@ -138,6 +142,19 @@ def io_entry(lib: ctypes.CDLL, dtype: torch.dtype):
     if dtype == torch.float32:
         return lib.parscale_skinny_f32
     return lib.parscale_skinny_bf16_dot_io if getattr(lib, "bf16_dot", False) else lib.parscale_skinny_bf16_io
+
+
+MAX_GROUP = 4  # products of one x in one group call (csrc/skinny_linear.cpp, MAX_GROUP)
+
+
+def group_entry(lib: ctypes.CDLL, dtype: torch.dtype):
+    """`io_entry`'s C function for a group of products of the same x (a layer's q, k and v, or
+    its gate and up) in one parallel loop: `fn(x, M, K, G, weights, biases, y, N, threads)` with
+    ctypes arrays of G pointers and sizes, the outputs [M, N[g]] one after another in y, each
+    equal bit for bit to `io_entry`'s for that product alone. `decode_layer` calls it."""
+    if dtype == torch.float32:
+        return lib.parscale_skinny_group_f32
+    return lib.parscale_skinny_group_bf16_dot_io if getattr(lib, "bf16_dot", False) else lib.parscale_skinny_group_bf16_io
 
 
 def takes_weights(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> bool:

@@ -285,13 +285,20 @@ void chunk(int64_t mc, const XT* x, int64_t len, int64_t ld, const WT* w, float*
 
 using parscale::k_step;  // columns of x per pass (common.h)
 
-struct NoFinish {
-  void operator()(int64_t, int64_t) const {}
-};
+constexpr int64_t MAX_GROUP = 4;  // products of one x in one call (`run_group`; the caller keeps to it)
 
-// `finish(n0, n1)` runs once the outputs of weight rows n0..n1 are complete, in the parallel loop.
-template <typename XT, typename WT, typename Finish = NoFinish>
-void run(const XT* x, int64_t M, int64_t K, const WT* w, float* y, int64_t N, int threads, Finish finish = {}) {
+// G products of the same x (a layer's q, k and v, or its gate and up): y_g = x W_g^T for g < G,
+// y_g [M, N[g]] one after another in y. Their blocks of weight rows go through one parallel loop,
+// so one fork and join serve them all. `finish(g, n0, n1)` runs once the outputs of W_g's rows
+// n0..n1 are complete, in the parallel loop. Each output is computed as by a call of its own.
+template <typename XT, typename WT, typename Finish>
+void run_group(const XT* x, int64_t M, int64_t K, int64_t G, const WT* const* w, float* y, const int64_t* N,
+               int threads, Finish finish) {
+  int64_t starts[MAX_GROUP + 1] = {0}, offsets[MAX_GROUP] = {0};
+  for (int64_t g = 0; g < G; ++g) {
+    starts[g + 1] = starts[g] + (N[g] + BLOCK_N - 1) / BLOCK_N;
+    if (g) offsets[g] = offsets[g - 1] + M * N[g - 1];
+  }
   // Blocks of weight rows handed out as the threads ask (`schedule(guided)`): on a shared machine
   // a thread that loses its core does fewer blocks instead of making the others wait at the end
   // of a static split; and the first blocks each thread takes are long runs of consecutive rows,
@@ -299,17 +306,26 @@ void run(const XT* x, int64_t M, int64_t K, const WT* w, float* y, int64_t N, in
   // (Zen 5, 2 threads, best of 7 interleaved rounds) against runs of 4 blocks (`dynamic, 4`):
   // bfloat16 1 row 5.52 against 5.87 ms, 8 rows 8.39 against 8.97; float32 1 row 9.74 against
   // 10.1 (a static split: 5.65 and 8.65 in bfloat16).
-  const int64_t blocks = (N + BLOCK_N - 1) / BLOCK_N;
+  const int64_t blocks = starts[G];
 #pragma omp parallel for schedule(guided) num_threads(threads)
   for (int64_t b = 0; b < blocks; ++b) {
-    int64_t n0 = b * BLOCK_N, n1 = std::min(N, n0 + BLOCK_N);
+    int64_t g = 0;
+    while (b >= starts[g + 1]) ++g;
+    const int64_t n = N[g], n0 = (b - starts[g]) * BLOCK_N, n1 = std::min(n, n0 + BLOCK_N);
+    float* yg = y + offsets[g];
     for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M) {  // later chunks re-read the weight block from cache
       const int64_t mc = std::min<int64_t>(CHUNK_M, M - m0), step = k_step(mc, sizeof(XT), K);
       for (int64_t k0 = 0; k0 < K; k0 += step)
-        chunk<XT, WT>(mc, x + m0 * K + k0, std::min(step, K - k0), K, w + k0, y + m0 * N, N, n0, n1, k0 > 0);
+        chunk<XT, WT>(mc, x + m0 * K + k0, std::min(step, K - k0), K, w[g] + k0, yg + m0 * n, n, n0, n1, k0 > 0);
     }
-    finish(n0, n1);
+    finish(g, n0, n1);
   }
+}
+
+// One product (`run_group` of one).
+template <typename XT, typename WT>
+void run(const XT* x, int64_t M, int64_t K, const WT* w, float* y, int64_t N, int threads) {
+  run_group<XT, WT>(x, M, K, 1, &w, y, &N, threads, [](int64_t, int64_t, int64_t) {});
 }
 
 #ifdef PARSCALE_AMX
@@ -426,6 +442,20 @@ extern "C" void parscale_skinny_f32(const float* x, int64_t M, int64_t K, const 
   add_bias(y, bias, M, N);
 }
 
+// G products of one float32 x (`run_group`): w[g] [N[g], K], bias[g] [N[g]] or null, y_g [M, N[g]]
+// one after another in y. Each y_g equals parscale_skinny_f32's bit for bit.
+extern "C" void parscale_skinny_group_f32(const float* x, int64_t M, int64_t K, int64_t G, const float* const* w,
+                                          const float* const* bias, float* y, const int64_t* N, int threads) {
+  int64_t offsets[MAX_GROUP] = {0};
+  for (int64_t g = 1; g < G; ++g) offsets[g] = offsets[g - 1] + M * N[g - 1];
+  run_group<float, float>(x, M, K, G, w, y, N, threads, [=, &offsets](int64_t g, int64_t n0, int64_t n1) {
+    if (!bias[g]) return;
+    float* yg = y + offsets[g];
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) yg[m * N[g] + n] += bias[g][n];
+  });
+}
+
 extern "C" void parscale_skinny_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, const uint16_t* bias,
                                      float* y, int64_t N, int threads) {
   parscale::Buffer<float> x32(M * K);
@@ -438,15 +468,48 @@ extern "C" void parscale_skinny_bf16(const float* x, int64_t M, int64_t K, const
 // two torch calls around the kernel (a few microseconds each, twice per Linear, 7 Linears per
 // layer and decode step). The result is the float32 path's, rounded once as torch rounds it,
 // block by block in the parallel loop (a rounding pass after it, on one thread, made 8 rows slower).
+extern "C" void parscale_skinny_group_bf16_io(const uint16_t* x, int64_t M, int64_t K, int64_t G,
+                                              const uint16_t* const* w, const uint16_t* const* bias, uint16_t* y,
+                                              const int64_t* N, int threads);
+
 extern "C" void parscale_skinny_bf16_io(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
                                         const uint16_t* bias, uint16_t* y, int64_t N, int threads) {
-  parscale::Buffer<float> x32(M * K), y32(M * N);
-  stage_x(x, M, K, x32.data());
-  float* out = y32.data();
-  run<float, uint16_t>(x32.data(), M, K, w, out, N, threads, [=](int64_t n0, int64_t n1) {
+  parscale_skinny_group_bf16_io(x, M, K, 1, &w, &bias, y, &N, threads);
+}
+
+// The rounding of each finished block of a group's float32 outputs (out) into bfloat16 y, the
+// bias added in float32 first, as torch adds and rounds.
+struct RoundInto {
+  const float* out;
+  uint16_t* y;
+  const uint16_t* const* bias;
+  const int64_t* N;
+  int64_t M, offsets[MAX_GROUP];
+  void operator()(int64_t g, int64_t n0, int64_t n1) const {
+    const int64_t n = N[g];
+    const uint16_t* b = bias[g];
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = n0; n < n1; ++n) store(y + m * N + n, out[m * N + n] + (bias ? to_float(bias[n]) : 0.0f));
-  });
+      for (int64_t j = n0; j < n1; ++j)
+        store(y + offsets[g] + m * n + j, out[offsets[g] + m * n + j] + (b ? to_float(b[j]) : 0.0f));
+  }
+};
+
+RoundInto round_into(const float* out, uint16_t* y, const uint16_t* const* bias, const int64_t* N, int64_t M,
+                     int64_t G) {
+  RoundInto r{out, y, bias, N, M, {0}};
+  for (int64_t g = 1; g < G; ++g) r.offsets[g] = r.offsets[g - 1] + M * N[g - 1];
+  return r;
+}
+
+// G products of one bfloat16 x on the widening path, as parscale_skinny_bf16_io each.
+extern "C" void parscale_skinny_group_bf16_io(const uint16_t* x, int64_t M, int64_t K, int64_t G,
+                                              const uint16_t* const* w, const uint16_t* const* bias, uint16_t* y,
+                                              const int64_t* N, int threads) {
+  int64_t total = 0;
+  for (int64_t g = 0; g < G; ++g) total += N[g];
+  parscale::Buffer<float> x32(M * K), y32(M * total);
+  stage_x(x, M, K, x32.data());
+  run_group<float, uint16_t>(x32.data(), M, K, G, w, y32.data(), N, threads, round_into(y32.data(), y, bias, N, M, G));
 }
 
 extern "C" int parscale_skinny_has_avx2() {
@@ -469,22 +532,26 @@ extern "C" void parscale_skinny_bf16_dot(const uint16_t* x, int64_t M, int64_t K
 #endif
 }
 
-// As parscale_skinny_bf16_dot with y rounded to bfloat16 here, block by block in the parallel
-// loop (as parscale_skinny_bf16_io does): the float32 output and torch's rounding call after it
-// cost 2-3 us per product, about a hundred times per decode step. Bit for bit the float32
-// entry's result (bias added in float32) rounded as torch rounds it.
+// G products of one bfloat16 x by vdpbf16ps, y_g rounded to bfloat16 here, block by block in the
+// parallel loop (as parscale_skinny_bf16_io does): the float32 output and torch's rounding call
+// after it cost 2-3 us per product, about a hundred times per decode step. Each y_g is the
+// float32 entry's result (bias added in float32) rounded as torch rounds it, bit for bit.
+extern "C" void parscale_skinny_group_bf16_dot_io(const uint16_t* x, int64_t M, int64_t K, int64_t G,
+                                                  const uint16_t* const* w, const uint16_t* const* bias, uint16_t* y,
+                                                  const int64_t* N, int threads) {
+#ifdef PARSCALE_BF16DOT
+  int64_t total = 0;
+  for (int64_t g = 0; g < G; ++g) total += N[g];
+  parscale::Buffer<float> y32(M * total);
+  run_group<uint16_t, uint16_t>(x, M, K, G, w, y32.data(), N, threads, round_into(y32.data(), y, bias, N, M, G));
+#else
+  (void)x, (void)M, (void)K, (void)G, (void)w, (void)bias, (void)y, (void)N, (void)threads;
+#endif
+}
+
 extern "C" void parscale_skinny_bf16_dot_io(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
                                             const uint16_t* bias, uint16_t* y, int64_t N, int threads) {
-#ifdef PARSCALE_BF16DOT
-  parscale::Buffer<float> y32(M * N);
-  float* out = y32.data();
-  run<uint16_t, uint16_t>(x, M, K, w, out, N, threads, [=](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = n0; n < n1; ++n) store(y + m * N + n, out[m * N + n] + (bias ? to_float(bias[n]) : 0.0f));
-  });
-#else
-  (void)x, (void)M, (void)K, (void)w, (void)bias, (void)y, (void)N, (void)threads;
-#endif
+  parscale_skinny_group_bf16_dot_io(x, M, K, 1, &w, &bias, y, &N, threads);
 }
 
 // As parscale_skinny_bf16_dot, on the AMX tiles; needs 1 <= M <= 16, K % 32 == 0, N % 16 == 0
