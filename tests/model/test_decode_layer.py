@@ -191,11 +191,13 @@ def test_steps_past_the_cache_room_and_a_cache_of_its_own_take_update(tiny_facto
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_other_families_and_int8_equal_the_layers_own_forward(tiny_factory, count_calls, family):
     _libraries_or_fail(int8=True)
+    grouped = count_calls(decode_layer, "_grouped")
     for int8 in (None, 16, 8):  # 8: int8 activations (their own kernel on VNNI)
         model = _model(tiny_factory, 2, torch.bfloat16, family, int8=int8)
         ids, mask = _padded_batch(3)
+        grouped[0] = 0
         fast, own, taken = _with_and_without_the_step(model, ids, mask, 5, count_calls(decode_layer, "_step"))
-        assert taken == 2 * 4, (family, int8)
+        assert taken == 2 * 4 and grouped[0] == 2 * taken, (family, int8)  # q/k/v and gate/up as groups
         assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits)), (family, int8)
 
 

@@ -125,6 +125,36 @@ def test_int8_activations_give_the_same_bits_on_every_integer_path_and_row_count
             assert torch.equal(alone, first), (lib.isa, rows, k)
 
 
+@pytest.mark.parametrize("bits", [16, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 6, 11])
+def test_a_group_of_int8_products_equals_each_product_alone_bit_for_bit(lib, bits, dtype, rows):
+    """`quantize.group_entry`: q, k and v (or gate and up) of one x in one call, x rounded once and
+    one parallel loop, each output [rows, N] one after another, bit for bit the single entry's;
+    sizes that leave partial blocks, one product without a bias, a row with a NaN (the float32
+    path for the whole call) at 6 rows."""
+    import ctypes
+
+    gen = torch.Generator().manual_seed(rows + bits)
+    k, sizes = 83, (37, 19, 70)
+    x = torch.randn(rows, 1, k, generator=gen).to(dtype)
+    if rows == 6:
+        x[3, 0, 5] = float("nan")
+    quantized = [quantize.quantize_weight(torch.randn(n, k, generator=gen)) for n in sizes]
+    biases = [torch.randn(n, generator=gen) for n in sizes[:2]] + [None]
+    alone = [quantize.int8_linear(x, q, s, b, lib, bits) for (q, s), b in zip(quantized, biases)]
+    out = torch.empty(rows * sum(sizes), dtype=dtype)
+
+    def pointers(tensors):
+        return (ctypes.c_void_p * 3)(*(t.data_ptr() if t is not None else None for t in tensors))
+
+    quantize.group_entry(lib, dtype)(x.data_ptr(), rows, k, 3, pointers([q for q, _ in quantized]),
+                                     pointers([s for _, s in quantized]), pointers(biases), out.data_ptr(),
+                                     (ctypes.c_int64 * 3)(*sizes), 2, bits)
+    for got, want in zip(out.split([rows * n for n in sizes]), alone):
+        torch.testing.assert_close(got.view(rows, 1, -1), want, rtol=0, atol=0, equal_nan=True)  # bit for bit
+
+
 def test_every_integer_path_gives_the_same_bits():
     """The AVX2 path (vpmaddwd, 16 columns a step) and the AVX-512 paths (vpdpwssd or vpmaddwd,
     32 columns, masked tails) round x alike and sum exactly: their outputs must be equal bit for

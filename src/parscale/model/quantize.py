@@ -58,6 +58,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for fn in (lib.parscale_int8_f32, lib.parscale_int8_bf16):
         fn.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, ctypes.c_int, ctypes.c_int]
         fn.restype = None
+    for fn in (lib.parscale_int8_group_f32, lib.parscale_int8_group_bf16):
+        # x, M, K, G, weights[G], scales[G], biases[G], y, N[G], threads, bits
+        fn.argtypes = [pointer, size, size, size, pointer, pointer, pointer, pointer, pointer, ctypes.c_int, ctypes.c_int]
+        fn.restype = None
     lib.parscale_int8_isa.restype = ctypes.c_int
     lib.isa = {5: "avx512-vnni", 4: "avx512-int16", 3: "avx2-int16", 0: "generic"}[lib.parscale_int8_isa()]
     lib.integer = lib.isa != "generic"  # x rounded to int16 per row, exact integer sums (csrc/int8_linear.cpp)
@@ -88,6 +92,14 @@ def io_entry(lib: ctypes.CDLL, dtype: torch.dtype):
     """The C function for x and y of `dtype` (float32 or bfloat16; int8 weights, float32 scales
     and bias). `decode_layer` calls it directly too."""
     return lib.parscale_int8_bf16 if dtype == torch.bfloat16 else lib.parscale_int8_f32
+
+
+def group_entry(lib: ctypes.CDLL, dtype: torch.dtype):
+    """The C function for a group of int8 products of the same x in one call (x rounded once, one
+    parallel loop; each output bit for bit its product alone): `fn(x, M, K, G, weights, scales,
+    biases, y, N, threads, bits)` with ctypes arrays of G pointers (float32 scales and biases)
+    and sizes, the outputs [M, N[g]] one after another in y. `decode_layer` calls it."""
+    return lib.parscale_int8_group_bf16 if dtype == torch.bfloat16 else lib.parscale_int8_group_f32
 
 
 # ---------------------------------------------------------------- quantization

@@ -440,32 +440,44 @@ void quantize_rows_float(const float* x, int64_t M, int64_t K, float* xq, float*
   }
 }
 
-// y = x Q^T * s (+ b) into float32 y, and also rounded into bfloat16 y16 when it is not null
-// (rounded block by block in the parallel loop, while the block's outputs are in cache). `bits`
-// 16: x rounded to int16 per row where the integer path runs; 8: to int8 per row on every path.
-void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, const float* bias,
-                  float* y, uint16_t* y16, int64_t N, int threads, int bits) {
-  // Blocks of weight rows handed out as the threads ask (`over_blocks`).
-  const int64_t blocks = (N + BLOCK_N - 1) / BLOCK_N;
-  auto finish = [&](int64_t m, int64_t n0, int64_t n1, float row_scale) {  // scales and bias, in cache
-    for (int64_t n = n0; n < n1; ++n) {
-      const float v = y[m * N + n] * (row_scale * scale[n]) + (bias ? bias[n] : 0.0f);
-      y[m * N + n] = v;
-      if (y16) parscale::store(y16 + m * N + n, v);
+constexpr int64_t MAX_GROUP = 4;  // products of one x in one call (the caller keeps to it)
+
+// G products of the same x (a layer's q, k and v, or its gate and up): y_g = x Q_g^T * s_g (+ b_g)
+// into float32 y, y_g [M, N[g]] one after another, and also rounded into bfloat16 y16 (the same
+// offsets) when it is not null (block by block in the parallel loop, while the block's outputs
+// are in cache). x is rounded once for all of them, and their blocks of weight rows go through
+// one parallel loop; each y_g is what a call of its own gives, bit for bit. `bits` 16: x rounded
+// to int16 per row where the integer path runs; 8: to int8 per row on every path.
+void int8_product(const float* x, int64_t M, int64_t K, int64_t G, const int8_t* const* w, const float* const* scale,
+                  const float* const* bias, float* y, uint16_t* y16, const int64_t* N, int threads, int bits) {
+  int64_t starts[MAX_GROUP + 1] = {0}, offsets[MAX_GROUP] = {0};
+  for (int64_t g = 0; g < G; ++g) {
+    starts[g + 1] = starts[g] + (N[g] + BLOCK_N - 1) / BLOCK_N;
+    if (g) offsets[g] = offsets[g - 1] + M * N[g - 1];
+  }
+  auto finish = [&](int64_t g, int64_t m, int64_t n0, int64_t n1, float row_scale) {  // scales and bias, in cache
+    const int64_t n = N[g];
+    float* yg = y + offsets[g];
+    for (int64_t j = n0; j < n1; ++j) {
+      const float v = yg[m * n + j] * (row_scale * scale[g][j]) + (bias[g] ? bias[g][j] : 0.0f);
+      yg[m * n + j] = v;
+      if (y16) parscale::store(y16 + offsets[g] + m * n + j, v);
     }
   };
   std::vector<float> xs(static_cast<size_t>(M), 1.0f);
-  // The parallel loop over blocks of weight rows: `rows(n0, n1)` puts the unscaled sums of
-  // outputs n0 .. n1 of every row of x into y, then the scales and bias go on while in cache.
-  // Guided, as in skinny_linear.cpp (which says why): on the 113 int8 matrices of the decode
-  // benchmark's model (Zen 5, 2 threads, best of 7) 1 row 3.78 against 4.22 ms, 8 rows 6.78
-  // against 7.45, than with runs of 4 blocks.
+  // The parallel loop over the blocks of weight rows of all G: `rows(g, n0, n1)` puts the
+  // unscaled sums of outputs n0 .. n1 of product g for every row of x into y, then the scales
+  // and bias go on while in cache. Guided, as in skinny_linear.cpp (which says why): on the 113
+  // int8 matrices of the decode benchmark's model (Zen 5, 2 threads, best of 7) 1 row 3.78
+  // against 4.22 ms, 8 rows 6.78 against 7.45, than with runs of 4 blocks.
   auto over_blocks = [&](auto rows) {
 #pragma omp parallel for schedule(guided) num_threads(threads)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t n0 = b * BLOCK_N, n1 = std::min(N, n0 + BLOCK_N);
-      rows(n0, n1);
-      for (int64_t m = 0; m < M; ++m) finish(m, n0, n1, xs[m]);
+    for (int64_t b = 0; b < starts[G]; ++b) {
+      int64_t g = 0;
+      while (b >= starts[g + 1]) ++g;
+      const int64_t n0 = (b - starts[g]) * BLOCK_N, n1 = std::min(N[g], n0 + BLOCK_N);
+      rows(g, n0, n1);
+      for (int64_t m = 0; m < M; ++m) finish(g, m, n0, n1, xs[m]);
     }
   };
 #ifdef PARSCALE_INT16
@@ -475,11 +487,11 @@ void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const f
     if (bits == 8) {
       parscale::Buffer<uint8_t> xu(M * K);
       for (int64_t i = 0; i < M * K; ++i) xu.data()[i] = static_cast<uint8_t>(xq.data()[i] + 128);
-      over_blocks([&](int64_t n0, int64_t n1) { run_u8(xu.data(), M, K, w, y, N, n0, n1); });
+      over_blocks([&](int64_t g, int64_t n0, int64_t n1) { run_u8(xu.data(), M, K, w[g], y + offsets[g], N[g], n0, n1); });
       return;
     }
 #endif
-    over_blocks([&](int64_t n0, int64_t n1) { run_i16(xq.data(), M, K, w, y, N, n0, n1); });
+    over_blocks([&](int64_t g, int64_t n0, int64_t n1) { run_i16(xq.data(), M, K, w[g], y + offsets[g], N[g], n0, n1); });
     return;
   }
   xs.assign(static_cast<size_t>(M), 1.0f);  // a NaN or an infinity: x as it is (it propagates)
@@ -489,9 +501,9 @@ void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const f
     quantize_rows_float(x, M, K, x8.data(), xs.data());
     x = x8.data();
   }
-  over_blocks([&](int64_t n0, int64_t n1) {
+  over_blocks([&](int64_t g, int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M)
-      chunk(std::min<int64_t>(CHUNK_M, M - m0), x + m0 * K, K, w, y + m0 * N, N, n0, n1);
+      chunk(std::min<int64_t>(CHUNK_M, M - m0), x + m0 * K, K, w[g], y + offsets[g] + m0 * N[g], N[g], n0, n1);
   });
 }
 
@@ -502,16 +514,33 @@ void int8_product(const float* x, int64_t M, int64_t K, const int8_t* w, const f
 // the activations' rounding (`int8_product`).
 extern "C" void parscale_int8_f32(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
                                   const float* bias, float* y, int64_t N, int threads, int bits) {
-  int8_product(x, M, K, w, scale, bias, y, nullptr, N, threads, bits);
+  int8_product(x, M, K, 1, &w, &scale, &bias, y, nullptr, &N, threads, bits);
+}
+
+// G products of one float32 x (`int8_product`): w, scale and bias as above, one pointer each per
+// product, y_g [M, N[g]] one after another in y; each as parscale_int8_f32 gives it.
+extern "C" void parscale_int8_group_f32(const float* x, int64_t M, int64_t K, int64_t G, const int8_t* const* w,
+                                        const float* const* scale, const float* const* bias, float* y,
+                                        const int64_t* N, int threads, int bits) {
+  int8_product(x, M, K, G, w, scale, bias, y, nullptr, N, threads, bits);
 }
 
 // bfloat16 x and y (bias and scales float32): widened and rounded here rather than by two torch
-// calls around the kernel, as in skinny_linear.cpp's parscale_skinny_bf16_io.
+// calls around the kernel, as in skinny_linear.cpp's parscale_skinny_bf16_io. The group as
+// parscale_int8_group_f32.
+extern "C" void parscale_int8_group_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t G, const int8_t* const* w,
+                                         const float* const* scale, const float* const* bias, uint16_t* y,
+                                         const int64_t* N, int threads, int bits) {
+  int64_t total = 0;
+  for (int64_t g = 0; g < G; ++g) total += N[g];
+  parscale::Buffer<float> x32(M * K), y32(M * total);
+  for (int64_t i = 0; i < M * K; ++i) x32.data()[i] = parscale::to_float(x[i]);
+  int8_product(x32.data(), M, K, G, w, scale, bias, y32.data(), y, N, threads, bits);
+}
+
 extern "C" void parscale_int8_bf16(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
                                    const float* bias, uint16_t* y, int64_t N, int threads, int bits) {
-  parscale::Buffer<float> x32(M * K), y32(M * N);
-  for (int64_t i = 0; i < M * K; ++i) x32.data()[i] = parscale::to_float(x[i]);
-  int8_product(x32.data(), M, K, w, scale, bias, y32.data(), y, N, threads, bits);
+  parscale_int8_group_bf16(x, M, K, 1, &w, &scale, &bias, y, &N, threads, bits);
 }
 
 // 5: AVX-512 VNNI integer products, 4: AVX-512 integer products without VNNI, 3: AVX2 integer
