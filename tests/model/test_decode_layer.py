@@ -300,6 +300,33 @@ def test_a_model_with_the_step_pickles_copies_and_switches_back(tiny_factory):
         decode_layer.__getattr__("nothing_here")
 
 
+@pytest.mark.parametrize("n_streams, batch", [(4, 3), (2, 2)])
+def test_float_products_the_amx_tiles_would_take_go_through_skinny_linear(tiny_factory, monkeypatch, n_streams, batch):
+    """Where the AMX tiles take a bfloat16 product (`kernels._use_amx`: from AMX_MIN_ROWS rows on a
+    CPU with them; stood in for here, the tiles' result by F.linear), the step hands that product
+    to `kernels.skinny_linear` and runs q/k/v and gate/up one by one; below those rows, the groups."""
+    import torch.nn.functional as F
+
+    _libraries_or_fail()
+    lib = decode_layer._libraries(False)[0]
+    monkeypatch.setattr(lib, "amx", True, raising=False)
+    monkeypatch.setattr(kernels, "_use_amx", lambda lib, rows, k, n: rows >= kernels.AMX_MIN_ROWS)
+    tiles = []
+    monkeypatch.setattr(kernels, "skinny_linear", lambda x, w, b, lib: tiles.append(x.shape[0]) or F.linear(x, w, b))
+    grouped = []
+    real = decode_layer._grouped
+    monkeypatch.setattr(decode_layer, "_grouped", lambda group, *a: grouped.append(1) or real(group, *a))
+    model = _model(tiny_factory, n_streams, torch.bfloat16)
+    ids, mask = _padded_batch(batch)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    rows = n_streams * batch
+    if rows >= kernels.AMX_MIN_ROWS:  # two layers, two decode steps, seven products each
+        assert not grouped and tiles.count(rows) == 2 * 2 * 7
+    else:
+        assert len(grouped) == 2 * 2 * 2 and rows not in tiles
+
+
 def test_rows_beyond_the_few_row_kernels_take_the_layers_forward(tiny_factory, count_calls):
     _libraries_or_fail()
     steps = count_calls(decode_layer, "_step")

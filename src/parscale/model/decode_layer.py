@@ -19,8 +19,8 @@ the gate/up products, SiLU times up, the down product, the residual add; the pro
 functions are called directly (`_product`), q/k/v and gate/up each as one group in one parallel
 loop where they are all float or all int8 products (`_grouped`: one fork and join, x rounded
 once for int8, and the small k and v projections no longer end a loop of their own; 2.7-2.8% of
-a bfloat16 step at P = 1 and 8, 1.5-2.2% of an int8 one). On a CPU with AMX tiles, 9 or more
-rows take the products one by one (the tiles' entry takes one product). The arithmetic is the stock layer's, op for op,
+a bfloat16 step at P = 1 and 8, 1.5-2.2% of an int8 one). Float products that the AMX tiles
+take (9 or more bfloat16 rows on a CPU with them) go one by one (the tiles' entry takes one). The arithmetic is the stock layer's, op for op,
 through the same kernels the modules would call; only the Python between them is gone.
 
 The checks that decide whether a layer may take the step read about a hundred module
@@ -65,6 +65,7 @@ _FAST = "FastLayer_"  # the fast layer classes' qualified names (see norms.encod
 _PREFIX_KINDS = ("parscale_sdpa", "parscale_fa2")
 _PLAIN_KIND = "parscale_plain_sdpa"
 _CACHE_LAYERS = (DynamicLayer, GrowingLayer)  # contiguous keys and values of one layout
+_CACHE_UPDATE = Cache.update  # the stock `update`: a cache class with its own keeps it (`decode_step`)
 
 
 def _code(function):
@@ -196,14 +197,14 @@ def _product(args: tuple, x: torch.Tensor, libs, threads: int) -> torch.Tensor:
     entry, weight, scale, bias, bits = args
     rows = x.shape[0]
     n_out, k = weight.shape
+    if scale is None and x.dtype == torch.bfloat16 and kernels._use_amx(libs[0], rows, k, n_out):
+        return kernels.skinny_linear(x, weight, bias, libs[0])  # its AMX tiles
     out = torch.empty((rows, 1, n_out), dtype=x.dtype)
     if scale is not None:  # int8: float32 scales and bias (a bfloat16 bias is widened, as int8_linear does)
         bias = bias if bias is None or bias.dtype == torch.float32 else bias.float()
         entry(x.data_ptr(), rows, k, weight.data_ptr(), scale.data_ptr(), bias.data_ptr() if bias is not None else None,
               out.data_ptr(), n_out, threads, bits)
         return out
-    if rows >= kernels.AMX_MIN_ROWS:
-        return kernels.skinny_linear(x, weight, bias, libs[0])
     entry(x.data_ptr(), rows, k, weight.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
           n_out, threads)
     return out
@@ -243,6 +244,13 @@ class _Group(NamedTuple):
     bits: int | None  # int8: the activations' bits
 
 
+def _one_call(group: _Group | None, rows: int, dtype: torch.dtype, lib: ctypes.CDLL) -> _Group | None:
+    """The group, unless the AMX tiles would take one of its float products (`_product`); then None."""
+    if group is None or group.scales is not None or dtype != torch.bfloat16:
+        return group
+    return None if any(kernels._use_amx(lib, rows, group.k, n) for n in group.splits) else group
+
+
 def _pointers(tensors) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() if t is not None else None for t in tensors))
 
@@ -251,7 +259,7 @@ def _group(products: tuple, libs: tuple, dtype: torch.dtype) -> _Group | None:
     """The group of `products` (`_product_args` with their entries) where all are the float
     kernel's, or all int8 with the same activations' bits, with one input size; else None."""
     kinds = {(args[2] is None, args[4]) for args in products}
-    if len(kinds) != 1 or len({args[1].shape[1] for args in products}) != 1:
+    if len(kinds) != 1 or len({args[1].shape[1] for args in products}) != 1 or len(products) > kernels.MAX_GROUP:
         return None
     weights, biases = [args[1] for args in products], [args[3] for args in products]
     sizes = tuple(w.shape[0] for w in weights)
@@ -390,8 +398,6 @@ def decode_step(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> 
     return _step(layout, hidden_states, kwargs.get("attention_mask"), cos, sin, cache, append)
 
 
-_CACHE_UPDATE = Cache.update
-
 
 def _step(layout: _Layout, hidden_states, mask, cos, sin, cache, append: bool) -> torch.Tensor:
     """The stock layer's arithmetic in its order (see the module docstring); the checks are done."""
@@ -400,9 +406,9 @@ def _step(layout: _Layout, hidden_states, mask, cos, sin, cache, append: bool) -
     threads = torch.get_num_threads()
     hidden_states = hidden_states if hidden_states.is_contiguous() else hidden_states.contiguous()
     x = norms.rms_norm(hidden_states, *layout.norms[0], libs[2])
-    # the AMX tiles (from AMX_MIN_ROWS rows, where the CPU has them) take the products one by one
-    grouped = rows < kernels.AMX_MIN_ROWS or not getattr(libs[0], "amx", False)
-    qkv, gate_up = layout.groups if grouped else (None, None)
+    qkv, gate_up = layout.groups
+    if rows >= kernels.AMX_MIN_ROWS and getattr(libs[0], "amx", False):  # the tiles may take float products
+        qkv, gate_up = (_one_call(group, rows, hidden_states.dtype, libs[0]) for group in layout.groups)
     if qkv is not None:
         query, key, value = _grouped(qkv, x, libs, threads)
     else:

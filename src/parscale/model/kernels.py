@@ -144,7 +144,7 @@ def io_entry(lib: ctypes.CDLL, dtype: torch.dtype):
     return lib.parscale_skinny_bf16_dot_io if getattr(lib, "bf16_dot", False) else lib.parscale_skinny_bf16_io
 
 
-MAX_GROUP = 4  # products of one x in one group call (csrc/skinny_linear.cpp, MAX_GROUP)
+MAX_GROUP = 4  # products of one x in one group call, float or int8 (csrc/common.h, MAX_GROUP)
 
 
 def group_entry(lib: ctypes.CDLL, dtype: torch.dtype):

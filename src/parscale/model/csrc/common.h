@@ -66,6 +66,29 @@ class Buffer {
   T* data_;
 };
 
+// The products of one group call (`run_group` in skinny_linear.cpp, `int8_product` in
+// int8_linear.cpp): G of them of the same x, output g [M, N[g]] at `offset[g]` in y, one after
+// another, and their blocks of `block` weight rows numbered one after another from `start[g]`,
+// so that one parallel loop runs over the blocks of all of them.
+constexpr int64_t MAX_GROUP = 4;  // products per call at most (kernels.MAX_GROUP; the caller keeps to it)
+struct Group {
+  int64_t G, start[MAX_GROUP + 1] = {0}, offset[MAX_GROUP] = {0};
+  const int64_t* N;
+  Group(int64_t M, int64_t G_, const int64_t* N_, int64_t block) : G(G_), N(N_) {
+    for (int64_t g = 0; g < G; ++g) {
+      start[g + 1] = start[g] + (N[g] + block - 1) / block;
+      if (g) offset[g] = offset[g - 1] + M * N[g - 1];
+    }
+  }
+  int64_t blocks() const { return start[G]; }
+  int64_t values(int64_t M) const { return offset[G - 1] + M * N[G - 1]; }  // y's size
+  int64_t product(int64_t b) const {  // which product block b belongs to
+    int64_t g = 0;
+    while (b >= start[g + 1]) ++g;
+    return g;
+  }
+};
+
 // Columns of x per pass: the rows of a chunk are re-read once per weight row, so x must stay in
 // L1. With 8 float32 rows of K = 2816 (a down projection) x is 90 KB, and every weight row then
 // streamed it from L2: the step became core-bound on those loads. Passes over blocks of at most

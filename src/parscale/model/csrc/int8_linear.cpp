@@ -440,8 +440,6 @@ void quantize_rows_float(const float* x, int64_t M, int64_t K, float* xq, float*
   }
 }
 
-constexpr int64_t MAX_GROUP = 4;  // products of one x in one call (the caller keeps to it)
-
 // G products of the same x (a layer's q, k and v, or its gate and up): y_g = x Q_g^T * s_g (+ b_g)
 // into float32 y, y_g [M, N[g]] one after another, and also rounded into bfloat16 y16 (the same
 // offsets) when it is not null (block by block in the parallel loop, while the block's outputs
@@ -450,11 +448,8 @@ constexpr int64_t MAX_GROUP = 4;  // products of one x in one call (the caller k
 // to int16 per row where the integer path runs; 8: to int8 per row on every path.
 void int8_product(const float* x, int64_t M, int64_t K, int64_t G, const int8_t* const* w, const float* const* scale,
                   const float* const* bias, float* y, uint16_t* y16, const int64_t* N, int threads, int bits) {
-  int64_t starts[MAX_GROUP + 1] = {0}, offsets[MAX_GROUP] = {0};
-  for (int64_t g = 0; g < G; ++g) {
-    starts[g + 1] = starts[g] + (N[g] + BLOCK_N - 1) / BLOCK_N;
-    if (g) offsets[g] = offsets[g - 1] + M * N[g - 1];
-  }
+  const parscale::Group group(M, G, N, BLOCK_N);
+  const int64_t* offsets = group.offset;
   auto finish = [&](int64_t g, int64_t m, int64_t n0, int64_t n1, float row_scale) {  // scales and bias, in cache
     const int64_t n = N[g];
     float* yg = y + offsets[g];
@@ -470,12 +465,12 @@ void int8_product(const float* x, int64_t M, int64_t K, int64_t G, const int8_t*
   // and bias go on while in cache. Guided, as in skinny_linear.cpp (which says why): on the 113
   // int8 matrices of the decode benchmark's model (Zen 5, 2 threads, best of 7) 1 row 3.78
   // against 4.22 ms, 8 rows 6.78 against 7.45, than with runs of 4 blocks.
+  const int64_t blocks = group.blocks();
   auto over_blocks = [&](auto rows) {
 #pragma omp parallel for schedule(guided) num_threads(threads)
-    for (int64_t b = 0; b < starts[G]; ++b) {
-      int64_t g = 0;
-      while (b >= starts[g + 1]) ++g;
-      const int64_t n0 = (b - starts[g]) * BLOCK_N, n1 = std::min(N[g], n0 + BLOCK_N);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t g = group.product(b);
+      const int64_t n0 = (b - group.start[g]) * BLOCK_N, n1 = std::min(N[g], n0 + BLOCK_N);
       rows(g, n0, n1);
       for (int64_t m = 0; m < M; ++m) finish(g, m, n0, n1, xs[m]);
     }
@@ -531,9 +526,7 @@ extern "C" void parscale_int8_group_f32(const float* x, int64_t M, int64_t K, in
 extern "C" void parscale_int8_group_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t G, const int8_t* const* w,
                                          const float* const* scale, const float* const* bias, uint16_t* y,
                                          const int64_t* N, int threads, int bits) {
-  int64_t total = 0;
-  for (int64_t g = 0; g < G; ++g) total += N[g];
-  parscale::Buffer<float> x32(M * K), y32(M * total);
+  parscale::Buffer<float> x32(M * K), y32(parscale::Group(M, G, N, BLOCK_N).values(M));
   for (int64_t i = 0; i < M * K; ++i) x32.data()[i] = parscale::to_float(x[i]);
   int8_product(x32.data(), M, K, G, w, scale, bias, y32.data(), y, N, threads, bits);
 }

@@ -285,20 +285,15 @@ void chunk(int64_t mc, const XT* x, int64_t len, int64_t ld, const WT* w, float*
 
 using parscale::k_step;  // columns of x per pass (common.h)
 
-constexpr int64_t MAX_GROUP = 4;  // products of one x in one call (`run_group`; the caller keeps to it)
+using parscale::Group;
 
-// G products of the same x (a layer's q, k and v, or its gate and up): y_g = x W_g^T for g < G,
-// y_g [M, N[g]] one after another in y. Their blocks of weight rows go through one parallel loop,
-// so one fork and join serve them all. `finish(g, n0, n1)` runs once the outputs of W_g's rows
-// n0..n1 are complete, in the parallel loop. Each output is computed as by a call of its own.
+// The group's products of the same x (a layer's q, k and v, or its gate and up): y_g = x W_g^T,
+// y_g at group.offset[g] in y. Their blocks of weight rows go through one parallel loop, so one
+// fork and join serve them all. `finish(g, n0, n1)` runs once the outputs of W_g's rows n0..n1
+// are complete, in the parallel loop. Each output is computed as by a call of its own.
 template <typename XT, typename WT, typename Finish>
-void run_group(const XT* x, int64_t M, int64_t K, int64_t G, const WT* const* w, float* y, const int64_t* N,
-               int threads, Finish finish) {
-  int64_t starts[MAX_GROUP + 1] = {0}, offsets[MAX_GROUP] = {0};
-  for (int64_t g = 0; g < G; ++g) {
-    starts[g + 1] = starts[g] + (N[g] + BLOCK_N - 1) / BLOCK_N;
-    if (g) offsets[g] = offsets[g - 1] + M * N[g - 1];
-  }
+void run_group(const XT* x, int64_t M, int64_t K, const Group& group, const WT* const* w, float* y, int threads,
+               Finish finish) {
   // Blocks of weight rows handed out as the threads ask (`schedule(guided)`): on a shared machine
   // a thread that loses its core does fewer blocks instead of making the others wait at the end
   // of a static split; and the first blocks each thread takes are long runs of consecutive rows,
@@ -306,13 +301,12 @@ void run_group(const XT* x, int64_t M, int64_t K, int64_t G, const WT* const* w,
   // (Zen 5, 2 threads, best of 7 interleaved rounds) against runs of 4 blocks (`dynamic, 4`):
   // bfloat16 1 row 5.52 against 5.87 ms, 8 rows 8.39 against 8.97; float32 1 row 9.74 against
   // 10.1 (a static split: 5.65 and 8.65 in bfloat16).
-  const int64_t blocks = starts[G];
+  const int64_t blocks = group.blocks();
 #pragma omp parallel for schedule(guided) num_threads(threads)
   for (int64_t b = 0; b < blocks; ++b) {
-    int64_t g = 0;
-    while (b >= starts[g + 1]) ++g;
-    const int64_t n = N[g], n0 = (b - starts[g]) * BLOCK_N, n1 = std::min(n, n0 + BLOCK_N);
-    float* yg = y + offsets[g];
+    const int64_t g = group.product(b), n = group.N[g];
+    const int64_t n0 = (b - group.start[g]) * BLOCK_N, n1 = std::min(n, n0 + BLOCK_N);
+    float* yg = y + group.offset[g];
     for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M) {  // later chunks re-read the weight block from cache
       const int64_t mc = std::min<int64_t>(CHUNK_M, M - m0), step = k_step(mc, sizeof(XT), K);
       for (int64_t k0 = 0; k0 < K; k0 += step)
@@ -325,7 +319,7 @@ void run_group(const XT* x, int64_t M, int64_t K, int64_t G, const WT* const* w,
 // One product (`run_group` of one).
 template <typename XT, typename WT>
 void run(const XT* x, int64_t M, int64_t K, const WT* w, float* y, int64_t N, int threads) {
-  run_group<XT, WT>(x, M, K, 1, &w, y, &N, threads, [](int64_t, int64_t, int64_t) {});
+  run_group<XT, WT>(x, M, K, Group(M, 1, &N, BLOCK_N), &w, y, threads, [](int64_t, int64_t, int64_t) {});
 }
 
 #ifdef PARSCALE_AMX
@@ -446,11 +440,10 @@ extern "C" void parscale_skinny_f32(const float* x, int64_t M, int64_t K, const 
 // one after another in y. Each y_g equals parscale_skinny_f32's bit for bit.
 extern "C" void parscale_skinny_group_f32(const float* x, int64_t M, int64_t K, int64_t G, const float* const* w,
                                           const float* const* bias, float* y, const int64_t* N, int threads) {
-  int64_t offsets[MAX_GROUP] = {0};
-  for (int64_t g = 1; g < G; ++g) offsets[g] = offsets[g - 1] + M * N[g - 1];
-  run_group<float, float>(x, M, K, G, w, y, N, threads, [=, &offsets](int64_t g, int64_t n0, int64_t n1) {
+  const Group group(M, G, N, BLOCK_N);
+  run_group<float, float>(x, M, K, group, w, y, threads, [=, &group](int64_t g, int64_t n0, int64_t n1) {
     if (!bias[g]) return;
-    float* yg = y + offsets[g];
+    float* yg = y + group.offset[g];
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = n0; n < n1; ++n) yg[m * N[g] + n] += bias[g][n];
   });
@@ -477,39 +470,31 @@ extern "C" void parscale_skinny_bf16_io(const uint16_t* x, int64_t M, int64_t K,
   parscale_skinny_group_bf16_io(x, M, K, 1, &w, &bias, y, &N, threads);
 }
 
-// The rounding of each finished block of a group's float32 outputs (out) into bfloat16 y, the
-// bias added in float32 first, as torch adds and rounds.
+// The rounding of each finished block of a group's float32 outputs (out) into bfloat16 y (the
+// same offsets), the bias added in float32 first, as torch adds and rounds.
 struct RoundInto {
+  const Group& group;
   const float* out;
   uint16_t* y;
   const uint16_t* const* bias;
-  const int64_t* N;
-  int64_t M, offsets[MAX_GROUP];
+  int64_t M;
   void operator()(int64_t g, int64_t n0, int64_t n1) const {
-    const int64_t n = N[g];
+    const int64_t n = group.N[g], offset = group.offset[g];
     const uint16_t* b = bias[g];
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = n0; j < n1; ++j)
-        store(y + offsets[g] + m * n + j, out[offsets[g] + m * n + j] + (b ? to_float(b[j]) : 0.0f));
+        store(y + offset + m * n + j, out[offset + m * n + j] + (b ? to_float(b[j]) : 0.0f));
   }
 };
-
-RoundInto round_into(const float* out, uint16_t* y, const uint16_t* const* bias, const int64_t* N, int64_t M,
-                     int64_t G) {
-  RoundInto r{out, y, bias, N, M, {0}};
-  for (int64_t g = 1; g < G; ++g) r.offsets[g] = r.offsets[g - 1] + M * N[g - 1];
-  return r;
-}
 
 // G products of one bfloat16 x on the widening path, as parscale_skinny_bf16_io each.
 extern "C" void parscale_skinny_group_bf16_io(const uint16_t* x, int64_t M, int64_t K, int64_t G,
                                               const uint16_t* const* w, const uint16_t* const* bias, uint16_t* y,
                                               const int64_t* N, int threads) {
-  int64_t total = 0;
-  for (int64_t g = 0; g < G; ++g) total += N[g];
-  parscale::Buffer<float> x32(M * K), y32(M * total);
+  const Group group(M, G, N, BLOCK_N);
+  parscale::Buffer<float> x32(M * K), y32(group.values(M));
   stage_x(x, M, K, x32.data());
-  run_group<float, uint16_t>(x32.data(), M, K, G, w, y32.data(), N, threads, round_into(y32.data(), y, bias, N, M, G));
+  run_group<float, uint16_t>(x32.data(), M, K, group, w, y32.data(), threads, RoundInto{group, y32.data(), y, bias, M});
 }
 
 extern "C" int parscale_skinny_has_avx2() {
@@ -540,10 +525,9 @@ extern "C" void parscale_skinny_group_bf16_dot_io(const uint16_t* x, int64_t M, 
                                                   const uint16_t* const* w, const uint16_t* const* bias, uint16_t* y,
                                                   const int64_t* N, int threads) {
 #ifdef PARSCALE_BF16DOT
-  int64_t total = 0;
-  for (int64_t g = 0; g < G; ++g) total += N[g];
-  parscale::Buffer<float> y32(M * total);
-  run_group<uint16_t, uint16_t>(x, M, K, G, w, y32.data(), N, threads, round_into(y32.data(), y, bias, N, M, G));
+  const Group group(M, G, N, BLOCK_N);
+  parscale::Buffer<float> y32(group.values(M));
+  run_group<uint16_t, uint16_t>(x, M, K, group, w, y32.data(), threads, RoundInto{group, y32.data(), y, bias, M});
 #else
   (void)x, (void)M, (void)K, (void)G, (void)w, (void)bias, (void)y, (void)N, (void)threads;
 #endif
