@@ -132,10 +132,11 @@ inline float hsum(__m256 v) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// The first min(n, 16) or min(n, 32) lanes: the mask of a masked load that reads a row's last
+// The first min(n, 16), min(n, 32) or min(n, 64) lanes: the mask of a masked load that reads a row's last
 // columns (the masked-off lanes read as zeros, which add nothing), so no scalar tail loop runs.
 inline __mmask16 first16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 inline __mmask32 first32(int64_t n) { return n >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1); }
+inline __mmask64 first64(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
 #endif
 #endif
 

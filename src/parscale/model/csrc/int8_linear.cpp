@@ -312,8 +312,6 @@ void chunk_i16(int64_t mc, const int16_t* x, int64_t len, int64_t ld, const int8
 // instruction with a vector of ones, once per weight row and pass, shared by every row of x).
 // The integers are those of the int16 path with the same xq, summed exactly: the same results.
 // A lane adds at most 4 * 255 * 128 per 64 columns, so no pass can overflow it.
-inline __mmask64 first64(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
-
 // out[m * ldy] (+)= dot(x[m], w) for MC rows of x and one weight row: one weight row at a time,
 // so each thread reads one straight stream (the lines AHEAD bytes ahead requested as well), with two
 // sets of accumulators taking turns (2 * MC + 2 independent sums). On the 113 int8 matrices of
@@ -339,7 +337,7 @@ inline void row_u8(const uint8_t* x, int64_t len, int64_t ld, const int8_t* w, f
     }
   }
   for (; k < len; k += 64) {  // the tail, masked (zeros add nothing, to either sum)
-    const __mmask64 mask = first64(len - k);
+    const __mmask64 mask = parscale::first64(len - k);
     const __m512i w0 = _mm512_maskz_loadu_epi8(mask, w + k);
     s0 = _mm512_dpbusd_epi32(s0, ones, w0);
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m)
