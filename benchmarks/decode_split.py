@@ -6,7 +6,7 @@ the norms, and everything else (the eager work around them and `generate`'s own 
 
 The model of `benchmarks/decode.py` (random weights, 16 layers, hidden 1024, 64-token prompt,
 32 new tokens, batch 1). The four parts are timed by wrapping their Python entry points
-(`kernels.skinny_linear`, `quantize.int8_linear` and `decode_layer._product`,
+(`kernels.skinny_linear`, `quantize.int8_linear`, `decode_layer._product` and `_grouped`,
 `prefix_attention.call_kernel`, `AggregationHead.forward`, `norms.rms_norm`; one
 called by another counts once) with a wall clock; a step's time is that of
 generating 33 tokens less that of generating 1, divided by 32, and each part likewise, so the
@@ -68,6 +68,7 @@ def instrument(spent: dict[str, float]) -> None:
     wrap(kernels, "skinny_linear", "products")
     wrap(quantize, "int8_linear", "products")
     wrap(decode_layer, "_product", "products")  # the decode step calls the kernels' C functions itself
+    wrap(decode_layer, "_grouped", "products")  # q/k/v and gate/up, each group in one call
     # the kernel's C call, not `decode_attention`: the decode step (`decode_layer`) calls it
     # directly, the P = 1 attention through `_decode_attention_kernel`'s checks
     wrap(prefix_attention, "call_kernel", "attention")

@@ -128,11 +128,12 @@ def test_int8_activations_give_the_same_bits_on_every_integer_path_and_row_count
 @pytest.mark.parametrize("bits", [16, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 6, 11])
-def test_a_group_of_int8_products_equals_each_product_alone_bit_for_bit(lib, bits, dtype, rows):
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16])
+def test_a_group_of_int8_products_equals_each_product_alone_bit_for_bit(lib, bits, dtype, rows, bias_dtype):
     """`quantize.group_entry`: q, k and v (or gate and up) of one x in one call, x rounded once and
     one parallel loop, each output [rows, N] one after another, bit for bit the single entry's;
-    sizes that leave partial blocks, one product without a bias, a row with a NaN (the float32
-    path for the whole call) at 6 rows."""
+    sizes that leave partial blocks, one product without a bias, float32 or bfloat16 biases, a
+    row with a NaN (the float32 path for the whole call) at 6 rows."""
     import ctypes
 
     gen = torch.Generator().manual_seed(rows + bits)
@@ -141,7 +142,7 @@ def test_a_group_of_int8_products_equals_each_product_alone_bit_for_bit(lib, bit
     if rows == 6:
         x[3, 0, 5] = float("nan")
     quantized = [quantize.quantize_weight(torch.randn(n, k, generator=gen)) for n in sizes]
-    biases = [torch.randn(n, generator=gen) for n in sizes[:2]] + [None]
+    biases = [torch.randn(n, generator=gen).to(bias_dtype) for n in sizes[:2]] + [None]
     alone = [quantize.int8_linear(x, q, s, b, lib, bits) for (q, s), b in zip(quantized, biases)]
     out = torch.empty(rows * sum(sizes), dtype=dtype)
 
@@ -150,9 +151,25 @@ def test_a_group_of_int8_products_equals_each_product_alone_bit_for_bit(lib, bit
 
     quantize.group_entry(lib, dtype)(x.data_ptr(), rows, k, 3, pointers([q for q, _ in quantized]),
                                      pointers([s for _, s in quantized]), pointers(biases), out.data_ptr(),
-                                     (ctypes.c_int64 * 3)(*sizes), 2, bits)
+                                     (ctypes.c_int64 * 3)(*sizes), 2, bits, int(bias_dtype == torch.bfloat16))
     for got, want in zip(out.split([rows * n for n in sizes]), alone):
         torch.testing.assert_close(got.view(rows, 1, -1), want, rtol=0, atol=0, equal_nan=True)  # bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_a_bfloat16_bias_is_widened_exactly(lib, dtype, rows):
+    """The kernel reads a bfloat16 bias as it is (a bfloat16 model's q/k/v biases, with no torch
+    conversion per call): the output equals that of the same bias widened by torch beforehand,
+    bit for bit, on every instruction path (`lib`)."""
+    gen = torch.Generator().manual_seed(rows)
+    k, n = 70, 45
+    x = torch.randn(rows, 1, k, generator=gen).to(dtype)
+    q, s = quantize.quantize_weight(torch.randn(n, k, generator=gen))
+    bias = (torch.randn(n, generator=gen) * 3).to(torch.bfloat16)
+    got = quantize.int8_linear(x, q, s, bias, lib)
+    assert torch.equal(got, quantize.int8_linear(x, q, s, bias.float(), lib)), lib.isa
+    assert not torch.equal(got, quantize.int8_linear(x, q, s, None, lib))  # the bias is added at all
 
 
 def test_every_integer_path_gives_the_same_bits():

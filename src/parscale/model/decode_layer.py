@@ -174,7 +174,8 @@ def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
         buffers = linear._buffers
         weight, scale, bias = buffers["qweight"], buffers["scale"], linear.bias
         if (weight.is_cpu and weight.dtype == torch.int8 and weight.is_contiguous() and scale.dtype == torch.float32
-                and scale.is_contiguous() and (bias is None or (bias.is_cpu and bias.is_contiguous()))):
+                and scale.is_contiguous() and (bias is None or (bias.is_cpu and bias.is_contiguous()
+                                                                and bias.dtype in (torch.float32, torch.bfloat16)))):
             return None, weight, scale, bias, linear.activation_bits
     return None
 
@@ -200,10 +201,9 @@ def _product(args: tuple, x: torch.Tensor, libs, threads: int) -> torch.Tensor:
     if scale is None and x.dtype == torch.bfloat16 and kernels._use_amx(libs[0], rows, k, n_out):
         return kernels.skinny_linear(x, weight, bias, libs[0])  # its AMX tiles
     out = torch.empty((rows, 1, n_out), dtype=x.dtype)
-    if scale is not None:  # int8: float32 scales and bias (a bfloat16 bias is widened, as int8_linear does)
-        bias = bias if bias is None or bias.dtype == torch.float32 else bias.float()
+    if scale is not None:  # int8: float32 scales, a float32 or bfloat16 bias (the kernel widens it)
         entry(x.data_ptr(), rows, k, weight.data_ptr(), scale.data_ptr(), bias.data_ptr() if bias is not None else None,
-              out.data_ptr(), n_out, threads, bits)
+              out.data_ptr(), n_out, threads, bits, quantize.bias_bf16(bias))
         return out
     entry(x.data_ptr(), rows, k, weight.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
           n_out, threads)
@@ -236,8 +236,8 @@ class _Group(NamedTuple):
     entry: object  # the C function
     weights: ctypes.Array  # G weight pointers
     scales: ctypes.Array | None  # int8: G scale pointers
-    biases: ctypes.Array | None  # G bias pointers (None for none); None: `float_biases` per call
-    float_biases: tuple | None  # int8 with biases not in float32: converted at each call, as int8_linear does
+    biases: ctypes.Array  # G bias pointers (None for none)
+    bias_bf16: int  # int8: 1 where the biases are bfloat16 (the kernel widens them)
     sizes: ctypes.Array  # G output sizes
     splits: tuple  # the same sizes as ints
     k: int
@@ -257,21 +257,23 @@ def _pointers(tensors) -> ctypes.Array:
 
 def _group(products: tuple, libs: tuple, dtype: torch.dtype) -> _Group | None:
     """The group of `products` (`_product_args` with their entries) where all are the float
-    kernel's, or all int8 with the same activations' bits, with one input size; else None."""
+    kernel's, or all int8 with the same activations' bits and biases of one dtype, with one
+    input size; else None."""
     kinds = {(args[2] is None, args[4]) for args in products}
-    if len(kinds) != 1 or len({args[1].shape[1] for args in products}) != 1 or len(products) > kernels.MAX_GROUP:
+    bias_dtypes = {args[3].dtype for args in products if args[3] is not None}
+    if (len(kinds) != 1 or len({args[1].shape[1] for args in products}) != 1 or len(products) > kernels.MAX_GROUP
+            or len(bias_dtypes) > 1):
         return None
     weights, biases = [args[1] for args in products], [args[3] for args in products]
     sizes = tuple(w.shape[0] for w in weights)
     common = dict(weights=_pointers(weights), sizes=(ctypes.c_int64 * len(sizes))(*sizes), splits=sizes,
                   k=weights[0].shape[1])
     if products[0][2] is None:  # float
-        return _Group(kernels.group_entry(libs[0], dtype), scales=None, biases=_pointers(biases), float_biases=None,
+        return _Group(kernels.group_entry(libs[0], dtype), scales=None, biases=_pointers(biases), bias_bf16=0,
                       bits=None, **common)
-    as_is = all(b is None or b.dtype == torch.float32 for b in biases)
     return _Group(quantize.group_entry(libs[1], dtype), scales=_pointers([args[2] for args in products]),
-                  biases=_pointers(biases) if as_is else None, float_biases=None if as_is else tuple(biases),
-                  bits=products[0][4], **common)
+                  biases=_pointers(biases), bias_bf16=int(bias_dtypes == {torch.bfloat16}), bits=products[0][4],
+                  **common)
 
 
 def _grouped(group: _Group, x: torch.Tensor, libs, threads: int) -> list[torch.Tensor]:
@@ -283,12 +285,8 @@ def _grouped(group: _Group, x: torch.Tensor, libs, threads: int) -> list[torch.T
         group.entry(x.data_ptr(), rows, group.k, len(group.splits), group.weights, group.biases, out.data_ptr(),
                     group.sizes, threads)
     else:
-        biases = group.biases
-        if biases is None:  # kept alive until the call returns
-            floats = [b.float() if b is not None else None for b in group.float_biases]
-            biases = _pointers(floats)
-        group.entry(x.data_ptr(), rows, group.k, len(group.splits), group.weights, group.scales, biases,
-                    out.data_ptr(), group.sizes, threads, group.bits)
+        group.entry(x.data_ptr(), rows, group.k, len(group.splits), group.weights, group.scales, group.biases,
+                    out.data_ptr(), group.sizes, threads, group.bits, group.bias_bf16)
     return [part.view(rows, 1, -1) for part in out.split([rows * n for n in group.splits])]
 
 

@@ -56,11 +56,14 @@ def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for fn in (lib.parscale_int8_f32, lib.parscale_int8_bf16):
-        fn.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, ctypes.c_int, ctypes.c_int]
+        # x, M, K, weight, scale, bias, y, N, threads, bits, bias_bf16
+        fn.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int]
         fn.restype = None
     for fn in (lib.parscale_int8_group_f32, lib.parscale_int8_group_bf16):
-        # x, M, K, G, weights[G], scales[G], biases[G], y, N[G], threads, bits
-        fn.argtypes = [pointer, size, size, size, pointer, pointer, pointer, pointer, pointer, ctypes.c_int, ctypes.c_int]
+        # x, M, K, G, weights[G], scales[G], biases[G], y, N[G], threads, bits, bias_bf16
+        fn.argtypes = [pointer, size, size, size, pointer, pointer, pointer, pointer, pointer, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int]
         fn.restype = None
     lib.parscale_int8_isa.restype = ctypes.c_int
     lib.isa = {5: "avx512-vnni", 4: "avx512-int16", 3: "avx2-int16", 0: "generic"}[lib.parscale_int8_isa()]
@@ -80,25 +83,42 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     bfloat16 = x.dtype == torch.bfloat16  # then widened and rounded in C++, not by two torch calls
     rows = x if bfloat16 else x.float()
     rows = rows if rows.is_contiguous() else rows.contiguous()  # M K in memory (see kernels.skinny_linear)
-    bias32 = bias.float().contiguous() if bias is not None else None
+    bias = kernel_bias(bias)
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype if bfloat16 else torch.float32)  # ... N
     fn = io_entry(lib, torch.bfloat16 if bfloat16 else torch.float32)
     fn(rows.data_ptr(), rows.numel() // k, k, qweight.data_ptr(), scale.data_ptr(),
-       bias32.data_ptr() if bias32 is not None else None, out.data_ptr(), n_out, torch.get_num_threads(), bits)
+       bias.data_ptr() if bias is not None else None, out.data_ptr(), n_out, torch.get_num_threads(), bits,
+       bias_bf16(bias))
     return out.to(x.dtype)
 
 
+def kernel_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias as the kernel reads it: float32 or bfloat16 as it is (the kernel widens bfloat16
+    exactly, as `bias.float()` does), any other dtype widened to float32; contiguous."""
+    if bias is None:
+        return None
+    bias = bias if bias.dtype in (torch.float32, torch.bfloat16) else bias.float()
+    return bias if bias.is_contiguous() else bias.contiguous()
+
+
+def bias_bf16(bias: torch.Tensor | None) -> int:
+    """The C functions' last argument: 1 where the bias they get is bfloat16."""
+    return int(bias is not None and bias.dtype == torch.bfloat16)
+
+
 def io_entry(lib: ctypes.CDLL, dtype: torch.dtype):
-    """The C function for x and y of `dtype` (float32 or bfloat16; int8 weights, float32 scales
-    and bias). `decode_layer` calls it directly too."""
+    """The C function for x and y of `dtype` (float32 or bfloat16; int8 weights, float32 scales,
+    a float32 or bfloat16 bias as its last argument says: `kernel_bias`, `bias_bf16`).
+    `decode_layer` calls it directly too."""
     return lib.parscale_int8_bf16 if dtype == torch.bfloat16 else lib.parscale_int8_f32
 
 
 def group_entry(lib: ctypes.CDLL, dtype: torch.dtype):
     """The C function for a group of int8 products of the same x in one call (x rounded once, one
     parallel loop; each output bit for bit its product alone): `fn(x, M, K, G, weights, scales,
-    biases, y, N, threads, bits)` with ctypes arrays of G pointers (float32 scales and biases)
-    and sizes, the outputs [M, N[g]] one after another in y. `decode_layer` calls it."""
+    biases, y, N, threads, bits, bias_bf16)` with ctypes arrays of G pointers (float32 scales;
+    biases all float32, or all bfloat16 with bias_bf16 1) and sizes, the outputs [M, N[g]] one
+    after another in y. `decode_layer` calls it."""
     return lib.parscale_int8_group_bf16 if dtype == torch.bfloat16 else lib.parscale_int8_group_f32
 
 

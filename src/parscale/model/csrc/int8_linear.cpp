@@ -443,16 +443,22 @@ void quantize_rows_float(const float* x, int64_t M, int64_t K, float* xq, float*
 // offsets) when it is not null (block by block in the parallel loop, while the block's outputs
 // are in cache). x is rounded once for all of them, and their blocks of weight rows go through
 // one parallel loop; each y_g is what a call of its own gives, bit for bit. `bits` 16: x rounded
-// to int16 per row where the integer path runs; 8: to int8 per row on every path.
+// to int16 per row where the integer path runs; 8: to int8 per row on every path. The biases
+// are float32, or bfloat16 where `bias_bf16` is 1 (widened here, exactly, as bias.float() would:
+// a bfloat16 model's q/k/v biases would otherwise be converted by torch at every call).
 void int8_product(const float* x, int64_t M, int64_t K, int64_t G, const int8_t* const* w, const float* const* scale,
-                  const float* const* bias, float* y, uint16_t* y16, const int64_t* N, int threads, int bits) {
+                  const void* const* bias, int bias_bf16, float* y, uint16_t* y16, const int64_t* N, int threads,
+                  int bits) {
   const parscale::Group group(M, G, N, BLOCK_N);
   const int64_t* offsets = group.offset;
   auto finish = [&](int64_t g, int64_t m, int64_t n0, int64_t n1, float row_scale) {  // scales and bias, in cache
     const int64_t n = N[g];
     float* yg = y + offsets[g];
+    const void* b = bias[g];
     for (int64_t j = n0; j < n1; ++j) {
-      const float v = yg[m * n + j] * (row_scale * scale[g][j]) + (bias[g] ? bias[g][j] : 0.0f);
+      const float add = !b ? 0.0f
+                        : bias_bf16 ? parscale::to_float(static_cast<const uint16_t*>(b)[j]) : static_cast<const float*>(b)[j];
+      const float v = yg[m * n + j] * (row_scale * scale[g][j]) + add;
       yg[m * n + j] = v;
       if (y16) parscale::store(y16 + offsets[g] + m * n + j, v);
     }
@@ -502,36 +508,36 @@ void int8_product(const float* x, int64_t M, int64_t K, int64_t G, const int8_t*
 
 }  // namespace
 
-// x: [M, K] float32; w: [N, K] int8; scale: [N] float32; bias: [N] float32 or null;
-// y: [M, N] float32. All row-major and contiguous (checked by the Python caller). bits: 16 or 8,
-// the activations' rounding (`int8_product`).
+// x: [M, K] float32; w: [N, K] int8; scale: [N] float32; bias: [N] float32 (bias_bf16 0) or
+// bfloat16 (1), or null; y: [M, N] float32. All row-major and contiguous (checked by the Python
+// caller). bits: 16 or 8, the activations' rounding (`int8_product`).
 extern "C" void parscale_int8_f32(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
-                                  const float* bias, float* y, int64_t N, int threads, int bits) {
-  int8_product(x, M, K, 1, &w, &scale, &bias, y, nullptr, &N, threads, bits);
+                                  const void* bias, float* y, int64_t N, int threads, int bits, int bias_bf16) {
+  int8_product(x, M, K, 1, &w, &scale, &bias, bias_bf16, y, nullptr, &N, threads, bits);
 }
 
 // G products of one float32 x (`int8_product`): w, scale and bias as above, one pointer each per
 // product, y_g [M, N[g]] one after another in y; each as parscale_int8_f32 gives it.
 extern "C" void parscale_int8_group_f32(const float* x, int64_t M, int64_t K, int64_t G, const int8_t* const* w,
-                                        const float* const* scale, const float* const* bias, float* y,
-                                        const int64_t* N, int threads, int bits) {
-  int8_product(x, M, K, G, w, scale, bias, y, nullptr, N, threads, bits);
+                                        const float* const* scale, const void* const* bias, float* y,
+                                        const int64_t* N, int threads, int bits, int bias_bf16) {
+  int8_product(x, M, K, G, w, scale, bias, bias_bf16, y, nullptr, N, threads, bits);
 }
 
-// bfloat16 x and y (bias and scales float32): widened and rounded here rather than by two torch
-// calls around the kernel, as in skinny_linear.cpp's parscale_skinny_bf16_io. The group as
-// parscale_int8_group_f32.
+// bfloat16 x and y (scales float32, biases as above): widened and rounded here rather than by
+// two torch calls around the kernel, as in skinny_linear.cpp's parscale_skinny_bf16_io. The group
+// as parscale_int8_group_f32.
 extern "C" void parscale_int8_group_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t G, const int8_t* const* w,
-                                         const float* const* scale, const float* const* bias, uint16_t* y,
-                                         const int64_t* N, int threads, int bits) {
+                                         const float* const* scale, const void* const* bias, uint16_t* y,
+                                         const int64_t* N, int threads, int bits, int bias_bf16) {
   parscale::Buffer<float> x32(M * K), y32(parscale::Group(M, G, N, BLOCK_N).values(M));
   for (int64_t i = 0; i < M * K; ++i) x32.data()[i] = parscale::to_float(x[i]);
-  int8_product(x32.data(), M, K, G, w, scale, bias, y32.data(), y, N, threads, bits);
+  int8_product(x32.data(), M, K, G, w, scale, bias, bias_bf16, y32.data(), y, N, threads, bits);
 }
 
 extern "C" void parscale_int8_bf16(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
-                                   const float* bias, uint16_t* y, int64_t N, int threads, int bits) {
-  parscale_int8_group_bf16(x, M, K, 1, &w, &scale, &bias, y, &N, threads, bits);
+                                   const void* bias, uint16_t* y, int64_t N, int threads, int bits, int bias_bf16) {
+  parscale_int8_group_bf16(x, M, K, 1, &w, &scale, &bias, y, &N, threads, bits, bias_bf16);
 }
 
 // 5: AVX-512 VNNI integer products, 4: AVX-512 integer products without VNNI, 3: AVX2 integer
