@@ -11,7 +11,10 @@ The model of `benchmarks/decode.py` (random weights, 16 layers, hidden 1024, 64-
 called by another counts once) with a wall clock; a step's time is that of
 generating 33 tokens less that of generating 1, divided by 32, and each part likewise, so the
 prefill is left out. "other" is the step less the four parts (with the attention kernel off,
-torch's fused attention counts as "other").
+torch's fused attention counts as "other"). The parts are timed with the decode step calling its
+kernels one by one from Python (`decode_layer.use_chain` off): in its two C calls per layer
+(the default) they cannot be timed apart. The column "chained" is the same step as those two C
+calls, measured in the same round.
 Rounds are interleaved over the rows; the table gives medians, in ms per token. Each round also
 measures the read bandwidth (torch's sum of 256 MiB): on a machine whose memory is shared with
 other work it moves, and the products' share with it. `--own-layer` adds a row KEY-own per
@@ -128,11 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.reps):
         reads.append(read_bandwidth(256, 3))
         for key, model in models.items():
-            decode_layer.enable(model, not key.endswith("-own"))
-            rows[key].append(split_step(model, prompt, args.new_tokens, spent))
+            own = key.endswith("-own")
+            decode_layer.enable(model, not own)
+            decode_layer.use_chain = False  # the parts, each timed from Python
+            row = split_step(model, prompt, args.new_tokens, spent)
+            decode_layer.use_chain = True
+            row["chained"] = float("nan") if own else split_step(model, prompt, args.new_tokens, spent)["step"]
+            rows[key].append(row)
         print(f"round {rep + 1}/{args.reps} done", file=sys.stderr)
     machine = describe()
-    columns = ("step", *PARTS, "other")
+    columns = ("step", *PARTS, "other", "chained")
     medians = {key: {c: statistics.median(r[c] for r in runs) for c in columns} for key, runs in rows.items()}
     print(header(machine))
     print(f"{args.threads} thread(s), {args.dtype}, {args.layers} layers, prompt 64, {args.new_tokens} new tokens, "

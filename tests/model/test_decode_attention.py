@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from _isa import require_kernel
+from parscale.model import decode_layer
 from parscale.model import prefix_attention as attention
 from parscale.model.config import ParScaleConfig
 from parscale.model.wrapper import to_parscale
@@ -173,19 +174,20 @@ def test_greedy_generate_equals_the_uncached_argmax_loop(tiny_factory, count_cal
     mask = torch.ones_like(ids)
     mask[1, :2] = mask[2, :4] = 0
     calls = count_calls(attention, "call_kernel" if path == "kernel" else "_flash_cpu")
+    chained = count_calls(decode_layer, "_chained")  # the decode step's two C calls, the kernel's among them
     per_step = 2 if path == "kernel" else 2 * 2  # two layers; the fused attention twice per layer
     new_tokens = 6
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                              return_dict_in_generate=True, output_logits=True)
-        assert calls[0] == per_step * (new_tokens - 1)
+        assert calls[0] + chained[0] == per_step * (new_tokens - 1)
         seq, seq_mask, uncached = ids, mask, []
         for _ in range(new_tokens):
             positions = (seq_mask.cumsum(-1) - 1).clamp(min=0)
             uncached.append(model(seq, attention_mask=seq_mask, position_ids=positions).logits[:, -1])
             seq = torch.cat([seq, uncached[-1].argmax(-1, keepdim=True)], dim=1)
             seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], dim=1)
-    assert calls[0] == per_step * (new_tokens - 1)  # the uncached forwards never take the decode path
+    assert calls[0] + chained[0] == per_step * (new_tokens - 1)  # the uncached forwards never take the decode path
     assert torch.equal(out.sequences, seq)
     torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(uncached, 1), rtol=1e-5, atol=1e-5)
 
@@ -203,14 +205,15 @@ def test_p1_decoding_takes_the_kernel_and_keeps_the_plain_models_tokens(tiny_fac
     mask = torch.ones_like(ids)
     mask[1, :2] = mask[2, :4] = 0
     calls = count_calls(attention, "call_kernel")  # the decode step calls it directly
+    chained = count_calls(decode_layer, "_chained")  # ... or from C, in its two C calls
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         want = plain.generate(ids, **kw)
         got = model.generate(ids, **kw)
-        assert calls[0] == 2 * 5  # two layers, five decode steps
+        assert calls[0] + chained[0] == 2 * 5  # two layers, five decode steps
         model.use_fast_kernels(False)
         stock = model.generate(ids, **kw)
-    assert calls[0] == 2 * 5
+    assert calls[0] + chained[0] == 2 * 5
     assert torch.equal(got.sequences, want.sequences) and torch.equal(stock.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-5, atol=1e-5)
     assert torch.equal(torch.stack(stock.logits), torch.stack(want.logits))

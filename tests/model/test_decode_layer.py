@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 
 import pytest
 import torch
@@ -101,9 +102,13 @@ def test_which_layers_are_recognised(tiny_factory):
 def _model(tiny_factory, n_streams: int, dtype: torch.dtype, family: str = "qwen2", int8: int | None = None):
     """int8: None (float weights), or the int8 activations' bits (`quantize_int8(activation_bits=...)`)."""
     model = to_parscale(tiny_factory(family, seed=3), ParScaleConfig(n_streams), seed=1).to(dtype).eval()
-    with torch.no_grad():  # an aggregation that is not uniform
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # an aggregation that is not uniform, norms whose weights differ (not all ones)
         for p in model.model.aggregate_layer[2].parameters() if n_streams > 1 else []:
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+            p.copy_(torch.randn(p.shape, generator=gen))
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
     return model.quantize_int8(activation_bits=int8) if int8 else model
 
 
@@ -134,22 +139,32 @@ def _libraries_or_fail(int8: bool = False) -> None:
     require_kernel(libs, "CPU decode kernels (product, norm, attention" + (", int8" if int8 else "") + ")")
 
 
+@pytest.mark.parametrize("chain", [True, False], ids=["chain", "python"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("n_streams", [1, 2, 4, 8])
-def test_each_decode_step_equals_the_layers_own_forward_bit_for_bit(tiny_factory, count_calls, dtype, batch, n_streams):
+def test_each_decode_step_equals_the_layers_own_forward_bit_for_bit(tiny_factory, count_calls, monkeypatch, dtype,
+                                                                    batch, n_streams, chain):
     """The same kernels in the same order, so the same bits: greedy tokens and every step's logits
-    of the step (on) and of the layer's own forward through the modules (off), left-padded rows."""
+    of the step (on) and of the layer's own forward through the modules (off), left-padded rows;
+    the step as two C calls (`_chained`) and as its kernels called one by one from Python."""
     _libraries_or_fail()
+    if chain and decode_layer.chain_library() is None:
+        pytest.fail("the decode step's chain library (csrc/decode_step.cpp) did not build")
+    monkeypatch.setattr(decode_layer, "use_chain", chain)
     model = _model(tiny_factory, n_streams, dtype)
     ids, mask = _padded_batch(batch)
     appended, grouped = count_calls(decode_layer, "rotary_append"), count_calls(decode_layer, "_grouped")
+    chained = count_calls(decode_layer, "_chained")
     fast, own, taken = _with_and_without_the_step(model, ids, mask, 6, count_calls(decode_layer, "_step"))
     # two layers, five decode steps (the prefill takes the layer's forward); 24 rows are more than
     # the few-row kernels take
     assert taken == (2 * 5 if n_streams * batch <= kernels.MAX_ROWS else 0)
-    assert appended[0] == taken  # every step wrote its keys and values into the cache's buffers itself
-    assert grouped[0] == 2 * taken  # q, k, v and gate, up as two groups
+    if chain:  # every step as the two C calls, which write the keys and values into the cache's buffers
+        assert chained[0] == taken and appended[0] == grouped[0] == 0
+    else:
+        assert appended[0] == taken and chained[0] == 0  # the keys and values written into the buffers by the step
+        assert grouped[0] == 2 * taken  # q, k, v and gate, up as two groups
     assert torch.equal(fast.sequences, own.sequences)
     assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))
 
@@ -166,11 +181,12 @@ def test_steps_past_the_cache_room_and_a_cache_of_its_own_take_update(tiny_facto
     model = _model(tiny_factory, 2, torch.bfloat16)
     ids, mask = _padded_batch(1)
     appended, steps = count_calls(decode_layer, "rotary_append"), count_calls(decode_layer, "_step")
+    chained = count_calls(decode_layer, "_chained")
     grown = count_calls(kv_cache.GrowingLayer, "_grow")
     new_tokens = 6 + kv_cache.MIN_ROOM + 4  # past the room the prefill's buffers have
     fast, own, taken = _with_and_without_the_step(model, ids, mask, new_tokens, steps)
     assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))
-    assert taken == 2 * (new_tokens - 1) and 0 < appended[0] < taken and grown[0] > 2 * 2
+    assert taken == 2 * (new_tokens - 1) and 0 < chained[0] < taken and appended[0] == 0 and grown[0] > 2 * 2
 
     class Counting(DynamicCache):
         calls = 0
@@ -180,25 +196,27 @@ def test_steps_past_the_cache_room_and_a_cache_of_its_own_take_update(tiny_facto
             return super().update(*args, **kwargs)
 
     decode_layer.enable(model)
-    appended[0] = steps[0] = 0
+    appended[0] = steps[0] = chained[0] = 0
     kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         got = model.generate(ids, **{NEW_NAME: Counting()}, **kw)
-    assert steps[0] == 2 * 4 and appended[0] == 0 and Counting.calls == 2 * 5
+    assert steps[0] == 2 * 4 and appended[0] == chained[0] == 0 and Counting.calls == 2 * 5
     assert torch.equal(torch.stack(got.logits), torch.stack(fast.logits[:5]))
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_other_families_and_int8_equal_the_layers_own_forward(tiny_factory, count_calls, family):
+def test_other_families_and_int8_equal_the_layers_own_forward(tiny_factory, count_calls, monkeypatch, family):
     _libraries_or_fail(int8=True)
-    grouped = count_calls(decode_layer, "_grouped")
-    for int8 in (None, 16, 8):  # 8: int8 activations (their own kernel on VNNI)
+    grouped, chained = count_calls(decode_layer, "_grouped"), count_calls(decode_layer, "_chained")
+    for int8, chain in itertools.product((None, 16, 8), (True, False)):  # 8: int8 activations (VNNI's own kernel)
+        monkeypatch.setattr(decode_layer, "use_chain", chain)
         model = _model(tiny_factory, 2, torch.bfloat16, family, int8=int8)
         ids, mask = _padded_batch(3)
-        grouped[0] = 0
+        grouped[0] = chained[0] = 0
         fast, own, taken = _with_and_without_the_step(model, ids, mask, 5, count_calls(decode_layer, "_step"))
-        assert taken == 2 * 4 and grouped[0] == 2 * taken, (family, int8)  # q/k/v and gate/up as groups
-        assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits)), (family, int8)
+        # q/k/v and gate/up as groups, in the two C calls or from Python
+        assert taken == 2 * 4 and (chained[0], grouped[0]) == ((taken, 0) if chain else (0, 2 * taken)), (family, int8)
+        assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits)), (family, int8, chain)
 
 
 def test_float32_tokens_equal_the_stock_path_and_beam_search_too(tiny_factory, count_calls):
@@ -313,18 +331,19 @@ def test_float_products_the_amx_tiles_would_take_go_through_skinny_linear(tiny_f
     monkeypatch.setattr(kernels, "_use_amx", lambda lib, rows, k, n: rows >= kernels.AMX_MIN_ROWS)
     tiles = []
     monkeypatch.setattr(kernels, "skinny_linear", lambda x, w, b, lib: tiles.append(x.shape[0]) or F.linear(x, w, b))
-    grouped = []
-    real = decode_layer._grouped
+    grouped, chained = [], []
+    real, real_chained = decode_layer._grouped, decode_layer._chained
     monkeypatch.setattr(decode_layer, "_grouped", lambda group, *a: grouped.append(1) or real(group, *a))
+    monkeypatch.setattr(decode_layer, "_chained", lambda *a: chained.append(1) or real_chained(*a))
     model = _model(tiny_factory, n_streams, torch.bfloat16)
     ids, mask = _padded_batch(batch)
     with torch.no_grad():
         model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     rows = n_streams * batch
     if rows >= kernels.AMX_MIN_ROWS:  # two layers, two decode steps, seven products each
-        assert not grouped and tiles.count(rows) == 2 * 2 * 7
-    else:
-        assert len(grouped) == 2 * 2 * 2 and rows not in tiles
+        assert not grouped and not chained and tiles.count(rows) == 2 * 2 * 7
+    else:  # the groups, in the two C calls
+        assert len(chained) == 2 * 2 and rows not in tiles
 
 
 def test_rows_beyond_the_few_row_kernels_take_the_layers_forward(tiny_factory, count_calls):

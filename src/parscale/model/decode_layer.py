@@ -45,6 +45,7 @@ import functools
 import inspect
 import sys
 import weakref
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -66,6 +67,7 @@ _PREFIX_KINDS = ("parscale_sdpa", "parscale_fa2")
 _PLAIN_KIND = "parscale_plain_sdpa"
 _CACHE_LAYERS = (DynamicLayer, GrowingLayer)  # contiguous keys and values of one layout
 _CACHE_UPDATE = Cache.update  # the stock `update`: a cache class with its own keeps it (`decode_step`)
+use_chain = True  # the step as two C calls where it can (`_chained`); off, its kernels one by one from Python
 
 
 def _code(function):
@@ -212,9 +214,66 @@ def _product(args: tuple, x: torch.Tensor, libs, threads: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _libraries(int8: bool) -> tuple | None:
-    """(float product, int8 product or None, norm, attention) kernels, or None if one cannot be built."""
-    libs = (kernels.library(), quantize.library() if int8 else None, norms.library(), prefix_attention.kernel_library())
-    return None if any(lib is None for i, lib in enumerate(libs) if i != 1 or int8) else libs
+    """(float product, int8 product or None, norm, attention, the chain or None) kernels, or None
+    if one of the first four cannot be built (without the chain the step calls them from Python)."""
+    libs = (kernels.library(), quantize.library() if int8 else None, norms.library(), prefix_attention.kernel_library(),
+            chain_library())
+    return None if any(lib is None for i, lib in enumerate(libs[:4]) if i != 1 or int8) else libs
+
+
+_CHAIN_SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_step.cpp"
+
+
+@functools.lru_cache(maxsize=None)
+def chain_library() -> ctypes.CDLL | None:
+    """`csrc/decode_step.cpp`: a layer's step as two C calls that call the kernels by pointer
+    (`_Chain`), built at first use like the kernels; None if it cannot be built."""
+    return kernels.compiled(_CHAIN_SOURCE, "parscale_step", (), _bind_chain, "CPU decode step",
+                            "decode steps call the kernels one by one from Python")
+
+
+def _bind_chain(lib: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    for fn in (lib.parscale_layer_front_f32, lib.parscale_layer_front_bf16):
+        # layer, hidden, rows, cos, sin, cs_stride, kbuf, vbuf, buf_row_stride, buf_head_stride, column, mask,
+        # mask_rows, h, gate_up, threads
+        fn.argtypes = [pointer, pointer, size, pointer, pointer, size, pointer, pointer, size, size, size, pointer, size,
+                       pointer, pointer, ctypes.c_int]
+        fn.restype = None
+    for fn in (lib.parscale_layer_back_f32, lib.parscale_layer_back_bf16):
+        fn.argtypes = [pointer, pointer, size, pointer, pointer, ctypes.c_int]  # layer, m, rows, h, out, threads
+        fn.restype = None
+    return lib
+
+
+class _CProduct(ctypes.Structure):
+    """csrc/decode_step.cpp's ParscaleProduct: one group call's arguments but x, rows, y and threads."""
+    _fields_ = [("fn", ctypes.c_void_p), ("int8", ctypes.c_int64), ("bits", ctypes.c_int64),
+                ("bias_bf16", ctypes.c_int64), ("K", ctypes.c_int64), ("G", ctypes.c_int64),
+                ("weights", ctypes.c_void_p * 4), ("scales", ctypes.c_void_p * 4), ("biases", ctypes.c_void_p * 4),
+                ("N", ctypes.c_int64 * 4)]
+
+
+class _CLayer(ctypes.Structure):
+    """csrc/decode_step.cpp's ParscaleLayer: what a layer's step reads that no step changes."""
+    _fields_ = [("norm", ctypes.c_void_p), ("rotary", ctypes.c_void_p), ("append", ctypes.c_void_p),
+                ("attention", ctypes.c_void_p), ("norm_weight", ctypes.c_void_p * 2), ("eps", ctypes.c_float * 2),
+                ("scaling", ctypes.c_float), ("unused", ctypes.c_float), ("qkv", _CProduct), ("o", _CProduct),
+                ("gate_up", _CProduct), ("down", _CProduct), ("prefix_k", ctypes.c_void_p),
+                ("prefix_v", ctypes.c_void_p), ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("kv", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("n_prefix", ctypes.c_int64),
+                ("n_streams", ctypes.c_int64)]
+
+
+class _Chain(NamedTuple):
+    """A layer's step as two C calls (`_chained`): the struct they read and the entries."""
+    layer: _CLayer  # kept alive here; `address` points into it
+    address: int
+    front: object
+    back: object
+    kv: int  # the keys' heads
+    head_dim: int
+    inter: int  # gate's (and up's) outputs
 
 
 class _Layout(NamedTuple):
@@ -228,6 +287,7 @@ class _Layout(NamedTuple):
     index: int
     libs: tuple
     groups: tuple  # (q, k, v) and (gate, up) as `_Group`s, or None each (then one product at a time)
+    chain: _Chain | None  # the step as two C calls, where the chain library and the layer allow
 
 
 class _Group(NamedTuple):
@@ -351,7 +411,56 @@ def _layout(layer: nn.Module, dtype: torch.dtype) -> _Layout | None:
     products = tuple((quantize.io_entry(libs[1], dtype) if args[0] is None else kernels.io_entry(libs[0], dtype), *args[1:])
                      for args in products)
     groups = (_group(products[:3], libs, dtype), _group(products[4:6], libs, dtype))
-    return _Layout(products, norm_args, head_norms, attention, prefix, head_dim, attention.layer_idx, libs, groups)
+    chain = None
+    if libs[4] is not None and head_norms is None and None not in groups:
+        chain = _chain(products, groups, norm_args, attention.scaling, prefix, head_dim, libs, dtype)
+    return _Layout(products, norm_args, head_norms, attention, prefix, head_dim, attention.layer_idx, libs, groups,
+                   chain)
+
+
+def _address(fn) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+def _c_product(group: _Group | None) -> _CProduct | None:
+    if group is None:
+        return None
+    product = _CProduct(fn=_address(group.entry), int8=int(group.scales is not None), bits=group.bits or 0,
+                        bias_bf16=group.bias_bf16, K=group.k, G=len(group.splits))
+    for g, n in enumerate(group.splits):
+        product.weights[g], product.biases[g], product.N[g] = group.weights[g], group.biases[g], n
+        if group.scales is not None:
+            product.scales[g] = group.scales[g]
+    return product
+
+
+def _chain(products: tuple, groups: tuple, norm_args: tuple, scaling: float, prefix: tuple, head_dim: int, libs: tuple,
+           dtype: torch.dtype) -> _Chain | None:
+    """The layer's `_Chain`: q/k/v and gate/up as their groups, o and down as groups of one
+    (the group entries give what the single entries give, bit for bit); None where o or down
+    cannot be one, or gate and up differ in size (SiLU x up)."""
+    qkv, gate_up = groups
+    o, down = (_c_product(_group((products[i],), libs, dtype)) for i in (3, 6))
+    if o is None or down is None or gate_up.splits[0] != gate_up.splits[1]:
+        return None
+    bf16 = dtype == torch.bfloat16
+    attention_lib, prefix_k, prefix_v = libs[3], *prefix
+    layer = _CLayer(
+        norm=_address(libs[2].parscale_rms_norm_bf16 if bf16 else libs[2].parscale_rms_norm_f32),
+        rotary=_address(attention_lib.parscale_rotary_bf16 if bf16 else attention_lib.parscale_rotary_f32),
+        append=_address(attention_lib.parscale_rotary_append_bf16 if bf16 else attention_lib.parscale_rotary_append_f32),
+        attention=_address(attention_lib.parscale_decode_attention_bf16 if bf16
+                           else attention_lib.parscale_decode_attention_f32),
+        scaling=scaling, qkv=_c_product(qkv), o=o, gate_up=_c_product(gate_up), down=down,
+        prefix_k=prefix_k.data_ptr(), prefix_v=prefix_v.data_ptr(), hidden=products[0][1].shape[1],
+        heads=qkv.splits[0] // head_dim, kv=qkv.splits[1] // head_dim, head_dim=head_dim, n_prefix=prefix_k.shape[2],
+        n_streams=prefix_k.shape[0])
+    for i, (weight, eps) in enumerate(norm_args):
+        layer.norm_weight[i], layer.eps[i] = weight.data_ptr(), eps
+    lib = libs[4]
+    return _Chain(layer, ctypes.addressof(layer), lib.parscale_layer_front_bf16 if bf16 else lib.parscale_layer_front_f32,
+                  lib.parscale_layer_back_bf16 if bf16 else lib.parscale_layer_back_f32, layer.kv, head_dim,
+                  gate_up.splits[0])
 
 
 def _hooked(*modules: nn.Module) -> bool:
@@ -403,9 +512,16 @@ def _step(layout: _Layout, hidden_states, mask, cos, sin, cache, append: bool) -
     libs, head_dim, rows = layout.libs, layout.head_dim, hidden_states.shape[0]
     threads = torch.get_num_threads()
     hidden_states = hidden_states if hidden_states.is_contiguous() else hidden_states.contiguous()
+    amx = rows >= kernels.AMX_MIN_ROWS and getattr(libs[0], "amx", False)  # the tiles may take float products
+    chain = layout.chain
+    if chain is not None and use_chain and append and not amx and prefix_attention.use_kernel:
+        layer_cache = cache.layers[layout.index]
+        column = layer_cache.free_column(rows, chain.kv, head_dim, hidden_states.dtype)
+        if column is not None:
+            return _chained(chain, hidden_states, mask, cos, sin, layer_cache, column, threads)
     x = norms.rms_norm(hidden_states, *layout.norms[0], libs[2])
     qkv, gate_up = layout.groups
-    if rows >= kernels.AMX_MIN_ROWS and getattr(libs[0], "amx", False):  # the tiles may take float products
+    if amx:
         qkv, gate_up = (_one_call(group, rows, hidden_states.dtype, libs[0]) for group in layout.groups)
     if qkv is not None:
         query, key, value = _grouped(qkv, x, libs, threads)
@@ -447,6 +563,28 @@ def _step(layout: _Layout, hidden_states, mask, cos, sin, cache, append: bool) -
         up = _product(gate_proj, x, libs, threads)
         up = F.silu(up) * _product(up_proj, x, libs, threads)
     return hidden_states + _product(down_proj, up, libs, threads)
+
+
+def _chained(chain: _Chain, hidden_states, mask, cos, sin, layer_cache: GrowingLayer, column: int,
+             threads: int) -> torch.Tensor:
+    """`_step`'s arithmetic as two C calls (csrc/decode_step.cpp) and SiLU x up between them:
+    the same kernels with the same arguments in the same order, so the same bits; the
+    keys and values go into `column` of the cache layer's buffers."""
+    rows, dtype = hidden_states.shape[0], hidden_states.dtype
+    keys, values = layer_cache._buffers
+    additive = prefix_attention.additive_mask(mask)
+    h = torch.empty(hidden_states.shape, dtype=dtype)
+    n = rows * chain.inter
+    gate_up = torch.empty(2 * n, dtype=dtype)
+    chain.front(chain.address, hidden_states.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
+                chain.head_dim if cos.shape[0] > 1 else 0, keys.data_ptr(), values.data_ptr(), keys.stride(0),
+                keys.stride(1), column, additive.data_ptr() if additive is not None else None,
+                additive.shape[0] if additive is not None else 0, h.data_ptr(), gate_up.data_ptr(), threads)
+    layer_cache.filled(column + 1)
+    up = F.silu(gate_up[:n].view(rows, 1, -1)) * gate_up[n:].view(rows, 1, -1)
+    out = torch.empty(hidden_states.shape, dtype=dtype)
+    chain.back(chain.address, up.data_ptr(), rows, h.data_ptr(), out.data_ptr(), threads)
+    return out
 
 
 # ----- the class swap ---------------------------------------------------------------------------
