@@ -219,6 +219,59 @@ def test_other_families_and_int8_equal_the_layers_own_forward(tiny_factory, coun
         assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits)), (family, int8, chain)
 
 
+def _bfloat16_bits_equal(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return bool(((got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())).all())
+
+
+@pytest.mark.parametrize("n", [1, 15, 17, 2816 * 3, 65536 + 5])
+def test_silu_times_up_in_c_equals_torch_for_every_bfloat16_gate(n):
+    """csrc/decode_step.cpp's bfloat16 SiLU x up (the one-call step's, with torch's own Sleef
+    exp) against `F.silu(gate) * up` bit for bit: every one of the 65536 bfloat16 values as
+    gate (with n above 65536), masked tails (n not a multiple of 16), one thread and the
+    parallel loop (8192 values or more), infinities and NaNs among the ups."""
+    from parscale.machine import cpu_info
+
+    lib = decode_layer.chain_library()
+    if lib is None or not lib.parscale_has_silu():
+        if cpu_info()["avx512"]:
+            pytest.fail("an AVX-512 CPU, but the chain library has no bfloat16 SiLU")
+        pytest.skip("the bfloat16 SiLU x up is built for AVX-512 only")
+    exp = decode_layer.silu_exp()
+    assert exp is not None  # torch's Sleef exp found, and the load-time check of all 65536 values passed
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gate = every.repeat(2)[:n].contiguous() if n > 65536 else every[torch.randperm(65536)[:n]].contiguous()
+    gen = torch.Generator().manual_seed(n)
+    up = (torch.randn(n, generator=gen) * 4).to(torch.bfloat16)
+    up[::97] = float("inf")
+    up[1::101] = float("nan")
+    want = torch.nn.functional.silu(gate) * up
+    for threads in (1, 2):
+        got = torch.empty_like(want)
+        lib.parscale_silu_mul_bf16(gate.data_ptr(), up.data_ptr(), got.data_ptr(), n, exp, threads)
+        assert _bfloat16_bits_equal(got, want), (n, threads)
+
+
+def test_bfloat16_steps_are_one_c_call_on_avx512(tiny_factory, count_calls, monkeypatch):
+    """On an AVX-512 CPU a bfloat16 layer's step is the one-call chain (front, SiLU x up, back in
+    C: `_Chain.whole`), float32 the two calls with SiLU x up in torch; both bit for bit as the
+    layer's own forward (see the test above, which runs both)."""
+    from parscale.machine import cpu_info
+
+    _libraries_or_fail()
+    if decode_layer.chain_library() is None or not cpu_info()["avx512"]:
+        pytest.skip("the one-call step is built for AVX-512 only")
+    layouts, real = [], decode_layer._layout
+    monkeypatch.setattr(decode_layer, "_layout", lambda *a: layouts.append(real(*a)) or layouts[-1])
+    for dtype, whole in ((torch.bfloat16, True), (torch.float32, False)):
+        layouts.clear()
+        model = _model(tiny_factory, 2, dtype)
+        ids, mask = _padded_batch(3)
+        fast, own, taken = _with_and_without_the_step(model, ids, mask, 4, count_calls(decode_layer, "_step"))
+        assert taken == 2 * 3 and len(layouts) == 2, dtype  # two layers' plans, found at the first decode step
+        assert all((layout.chain.whole is not None) == whole for layout in layouts), dtype
+        assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits)), dtype
+
+
 def test_float32_tokens_equal_the_stock_path_and_beam_search_too(tiny_factory, count_calls):
     """Against the stock path (every kernel off: transformers' own modules and ops) the step keeps
     the greedy tokens, with logits within float32 rounding; beam search reorders the cache between

@@ -243,7 +243,39 @@ def _bind_chain(lib: ctypes.CDLL) -> ctypes.CDLL:
     for fn in (lib.parscale_layer_back_f32, lib.parscale_layer_back_bf16):
         fn.argtypes = [pointer, pointer, size, pointer, pointer, ctypes.c_int]  # layer, m, rows, h, out, threads
         fn.restype = None
+    # the front's arguments, then out and threads
+    lib.parscale_layer_bf16.argtypes = [pointer, pointer, size, pointer, pointer, size, pointer, pointer, size, size,
+                                        size, pointer, size, pointer, ctypes.c_int]
+    lib.parscale_layer_bf16.restype = None
+    lib.parscale_silu_mul_bf16.argtypes = [pointer, pointer, pointer, size, pointer, ctypes.c_int]  # gate, up, out, n, exp, threads
+    lib.parscale_silu_mul_bf16.restype = None
+    lib.parscale_has_silu.restype = ctypes.c_int
     return lib
+
+
+@functools.lru_cache(maxsize=None)
+def silu_exp() -> int | None:
+    """The address of torch's own vectorised exp (`Sleef_expf16_u10`, which its CPU library
+    exports and its SiLU uses) where the chain library computes bfloat16 SiLU x up (AVX-512) and
+    gives `F.silu(gate) * up` bit for bit for every one of the 65536 bfloat16 gate values on
+    this machine (checked once here, about a millisecond); else None, and SiLU x up stays in
+    torch between the step's two C calls."""
+    lib = chain_library()
+    if lib is None or not lib.parscale_has_silu():
+        return None
+    try:
+        exp = _address(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).Sleef_expf16_u10)
+    except (OSError, AttributeError):  # another platform's library name, or a torch built without Sleef
+        return None
+    gate = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # every bfloat16
+    up = torch.randn(gate.shape, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        want = F.silu(gate) * up
+    got = torch.empty_like(want)
+    lib.parscale_silu_mul_bf16(gate.data_ptr(), up.data_ptr(), got.data_ptr(), gate.numel(), exp,
+                               torch.get_num_threads())
+    same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+    return exp if bool(same.all()) else None
 
 
 class _CProduct(ctypes.Structure):
@@ -262,15 +294,16 @@ class _CLayer(ctypes.Structure):
                 ("gate_up", _CProduct), ("down", _CProduct), ("prefix_k", ctypes.c_void_p),
                 ("prefix_v", ctypes.c_void_p), ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64),
                 ("kv", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("n_prefix", ctypes.c_int64),
-                ("n_streams", ctypes.c_int64)]
+                ("n_streams", ctypes.c_int64), ("exp", ctypes.c_void_p)]
 
 
 class _Chain(NamedTuple):
-    """A layer's step as two C calls (`_chained`): the struct they read and the entries."""
+    """A layer's step as C calls (`_chained`): the struct they read and the entries."""
     layer: _CLayer  # kept alive here; `address` points into it
     address: int
     front: object
     back: object
+    whole: object | None  # bfloat16 with `silu_exp`: the whole step in one call (front, SiLU x up, back)
     kv: int  # the keys' heads
     head_dim: int
     inter: int  # gate's (and up's) outputs
@@ -458,8 +491,11 @@ def _chain(products: tuple, groups: tuple, norm_args: tuple, scaling: float, pre
     for i, (weight, eps) in enumerate(norm_args):
         layer.norm_weight[i], layer.eps[i] = weight.data_ptr(), eps
     lib = libs[4]
+    whole = None
+    if bf16 and silu_exp() is not None:
+        layer.exp, whole = silu_exp(), lib.parscale_layer_bf16
     return _Chain(layer, ctypes.addressof(layer), lib.parscale_layer_front_bf16 if bf16 else lib.parscale_layer_front_f32,
-                  lib.parscale_layer_back_bf16 if bf16 else lib.parscale_layer_back_f32, layer.kv, head_dim,
+                  lib.parscale_layer_back_bf16 if bf16 else lib.parscale_layer_back_f32, whole, layer.kv, head_dim,
                   gate_up.splits[0])
 
 
@@ -567,19 +603,27 @@ def _step(layout: _Layout, hidden_states, mask, cos, sin, cache, append: bool) -
 
 def _chained(chain: _Chain, hidden_states, mask, cos, sin, layer_cache: GrowingLayer, column: int,
              threads: int) -> torch.Tensor:
-    """`_step`'s arithmetic as two C calls (csrc/decode_step.cpp) and SiLU x up between them:
-    the same kernels with the same arguments in the same order, so the same bits; the
-    keys and values go into `column` of the cache layer's buffers."""
+    """`_step`'s arithmetic as one C call in bfloat16 (`_Chain.whole`), else as two C calls and
+    SiLU x up between them (csrc/decode_step.cpp): the same kernels with the same arguments in
+    the same order, so the same bits; the keys and values go into `column` of the cache layer's
+    buffers."""
     rows, dtype = hidden_states.shape[0], hidden_states.dtype
     keys, values = layer_cache._buffers
     additive = prefix_attention.additive_mask(mask)
+    mask_args = (additive.data_ptr(), additive.shape[0]) if additive is not None else (None, 0)
+    if chain.whole is not None:
+        out = torch.empty(hidden_states.shape, dtype=dtype)
+        chain.whole(chain.address, hidden_states.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
+                    chain.head_dim if cos.shape[0] > 1 else 0, keys.data_ptr(), values.data_ptr(), keys.stride(0),
+                    keys.stride(1), column, *mask_args, out.data_ptr(), threads)
+        layer_cache.filled(column + 1)
+        return out
     h = torch.empty(hidden_states.shape, dtype=dtype)
     n = rows * chain.inter
     gate_up = torch.empty(2 * n, dtype=dtype)
     chain.front(chain.address, hidden_states.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
                 chain.head_dim if cos.shape[0] > 1 else 0, keys.data_ptr(), values.data_ptr(), keys.stride(0),
-                keys.stride(1), column, additive.data_ptr() if additive is not None else None,
-                additive.shape[0] if additive is not None else 0, h.data_ptr(), gate_up.data_ptr(), threads)
+                keys.stride(1), column, *mask_args, h.data_ptr(), gate_up.data_ptr(), threads)
     layer_cache.filled(column + 1)
     up = F.silu(gate_up[:n].view(rows, 1, -1)) * gate_up[n:].view(rows, 1, -1)
     out = torch.empty(hidden_states.shape, dtype=dtype)

@@ -5,19 +5,28 @@
 // The Python of `decode_layer._step` between the same kernel calls (a dozen ctypes calls, views,
 // output tensors, the residual adds) took about 45 of the 60 us a layer's step took on a model of
 // hidden 128 (16 layers, one thread): most of a step's work that is neither a product nor the
-// attention. Only SiLU x up stays in torch between the two calls: its exp is Sleef's, and the
-// step must give the stock layer's bits.
+// attention.
 //
 // front: x = norm(h_in); q, k, v = group(x); q rotated in place; k rotated and v copied into the
 //        cache's free column; a = attention(q, cache, prefixes); h = h_in + o(a);
 //        x2 = post_norm(h); gate, up = group(x2)
-// back:  h_out = h + down(m), m = silu(gate) * up (computed by torch between the two)
+// back:  h_out = h + down(m), m = silu(gate) * up
 // Each kernel is called with the arguments `decode_layer._step` gives it, so the outputs are
 // theirs bit for bit; the residual adds round as torch's add does (float32 sum, then the
-// nearest-even bfloat16).
+// nearest-even bfloat16). In float32, SiLU x up stays in torch between the two calls: torch
+// computes SiLU's exp with Sleef's vectorised exp on whole vectors and with the C library's on
+// a chunk's last values (fewer than 32), and the two differ in the last bit for some inputs. In
+// bfloat16 the whole step is one call (`parscale_layer_bf16`): SiLU is computed as torch's
+// vectorised loop computes it (x / (1 + exp(-x)) in float32, with the exp torch's own Sleef
+// function, found in torch's library by `decode_layer`), and for bfloat16 inputs both of
+// torch's exps give the same result for each of the 65536 values (checked at first use on
+// each machine, `decode_layer._silu_exp`, and by the tests).
 #include <cstdint>
 
 #include "common.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 extern "C" {
 
@@ -50,6 +59,7 @@ struct ParscaleLayer {
   const void* prefix_k;  // [P, kv, T, D]
   const void* prefix_v;
   int64_t hidden, heads, kv, head_dim, n_prefix, n_streams;
+  void* exp;  // bfloat16 in one call: torch's Sleef_expf16_u10 (null: the two calls, SiLU x up in torch)
 };
 
 }  // extern "C"
@@ -94,6 +104,44 @@ int64_t lines(int64_t n) {
   const int64_t per_line = 64 / static_cast<int64_t>(sizeof(T));
   return (n + per_line - 1) / per_line * per_line;
 }
+
+#if defined(__AVX512F__)
+using Exp16 = __m512 (*)(__m512);
+
+__m512 widen16(const uint16_t* p, __mmask16 m) {  // 16 bfloat16 -> float32: the high halves
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+__m512 round16(__m512 v) {  // float32 -> the nearest-even bfloat16, as float32 (parscale::store's rounding)
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))),
+                                           _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __m512i nan = _mm512_and_si512(_mm512_or_si512(bits, _mm512_set1_epi32(0x400000)),
+                                       _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  return _mm512_castsi512_ps(_mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, nan));
+}
+
+void store16(uint16_t* p, __m512 rounded, __mmask16 m) {  // the high halves of values rounded by round16
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
+}
+
+// out = bfloat16(silu(gate)) * up, rounded, as F.silu(gate) * up computes it: torch's loop takes
+// x / (1 + exp(-x)) in float32 (exp: Sleef's), rounds it to bfloat16, and the product is the
+// float32 one rounded.
+void silu_mul(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t n, Exp16 exp, int threads) {
+  const int64_t blocks = (n + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n >= 8192)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t i = b * 16;
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 g = widen16(gate + i, m);
+    const __m512 minus = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_set1_epi32(INT32_MIN)));
+    const __m512 silu = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp(minus))));
+    store16(out + i, round16(_mm512_mul_ps(silu, widen16(up + i, m))), m);
+  }
+}
+#endif
 
 template <typename T>
 void front(const ParscaleLayer* c, const T* hidden, int64_t rows, const T* cos, const T* sin, int64_t cs_stride,
@@ -163,4 +211,43 @@ extern "C" void parscale_layer_back_f32(const ParscaleLayer* c, const float* m, 
 extern "C" void parscale_layer_back_bf16(const ParscaleLayer* c, const uint16_t* m, int64_t rows, const uint16_t* h,
                                          uint16_t* out, int threads) {
   back(c, m, rows, h, out, threads);
+}
+
+// 1 where this build computes bfloat16 SiLU x up (AVX-512: the layer's step in one call).
+extern "C" int parscale_has_silu() {
+#if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// out [n] = bfloat16(silu(gate)) * up (`silu_mul`), exp torch's Sleef_expf16_u10. Only called
+// where parscale_has_silu() says so.
+extern "C" void parscale_silu_mul_bf16(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t n, void* exp,
+                                       int threads) {
+#if defined(__AVX512F__)
+  silu_mul(gate, up, out, n, reinterpret_cast<Exp16>(exp), threads);
+#else
+  (void)gate, (void)up, (void)out, (void)n, (void)exp, (void)threads;
+#endif
+}
+
+// The whole bfloat16 step (front, SiLU x up, back) in one call, where c->exp is set (and
+// parscale_has_silu()): arguments as parscale_layer_front_bf16's, out [rows, H] the layer's output.
+extern "C" void parscale_layer_bf16(const ParscaleLayer* c, const uint16_t* hidden, int64_t rows, const uint16_t* cos,
+                                    const uint16_t* sin, int64_t cs_stride, uint16_t* kbuf, uint16_t* vbuf,
+                                    int64_t buf_row_stride, int64_t buf_head_stride, int64_t column, const float* mask,
+                                    int64_t mask_rows, uint16_t* out, int threads) {
+#if defined(__AVX512F__)
+  const int64_t inter = c->gate_up.N[0], n = rows * inter;
+  parscale::Buffer<uint16_t> h(rows * c->hidden), gate_up(2 * n), m(n);
+  front(c, hidden, rows, cos, sin, cs_stride, kbuf, vbuf, buf_row_stride, buf_head_stride, column, mask, mask_rows,
+        h.data(), gate_up.data(), threads);
+  silu_mul(gate_up.data(), gate_up.data() + n, m.data(), n, reinterpret_cast<Exp16>(c->exp), threads);
+  back(c, m.data(), rows, h.data(), out, threads);
+#else
+  (void)c, (void)hidden, (void)rows, (void)cos, (void)sin, (void)cs_stride, (void)kbuf, (void)vbuf;
+  (void)buf_row_stride, (void)buf_head_stride, (void)column, (void)mask, (void)mask_rows, (void)out, (void)threads;
+#endif
 }
