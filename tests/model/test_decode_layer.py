@@ -204,7 +204,7 @@ def test_steps_past_the_cache_room_and_a_cache_of_its_own_take_update(tiny_facto
     assert torch.equal(torch.stack(got.logits), torch.stack(fast.logits[:5]))
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])  # qwen2: bfloat16 q/k/v biases into the int8 kernel
 def test_other_families_and_int8_equal_the_layers_own_forward(tiny_factory, count_calls, monkeypatch, family):
     _libraries_or_fail(int8=True)
     grouped, chained = count_calls(decode_layer, "_grouped"), count_calls(decode_layer, "_chained")
