@@ -77,7 +77,7 @@ _PREFIX_KINDS = ("parscale_sdpa", "parscale_fa2")
 _PLAIN_KIND = "parscale_plain_sdpa"
 _CACHE_LAYERS = (DynamicLayer, GrowingLayer)  # contiguous keys and values of one layout
 _CACHE_UPDATE = Cache.update  # the stock `update`: a cache class with its own keeps it (`decode_step`)
-use_chain = True  # the step as two C calls where it can (`_chained`); off, its kernels one by one from Python
+use_chain = True  # the step as one or two C calls where it can (`_chained`); off, its kernels one by one from Python
 
 
 def _code(function):
@@ -236,8 +236,8 @@ _CHAIN_SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_step.cpp"
 
 @functools.lru_cache(maxsize=None)
 def chain_library() -> ctypes.CDLL | None:
-    """`csrc/decode_step.cpp`: a layer's step as two C calls that call the kernels by pointer
-    (`_Chain`), built at first use like the kernels; None if it cannot be built."""
+    """`csrc/decode_step.cpp`: a layer's step as one or two C calls that call the kernels by
+    pointer (`_Chain`), built at first use like the kernels; None if it cannot be built."""
     return kernels.compiled(_CHAIN_SOURCE, "parscale_step", (), _bind_chain, "CPU decode step",
                             "decode steps call the kernels one by one from Python")
 
@@ -330,7 +330,7 @@ class _Layout(NamedTuple):
     index: int
     libs: tuple
     groups: tuple  # (q, k, v) and (gate, up) as `_Group`s, or None each (then one product at a time)
-    chain: _Chain | None  # the step as two C calls, where the chain library and the layer allow
+    chain: _Chain | None  # the step as one or two C calls, where the chain library and the layer allow
 
 
 class _Group(NamedTuple):
