@@ -31,7 +31,7 @@ SiLU x up included (computed with torch's own Sleef exp, and checked once per ma
 `F.silu` for all 65536 bfloat16 values: `silu_exp`); in float32 two, with SiLU x up in torch
 between them (torch's float32 SiLU takes a chunk's last values through another exp, whose
 last bit differs). On the decode benchmark's model (Zen 5, 2 threads) the two calls took 6-13%
-off a step against the kernels called from Python, the one call 3-7% more.
+off a step against the kernels called from Python, the one call 1-7% more.
 
 The checks that decide whether a layer may take the step read about a hundred module
 attributes; they run at the first decode step of each cache and their result is kept on the
