@@ -293,6 +293,26 @@ def test_float32_tokens_equal_the_stock_path_and_beam_search_too(tiny_factory, c
     torch.testing.assert_close(torch.stack(fast.logits), torch.stack(stock.logits), rtol=1e-5, atol=1e-5)
 
 
+def test_bfloat16_beam_search_equals_the_layers_own_forward_bit_for_bit(tiny_factory, count_calls):
+    """Beam search reorders the cache between steps (the step after a reorder appends through the
+    cache's `update`, the next ones in C again): sequences and beam scores of the step as those
+    of the layers' own forward, bit for bit, in bfloat16 (the one-call step on AVX-512)."""
+    _libraries_or_fail()
+    model = _model(tiny_factory, 2, torch.bfloat16)
+    ids, mask = _padded_batch(3)
+    steps, chained = count_calls(decode_layer, "_step"), count_calls(decode_layer, "_chained")
+    kw = dict(attention_mask=mask[1:2], max_new_tokens=6, num_beams=3, do_sample=False, return_dict_in_generate=True,
+              output_scores=True)
+    with torch.no_grad():
+        fast = model.generate(ids[1:2], **kw)
+        taken, in_c = steps[0], chained[0]
+        decode_layer.enable(model, False)
+        own = model.generate(ids[1:2], **kw)
+    assert taken == 2 * 5 and steps[0] == taken and 0 < in_c <= taken
+    assert torch.equal(fast.sequences, own.sequences)
+    assert torch.equal(torch.stack(fast.scores), torch.stack(own.scores))
+
+
 def test_the_layers_own_forward_runs_where_the_step_does_not_apply(tiny_factory, count_calls):
     """Hooks (a user's, `output_attentions`), autograd, the eager attention kind, the stream
     adapters' hooks, fast kernels off: the step is not taken, and the result is the layer's own."""

@@ -70,6 +70,27 @@ def test_every_operation_leaves_what_the_concatenating_layer_holds(monkeypatch):
     same()
 
 
+def test_beam_reordering_keeps_the_buffers_and_their_room():
+    """`reorder_cache` gathers the whole buffers: keys and values equal the stock layer's
+    reordered ones and are views of the new buffers, so the next step appends in place (the
+    decode step's own append, `free_column`, applies again) instead of copying into new ones."""
+    stock, grown = DynamicLayer(), _grown()
+    states = _states(3, 5, 0)
+    stock.update(*states)
+    grown.update(*states)
+    beams = torch.tensor([2, 0, 0])
+    for layer in (stock, grown):
+        layer.reorder_cache(beams)
+    assert torch.equal(grown.keys, stock.keys) and torch.equal(grown.values, stock.values)
+    buffer = grown._buffers[0]
+    assert grown.keys.data_ptr() == buffer.data_ptr() and grown.free_column(3, *grown.keys.shape[1::2],
+                                                                           grown.keys.dtype) == 5
+    step = _states(3, 1, 1)
+    for want, got in zip(stock.update(*step), grown.update(*step)):
+        assert torch.equal(want, got)
+    assert grown._buffers[0] is buffer  # appended in place
+
+
 def test_appends_in_place_with_bounded_room_and_copies():
     """The point of the layer: over 600 steps the buffers are replaced a few times, not at every
     step; the tokens copied add up to a few times the final cache (concatenation copies the

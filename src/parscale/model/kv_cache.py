@@ -20,8 +20,9 @@ is the stock one.
 `grow_in_place(cache)` turns the plain `DynamicLayer`s of a cache into `GrowingLayer`s (the
 class of the object changes, its state stays, as `kernels.enable` does with Linear modules).
 The wrapper calls it for CPU inference; under autograd or `torch.compile` a layer appends by
-`torch.cat` as before, and a layer that beam search or cropping replaced by other tensors
-starts a new buffer from them.
+`torch.cat` as before, and a layer that cropping or batch selection replaced by other tensors
+starts a new buffer from them; beam search's reordering gathers the buffers themselves
+(`reorder_cache`), so they keep their room.
 """
 from __future__ import annotations
 
@@ -86,6 +87,26 @@ class GrowingLayer(DynamicLayer):
             buffers.append(buffer)
         self._buffers = (buffers[0], buffers[1])
         return self._buffers
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search's reordering at every step, into buffers that keep their room: the stock
+        one replaced `keys`/`values` by gathered copies without room, so the next step copied
+        them again into new buffers and appended through `update` (never the decode step's own
+        append). One gather of the whole buffers instead (their room is at most a quarter of the
+        cache), and `keys`/`values` their views again."""
+        buffers = self._buffers
+        keys = self.keys
+        if (buffers is None or keys.dim() != 4 or keys.data_ptr() != buffers[0].data_ptr()
+                or keys.shape[:-2] != buffers[0].shape[:-2] or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and (keys.requires_grad or self.values.requires_grad))):
+            self._buffers = None
+            return super().reorder_cache(beam_idx)
+        length = keys.shape[-2]
+        if length == 0:
+            return
+        index = beam_idx.to(buffers[0].device)
+        self._buffers = (buffers[0].index_select(0, index), buffers[1].index_select(0, index))
+        self.filled(length)
 
     def reset(self) -> None:
         self._buffers = None
