@@ -223,20 +223,23 @@ def _bfloat16_bits_equal(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool(((got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())).all())
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("n", [1, 15, 17, 2816 * 3, 65536 + 5])
-def test_silu_times_up_in_c_equals_torch_for_every_bfloat16_gate(n):
+def test_silu_times_up_in_c_equals_torch_for_every_bfloat16_gate(n, isa):
     """csrc/decode_step.cpp's bfloat16 SiLU x up (the one-call step's, with torch's own Sleef
-    exp) against `F.silu(gate) * up` bit for bit: every one of the 65536 bfloat16 values as
-    gate (with n above 65536), masked tails (n not a multiple of 16), one thread and the
-    parallel loop (8192 values or more), infinities and NaNs among the ups."""
+    exp of its width: 16 values at a time with AVX-512, 8 with AVX2) against `F.silu(gate) * up`
+    bit for bit: every one of the 65536 bfloat16 values as gate (with n above 65536), partial
+    last groups (n not a multiple of 8 or 16), one thread and the parallel loop (8192 values or
+    more), infinities and NaNs among the ups."""
     from parscale.machine import cpu_info
 
-    lib = decode_layer.chain_library()
-    if lib is None or not lib.parscale_has_silu():
-        if cpu_info()["avx512"]:
-            pytest.fail("an AVX-512 CPU, but the chain library has no bfloat16 SiLU")
-        pytest.skip("the bfloat16 SiLU x up is built for AVX-512 only")
-    exp = decode_layer.silu_exp()
+    lib = build_or_skip(decode_layer.chain_library, isa, "decode step chain")
+    flags = cpu_info()["flags"]
+    width = lib.parscale_has_silu()
+    assert width == (16 if isa == "native" and "avx512f" in flags else 8 if "avx2" in flags else 0)
+    if not width:
+        pytest.skip("no AVX2: the bfloat16 SiLU x up is built for AVX-512 and AVX2")
+    exp = decode_layer.exp_for_silu(lib)
     assert exp is not None  # torch's Sleef exp found, and the load-time check of all 65536 values passed
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     gate = every.repeat(2)[:n].contiguous() if n > 65536 else every[torch.randperm(65536)[:n]].contiguous()
@@ -248,18 +251,19 @@ def test_silu_times_up_in_c_equals_torch_for_every_bfloat16_gate(n):
     for threads in (1, 2):
         got = torch.empty_like(want)
         lib.parscale_silu_mul_bf16(gate.data_ptr(), up.data_ptr(), got.data_ptr(), n, exp, threads)
-        assert _bfloat16_bits_equal(got, want), (n, threads)
+        assert _bfloat16_bits_equal(got, want), (n, threads, width)
 
 
-def test_bfloat16_steps_are_one_c_call_on_avx512(tiny_factory, count_calls, monkeypatch):
-    """On an AVX-512 CPU a bfloat16 layer's step is the one-call chain (front, SiLU x up, back in
-    C: `_Chain.whole`), float32 the two calls with SiLU x up in torch; both bit for bit as the
-    layer's own forward (see the test above, which runs both)."""
+def test_bfloat16_steps_are_one_c_call_with_avx2_or_avx512(tiny_factory, count_calls, monkeypatch):
+    """On a CPU with AVX2 or AVX-512 a bfloat16 layer's step is the one-call chain (front, SiLU x
+    up, back in C: `_Chain.whole`), float32 the two calls with SiLU x up in torch; both bit for
+    bit as the layer's own forward (see the test above, which runs both)."""
     from parscale.machine import cpu_info
 
     _libraries_or_fail()
-    if decode_layer.chain_library() is None or not cpu_info()["avx512"]:
-        pytest.skip("the one-call step is built for AVX-512 only")
+    require_kernel(decode_layer.chain_library(), "decode step chain")
+    if "avx2" not in cpu_info()["flags"]:
+        pytest.skip("the one-call step is built for AVX-512 and AVX2")
     layouts, real = [], decode_layer._layout
     monkeypatch.setattr(decode_layer, "_layout", lambda *a: layouts.append(real(*a)) or layouts[-1])
     for dtype, whole in ((torch.bfloat16, True), (torch.float32, False)):

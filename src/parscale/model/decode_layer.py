@@ -26,9 +26,9 @@ through the same kernels the modules would call; only the Python between them is
 Where the kernels allow (both groups, the append into the cache's buffers, the attention
 kernel, no per-head norms, no AMX tiles), the step is not even a dozen calls from Python but C
 calls that call the same kernels by pointer in the same order (`_chained`,
-`csrc/decode_step.cpp`; `use_chain` switches it off): in bfloat16 on AVX-512 one call per layer,
-SiLU x up included (computed with torch's own Sleef exp, and checked once per machine against
-`F.silu` for all 65536 bfloat16 values: `silu_exp`); in float32 two, with SiLU x up in torch
+`csrc/decode_step.cpp`; `use_chain` switches it off): in bfloat16 on AVX-512 or AVX2 one call
+per layer, SiLU x up included (computed with torch's own Sleef exp, and checked once per
+machine against `F.silu` for all 65536 bfloat16 values: `exp_for_silu`); in float32 two, with SiLU x up in torch
 between them (torch's float32 SiLU takes a chunk's last values through another exp, whose
 last bit differs). On the decode benchmark's model (Zen 5, 2 threads) the two calls took 6-13%
 off a step against the kernels called from Python, the one call 1-7% more.
@@ -235,10 +235,11 @@ _CHAIN_SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_step.cpp"
 
 
 @functools.lru_cache(maxsize=None)
-def chain_library() -> ctypes.CDLL | None:
+def chain_library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """`csrc/decode_step.cpp`: a layer's step as one or two C calls that call the kernels by
-    pointer (`_Chain`), built at first use like the kernels; None if it cannot be built."""
-    return kernels.compiled(_CHAIN_SOURCE, "parscale_step", (), _bind_chain, "CPU decode step",
+    pointer (`_Chain`), built at first use like the kernels; None if it cannot be built.
+    `flags` select narrower instruction paths (the tests use them)."""
+    return kernels.compiled(_CHAIN_SOURCE, "parscale_step", flags, _bind_chain, "CPU decode step",
                             "decode steps call the kernels one by one from Python")
 
 
@@ -263,18 +264,25 @@ def _bind_chain(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-@functools.lru_cache(maxsize=None)
 def silu_exp() -> int | None:
-    """The address of torch's own vectorised exp (`Sleef_expf16_u10`, which its CPU library
-    exports and its SiLU uses) where the chain library computes bfloat16 SiLU x up (AVX-512) and
-    gives `F.silu(gate) * up` bit for bit for every one of the 65536 bfloat16 gate values on
-    this machine (checked once here, about a millisecond); else None, and SiLU x up stays in
-    torch between the step's two C calls."""
+    """`exp_for_silu` of the chain library the step uses."""
     lib = chain_library()
-    if lib is None or not lib.parscale_has_silu():
+    return None if lib is None else exp_for_silu(lib)
+
+
+@functools.lru_cache(maxsize=None)
+def exp_for_silu(lib: ctypes.CDLL) -> int | None:
+    """The address of torch's own vectorised exp of the width `lib` computes bfloat16 SiLU x up
+    with (`Sleef_expf16_u10` with AVX-512, `Sleef_expf8_u10` with AVX2; torch's CPU library
+    exports both, and its SiLU uses one), where `lib` then gives `F.silu(gate) * up` bit for bit
+    for every one of the 65536 bfloat16 gate values on this machine (checked once here, about a
+    millisecond); else None, and SiLU x up stays in torch between the step's two C calls."""
+    width = lib.parscale_has_silu()
+    if width not in (8, 16):
         return None
     try:
-        exp = _address(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).Sleef_expf16_u10)
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        exp = _address(getattr(torch_cpu, f"Sleef_expf{width}_u10"))
     except (OSError, AttributeError):  # another platform's library name, or a torch built without Sleef
         return None
     gate = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # every bfloat16
@@ -313,7 +321,7 @@ class _Chain(NamedTuple):
     address: int
     front: object
     back: object
-    whole: object | None  # bfloat16 with `silu_exp`: the whole step in one call (front, SiLU x up, back)
+    whole: object | None  # bfloat16 with `exp_for_silu`: the whole step in one call (front, SiLU x up, back)
     kv: int  # the keys' heads
     head_dim: int
     inter: int  # gate's (and up's) outputs
@@ -502,8 +510,8 @@ def _chain(products: tuple, groups: tuple, norm_args: tuple, scaling: float, pre
         layer.norm_weight[i], layer.eps[i] = weight.data_ptr(), eps
     lib = libs[4]
     whole = None
-    if bf16 and silu_exp() is not None:
-        layer.exp, whole = silu_exp(), lib.parscale_layer_bf16
+    if bf16 and exp_for_silu(lib) is not None:
+        layer.exp, whole = exp_for_silu(lib), lib.parscale_layer_bf16
     return _Chain(layer, ctypes.addressof(layer), lib.parscale_layer_front_bf16 if bf16 else lib.parscale_layer_front_f32,
                   lib.parscale_layer_back_bf16 if bf16 else lib.parscale_layer_back_f32, whole, layer.kv, head_dim,
                   gate_up.splits[0])

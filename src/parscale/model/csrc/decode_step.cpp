@@ -16,16 +16,22 @@
 // nearest-even bfloat16). In float32, SiLU x up stays in torch between the two calls: torch
 // computes SiLU's exp with Sleef's vectorised exp on whole vectors and with the C library's on
 // a chunk's last values (fewer than 32), and the two differ in the last bit for some inputs. In
-// bfloat16 the whole step is one call (`parscale_layer_bf16`): SiLU is computed as torch's
-// vectorised loop computes it (x / (1 + exp(-x)) in float32, with the exp torch's own Sleef
-// function, found in torch's library by `decode_layer`), and for bfloat16 inputs both of
-// torch's exps give the same result for each of the 65536 values (checked at first use on
-// each machine, `decode_layer._silu_exp`, and by the tests).
+// bfloat16 on AVX-512 or AVX2 the whole step is one call (`parscale_layer_bf16`): SiLU is
+// computed as torch's vectorised loop computes it (x / (1 + exp(-x)) in float32, with the exp
+// torch's own Sleef function of the width, found in torch's library by `decode_layer`), and
+// for bfloat16 inputs torch's exps all give the same result for each of the 65536 values
+// (checked at first use on each machine, `decode_layer.silu_exp`, and by the tests).
 #include <cstdint>
 
 #include "common.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#define PARSCALE_SILU_WIDTH 16  // SiLU x up 16 values at a time, with Sleef_expf16_u10
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PARSCALE_SILU_WIDTH 8  // 8 at a time, with Sleef_expf8_u10
+#else
+#define PARSCALE_SILU_WIDTH 0  // none: the two calls, SiLU x up in torch
 #endif
 
 extern "C" {
@@ -141,6 +147,58 @@ void silu_mul(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t n
     store16(out + i, round16(_mm512_mul_ps(silu, widen16(up + i, m))), m);
   }
 }
+#elif PARSCALE_SILU_WIDTH == 8
+using Exp8 = __m256 (*)(__m256);
+
+__m256 widen8(const uint16_t* p) {  // 8 bfloat16 -> float32: the high halves
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+__m256 round8(__m256 v) {  // as round16 above
+  const __m256i bits = _mm256_castps_si256(v), high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), high);
+  const __m256i nan = _mm256_and_si256(_mm256_or_si256(bits, _mm256_set1_epi32(0x400000)), high);
+  return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(nan), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+void store8(uint16_t* p, __m256 rounded) {  // the high halves, in order (packus within each 128-bit lane)
+  const __m256i halves = _mm256_srli_epi32(_mm256_castps_si256(rounded), 16);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(halves, halves), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+void silu_mul8(const uint16_t* gate, const uint16_t* up, uint16_t* out, Exp8 exp) {
+  const __m256 g = widen8(gate);
+  const __m256 minus = _mm256_xor_ps(g, _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MIN)));
+  const __m256 silu = round8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp(minus))));
+  store8(out, round8(_mm256_mul_ps(silu, widen8(up))));
+}
+
+// silu_mul above, 8 values at a time; a last partial group goes through a zero-padded copy.
+void silu_mul(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t n, Exp8 exp, int threads) {
+  const int64_t blocks = (n + 7) / 8;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n >= 8192)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t i = b * 8;
+    if (n - i >= 8) {
+      silu_mul8(gate + i, up + i, out + i, exp);
+    } else {
+      uint16_t g[8] = {}, u[8] = {}, o[8];
+      std::memcpy(g, gate + i, (n - i) * sizeof(uint16_t));
+      std::memcpy(u, up + i, (n - i) * sizeof(uint16_t));
+      silu_mul8(g, u, o, exp);
+      std::memcpy(out + i, o, (n - i) * sizeof(uint16_t));
+    }
+  }
+}
+#endif
+
+#if PARSCALE_SILU_WIDTH == 16
+using ExpFn = Exp16;
+#elif PARSCALE_SILU_WIDTH == 8
+using ExpFn = Exp8;
 #endif
 
 template <typename T>
@@ -213,21 +271,16 @@ extern "C" void parscale_layer_back_bf16(const ParscaleLayer* c, const uint16_t*
   back(c, m, rows, h, out, threads);
 }
 
-// 1 where this build computes bfloat16 SiLU x up (AVX-512: the layer's step in one call).
-extern "C" int parscale_has_silu() {
-#if defined(__AVX512F__)
-  return 1;
-#else
-  return 0;
-#endif
-}
+// The values this build computes bfloat16 SiLU x up with at a time: 16 (AVX-512, torch's
+// Sleef_expf16_u10), 8 (AVX2, Sleef_expf8_u10) or 0 (none: the two calls).
+extern "C" int parscale_has_silu() { return PARSCALE_SILU_WIDTH; }
 
-// out [n] = bfloat16(silu(gate)) * up (`silu_mul`), exp torch's Sleef_expf16_u10. Only called
-// where parscale_has_silu() says so.
+// out [n] = bfloat16(silu(gate)) * up (`silu_mul`), exp torch's Sleef exp of the width
+// parscale_has_silu() gives. Only called where that is not 0.
 extern "C" void parscale_silu_mul_bf16(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t n, void* exp,
                                        int threads) {
-#if defined(__AVX512F__)
-  silu_mul(gate, up, out, n, reinterpret_cast<Exp16>(exp), threads);
+#if PARSCALE_SILU_WIDTH
+  silu_mul(gate, up, out, n, reinterpret_cast<ExpFn>(exp), threads);
 #else
   (void)gate, (void)up, (void)out, (void)n, (void)exp, (void)threads;
 #endif
@@ -239,12 +292,12 @@ extern "C" void parscale_layer_bf16(const ParscaleLayer* c, const uint16_t* hidd
                                     const uint16_t* sin, int64_t cs_stride, uint16_t* kbuf, uint16_t* vbuf,
                                     int64_t buf_row_stride, int64_t buf_head_stride, int64_t column, const float* mask,
                                     int64_t mask_rows, uint16_t* out, int threads) {
-#if defined(__AVX512F__)
+#if PARSCALE_SILU_WIDTH
   const int64_t inter = c->gate_up.N[0], n = rows * inter;
   parscale::Buffer<uint16_t> h(rows * c->hidden), gate_up(2 * n), m(n);
   front(c, hidden, rows, cos, sin, cs_stride, kbuf, vbuf, buf_row_stride, buf_head_stride, column, mask, mask_rows,
         h.data(), gate_up.data(), threads);
-  silu_mul(gate_up.data(), gate_up.data() + n, m.data(), n, reinterpret_cast<Exp16>(c->exp), threads);
+  silu_mul(gate_up.data(), gate_up.data() + n, m.data(), n, reinterpret_cast<ExpFn>(c->exp), threads);
   back(c, m.data(), rows, h.data(), out, threads);
 #else
   (void)c, (void)hidden, (void)rows, (void)cos, (void)sin, (void)cs_stride, (void)kbuf, (void)vbuf;
