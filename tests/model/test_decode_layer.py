@@ -169,6 +169,34 @@ def test_each_decode_step_equals_the_layers_own_forward_bit_for_bit(tiny_factory
     assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))
 
 
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_the_step_on_narrower_instruction_paths_equals_the_layers_own_forward(tiny_factory, count_calls, monkeypatch,
+                                                                             isa):
+    """Every kernel built for AVX2 (the one-call bfloat16 step with 8-wide SiLU x up) or for plain
+    C++ (two calls, SiLU x up in torch), for the modules and the step alike: the step's logits
+    are the layers' own forward's bit for bit, float and int8."""
+    from parscale.model import norms, quantize
+
+    builds = {name: build_or_skip(library, isa, name) for name, library in (
+        ("few-row product", kernels.library), ("int8 kernel", quantize.library), ("norm kernel", norms.library),
+        ("decode attention kernel", prefix_attention.kernel_library), ("decode step chain", decode_layer.chain_library))}
+    product, int8, norm, attention, chain = builds.values()
+    for owner, name, lib in ((kernels, "library", product), (quantize, "library", int8), (norms, "library", norm),
+                             (prefix_attention, "kernel_library", attention), (decode_layer, "chain_library", chain)):
+        monkeypatch.setattr(owner, name, lambda flags=(), lib=lib: lib)
+    monkeypatch.setattr(decode_layer, "_libraries", decode_layer._libraries.__wrapped__)  # not the native builds kept
+    chained = count_calls(decode_layer, "_chained")
+    for quantized in (None, 16):
+        model = _model(tiny_factory, 2, torch.bfloat16, int8=quantized)
+        ids, mask = _padded_batch(3)
+        chained[0] = 0
+        fast, own, taken = _with_and_without_the_step(model, ids, mask, 5, count_calls(decode_layer, "_step"))
+        assert taken == 2 * 4 and chained[0] == taken, (isa, quantized)
+        assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits)), (isa, quantized)
+        whole = decode_layer.exp_for_silu(chain) is not None
+        assert whole == (isa == "avx2" and "avx2" in cpu_flags()), isa
+
+
 def test_steps_past_the_cache_room_and_a_cache_of_its_own_take_update(tiny_factory, count_calls):
     """When a step's keys fill the buffers, the cache's own `update` grows them (and the steps
     after append in place again); a cache class with its own `update` always gets it called.
@@ -217,6 +245,12 @@ def test_other_families_and_int8_equal_the_layers_own_forward(tiny_factory, coun
         # q/k/v and gate/up as groups, in the two C calls or from Python
         assert taken == 2 * 4 and (chained[0], grouped[0]) == ((taken, 0) if chain else (0, 2 * taken)), (family, int8)
         assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits)), (family, int8, chain)
+
+
+def cpu_flags() -> list[str]:
+    from parscale.machine import cpu_info
+
+    return cpu_info()["flags"]
 
 
 def _bfloat16_bits_equal(got: torch.Tensor, want: torch.Tensor) -> bool:
