@@ -137,6 +137,25 @@ inline float hsum(__m256 v) {
 inline __mmask16 first16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 inline __mmask32 first32(int64_t n) { return n >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1); }
 inline __mmask64 first64(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
+
+// The 16-lane load8, round_bf16 and store8 (masked: the lanes past a row's end are not read, or
+// not written).
+inline __m512 load16(const float* w, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, w); }
+inline __m512 load16(const uint16_t* w, __mmask16 mask) {  // bfloat16 bits -> float32
+  __m256i half = _mm256_maskz_loadu_epi16(mask, w);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+inline __m512 round_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)),
+                                           _mm512_set1_epi32(int(0xffff0000u)));
+  const __m512i quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x00400000));  // as store()
+  return _mm512_castsi512_ps(_mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, quiet));
+}
+inline void store16(uint16_t* out, __m512 v, __mmask16 mask) {  // v already rounded to bfloat16: its high halves
+  _mm256_mask_storeu_epi16(out, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
 #endif
 #endif
 

@@ -20,15 +20,13 @@
 // computed as torch's vectorised loop computes it (x / (1 + exp(-x)) in float32, with the exp
 // torch's own Sleef function of the width, found in torch's library by `decode_layer`), and
 // for bfloat16 inputs torch's exps all give the same result for each of the 65536 values
-// (checked at first use on each machine, `decode_layer.silu_exp`, and by the tests).
+// (checked at first use on each machine, `decode_layer.exp_for_silu`, and by the tests).
 #include <cstdint>
 
-#include "common.h"
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#include "common.h"  // with AVX2, its 8-lane bfloat16 load, rounding and store; with AVX-512, 16-lane ones
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #define PARSCALE_SILU_WIDTH 16  // SiLU x up 16 values at a time, with Sleef_expf16_u10
-#elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+#elif defined(PARSCALE_AVX2)
 #define PARSCALE_SILU_WIDTH 8  // 8 at a time, with Sleef_expf8_u10
 #else
 #define PARSCALE_SILU_WIDTH 0  // none: the two calls, SiLU x up in torch
@@ -65,7 +63,7 @@ struct ParscaleLayer {
   const void* prefix_k;  // [P, kv, T, D]
   const void* prefix_v;
   int64_t hidden, heads, kv, head_dim, n_prefix, n_streams;
-  void* exp;  // bfloat16 in one call: torch's Sleef_expf16_u10 (null: the two calls, SiLU x up in torch)
+  void* exp;  // bfloat16 in one call: torch's Sleef exp of PARSCALE_SILU_WIDTH lanes (null: the two calls)
 };
 
 }  // extern "C"
@@ -111,73 +109,36 @@ int64_t lines(int64_t n) {
   return (n + per_line - 1) / per_line * per_line;
 }
 
-#if defined(__AVX512F__)
-using Exp16 = __m512 (*)(__m512);
-
-__m512 widen16(const uint16_t* p, __mmask16 m) {  // 16 bfloat16 -> float32: the high halves
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-__m512 round16(__m512 v) {  // float32 -> the nearest-even bfloat16, as float32 (parscale::store's rounding)
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))),
-                                           _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
-  const __m512i nan = _mm512_and_si512(_mm512_or_si512(bits, _mm512_set1_epi32(0x400000)),
-                                       _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
-  return _mm512_castsi512_ps(_mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, nan));
-}
-
-void store16(uint16_t* p, __m512 rounded, __mmask16 m) {  // the high halves of values rounded by round16
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
-}
+#if PARSCALE_SILU_WIDTH == 16
+using ExpFn = __m512 (*)(__m512);
 
 // out = bfloat16(silu(gate)) * up, rounded, as F.silu(gate) * up computes it: torch's loop takes
 // x / (1 + exp(-x)) in float32 (exp: Sleef's), rounds it to bfloat16, and the product is the
 // float32 one rounded.
-void silu_mul(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t n, Exp16 exp, int threads) {
+void silu_mul(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t n, ExpFn exp, int threads) {
   const int64_t blocks = (n + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 8192)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t i = b * 16;
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    const __m512 g = widen16(gate + i, m);
+    const __mmask16 m = parscale::first16(n - i);
+    const __m512 g = parscale::load16(gate + i, m);
     const __m512 minus = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_set1_epi32(INT32_MIN)));
-    const __m512 silu = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp(minus))));
-    store16(out + i, round16(_mm512_mul_ps(silu, widen16(up + i, m))), m);
+    const __m512 silu = parscale::round_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp(minus))));
+    parscale::store16(out + i, parscale::round_bf16(_mm512_mul_ps(silu, parscale::load16(up + i, m))), m);
   }
 }
 #elif PARSCALE_SILU_WIDTH == 8
-using Exp8 = __m256 (*)(__m256);
+using ExpFn = __m256 (*)(__m256);
 
-__m256 widen8(const uint16_t* p) {  // 8 bfloat16 -> float32: the high halves
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
-__m256 round8(__m256 v) {  // as round16 above
-  const __m256i bits = _mm256_castps_si256(v), high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), high);
-  const __m256i nan = _mm256_and_si256(_mm256_or_si256(bits, _mm256_set1_epi32(0x400000)), high);
-  return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(nan), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-}
-
-void store8(uint16_t* p, __m256 rounded) {  // the high halves, in order (packus within each 128-bit lane)
-  const __m256i halves = _mm256_srli_epi32(_mm256_castps_si256(rounded), 16);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(halves, halves), 0xD8);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
-
-void silu_mul8(const uint16_t* gate, const uint16_t* up, uint16_t* out, Exp8 exp) {
-  const __m256 g = widen8(gate);
+void silu_mul8(const uint16_t* gate, const uint16_t* up, uint16_t* out, ExpFn exp) {  // 8 values of silu_mul above
+  const __m256 g = parscale::load8(gate);
   const __m256 minus = _mm256_xor_ps(g, _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MIN)));
-  const __m256 silu = round8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp(minus))));
-  store8(out, round8(_mm256_mul_ps(silu, widen8(up))));
+  const __m256 silu = parscale::round_bf16(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp(minus))));
+  parscale::store8(out, parscale::round_bf16(_mm256_mul_ps(silu, parscale::load8(up))));
 }
 
 // silu_mul above, 8 values at a time; a last partial group goes through a zero-padded copy.
-void silu_mul(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t n, Exp8 exp, int threads) {
+void silu_mul(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t n, ExpFn exp, int threads) {
   const int64_t blocks = (n + 7) / 8;
 #pragma omp parallel for schedule(static) num_threads(threads) if (n >= 8192)
   for (int64_t b = 0; b < blocks; ++b) {
@@ -193,12 +154,6 @@ void silu_mul(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t n
     }
   }
 }
-#endif
-
-#if PARSCALE_SILU_WIDTH == 16
-using ExpFn = Exp16;
-#elif PARSCALE_SILU_WIDTH == 8
-using ExpFn = Exp8;
 #endif
 
 template <typename T>

@@ -69,11 +69,7 @@ constexpr int64_t BLOCK_N = 16;
 using parscale::hsum;
 using parscale::load8;
 #ifdef PARSCALE_AVX512
-inline __m512 load16(const float* w, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, w); }
-inline __m512 load16(const uint16_t* w, __mmask16 mask) {  // bfloat16 bits -> float32
-  __m256i half = _mm256_maskz_loadu_epi16(mask, w);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
+using parscale::load16;
 #ifdef PARSCALE_BF16DOT
 inline __m512bh bf16x32(const uint16_t* p, __mmask32 mask) {  // 32 bfloat16 values (masked lanes 0)
   const __m512i v = _mm512_maskz_loadu_epi16(mask, p);
