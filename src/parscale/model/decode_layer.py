@@ -264,12 +264,6 @@ def _bind_chain(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def silu_exp() -> int | None:
-    """`exp_for_silu` of the chain library the step uses."""
-    lib = chain_library()
-    return None if lib is None else exp_for_silu(lib)
-
-
 @functools.lru_cache(maxsize=None)
 def exp_for_silu(lib: ctypes.CDLL) -> int | None:
     """The address of torch's own vectorised exp of the width `lib` computes bfloat16 SiLU x up
@@ -473,9 +467,7 @@ def _address(fn) -> int:
     return ctypes.cast(fn, ctypes.c_void_p).value
 
 
-def _c_product(group: _Group | None) -> _CProduct | None:
-    if group is None:
-        return None
+def _c_product(group: _Group) -> _CProduct:
     product = _CProduct(fn=_address(group.entry), int8=int(group.scales is not None), bits=group.bits or 0,
                         bias_bf16=group.bias_bf16, K=group.k, G=len(group.splits))
     for g, n in enumerate(group.splits):
@@ -488,12 +480,12 @@ def _c_product(group: _Group | None) -> _CProduct | None:
 def _chain(products: tuple, groups: tuple, norm_args: tuple, scaling: float, prefix: tuple, head_dim: int, libs: tuple,
            dtype: torch.dtype) -> _Chain | None:
     """The layer's `_Chain`: q/k/v and gate/up as their groups, o and down as groups of one
-    (the group entries give what the single entries give, bit for bit); None where o or down
-    cannot be one, or gate and up differ in size (SiLU x up)."""
+    (the group entries give what the single entries give, bit for bit); None where gate and up
+    differ in size (SiLU x up)."""
     qkv, gate_up = groups
-    o, down = (_c_product(_group((products[i],), libs, dtype)) for i in (3, 6))
-    if o is None or down is None or gate_up.splits[0] != gate_up.splits[1]:
+    if gate_up.splits[0] != gate_up.splits[1]:
         return None
+    o, down = (_c_product(_group((products[i],), libs, dtype)) for i in (3, 6))
     bf16 = dtype == torch.bfloat16
     attention_lib, prefix_k, prefix_v = libs[3], *prefix
     layer = _CLayer(
@@ -509,9 +501,10 @@ def _chain(products: tuple, groups: tuple, norm_args: tuple, scaling: float, pre
     for i, (weight, eps) in enumerate(norm_args):
         layer.norm_weight[i], layer.eps[i] = weight.data_ptr(), eps
     lib = libs[4]
+    exp = exp_for_silu(lib) if bf16 else None
     whole = None
-    if bf16 and exp_for_silu(lib) is not None:
-        layer.exp, whole = exp_for_silu(lib), lib.parscale_layer_bf16
+    if exp is not None:
+        layer.exp, whole = exp, lib.parscale_layer_bf16
     return _Chain(layer, ctypes.addressof(layer), lib.parscale_layer_front_bf16 if bf16 else lib.parscale_layer_front_f32,
                   lib.parscale_layer_back_bf16 if bf16 else lib.parscale_layer_back_f32, whole, layer.kv, head_dim,
                   gate_up.splits[0])
@@ -559,7 +552,6 @@ def decode_step(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> 
     return _step(layout, hidden_states, kwargs.get("attention_mask"), cos, sin, cache, append)
 
 
-
 def _step(layout: _Layout, hidden_states, mask, cos, sin, cache, append: bool) -> torch.Tensor:
     """The stock layer's arithmetic in its order (see the module docstring); the checks are done."""
     q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = layout.products
@@ -567,9 +559,8 @@ def _step(layout: _Layout, hidden_states, mask, cos, sin, cache, append: bool) -
     threads = torch.get_num_threads()
     hidden_states = hidden_states if hidden_states.is_contiguous() else hidden_states.contiguous()
     amx = rows >= kernels.AMX_MIN_ROWS and getattr(libs[0], "amx", False)  # the tiles may take float products
-    chain = layout.chain
+    layer_cache, chain = cache.layers[layout.index], layout.chain
     if chain is not None and use_chain and append and not amx and prefix_attention.use_kernel:
-        layer_cache = cache.layers[layout.index]
         column = layer_cache.free_column(rows, chain.kv, head_dim, hidden_states.dtype)
         if column is not None:
             return _chained(chain, hidden_states, mask, cos, sin, layer_cache, column, threads)
@@ -587,7 +578,6 @@ def _step(layout: _Layout, hidden_states, mask, cos, sin, cache, append: bool) -
         query = norms.rms_norm(query.view(rows, heads, head_dim), *layout.head_norms[0], libs[2]).view(rows, 1, -1)
         key = norms.rms_norm(key.view(rows, kv, head_dim), *layout.head_norms[1], libs[2]).view(rows, 1, -1)
     rotary_in_place(query, heads, cos, sin, libs[3])
-    layer_cache = cache.layers[layout.index]
     column = layer_cache.free_column(rows, kv, head_dim, hidden_states.dtype) if append else None
     if column is not None:  # rotated straight into the cache's buffers: what the two lines below do
         rotary_append(key, value, kv, cos, sin, layer_cache._buffers, column, libs[3])
@@ -628,20 +618,19 @@ def _chained(chain: _Chain, hidden_states, mask, cos, sin, layer_cache: GrowingL
     rows, dtype = hidden_states.shape[0], hidden_states.dtype
     keys, values = layer_cache._buffers
     additive = prefix_attention.additive_mask(mask)
-    mask_args = (additive.data_ptr(), additive.shape[0]) if additive is not None else (None, 0)
+    # the arguments the one call and the front share (csrc/decode_step.cpp)
+    args = (chain.address, hidden_states.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
+            chain.head_dim if cos.shape[0] > 1 else 0, keys.data_ptr(), values.data_ptr(), keys.stride(0),
+            keys.stride(1), column, *((additive.data_ptr(), additive.shape[0]) if additive is not None else (None, 0)))
     if chain.whole is not None:
         out = torch.empty(hidden_states.shape, dtype=dtype)
-        chain.whole(chain.address, hidden_states.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
-                    chain.head_dim if cos.shape[0] > 1 else 0, keys.data_ptr(), values.data_ptr(), keys.stride(0),
-                    keys.stride(1), column, *mask_args, out.data_ptr(), threads)
+        chain.whole(*args, out.data_ptr(), threads)
         layer_cache.filled(column + 1)
         return out
     h = torch.empty(hidden_states.shape, dtype=dtype)
     n = rows * chain.inter
     gate_up = torch.empty(2 * n, dtype=dtype)
-    chain.front(chain.address, hidden_states.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(),
-                chain.head_dim if cos.shape[0] > 1 else 0, keys.data_ptr(), values.data_ptr(), keys.stride(0),
-                keys.stride(1), column, *mask_args, h.data_ptr(), gate_up.data_ptr(), threads)
+    chain.front(*args, h.data_ptr(), gate_up.data_ptr(), threads)
     layer_cache.filled(column + 1)
     up = F.silu(gate_up[:n].view(rows, 1, -1)) * gate_up[n:].view(rows, 1, -1)
     out = torch.empty(hidden_states.shape, dtype=dtype)

@@ -45,12 +45,9 @@ class GrowingLayer(DynamicLayer):
                 torch.compiler.is_compiling():
             self._buffers = None  # the stock concatenation, which autograd and the compiler know
             return super().update(key_states, value_states, *args, **kwargs)
-        keys, buffers, new = self.keys, self._buffers, key_states.shape[-2]
+        keys, buffers, new = self.keys, self._views(), key_states.shape[-2]
         length = keys.shape[-2] if keys.dim() == key_states.dim() else 0  # the empty start is 1-D
-        # `keys` is no longer the start of the buffer once `reorder_cache`, `batch_select_indices`
-        # or `reset` put other tensors in its place (a `crop` keeps a shorter view of it)
-        if (buffers is None or keys.data_ptr() != buffers[0].data_ptr() or keys.shape[:-2] != buffers[0].shape[:-2]
-                or length + new > buffers[0].shape[-2]):
+        if buffers is None or length + new > buffers[0].shape[-2]:
             buffers = self._grow(key_states, value_states, length, length + new)
         buffers[0][..., length:length + new, :] = key_states
         buffers[1][..., length:length + new, :] = value_states
@@ -61,16 +58,24 @@ class GrowingLayer(DynamicLayer):
         """Where the next token's keys and values go when the buffers have room for one more and
         `keys`/`values` are still their views of these shapes: then the decode step
         (`decode_layer`) writes that column itself and calls `filled`. Else None (`update`)."""
-        buffers = self._buffers
+        buffers = self._views()
         if buffers is None:
             return None
-        keys, buffer = self.keys, buffers[0]
-        if (keys.data_ptr() != buffer.data_ptr() or keys.dim() != 4 or buffer.shape[0] != rows
-                or buffer.shape[1] != heads or buffer.shape[3] != dim or buffer.dtype != dtype
+        buffer = buffers[0]
+        if (buffer.shape[0] != rows or buffer.shape[1] != heads or buffer.shape[3] != dim or buffer.dtype != dtype
                 or buffers[1].shape != buffer.shape or buffers[1].dtype != dtype):
             return None
-        length = keys.shape[2]
+        length = self.keys.shape[2]
         return length if length < buffer.shape[2] else None
+
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The buffers while `keys` is still their view; else None. It is no longer once
+        `batch_select_indices` or `reset` put other tensors in its place (a `crop` keeps a
+        shorter view of it, `reorder_cache` gathers the buffers themselves)."""
+        buffers, keys = self._buffers, self.keys
+        if buffers is None or keys.data_ptr() != buffers[0].data_ptr() or keys.shape[:-2] != buffers[0].shape[:-2]:
+            return None
+        return buffers
 
     def filled(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`keys` and `values` as the views of the buffers' first `length` positions (`update`'s)."""
@@ -94,10 +99,8 @@ class GrowingLayer(DynamicLayer):
         them again into new buffers and appended through `update` (never the decode step's own
         append). One gather of the whole buffers instead (their room is at most a quarter of the
         cache), and `keys`/`values` their views again."""
-        buffers = self._buffers
-        keys = self.keys
-        if (buffers is None or keys.dim() != 4 or keys.data_ptr() != buffers[0].data_ptr()
-                or keys.shape[:-2] != buffers[0].shape[:-2] or torch.compiler.is_compiling()
+        buffers, keys = self._views(), self.keys
+        if (buffers is None or torch.compiler.is_compiling()
                 or (torch.is_grad_enabled() and (keys.requires_grad or self.values.requires_grad))):
             self._buffers = None
             return super().reorder_cache(beam_idx)
