@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _isa import require_kernel
+from _isa import ISA_FLAGS, build_or_skip, require_kernel
 from parscale.model import decode_layer
 from parscale.model import prefix_attention as attention
 from parscale.model.config import ParScaleConfig
@@ -91,20 +91,29 @@ def test_equals_a_float64_loop_over_rows_and_heads(impl, dtype, mask_kind, batch
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("isa", list(ISA_FLAGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv, groups, dim, n_prefix, length", [
-    (4, 4, 64, 48, 96),  # the decode benchmark's heads; the prefix and the cache in whole blocks of 8 keys
+    (4, 4, 64, 48, 96),  # the decode benchmark's heads; the prefix and the cache in whole blocks of 8 (16) keys
     (2, 7, 24, 3, 13),  # query heads in blocks of 4 and 3, a 16- and an 8-column block of output
-    (1, 2, 128, 9, 5),  # fewer cache keys than one block
+    (1, 2, 128, 9, 5),  # fewer cache keys than one block; with AVX-512 two 64-column blocks of output
     (2, 2, 12, 4, 10),  # a head size the vector loops do not take: the plain loops
+    (2, 3, 48, 17, 21),  # AVX-512: 16-lane loops (48 = 3 x 16) but not vdpbf16ps (not a multiple of 32)
+    (1, 5, 16, 2, 33),  # AVX-512: one 16-column vector per key, 16-key blocks with one key left over
+    (2, 4, 96, 31, 1),  # AVX-512: vdpbf16ps over three 32-column steps, one cached key
 ])
-def test_the_kernel_on_other_shapes_equals_the_float64_loop(dtype, kv, groups, dim, n_prefix, length):
+def test_the_kernel_on_other_shapes_equals_the_float64_loop(isa, dtype, kv, groups, dim, n_prefix, length):
     """Queries scaled so the scores spread over tens of units: the kernel's exponential is a
-    polynomial, exact to float32 only over the whole range it is used on."""
-    inputs = _inputs(2, 3, dtype, "bool", length=length, kv=kv, groups=groups, n_prefix=n_prefix, dim=dim,
-                     spread=4.0)
+    polynomial, exact to float32 only over the whole range it is used on. Each instruction path
+    (`_isa.ISA_FLAGS`): AVX-512 (16 keys a time, bfloat16 scores by `vdpbf16ps`), AVX2, plain C++."""
+    lib = build_or_skip(attention.kernel_library, isa, "decode attention kernel")
+    query, key, value, mask, prefix_k, prefix_v, scaling = _inputs(
+        2, 3, dtype, "bool", length=length, kv=kv, groups=groups, n_prefix=n_prefix, dim=dim, spread=4.0)
+    got = attention.call_kernel(query.contiguous(), key, value, attention.additive_mask(mask), prefix_k, prefix_v,
+                                scaling, lib)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(_kernel(*inputs).double(), _reference(*inputs), rtol=tol, atol=tol)
+    torch.testing.assert_close(got.double(), _reference(query, key, value, mask, prefix_k, prefix_v, scaling),
+                               rtol=tol, atol=tol)
 
 
 def test_the_kernel_propagates_nan():

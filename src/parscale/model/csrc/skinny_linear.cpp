@@ -212,6 +212,15 @@ inline void block(const float* x, int64_t len, int64_t ld, const WT* w, float* o
 }
 
 #ifdef PARSCALE_BF16DOT
+// Bytes of weights ahead that the side-by-side bfloat16 rows below ask for. With 5-8 rows of x
+// each weight line takes 8 `vdpbf16ps` per row pair, long enough that lines asked for only the
+// next R rows ahead (4 KB at K = 1024) arrived late, and the step took about the sum of its
+// arithmetic and its memory time. The 113 matrices of the decode benchmark's model at 8 rows
+// (Zen 5, 2 threads, 10 interleaved rounds with the memory fast, 73-90 GB/s): 11.28 -> 9.47 ms
+// (faster in every round; 8 KB 9.64, 16 KB 9.61); with the memory slow (45-55 GB/s, shared) the
+// same within the noise.
+constexpr int64_t DOT_AHEAD = 12288;
+
 // The same with bfloat16 activations: vdpbf16ps multiplies 32 bfloat16 pairs exactly and adds
 // them into 16 float32 sums, so nothing is widened in registers (the widening made the AVX2
 // path core-bound at half the bytes). The inputs are exactly those the stock kernels see.
@@ -222,11 +231,15 @@ inline void block(const uint16_t* x, int64_t len, int64_t ld, const uint16_t* w,
   __m512 acc[R][MC];
   PARSCALE_UNROLL for (int r = 0; r < R; ++r)
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
+  // The lines asked for lie DOT_AHEAD bytes of this pass's reads ahead: whole groups of R rows
+  // ahead at the same columns (a block's rows lie one after another).
+  const int64_t group = R * len * int64_t(sizeof(uint16_t));
+  const uint16_t* next = w + (DOT_AHEAD + group - 1) / group * R * ld;
   for (int64_t k = 0; k < len; k += 32) {
     const __mmask32 mask = parscale::first32(len - k);
     __m512i wv[R];
     PARSCALE_UNROLL for (int r = 0; r < R; ++r) {
-      PARSCALE_PREFETCH(w, r, R, ld, k);
+      _mm_prefetch(reinterpret_cast<const char*>(next + r * ld + k), _MM_HINT_T0);
       wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * ld + k);
     }
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m) {
