@@ -190,8 +190,8 @@ void weighted8(const float* p, int64_t G, int64_t D, const T* values, int64_t N,
 // the bfloat16 query and key pairs exactly and sums them in float32, the scale applied to the
 // sum (the same scores up to float32 rounding; the other paths scale the query first). At P = 8
 // of the decode benchmark (8 rows, 16 heads, 4 KV heads, 64 columns, 48 + 96 keys, 2 threads,
-// bfloat16, inputs in cache) the AVX2 loops took 31 us per layer, these 18 (float32 36 against
-// 25; benchmarks/decode_attention.py, Zen 5).
+// bfloat16, inputs in cache) the AVX2 loops took 31 us per layer, these 20 (float32 36 against
+// 26; benchmarks/decode_attention.py, Zen 5).
 using parscale::load16;
 
 // The sixteen sums of sixteen vectors, as one vector (a[i]'s sum in lane i): pairs combined
