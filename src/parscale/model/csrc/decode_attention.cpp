@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -133,52 +134,69 @@ void scores8(const float* q, int64_t G, int64_t D, const T* keys, int64_t N, int
   }
 }
 
-// out[g][d0, d0 + 8 DV) += sum_j p[g * n_all + j] * values[j][d0, d0 + 8 DV) for GB heads: the
-// GB x DV accumulators stay in registers over all N keys; each value vector is read (and
-// widened) once for the GB heads.
-template <int GB, int DV, typename T>
+// The float32 vectors of one width for the loops below written once for both: 8 lanes (AVX2)
+// or 16 (AVX-512, Lanes16 further down).
+struct Lanes8 {
+  using V = __m256;
+  static constexpr int n = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  template <typename T>
+  static V widen(const T* v) { return load8(v); }  // float32 or bfloat16 values as float32
+  static V splat(const float* x) { return _mm256_broadcast_ss(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static void add_to(float* o, V v) { _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), v)); }
+};
+
+// out[g][d0, d0 + n DV) += sum_j p[g * n_all + j] * values[j][d0, d0 + n DV) for GB heads, n the
+// lanes of L: the GB x DV accumulators stay in registers over all N keys; each value vector is
+// read (and widened) once for the GB heads.
+template <typename L, int GB, int DV, typename T>
 inline void weighted_block(const float* p, int64_t n_all, const T* values, int64_t N, int64_t stride, float* out,
                            int64_t D, int64_t d0) {
-  __m256 acc[GB][DV];
+  typename L::V acc[GB][DV];
   PARSCALE_UNROLL for (int g = 0; g < GB; ++g)
-    PARSCALE_UNROLL for (int u = 0; u < DV; ++u) acc[g][u] = _mm256_setzero_ps();
+    PARSCALE_UNROLL for (int u = 0; u < DV; ++u) acc[g][u] = L::zero();
   for (int64_t j = 0; j < N; ++j) {
     const T* v = values + j * stride + d0;
-    __m256 x[DV];
-    PARSCALE_UNROLL for (int u = 0; u < DV; ++u) x[u] = load8(v + 8 * u);
+    typename L::V x[DV];
+    PARSCALE_UNROLL for (int u = 0; u < DV; ++u) x[u] = L::widen(v + L::n * u);
     PARSCALE_UNROLL for (int g = 0; g < GB; ++g) {
-      const __m256 w = _mm256_broadcast_ss(p + g * n_all + j);
-      PARSCALE_UNROLL for (int u = 0; u < DV; ++u) acc[g][u] = _mm256_fmadd_ps(w, x[u], acc[g][u]);
+      const typename L::V w = L::splat(p + g * n_all + j);
+      PARSCALE_UNROLL for (int u = 0; u < DV; ++u) acc[g][u] = L::fma(w, x[u], acc[g][u]);
     }
   }
   PARSCALE_UNROLL for (int g = 0; g < GB; ++g)
-    PARSCALE_UNROLL for (int u = 0; u < DV; ++u) {
-      float* o = out + g * D + d0 + 8 * u;
-      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[g][u]));
-    }
+    PARSCALE_UNROLL for (int u = 0; u < DV; ++u) L::add_to(out + g * D + d0 + L::n * u, acc[g][u]);
 }
 
 template <int GB, typename T>
 void weighted_heads(const float* p, int64_t n_all, const T* values, int64_t N, int64_t stride, float* out, int64_t D) {
   int64_t d0 = 0;
-  for (; d0 + 16 <= D; d0 += 16) weighted_block<GB, 2>(p, n_all, values, N, stride, out, D, d0);
-  if (d0 < D) weighted_block<GB, 1>(p, n_all, values, N, stride, out, D, d0);  // D % 16 == 8
+  for (; d0 + 16 <= D; d0 += 16) weighted_block<Lanes8, GB, 2>(p, n_all, values, N, stride, out, D, d0);
+  if (d0 < D) weighted_block<Lanes8, GB, 1>(p, n_all, values, N, stride, out, D, d0);  // D % 16 == 8
+}
+
+// G query heads in blocks of up to 4: heads(std::integral_constant<int, GB>, g0) for each block,
+// its size a compile-time constant (the accumulators of its heads live in registers).
+template <typename Heads>
+void in_head_blocks(int64_t G, Heads heads) {
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    switch (std::min<int64_t>(4, G - g0)) {
+      case 4: heads(std::integral_constant<int, 4>{}, g0); break;
+      case 3: heads(std::integral_constant<int, 3>{}, g0); break;
+      case 2: heads(std::integral_constant<int, 2>{}, g0); break;
+      default: heads(std::integral_constant<int, 1>{}, g0); break;
+    }
+  }
 }
 
 // weighted() for D % 8 == 0, query heads in blocks of up to 4.
 template <typename T>
 void weighted8(const float* p, int64_t G, int64_t D, const T* values, int64_t N, int64_t stride, float* out,
                int64_t n_all) {
-  for (int64_t g0 = 0; g0 < G; g0 += 4) {
-    const float* pg = p + g0 * n_all;
-    float* og = out + g0 * D;
-    switch (std::min<int64_t>(4, G - g0)) {
-      case 4: weighted_heads<4>(pg, n_all, values, N, stride, og, D); break;
-      case 3: weighted_heads<3>(pg, n_all, values, N, stride, og, D); break;
-      case 2: weighted_heads<2>(pg, n_all, values, N, stride, og, D); break;
-      default: weighted_heads<1>(pg, n_all, values, N, stride, og, D); break;
-    }
-  }
+  in_head_blocks(G, [&](auto block, int64_t g0) {
+    weighted_heads<decltype(block)::value>(p + g0 * n_all, n_all, values, N, stride, out + g0 * D, D);
+  });
 }
 #endif
 
@@ -209,30 +227,36 @@ inline __m512 sum16(const __m512 a[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
 }
 
-inline void store_scores(float* out, __m512 sums, int64_t nb) {
-  _mm512_mask_storeu_ps(out, parscale::first16(nb), sums);
-}
-
-// scores() for D % 16 == 0: sixteen keys at a time (a short last block scores its last key again,
-// unused), float32 query (already scaled) by keys widened in registers.
-template <typename T>
-void scores16(const float* q, int64_t G, int64_t D, const T* keys, int64_t N, int64_t stride, float* s,
-              int64_t n_all) {
+// Sixteen keys at a time (a short last block scores its last key again, unused): for each query
+// head, acc[i] = dot(acc[i], load(q + d), key_i + d) over the D columns, S at a time, then the
+// sixteen sums times `scale` into s.
+template <int S, typename QT, typename T, typename Load, typename Dot>
+void scores16_by(const QT* q, int64_t G, int64_t D, const T* keys, int64_t N, int64_t stride, float scale, float* s,
+                 int64_t n_all, Load load, Dot dot) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
   for (int64_t j0 = 0; j0 < N; j0 += 16) {
     const int64_t nb = std::min<int64_t>(16, N - j0);
     const T* k[16];
     PARSCALE_UNROLL for (int i = 0; i < 16; ++i) k[i] = keys + (j0 + std::min<int64_t>(i, nb - 1)) * stride;
     for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * D;
+      const QT* qg = q + g * D;
       __m512 acc[16];
       PARSCALE_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) {
-        const __m512 x = _mm512_loadu_ps(qg + d);
-        PARSCALE_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(x, load16(k[i] + d, 0xFFFF), acc[i]);
+      for (int64_t d = 0; d < D; d += S) {
+        const auto x = load(qg + d);
+        PARSCALE_UNROLL for (int i = 0; i < 16; ++i) acc[i] = dot(acc[i], x, k[i] + d);
       }
-      store_scores(s + g * n_all + j0, sum16(acc), nb);
+      _mm512_mask_storeu_ps(s + g * n_all + j0, parscale::first16(nb), _mm512_mul_ps(sum16(acc), scale_v));
     }
   }
+}
+
+// scores() for D % 16 == 0: float32 query (already scaled) by keys widened in registers.
+template <typename T>
+void scores16(const float* q, int64_t G, int64_t D, const T* keys, int64_t N, int64_t stride, float* s,
+              int64_t n_all) {
+  scores16_by<16>(q, G, D, keys, N, stride, 1.0f, s, n_all, [](const float* x) { return _mm512_loadu_ps(x); },
+                  [](__m512 acc, __m512 x, const T* k) { return _mm512_fmadd_ps(x, load16(k, 0xFFFF), acc); });
 }
 
 #ifdef __AVX512BF16__
@@ -240,59 +264,32 @@ void scores16(const float* q, int64_t G, int64_t D, const T* keys, int64_t N, in
 // by `vdpbf16ps`, 32 columns per instruction, the scale applied to each sum.
 void scores16_dot(const uint16_t* q, int64_t G, int64_t D, const uint16_t* keys, int64_t N, int64_t stride,
                   float scale, float* s, int64_t n_all) {
-  const __m512 scale_v = _mm512_set1_ps(scale);
-  for (int64_t j0 = 0; j0 < N; j0 += 16) {
-    const int64_t nb = std::min<int64_t>(16, N - j0);
-    const uint16_t* k[16];
-    PARSCALE_UNROLL for (int i = 0; i < 16; ++i) k[i] = keys + (j0 + std::min<int64_t>(i, nb - 1)) * stride;
-    for (int64_t g = 0; g < G; ++g) {
-      const uint16_t* qg = q + g * D;
-      __m512 acc[16];
-      PARSCALE_UNROLL for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 32) {
-        const __m512bh x = reinterpret_cast<__m512bh>(_mm512_loadu_si512(qg + d));
-        PARSCALE_UNROLL for (int i = 0; i < 16; ++i)
-          acc[i] = _mm512_dpbf16_ps(acc[i], x, reinterpret_cast<__m512bh>(_mm512_loadu_si512(k[i] + d)));
-      }
-      store_scores(s + g * n_all + j0, _mm512_mul_ps(sum16(acc), scale_v), nb);
-    }
-  }
+  const auto bf16x32 = [](const uint16_t* x) { return reinterpret_cast<__m512bh>(_mm512_loadu_si512(x)); };
+  scores16_by<32>(q, G, D, keys, N, stride, scale, s, n_all, bf16x32,
+                  [&](__m512 acc, __m512bh x, const uint16_t* k) { return _mm512_dpbf16_ps(acc, x, bf16x32(k)); });
 }
 #endif
 
-// out[g][d0, d0 + 16 DV) += sum_j p[g * n_all + j] * values[j][d0, d0 + 16 DV) for GB heads, the
-// GB x DV accumulators in registers over all N keys (weighted_block's 16-lane form).
-template <int GB, int DV, typename T>
-inline void weighted_block16(const float* p, int64_t n_all, const T* values, int64_t N, int64_t stride, float* out,
-                             int64_t D, int64_t d0) {
-  __m512 acc[GB][DV];
-  PARSCALE_UNROLL for (int g = 0; g < GB; ++g)
-    PARSCALE_UNROLL for (int u = 0; u < DV; ++u) acc[g][u] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < N; ++j) {
-    const T* v = values + j * stride + d0;
-    __m512 x[DV];
-    PARSCALE_UNROLL for (int u = 0; u < DV; ++u) x[u] = load16(v + 16 * u, 0xFFFF);
-    PARSCALE_UNROLL for (int g = 0; g < GB; ++g) {
-      const __m512 w = _mm512_set1_ps(p[g * n_all + j]);
-      PARSCALE_UNROLL for (int u = 0; u < DV; ++u) acc[g][u] = _mm512_fmadd_ps(w, x[u], acc[g][u]);
-    }
-  }
-  PARSCALE_UNROLL for (int g = 0; g < GB; ++g)
-    PARSCALE_UNROLL for (int u = 0; u < DV; ++u) {
-      float* o = out + g * D + d0 + 16 * u;
-      _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[g][u]));
-    }
-}
+struct Lanes16 {  // Lanes8's 16-lane form
+  using V = __m512;
+  static constexpr int n = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  template <typename T>
+  static V widen(const T* v) { return load16(v, 0xFFFF); }
+  static V splat(const float* x) { return _mm512_set1_ps(*x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static void add_to(float* o, V v) { _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), v)); }
+};
 
 template <int GB, typename T>
 void weighted_heads16(const float* p, int64_t n_all, const T* values, int64_t N, int64_t stride, float* out,
                       int64_t D) {
   int64_t d0 = 0;
-  for (; d0 + 64 <= D; d0 += 64) weighted_block16<GB, 4>(p, n_all, values, N, stride, out, D, d0);
+  for (; d0 + 64 <= D; d0 += 64) weighted_block<Lanes16, GB, 4>(p, n_all, values, N, stride, out, D, d0);
   switch ((D - d0) / 16) {
-    case 3: weighted_block16<GB, 3>(p, n_all, values, N, stride, out, D, d0); break;
-    case 2: weighted_block16<GB, 2>(p, n_all, values, N, stride, out, D, d0); break;
-    case 1: weighted_block16<GB, 1>(p, n_all, values, N, stride, out, D, d0); break;
+    case 3: weighted_block<Lanes16, GB, 3>(p, n_all, values, N, stride, out, D, d0); break;
+    case 2: weighted_block<Lanes16, GB, 2>(p, n_all, values, N, stride, out, D, d0); break;
+    case 1: weighted_block<Lanes16, GB, 1>(p, n_all, values, N, stride, out, D, d0); break;
     default: break;
   }
 }
@@ -301,16 +298,9 @@ void weighted_heads16(const float* p, int64_t n_all, const T* values, int64_t N,
 template <typename T>
 void weighted16(const float* p, int64_t G, int64_t D, const T* values, int64_t N, int64_t stride, float* out,
                 int64_t n_all) {
-  for (int64_t g0 = 0; g0 < G; g0 += 4) {
-    const float* pg = p + g0 * n_all;
-    float* og = out + g0 * D;
-    switch (std::min<int64_t>(4, G - g0)) {
-      case 4: weighted_heads16<4>(pg, n_all, values, N, stride, og, D); break;
-      case 3: weighted_heads16<3>(pg, n_all, values, N, stride, og, D); break;
-      case 2: weighted_heads16<2>(pg, n_all, values, N, stride, og, D); break;
-      default: weighted_heads16<1>(pg, n_all, values, N, stride, og, D); break;
-    }
-  }
+  in_head_blocks(G, [&](auto block, int64_t g0) {
+    weighted_heads16<decltype(block)::value>(p + g0 * n_all, n_all, values, N, stride, out + g0 * D, D);
+  });
 }
 #endif
 
@@ -412,45 +402,50 @@ void run(const T* query, const T* key, const T* value, int64_t row_stride, int64
       float* sc = s.data();
       float* a = acc.data();
       std::fill(a, a + G * D, 0.0f);
+      // the two parts the query heads attend to: the stream's prefix, then the cache; their
+      // scores side by side in sc (one softmax over both)
+      struct Part {
+        const T *keys, *values;
+        int64_t n, stride, offset;
+      };
+      const Part parts[2] = {{pk, pv, Tp, D, 0}, {k, v, L, pos_stride, Tp}};
+      for (const Part& p : parts) {
 #ifdef PARSCALE_ATTENTION_AVX512
 #ifdef __AVX512BF16__
-      if (dot) {
-        const uint16_t* qb = reinterpret_cast<const uint16_t*>(qrow);
-        scores16_dot(qb, G, D, reinterpret_cast<const uint16_t*>(pk), Tp, D, scale, sc, n_all);
-        scores16_dot(qb, G, D, reinterpret_cast<const uint16_t*>(k), L, pos_stride, scale, sc + Tp, n_all);
-      } else
+        if (dot) {
+          scores16_dot(reinterpret_cast<const uint16_t*>(qrow), G, D, reinterpret_cast<const uint16_t*>(p.keys), p.n,
+                       p.stride, scale, sc + p.offset, n_all);
+          continue;
+        }
 #endif
-      if (wide) {
-        scores16(q.data(), G, D, pk, Tp, D, sc, n_all);
-        scores16(q.data(), G, D, k, L, pos_stride, sc + Tp, n_all);
-      } else
+        if (wide) {
+          scores16(q.data(), G, D, p.keys, p.n, p.stride, sc + p.offset, n_all);
+          continue;
+        }
 #endif
 #ifdef PARSCALE_AVX2
-      if (vectors) {
-        scores8(q.data(), G, D, pk, Tp, D, sc, n_all, keys.data());
-        scores8(q.data(), G, D, k, L, pos_stride, sc + Tp, n_all, keys.data());
-      } else
+        if (vectors) {
+          scores8(q.data(), G, D, p.keys, p.n, p.stride, sc + p.offset, n_all, keys.data());
+          continue;
+        }
 #endif
-      {
-        scores(q.data(), G, D, pk, Tp, D, sc, n_all);
-        scores(q.data(), G, D, k, L, pos_stride, sc + Tp, n_all);
+        scores(q.data(), G, D, p.keys, p.n, p.stride, sc + p.offset, n_all);
       }
       for (int64_t g = 0; g < G; ++g) softmax(sc + g * n_all, n_all, m, Tp);  // one softmax over [prefix ; cache]
+      for (const Part& p : parts) {
 #ifdef PARSCALE_ATTENTION_AVX512
-      if (wide) {
-        weighted16(sc, G, D, pv, Tp, D, a, n_all);
-        weighted16(sc + Tp, G, D, v, L, pos_stride, a, n_all);
-      } else
+        if (wide) {
+          weighted16(sc + p.offset, G, D, p.values, p.n, p.stride, a, n_all);
+          continue;
+        }
 #endif
 #ifdef PARSCALE_AVX2
-      if (vectors) {
-        weighted8(sc, G, D, pv, Tp, D, a, n_all);
-        weighted8(sc + Tp, G, D, v, L, pos_stride, a, n_all);
-      } else
+        if (vectors) {
+          weighted8(sc + p.offset, G, D, p.values, p.n, p.stride, a, n_all);
+          continue;
+        }
 #endif
-      {
-        weighted(sc, G, D, pv, Tp, D, a, n_all);
-        weighted(sc + Tp, G, D, v, L, pos_stride, a, n_all);
+        weighted(sc + p.offset, G, D, p.values, p.n, p.stride, a, n_all);
       }
       T* o = out + (row * heads + h * G) * D;
       for (int64_t i = 0; i < G * D; ++i) store(o + i, a[i]);
