@@ -265,10 +265,8 @@ def test_silu_times_up_in_c_equals_torch_for_every_bfloat16_gate(n, isa):
     bit for bit: every one of the 65536 bfloat16 values as gate (with n above 65536), partial
     last groups (n not a multiple of 8 or 16), one thread and the parallel loop (8192 values or
     more), infinities and NaNs among the ups."""
-    from parscale.machine import cpu_info
-
     lib = build_or_skip(decode_layer.chain_library, isa, "decode step chain")
-    flags = cpu_info()["flags"]
+    flags = cpu_flags()
     width = lib.parscale_has_silu()
     assert width == (16 if isa == "native" and "avx512f" in flags else 8 if "avx2" in flags else 0)
     if not width:
@@ -292,11 +290,9 @@ def test_bfloat16_steps_are_one_c_call_with_avx2_or_avx512(tiny_factory, count_c
     """On a CPU with AVX2 or AVX-512 a bfloat16 layer's step is the one-call chain (front, SiLU x
     up, back in C: `_Chain.whole`), float32 the two calls with SiLU x up in torch; both bit for
     bit as the layer's own forward (see the test above, which runs both)."""
-    from parscale.machine import cpu_info
-
     _libraries_or_fail()
     require_kernel(decode_layer.chain_library(), "decode step chain")
-    if "avx2" not in cpu_info()["flags"]:
+    if "avx2" not in cpu_flags():
         pytest.skip("the one-call step is built for AVX-512 and AVX2")
     layouts, real = [], decode_layer._layout
     monkeypatch.setattr(decode_layer, "_layout", lambda *a: layouts.append(real(*a)) or layouts[-1])

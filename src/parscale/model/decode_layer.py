@@ -487,13 +487,14 @@ def _chain(products: tuple, groups: tuple, norm_args: tuple, scaling: float, pre
         return None
     o, down = (_c_product(_group((products[i],), libs, dtype)) for i in (3, 6))
     bf16 = dtype == torch.bfloat16
-    attention_lib, prefix_k, prefix_v = libs[3], *prefix
+
+    def entry(lib: ctypes.CDLL, name: str):  # the C function `name` of the layer's dtype
+        return getattr(lib, f"parscale_{name}_{'bf16' if bf16 else 'f32'}")
+
+    prefix_k, prefix_v = prefix
     layer = _CLayer(
-        norm=_address(libs[2].parscale_rms_norm_bf16 if bf16 else libs[2].parscale_rms_norm_f32),
-        rotary=_address(attention_lib.parscale_rotary_bf16 if bf16 else attention_lib.parscale_rotary_f32),
-        append=_address(attention_lib.parscale_rotary_append_bf16 if bf16 else attention_lib.parscale_rotary_append_f32),
-        attention=_address(attention_lib.parscale_decode_attention_bf16 if bf16
-                           else attention_lib.parscale_decode_attention_f32),
+        norm=_address(entry(libs[2], "rms_norm")), rotary=_address(entry(libs[3], "rotary")),
+        append=_address(entry(libs[3], "rotary_append")), attention=_address(entry(libs[3], "decode_attention")),
         scaling=scaling, qkv=_c_product(qkv), o=o, gate_up=_c_product(gate_up), down=down,
         prefix_k=prefix_k.data_ptr(), prefix_v=prefix_v.data_ptr(), hidden=products[0][1].shape[1],
         heads=qkv.splits[0] // head_dim, kv=qkv.splits[1] // head_dim, head_dim=head_dim, n_prefix=prefix_k.shape[2],
@@ -505,9 +506,8 @@ def _chain(products: tuple, groups: tuple, norm_args: tuple, scaling: float, pre
     whole = None
     if exp is not None:
         layer.exp, whole = exp, lib.parscale_layer_bf16
-    return _Chain(layer, ctypes.addressof(layer), lib.parscale_layer_front_bf16 if bf16 else lib.parscale_layer_front_f32,
-                  lib.parscale_layer_back_bf16 if bf16 else lib.parscale_layer_back_f32, whole, layer.kv, head_dim,
-                  gate_up.splits[0])
+    return _Chain(layer, ctypes.addressof(layer), entry(lib, "layer_front"), entry(lib, "layer_back"), whole, layer.kv,
+                  head_dim, gate_up.splits[0])
 
 
 def _hooked(*modules: nn.Module) -> bool:

@@ -342,7 +342,14 @@ inline void softmax(float* sg, int64_t n_all, const float* mask, int64_t Tp) {
   for (int64_t j = n8; j < n_all; ++j) sg[j] *= inv;
 }
 
-// Every line of task t's prefix keys and values and its cache keys and values (a few short
+// One task's parts: the prefix keys and values of its row's stream, the cache keys and values of
+// its row, all of one KV head.
+template <typename T>
+struct Task {
+  const T *prefix_k, *prefix_v, *k, *v;
+};
+
+// Every line of a task's prefix keys and values and its cache keys and values (a few short
 // streams: 6-12 KB each at 48 prefix and 96 cached positions of 64 bfloat16 columns), requested
 // at once. After a layer's products these lines come from memory, and the hardware prefetcher
 // ramps up on each short stream anew; asked for one task ahead they arrive while the task before
@@ -350,15 +357,9 @@ inline void softmax(float* sg, int64_t n_all, const float* mask, int64_t Tp) {
 // process, 10 interleaved rounds) 12.45 -> 11.98 ms per token, faster in every round; the bare
 // call after a 64 MiB sweep (benchmarks/decode_attention.py's cold state) 112 -> 90 us.
 template <typename T>
-inline void prefetch_task(int64_t t, int64_t kv, int64_t batch, const T* prefix_k, const T* prefix_v, const T* key,
-                          const T* value, int64_t row_stride, int64_t head_stride, int64_t pos_stride, int64_t L,
-                          int64_t Tp, int64_t D) {
-  const int64_t row = t / kv, h = t % kv, stream = row / batch;
-  const int64_t prefix_bytes = Tp * D * int64_t(sizeof(T)), cache_bytes = ((L - 1) * pos_stride + D) * int64_t(sizeof(T));
-  const char* spans[4] = {reinterpret_cast<const char*>(prefix_k + (stream * kv + h) * Tp * D),
-                          reinterpret_cast<const char*>(prefix_v + (stream * kv + h) * Tp * D),
-                          reinterpret_cast<const char*>(key + row * row_stride + h * head_stride),
-                          reinterpret_cast<const char*>(value + row * row_stride + h * head_stride)};
+inline void prefetch_task(const Task<T>& t, int64_t prefix_bytes, int64_t cache_bytes) {
+  const char* spans[4] = {reinterpret_cast<const char*>(t.prefix_k), reinterpret_cast<const char*>(t.prefix_v),
+                          reinterpret_cast<const char*>(t.k), reinterpret_cast<const char*>(t.v)};
   const int64_t bytes[4] = {prefix_bytes, prefix_bytes, cache_bytes, cache_bytes};
   for (int i = 0; i < 4; ++i)
     for (int64_t b = 0; b < bytes[i]; b += 64) __builtin_prefetch(spans[i] + b, 0, 3);
@@ -376,27 +377,32 @@ void run(const T* query, const T* key, const T* value, int64_t row_stride, int64
 #endif
 #ifdef PARSCALE_ATTENTION_AVX512
   const bool wide = D % 16 == 0;  // the 16-lane loops
-#ifdef __AVX512BF16__
-  const bool dot = sizeof(T) == 2 && D % 32 == 0;  // bfloat16 scores by vdpbf16ps
 #endif
+  bool dot = false;  // bfloat16 scores by vdpbf16ps, from the query as it is
+#if defined(PARSCALE_ATTENTION_AVX512) && defined(__AVX512BF16__)
+  dot = sizeof(T) == 2 && D % 32 == 0;
 #endif
+  const auto task_at = [&](int64_t t) {  // heads are kv-major: KV head h's G query heads are adjacent
+    const int64_t row = t / kv, h = t % kv, stream = row / batch;
+    return Task<T>{prefix_k + (stream * kv + h) * Tp * D, prefix_v + (stream * kv + h) * Tp * D,
+                   key + row * row_stride + h * head_stride, value + row * row_stride + h * head_stride};
+  };
+  const int64_t prefix_bytes = Tp * D * int64_t(sizeof(T)), cache_bytes = ((L - 1) * pos_stride + D) * int64_t(sizeof(T));
 #pragma omp parallel num_threads(threads)
   {
     parscale::Buffer<float> q(G * D), s(G * n_all), acc(G * D), keys(8 * D);
     bool started = false;
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < rows * kv; ++task) {
-      const int64_t row = task / kv, h = task % kv, stream = row / batch;
-      const T* qrow = query + (row * heads + h * G) * D;  // heads are kv-major: h's G query heads are adjacent
-      for (int64_t i = 0; i < G * D; ++i) q.data()[i] = to_float(qrow[i]) * scale;
-      const T* pk = prefix_k + (stream * kv + h) * Tp * D;
-      const T* pv = prefix_v + (stream * kv + h) * Tp * D;
-      const T* k = key + row * row_stride + h * head_stride;
-      const T* v = value + row * row_stride + h * head_stride;
+      const int64_t row = task / kv, h = task % kv;
+      const T* qrow = query + (row * heads + h * G) * D;
+      if (!dot)
+        for (int64_t i = 0; i < G * D; ++i) q.data()[i] = to_float(qrow[i]) * scale;
+      const Task<T> here = task_at(task);
       // this thread's next task's keys, values and prefixes asked for now (and at its first task
       // that task's own): see prefetch_task
-      for (int64_t t = started ? task + 1 : task; t <= task + 1 && t < rows * kv; ++t)
-        prefetch_task(t, kv, batch, prefix_k, prefix_v, key, value, row_stride, head_stride, pos_stride, L, Tp, D);
+      if (!started) prefetch_task(here, prefix_bytes, cache_bytes);
+      if (task + 1 < rows * kv) prefetch_task(task_at(task + 1), prefix_bytes, cache_bytes);
       started = true;
       const float* m = mask ? mask + (mask_rows > 1 ? row : 0) * L : nullptr;
       float* sc = s.data();
@@ -408,7 +414,7 @@ void run(const T* query, const T* key, const T* value, int64_t row_stride, int64
         const T *keys, *values;
         int64_t n, stride, offset;
       };
-      const Part parts[2] = {{pk, pv, Tp, D, 0}, {k, v, L, pos_stride, Tp}};
+      const Part parts[2] = {{here.prefix_k, here.prefix_v, Tp, D, 0}, {here.k, here.v, L, pos_stride, Tp}};
       for (const Part& p : parts) {
 #ifdef PARSCALE_ATTENTION_AVX512
 #ifdef __AVX512BF16__
