@@ -17,8 +17,8 @@
 // Measured at P = 8 (8 rows, 16 heads, 4 KV heads, 64 columns, 48 + 96 keys, 2 threads): 204 us
 // per layer with the plain loops, which summed every dot product horizontally, kept the
 // output accumulators in memory and called a scalar exp per score. With AVX-512 the scores and
-// the weighted sum run 16 lanes wide (PARSCALE_ATTENTION_AVX512 below), and each thread asks
-// for its next task's keys and values while it computes the current one (prefetch_task).
+// the weighted sum run 16 lanes wide (PARSCALE_ATTENTION_AVX512 below). A task's keys and
+// values are loaded once by a loop of plain loads before it is computed (touch_task).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -350,19 +350,33 @@ struct Task {
 };
 
 // Every line of a task's prefix keys and values and its cache keys and values (a few short
-// streams: 6-12 KB each at 48 prefix and 96 cached positions of 64 bfloat16 columns), requested
-// at once. After a layer's products these lines come from memory, and the hardware prefetcher
-// ramps up on each short stream anew; asked for one task ahead they arrive while the task before
-// is computed. In the decode benchmark's 16-layer model (bfloat16, P = 8, 2 threads, one
-// process, 10 interleaved rounds) 12.45 -> 11.98 ms per token, faster in every round; the bare
-// call after a 64 MiB sweep (benchmarks/decode_attention.py's cold state) 112 -> 90 us.
+// streams: 6-12 KB each at 48 prefix and 96 cached positions of 64 bfloat16 columns) loaded once,
+// with independent plain loads, before the task is computed, where they are at most TOUCH_BYTES.
+// After a layer's products these lines come from memory. The scores' and the weighted sum's own
+// loads sit between many multiply-adds, so few of them are in flight at once, and the hardware
+// prefetcher ramps up on each short stream anew; a loop of nothing but loads keeps enough of
+// them in flight. Software prefetches of the next task's lines (the scheme this replaced) were
+// no faster than none in the model on Zen 5: (P = 8, bfloat16, the decode benchmark's 16-layer
+// model, a build of decode_step.cpp that timed its parts) the attention took 1.17 ms of a step
+// with them and 0.68 with these loads. Longer caches are long streams the prefetcher follows:
+// the bare call after a 64 MiB sweep (benchmarks/decode_attention.py's cold state), bfloat16
+// P = 8, took 68 -> 49 us at 96 cached positions, 106 -> 80 at 256, 154 -> 134 at 512, and the
+// same at 1024 (268 KB a task), where the lines would go no nearer than L2 anyway.
+constexpr int64_t TOUCH_BYTES = 256 * 1024;
+
 template <typename T>
-inline void prefetch_task(const Task<T>& t, int64_t prefix_bytes, int64_t cache_bytes) {
-  const char* spans[4] = {reinterpret_cast<const char*>(t.prefix_k), reinterpret_cast<const char*>(t.prefix_v),
-                          reinterpret_cast<const char*>(t.k), reinterpret_cast<const char*>(t.v)};
-  const int64_t bytes[4] = {prefix_bytes, prefix_bytes, cache_bytes, cache_bytes};
+inline void touch_task(const Task<T>& t, int64_t prefix_bytes, int64_t cache_bytes) {
+  const char* spans[4] = {reinterpret_cast<const char*>(t.prefix_k), reinterpret_cast<const char*>(t.k),
+                          reinterpret_cast<const char*>(t.prefix_v), reinterpret_cast<const char*>(t.v)};
+  const int64_t bytes[4] = {prefix_bytes, cache_bytes, prefix_bytes, cache_bytes};
+  uint64_t any = 0;
   for (int i = 0; i < 4; ++i)
-    for (int64_t b = 0; b < bytes[i]; b += 64) __builtin_prefetch(spans[i] + b, 0, 3);
+    for (int64_t b = 0; b + 8 <= bytes[i]; b += 64) {
+      uint64_t word;
+      std::memcpy(&word, spans[i] + b, sizeof(word));
+      any |= word;
+    }
+  asm volatile("" : : "r"(any));  // the loads are kept: their result is "used"
 }
 
 // query [rows][heads][D] (contiguous); key/value rows, heads and positions by strides, D contiguous;
@@ -388,10 +402,10 @@ void run(const T* query, const T* key, const T* value, int64_t row_stride, int64
                    key + row * row_stride + h * head_stride, value + row * row_stride + h * head_stride};
   };
   const int64_t prefix_bytes = Tp * D * int64_t(sizeof(T)), cache_bytes = ((L - 1) * pos_stride + D) * int64_t(sizeof(T));
+  const bool touch = 2 * (prefix_bytes + cache_bytes) <= TOUCH_BYTES;
 #pragma omp parallel num_threads(threads)
   {
     parscale::Buffer<float> q(G * D), s(G * n_all), acc(G * D), keys(8 * D);
-    bool started = false;
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < rows * kv; ++task) {
       const int64_t row = task / kv, h = task % kv;
@@ -399,11 +413,7 @@ void run(const T* query, const T* key, const T* value, int64_t row_stride, int64
       if (!dot)
         for (int64_t i = 0; i < G * D; ++i) q.data()[i] = to_float(qrow[i]) * scale;
       const Task<T> here = task_at(task);
-      // this thread's next task's keys, values and prefixes asked for now (and at its first task
-      // that task's own): see prefetch_task
-      if (!started) prefetch_task(here, prefix_bytes, cache_bytes);
-      if (task + 1 < rows * kv) prefetch_task(task_at(task + 1), prefix_bytes, cache_bytes);
-      started = true;
+      if (touch) touch_task(here, prefix_bytes, cache_bytes);  // see touch_task
       const float* m = mask ? mask + (mask_rows > 1 ? row : 0) * L : nullptr;
       float* sc = s.data();
       float* a = acc.data();
