@@ -356,9 +356,9 @@ struct Task {
 // loads sit between many multiply-adds, so few of them are in flight at once, and the hardware
 // prefetcher ramps up on each short stream anew; a loop of nothing but loads keeps enough of
 // them in flight. Software prefetches of the next task's lines (the scheme this replaced) were
-// no faster than none in the model on Zen 5: (P = 8, bfloat16, the decode benchmark's 16-layer
-// model, a build of decode_step.cpp that timed its parts) the attention took 1.17 ms of a step
-// with them and 0.68 with these loads. Longer caches are long streams the prefetcher follows:
+// no faster than none on Zen 5; in the decode benchmark's 16-layer model (bfloat16, P = 8, a
+// build of decode_step.cpp that timed its parts, 6 rounds) the attention took 1.05 ms of a step
+// with them and 0.62 with these loads. Longer caches are long streams the prefetcher follows:
 // the bare call after a 64 MiB sweep (benchmarks/decode_attention.py's cold state), bfloat16
 // P = 8, took 68 -> 49 us at 96 cached positions, 106 -> 80 at 256, 154 -> 134 at 512, and the
 // same at 1024 (268 KB a task), where the lines would go no nearer than L2 anyway.
