@@ -72,11 +72,12 @@ def test_int8_product_matches_float64_with_dequantised_weights(lib, rows, with_b
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 11])
-@pytest.mark.parametrize("k", [15, 16, 83, 1024, 2100])
+@pytest.mark.parametrize("k", [15, 16, 83, 1024, 2100, 4200])
 def test_the_integer_path_is_exact_integer_arithmetic(lib, rows, k):
     """On the integer paths y is x's int16 values dotted exactly with the int8 weights: equal
-    to float64 integer arithmetic up to float32's rounding of the result (K = 2100 crosses the
-    2048-column passes, 15 and 83 leave tails, 11 rows make a second chunk of rows)."""
+    to float64 integer arithmetic up to float32's rounding of the result (K = 2100 crosses AVX2's
+    2048-column passes, 4200 AVX-512's 4096, 15 and 83 leave tails, 11 rows make a second chunk
+    of rows)."""
     if not lib.integer:
         pytest.skip(f"the {lib.isa} path multiplies float32 x (test_int8_product_matches_float64_...)")
     gen = torch.Generator().manual_seed(k + rows)
@@ -175,7 +176,7 @@ def test_a_bfloat16_bias_is_widened_exactly(lib, dtype, rows):
 def test_every_integer_path_gives_the_same_bits():
     """The AVX2 path (vpmaddwd, 16 columns a step) and the AVX-512 paths (vpdpwssd or vpmaddwd,
     32 columns, masked tails) round x alike and sum exactly: their outputs must be equal bit for
-    bit, whatever the rows, tails and 2048-column passes."""
+    bit, whatever the rows, tails and passes (2048 columns on AVX2, 4096 with AVX-512)."""
     libs = {name: quantize.library(flags) for name, flags in INT8_FLAGS.items()}
     integer = {lib.isa: lib for lib in libs.values() if lib is not None and lib.integer}
     if len(integer) < 2:
@@ -190,17 +191,21 @@ def test_every_integer_path_gives_the_same_bits():
 
 
 @pytest.mark.parametrize("bits", [16, 8])
-def test_the_integer_sums_do_not_overflow(lib, bits):
+@pytest.mark.parametrize("rows", [1, 6])
+def test_the_integer_sums_do_not_overflow(lib, bits, rows):
     """9000 columns of the largest values: one int32 lane would hold 9000 / 16 * 2 * 32767 * 127
-    = 4.7e9 > 2^31; the passes of at most 2048 columns keep every lane below 1.1e9. With int8
-    activations (on VNNI x + 128 = 255 and 1) a lane holds 4.6e7."""
-    x = torch.ones(6, 9000)
+    = 4.7e9 > 2^31 on AVX2 (half that with AVX-512's 32 columns a step); the passes of at most
+    2048 (AVX-512: 4096) columns keep every lane below 1.1e9. One row of x takes the longest
+    passes (x fits L1 whole), 6 rows shorter ones. With int8 activations (on VNNI x + 128 = 255
+    and 1) a lane holds 4.6e7."""
+    x = torch.ones(rows, 9000)
     x[1::2] = -1
     q, scale = quantize.quantize_weight(torch.ones(5, 9000))
     got = quantize.int8_linear(x, q, scale, None, lib, bits)
     # (the plain C++ path adds 9000 products of 127 * 127 in float32: past 2^24, rounded)
     rtol = 1e-4 if bits == 8 and not lib.integer else 1e-6
-    torch.testing.assert_close(got, torch.tensor([[9000.0] * 5, [-9000.0] * 5] * 3), rtol=rtol, atol=0)
+    want = torch.tensor([[9000.0] * 5, [-9000.0] * 5] * 3)[:rows]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
