@@ -396,11 +396,6 @@ void run(const T* query, const T* key, const T* value, int64_t row_stride, int64
 #if defined(PARSCALE_ATTENTION_AVX512) && defined(__AVX512BF16__)
   dot = sizeof(T) == 2 && D % 32 == 0;
 #endif
-  const auto task_at = [&](int64_t t) {  // heads are kv-major: KV head h's G query heads are adjacent
-    const int64_t row = t / kv, h = t % kv, stream = row / batch;
-    return Task<T>{prefix_k + (stream * kv + h) * Tp * D, prefix_v + (stream * kv + h) * Tp * D,
-                   key + row * row_stride + h * head_stride, value + row * row_stride + h * head_stride};
-  };
   const int64_t prefix_bytes = Tp * D * int64_t(sizeof(T)), cache_bytes = ((L - 1) * pos_stride + D) * int64_t(sizeof(T));
   const bool touch = 2 * (prefix_bytes + cache_bytes) <= TOUCH_BYTES;
 #pragma omp parallel num_threads(threads)
@@ -408,11 +403,12 @@ void run(const T* query, const T* key, const T* value, int64_t row_stride, int64
     parscale::Buffer<float> q(G * D), s(G * n_all), acc(G * D), keys(8 * D);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < rows * kv; ++task) {
-      const int64_t row = task / kv, h = task % kv;
-      const T* qrow = query + (row * heads + h * G) * D;
+      const int64_t row = task / kv, h = task % kv, stream = row / batch;
+      const T* qrow = query + (row * heads + h * G) * D;  // heads are kv-major: h's G query heads are adjacent
       if (!dot)
         for (int64_t i = 0; i < G * D; ++i) q.data()[i] = to_float(qrow[i]) * scale;
-      const Task<T> here = task_at(task);
+      const Task<T> here{prefix_k + (stream * kv + h) * Tp * D, prefix_v + (stream * kv + h) * Tp * D,
+                         key + row * row_stride + h * head_stride, value + row * row_stride + h * head_stride};
       if (touch) touch_task(here, prefix_bytes, cache_bytes);  // see touch_task
       const float* m = mask ? mask + (mask_rows > 1 ? row : 0) * L : nullptr;
       float* sc = s.data();
