@@ -1,7 +1,7 @@
 """Decode latency of P streams against the memory floor of this CPU, float32 and bfloat16.
 
     python benchmarks/decode.py [--threads 2] [--P 1,2,4,8] [--batch-size 1] [--reps 3]
-                                [--new-tokens 32] [--layers 16] [--prefill-length 512]
+                                [--new-tokens 32] [--layers 16] [--prefill-length 512] [--min-read 0]
 
 Random-weight Qwen2-style models built in-process (hidden 1024, intermediate 2816, 16 heads,
 4 KV heads, vocab 32000, untied), greedy `generate` from a 64-token prompt, timed step by step
@@ -18,7 +18,9 @@ Writes benchmarks/results/decode.json with the CPU's name and its AVX-512/AMX fl
 `--int8` adds rows with path `int8` at every P: the same model after `quantize_int8()` (int8
 weights, activations in the row's dtype); their floor counts the int8 weight bytes. `--w8a8`
 adds rows with path `int8a8`: `quantize_int8(activation_bits=8)`, the activations rounded to
-int8 per row as well.
+int8 per row as well. `--min-read GB/S` waits before each round (up to 20 minutes) until the
+read bandwidth is at least that: where the machine's memory is shared with other work, a round
+timed while it is slow says little about the code.
 """
 from __future__ import annotations
 
@@ -131,6 +133,19 @@ def run_row(model, ids: torch.Tensor, new_tokens: int, clock: str) -> tuple[floa
     return statistics.median(run.step_cpu_s if clock == "cpu" else run.step_s), cache_bytes(run.cache) / cached
 
 
+def wait_for_reads(least_gbs: float, patience_s: float = 1200.0) -> float:
+    """The read bandwidth (bytes/s), measured until it is at least `least_gbs` GB/s or
+    `patience_s` have passed (then the last measure)."""
+    from parscale.cost.hardware import read_bandwidth
+
+    deadline = time.monotonic() + patience_s
+    while True:
+        read = read_bandwidth(256, 3)
+        if read >= least_gbs * 1e9 or time.monotonic() > deadline:
+            return read
+        time.sleep(10)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -148,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8", action="store_true", help="add rows for the weight-only int8 opt-in (quantize_int8)")
     parser.add_argument("--w8a8", action="store_true",
                         help="add rows for int8 weights and int8 activations (quantize_int8(activation_bits=8))")
+    parser.add_argument("--min-read", type=float, default=0.0,
+                        help="GB/s: wait before each round until the read bandwidth is at least this")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-rss", action="store_true", help="skip the per-configuration peak RSS (a process each)")
     parser.add_argument("--rss-row", help=argparse.SUPPRESS)
@@ -191,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         timed_generate(models[dtype][key], prompts[b], 2)
     for rep in range(args.reps):
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        wait_for_reads(args.min_read)
         bandwidths.append(copy_bandwidth(256, 3, clock))
         reads.append(read_bandwidth(256, 3, clock))
         for row in rows:

@@ -2,7 +2,7 @@
 the norms, and everything else (the eager work around them and `generate`'s own per-step work).
 
     python benchmarks/decode_split.py [--dtype bfloat16] [--P 1,8] [--int8] [--w8a8] [--own-layer] [--reps 3]
-                                      [--threads 2]
+                                      [--threads 2] [--no-parts] [--min-read 0]
 
 The model of `benchmarks/decode.py` (random weights, 16 layers, hidden 1024, 64-token prompt,
 32 new tokens, batch 1). The four parts are timed by wrapping their Python entry points
@@ -13,8 +13,12 @@ generating 33 tokens less that of generating 1, divided by 32, and each part lik
 prefill is left out. "other" is the step less the four parts (with the attention kernel off,
 torch's fused attention counts as "other"). The parts are timed with the decode step calling its
 kernels one by one from Python (`decode_layer.use_chain` off): in its two C calls per layer
-(the default) they cannot be timed apart. The column "chained" is the same step as those two C
-calls, measured in the same round.
+(the default) they cannot be timed apart. The column "chained" is the same step as those C
+calls, one layer after the other (`decode_layer.use_stack` off), and "stacked" the default step,
+where a bfloat16 forward's layers take their one-call steps in a single C call (`decode_stack`),
+both measured in the same round, their order alternating from round to round. `--no-parts`
+leaves the parts out (the columns "chained" and "stacked" only). `--min-read GB/S` waits before
+each round (up to 20 minutes) until the read bandwidth is at least that.
 Rounds are interleaved over the rows; the table gives medians, in ms per token. Each round also
 measures the read bandwidth (torch's sum of 256 MiB): on a machine whose memory is shared with
 other work it moves, and the products' share with it. `--own-layer` adds a row KEY-own per
@@ -35,7 +39,7 @@ from pathlib import Path
 import torch
 
 from _result import write_result  # benchmarks/_result.py
-from decode import DTYPES, build  # benchmarks/decode.py: the same model
+from decode import DTYPES, build, wait_for_reads  # benchmarks/decode.py: the same model
 
 from parscale.cost.hardware import read_bandwidth
 from parscale.model import decode_layer
@@ -109,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-parts", action="store_true", help="only the columns chained and stacked")
+    parser.add_argument("--min-read", type=float, default=0.0,
+                        help="GB/s: wait before each round until the read bandwidth is at least this")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -128,19 +135,27 @@ def main(argv: list[str] | None = None) -> int:
             model.generate(prompt, max_new_tokens=2, do_sample=False)
     rows: dict[str, list[dict[str, float]]] = {key: [] for key in models}
     reads = []
+    nan = float("nan")
     for rep in range(args.reps):
-        reads.append(read_bandwidth(256, 3))
+        reads.append(wait_for_reads(args.min_read))
         for key, model in models.items():
             own = key.endswith("-own")
             decode_layer.enable(model, not own)
-            decode_layer.use_chain = False  # the parts, each timed from Python
-            row = split_step(model, prompt, args.new_tokens, spent)
-            decode_layer.use_chain = True
-            row["chained"] = float("nan") if own else split_step(model, prompt, args.new_tokens, spent)["step"]
+            if args.no_parts:
+                row = {c: nan for c in ("step", *PARTS, "other")}
+            else:
+                decode_layer.use_chain = False  # the parts, each timed from Python
+                row = split_step(model, prompt, args.new_tokens, spent)
+                decode_layer.use_chain = True
+            for stacked in ((False, True) if rep % 2 == 0 else (True, False)):
+                decode_layer.use_stack = stacked
+                column = "stacked" if stacked else "chained"
+                row[column] = nan if own else split_step(model, prompt, args.new_tokens, spent)["step"]
+            decode_layer.use_stack = True
             rows[key].append(row)
-        print(f"round {rep + 1}/{args.reps} done", file=sys.stderr)
+        print(f"round {rep + 1}/{args.reps} done (read {reads[-1] / 1e9:.0f} GB/s)", file=sys.stderr)
     machine = describe()
-    columns = ("step", *PARTS, "other", "chained")
+    columns = ("step", *PARTS, "other", "chained", "stacked")
     medians = {key: {c: statistics.median(r[c] for r in runs) for c in columns} for key, runs in rows.items()}
     print(header(machine))
     print(f"{args.threads} thread(s), {args.dtype}, {args.layers} layers, prompt 64, {args.new_tokens} new tokens, "

@@ -78,6 +78,32 @@ def count_calls(monkeypatch):
     return wrap
 
 
+@pytest.fixture
+def count_steps(count_calls, monkeypatch):
+    """`count_steps(name)`: `count_calls(decode_layer, name)` for a layer's decode step ("_step")
+    or its one-call step ("_chained"), each layer's step that a stack's single call served
+    (`decode_stack`) counted as well: such a step is the layer's one-call step, called from C."""
+    from parscale.model import decode_layer, decode_stack
+
+    counters = []
+    real = decode_stack.step
+
+    def served(*args):
+        out = real(*args)
+        if out is not None:
+            for counter in counters:
+                counter[0] += 1
+        return out
+
+    monkeypatch.setattr(decode_stack, "step", served)
+
+    def wrap(name: str) -> list[int]:
+        counters.append(count_calls(decode_layer, name))
+        return counters[-1]
+
+    return wrap
+
+
 # The vLLM tests need the `serve` extra; `make test` runs them in a second environment that
 # has it (see the Makefile), so the main run neither collects nor silently skips them.
 import importlib.util  # noqa: E402

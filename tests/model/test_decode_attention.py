@@ -167,7 +167,8 @@ def test_a_fully_hidden_cache_leaves_the_prefix(impl, hidden):
 
 @pytest.mark.parametrize("n_streams", [1, 2, 4])  # 1: `prefix_at_p1`
 @pytest.mark.parametrize("path", ["kernel", "flash"])
-def test_greedy_generate_equals_the_uncached_argmax_loop(tiny_factory, count_calls, monkeypatch, n_streams, path):
+def test_greedy_generate_equals_the_uncached_argmax_loop(tiny_factory, count_calls, count_steps, monkeypatch, n_streams,
+                                                         path):
     """Left-padded batch of 3: every decode step goes through the CPU path (the C++ kernel, or
     torch's fused attention twice without it), and its tokens and logits are those of full
     forwards over the whole sequence (prefill path, no cache)."""
@@ -183,7 +184,7 @@ def test_greedy_generate_equals_the_uncached_argmax_loop(tiny_factory, count_cal
     mask = torch.ones_like(ids)
     mask[1, :2] = mask[2, :4] = 0
     calls = count_calls(attention, "call_kernel" if path == "kernel" else "_flash_cpu")
-    chained = count_calls(decode_layer, "_chained")  # the decode step's two C calls, the kernel's among them
+    chained = count_steps("_chained")  # the decode step's two C calls, the kernel's among them
     per_step = 2 if path == "kernel" else 2 * 2  # two layers; the fused attention twice per layer
     new_tokens = 6
     with torch.no_grad():
@@ -202,7 +203,7 @@ def test_greedy_generate_equals_the_uncached_argmax_loop(tiny_factory, count_cal
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_p1_decoding_takes_the_kernel_and_keeps_the_plain_models_tokens(tiny_factory, count_calls, family):
+def test_p1_decoding_takes_the_kernel_and_keeps_the_plain_models_tokens(tiny_factory, count_calls, count_steps, family):
     """P = 1 without prefixes (`parscale_plain_sdpa`): every decode step's attention is the C++
     kernel with an empty prefix; tokens are those of the plain transformers model, logits within
     float32 rounding. With the fast kernels off, no kernel call and the plain model bit for bit."""
@@ -214,7 +215,7 @@ def test_p1_decoding_takes_the_kernel_and_keeps_the_plain_models_tokens(tiny_fac
     mask = torch.ones_like(ids)
     mask[1, :2] = mask[2, :4] = 0
     calls = count_calls(attention, "call_kernel")  # the decode step calls it directly
-    chained = count_calls(decode_layer, "_chained")  # ... or from C, in its two C calls
+    chained = count_steps("_chained")  # ... or from C, in its two C calls
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         want = plain.generate(ids, **kw)

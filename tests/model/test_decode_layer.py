@@ -143,8 +143,8 @@ def _libraries_or_fail(int8: bool = False) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("n_streams", [1, 2, 4, 8])
-def test_each_decode_step_equals_the_layers_own_forward_bit_for_bit(tiny_factory, count_calls, monkeypatch, dtype,
-                                                                    batch, n_streams, chain):
+def test_each_decode_step_equals_the_layers_own_forward_bit_for_bit(tiny_factory, count_calls, count_steps, monkeypatch,
+                                                                    dtype, batch, n_streams, chain):
     """The same kernels in the same order, so the same bits: greedy tokens and every step's logits
     of the step (on) and of the layer's own forward through the modules (off), left-padded rows;
     the step as two C calls (`_chained`) and as its kernels called one by one from Python."""
@@ -155,8 +155,8 @@ def test_each_decode_step_equals_the_layers_own_forward_bit_for_bit(tiny_factory
     model = _model(tiny_factory, n_streams, dtype)
     ids, mask = _padded_batch(batch)
     appended, grouped = count_calls(decode_layer, "rotary_append"), count_calls(decode_layer, "_grouped")
-    chained = count_calls(decode_layer, "_chained")
-    fast, own, taken = _with_and_without_the_step(model, ids, mask, 6, count_calls(decode_layer, "_step"))
+    chained = count_steps("_chained")
+    fast, own, taken = _with_and_without_the_step(model, ids, mask, 6, count_steps("_step"))
     # two layers, five decode steps (the prefill takes the layer's forward); 24 rows are more than
     # the few-row kernels take
     assert taken == (2 * 5 if n_streams * batch <= kernels.MAX_ROWS else 0)
@@ -170,8 +170,8 @@ def test_each_decode_step_equals_the_layers_own_forward_bit_for_bit(tiny_factory
 
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
-def test_the_step_on_narrower_instruction_paths_equals_the_layers_own_forward(tiny_factory, count_calls, monkeypatch,
-                                                                             isa):
+def test_the_step_on_narrower_instruction_paths_equals_the_layers_own_forward(tiny_factory, count_calls, count_steps,
+                                                                              monkeypatch, isa):
     """Every kernel built for AVX2 (the one-call bfloat16 step with 8-wide SiLU x up) or for plain
     C++ (two calls, SiLU x up in torch), for the modules and the step alike: the step's logits
     are the layers' own forward's bit for bit, float and int8."""
@@ -185,19 +185,19 @@ def test_the_step_on_narrower_instruction_paths_equals_the_layers_own_forward(ti
                              (prefix_attention, "kernel_library", attention), (decode_layer, "chain_library", chain)):
         monkeypatch.setattr(owner, name, lambda flags=(), lib=lib: lib)
     monkeypatch.setattr(decode_layer, "_libraries", decode_layer._libraries.__wrapped__)  # not the native builds kept
-    chained = count_calls(decode_layer, "_chained")
+    chained = count_steps("_chained")
     for quantized in (None, 16):
         model = _model(tiny_factory, 2, torch.bfloat16, int8=quantized)
         ids, mask = _padded_batch(3)
         chained[0] = 0
-        fast, own, taken = _with_and_without_the_step(model, ids, mask, 5, count_calls(decode_layer, "_step"))
+        fast, own, taken = _with_and_without_the_step(model, ids, mask, 5, count_steps("_step"))
         assert taken == 2 * 4 and chained[0] == taken, (isa, quantized)
         assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits)), (isa, quantized)
         whole = decode_layer.exp_for_silu(chain) is not None
         assert whole == (isa == "avx2" and "avx2" in cpu_flags()), isa
 
 
-def test_steps_past_the_cache_room_and_a_cache_of_its_own_take_update(tiny_factory, count_calls):
+def test_steps_past_the_cache_room_and_a_cache_of_its_own_take_update(tiny_factory, count_calls, count_steps):
     """When a step's keys fill the buffers, the cache's own `update` grows them (and the steps
     after append in place again); a cache class with its own `update` always gets it called.
     Both bit for bit as the layer's own forward."""
@@ -208,8 +208,8 @@ def test_steps_past_the_cache_room_and_a_cache_of_its_own_take_update(tiny_facto
     _libraries_or_fail()
     model = _model(tiny_factory, 2, torch.bfloat16)
     ids, mask = _padded_batch(1)
-    appended, steps = count_calls(decode_layer, "rotary_append"), count_calls(decode_layer, "_step")
-    chained = count_calls(decode_layer, "_chained")
+    appended, steps = count_calls(decode_layer, "rotary_append"), count_steps("_step")
+    chained = count_steps("_chained")
     grown = count_calls(kv_cache.GrowingLayer, "_grow")
     new_tokens = 6 + kv_cache.MIN_ROOM + 4  # past the room the prefill's buffers have
     fast, own, taken = _with_and_without_the_step(model, ids, mask, new_tokens, steps)
@@ -233,15 +233,16 @@ def test_steps_past_the_cache_room_and_a_cache_of_its_own_take_update(tiny_facto
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])  # qwen2: bfloat16 q/k/v biases into the int8 kernel
-def test_other_families_and_int8_equal_the_layers_own_forward(tiny_factory, count_calls, monkeypatch, family):
+def test_other_families_and_int8_equal_the_layers_own_forward(tiny_factory, count_calls, count_steps, monkeypatch,
+                                                              family):
     _libraries_or_fail(int8=True)
-    grouped, chained = count_calls(decode_layer, "_grouped"), count_calls(decode_layer, "_chained")
+    grouped, chained = count_calls(decode_layer, "_grouped"), count_steps("_chained")
     for int8, chain in itertools.product((None, 16, 8), (True, False)):  # 8: int8 activations (VNNI's own kernel)
         monkeypatch.setattr(decode_layer, "use_chain", chain)
         model = _model(tiny_factory, 2, torch.bfloat16, family, int8=int8)
         ids, mask = _padded_batch(3)
         grouped[0] = chained[0] = 0
-        fast, own, taken = _with_and_without_the_step(model, ids, mask, 5, count_calls(decode_layer, "_step"))
+        fast, own, taken = _with_and_without_the_step(model, ids, mask, 5, count_steps("_step"))
         # q/k/v and gate/up as groups, in the two C calls or from Python
         assert taken == 2 * 4 and (chained[0], grouped[0]) == ((taken, 0) if chain else (0, 2 * taken)), (family, int8)
         assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits)), (family, int8, chain)
@@ -286,7 +287,7 @@ def test_silu_times_up_in_c_equals_torch_for_every_bfloat16_gate(n, isa):
         assert _bfloat16_bits_equal(got, want), (n, threads, width)
 
 
-def test_bfloat16_steps_are_one_c_call_with_avx2_or_avx512(tiny_factory, count_calls, monkeypatch):
+def test_bfloat16_steps_are_one_c_call_with_avx2_or_avx512(tiny_factory, count_calls, count_steps, monkeypatch):
     """On a CPU with AVX2 or AVX-512 a bfloat16 layer's step is the one-call chain (front, SiLU x
     up, back in C: `_Chain.whole`), float32 the two calls with SiLU x up in torch; both bit for
     bit as the layer's own forward (see the test above, which runs both)."""
@@ -300,20 +301,20 @@ def test_bfloat16_steps_are_one_c_call_with_avx2_or_avx512(tiny_factory, count_c
         layouts.clear()
         model = _model(tiny_factory, 2, dtype)
         ids, mask = _padded_batch(3)
-        fast, own, taken = _with_and_without_the_step(model, ids, mask, 4, count_calls(decode_layer, "_step"))
+        fast, own, taken = _with_and_without_the_step(model, ids, mask, 4, count_steps("_step"))
         assert taken == 2 * 3 and len(layouts) == 2, dtype  # two layers' plans, found at the first decode step
         assert all((layout.chain.whole is not None) == whole for layout in layouts), dtype
         assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits)), dtype
 
 
-def test_float32_tokens_equal_the_stock_path_and_beam_search_too(tiny_factory, count_calls):
+def test_float32_tokens_equal_the_stock_path_and_beam_search_too(tiny_factory, count_calls, count_steps):
     """Against the stock path (every kernel off: transformers' own modules and ops) the step keeps
     the greedy tokens, with logits within float32 rounding; beam search reorders the cache between
     steps and keeps its sequences."""
     _libraries_or_fail()
     model = _model(tiny_factory, 4, torch.float32)
     ids, mask = _padded_batch(3)
-    steps = count_calls(decode_layer, "_step")
+    steps = count_steps("_step")
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
         fast = model.generate(ids, **kw)
@@ -327,14 +328,14 @@ def test_float32_tokens_equal_the_stock_path_and_beam_search_too(tiny_factory, c
     torch.testing.assert_close(torch.stack(fast.logits), torch.stack(stock.logits), rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_beam_search_equals_the_layers_own_forward_bit_for_bit(tiny_factory, count_calls):
+def test_bfloat16_beam_search_equals_the_layers_own_forward_bit_for_bit(tiny_factory, count_calls, count_steps):
     """Beam search reorders the cache between steps (the step after a reorder appends through the
     cache's `update`, the next ones in C again): sequences and beam scores of the step as those
     of the layers' own forward, bit for bit, in bfloat16 (the one-call step on AVX-512)."""
     _libraries_or_fail()
     model = _model(tiny_factory, 2, torch.bfloat16)
     ids, mask = _padded_batch(3)
-    steps, chained = count_calls(decode_layer, "_step"), count_calls(decode_layer, "_chained")
+    steps, chained = count_steps("_step"), count_steps("_chained")
     kw = dict(attention_mask=mask[1:2], max_new_tokens=6, num_beams=3, do_sample=False, return_dict_in_generate=True,
               output_scores=True)
     with torch.no_grad():
@@ -347,11 +348,11 @@ def test_bfloat16_beam_search_equals_the_layers_own_forward_bit_for_bit(tiny_fac
     assert torch.equal(torch.stack(fast.scores), torch.stack(own.scores))
 
 
-def test_the_layers_own_forward_runs_where_the_step_does_not_apply(tiny_factory, count_calls):
+def test_the_layers_own_forward_runs_where_the_step_does_not_apply(tiny_factory, count_calls, count_steps):
     """Hooks (a user's, `output_attentions`), autograd, the eager attention kind, the stream
     adapters' hooks, fast kernels off: the step is not taken, and the result is the layer's own."""
     _libraries_or_fail()
-    steps = count_calls(decode_layer, "_step")
+    steps = count_steps("_step")
     model = _model(tiny_factory, 2, torch.float32)
     ids, mask = _padded_batch(3)
     kw = dict(attention_mask=mask, max_new_tokens=3, do_sample=False)
@@ -389,9 +390,9 @@ def decode_kwarg(model) -> str:
     return cache_argument(model)
 
 
-def test_eager_attention_and_stream_adapters_keep_the_layers_forward(tiny_factory, count_calls):
+def test_eager_attention_and_stream_adapters_keep_the_layers_forward(tiny_factory, count_calls, count_steps):
     _libraries_or_fail()
-    steps = count_calls(decode_layer, "_step")
+    steps = count_steps("_step")
     base = tiny_factory("qwen2")
     base.set_attn_implementation("eager")
     eager = to_parscale(base, ParScaleConfig(2), seed=1).eval()
@@ -453,9 +454,9 @@ def test_float_products_the_amx_tiles_would_take_go_through_skinny_linear(tiny_f
         assert len(chained) == 2 * 2 and rows not in tiles
 
 
-def test_rows_beyond_the_few_row_kernels_take_the_layers_forward(tiny_factory, count_calls):
+def test_rows_beyond_the_few_row_kernels_take_the_layers_forward(tiny_factory, count_calls, count_steps):
     _libraries_or_fail()
-    steps = count_calls(decode_layer, "_step")
+    steps = count_steps("_step")
     model = _model(tiny_factory, 8, torch.float32)
     ids = torch.randint(2, 97, (kernels.MAX_ROWS // 8 + 1, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -467,9 +468,9 @@ def test_rows_beyond_the_few_row_kernels_take_the_layers_forward(tiny_factory, c
 @pytest.mark.parametrize("family, window", [("mistral", dict(sliding_window=4)),
                                             ("qwen2", dict(use_sliding_window=True, sliding_window=4,
                                                            max_window_layers=0))])
-def test_a_sliding_window_takes_the_layers_forward(tiny_factory, count_calls, family, window):
+def test_a_sliding_window_takes_the_layers_forward(tiny_factory, count_calls, count_steps, family, window):
     _libraries_or_fail()
-    steps = count_calls(decode_layer, "_step")
+    steps = count_steps("_step")
     model = to_parscale(tiny_factory(family, **window), ParScaleConfig(2), seed=1).eval()
     ids, mask = _padded_batch(1)
     with torch.no_grad():
@@ -480,14 +481,14 @@ def test_a_sliding_window_takes_the_layers_forward(tiny_factory, count_calls, fa
     assert steps[0] == 0
 
 
-def test_the_layout_is_found_once_per_cache_and_again_after_any_new_hook(tiny_factory, count_calls):
+def test_the_layout_is_found_once_per_cache_and_again_after_any_new_hook(tiny_factory, count_calls, count_steps):
     """The checks run at a cache's first decode step per layer and are reused while the cache is the
     same object; a hook registered between two steps of one cache (here on an MLP projection,
     doubling its output) is seen at the next step, which then equals the layer's own forward."""
     from parscale.model.cache_api import cache_argument, output_cache
 
     _libraries_or_fail()
-    layouts, steps = count_calls(decode_layer, "_layout"), count_calls(decode_layer, "_step")
+    layouts, steps = count_calls(decode_layer, "_layout"), count_steps("_step")
     model = _model(tiny_factory, 2, torch.float32)
     ids, mask = _padded_batch(3)
     with torch.no_grad():
@@ -532,11 +533,11 @@ def test_quantize_int8_drops_the_layouts_that_name_the_float_layers(tiny_factory
         assert not any("_parscale_plan" in layer.__dict__ for layer in model.model.layers)
 
 
-def test_hooks_on_the_layer_itself_run_as_they_would(tiny_factory, count_calls):
+def test_hooks_on_the_layer_itself_run_as_they_would(tiny_factory, count_calls, count_steps):
     """The fast class's `__call__` skips `nn.Module.__call__` only where no hook is there to run:
     a forward hook and a pre-hook on a layer run at every call, prefill and decode steps alike."""
     _libraries_or_fail()
-    steps = count_calls(decode_layer, "_step")
+    steps = count_steps("_step")
     model = _model(tiny_factory, 2, torch.float32)
     ids, mask = _padded_batch(1)
     seen = {"pre": 0, "post": 0}
@@ -550,23 +551,23 @@ def test_hooks_on_the_layer_itself_run_as_they_would(tiny_factory, count_calls):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qwen3_heads_normalised_before_the_rotation_equal_the_layers_own_forward(count_calls, dtype):
+def test_qwen3_heads_normalised_before_the_rotation_equal_the_layers_own_forward(count_calls, count_steps, dtype):
     """Qwen3 normalises each head of q and k (`q_norm`, `k_norm`) before the rotary embedding;
     the step does the same through the norm kernel, bit for bit the layer's own forward."""
     _libraries_or_fail()
     model = to_parscale(_qwen3(), ParScaleConfig(2), seed=1).to(dtype).eval()
     ids, mask = _padded_batch(3)
-    fast, own, taken = _with_and_without_the_step(model, ids, mask, 5, count_calls(decode_layer, "_step"))
+    fast, own, taken = _with_and_without_the_step(model, ids, mask, 5, count_steps("_step"))
     assert taken == 2 * 4
     assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))
 
 
-def test_a_prefix_encoder_model_equals_the_layers_own_forward(tiny_factory, count_calls):
+def test_a_prefix_encoder_model_equals_the_layers_own_forward(tiny_factory, count_calls, count_steps):
     """With a prefix encoder the prefixes are computed again at every forward (`streams`): the
     same values each time in inference, so the step's layout may keep the first step's."""
     _libraries_or_fail()
     model = to_parscale(tiny_factory("qwen2", seed=3), ParScaleConfig(2, prefix_mlp_hidden=16), seed=1).eval()
     ids, mask = _padded_batch(3)
-    fast, own, taken = _with_and_without_the_step(model, ids, mask, 5, count_calls(decode_layer, "_step"))
+    fast, own, taken = _with_and_without_the_step(model, ids, mask, 5, count_steps("_step"))
     assert taken == 2 * 4
     assert torch.equal(torch.stack(fast.logits), torch.stack(own.logits))

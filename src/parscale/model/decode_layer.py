@@ -31,7 +31,9 @@ per layer, SiLU x up included (computed with torch's own Sleef exp, and checked 
 machine against `F.silu` for all 65536 bfloat16 values: `exp_for_silu`); in float32 two, with SiLU x up in torch
 between them (torch's float32 SiLU takes a chunk's last values through another exp, whose
 last bit differs). On the decode benchmark's model (Zen 5, 2 threads) the two calls took 6-13%
-off a step against the kernels called from Python, the one call 1-7% more.
+off a step against the kernels called from Python, the one call 1-7% more. Where a forward's
+layers all take the one call, one after the other, `decode_stack` makes their steps a single C
+call from the third decode step of a cache on (`use_stack` switches it off).
 
 The checks that decide whether a layer may take the step read about a hundred module
 attributes; they run at the first decode step of each cache and their result is kept on the
@@ -66,7 +68,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from parscale.model import kernels, norms, prefix_attention, quantize
+from parscale.model import decode_stack, kernels, norms, prefix_attention, quantize
 from parscale.model.cache_api import NEW_NAME, OLD_NAME
 from parscale.model.kv_cache import GrowingLayer
 
@@ -78,6 +80,7 @@ _PLAIN_KIND = "parscale_plain_sdpa"
 _CACHE_LAYERS = (DynamicLayer, GrowingLayer)  # contiguous keys and values of one layout
 _CACHE_UPDATE = Cache.update  # the stock `update`: a cache class with its own keeps it (`decode_step`)
 use_chain = True  # the step as one or two C calls where it can (`_chained`); off, its kernels one by one from Python
+use_stack = True  # a forward's one-call bfloat16 steps as one C call for all its layers (`decode_stack`)
 
 
 def _code(function):
@@ -261,6 +264,11 @@ def _bind_chain(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.parscale_silu_mul_bf16.argtypes = [pointer, pointer, pointer, size, pointer, ctypes.c_int]  # gate, up, out, n, exp, threads
     lib.parscale_silu_mul_bf16.restype = None
     lib.parscale_has_silu.restype = ctypes.c_int
+    # layers[n], n, hidden, rows, cos, sin, cs_stride, kbufs[n], vbufs[n], row_strides[n], head_strides[n], column,
+    # mask, mask_rows, out, threads
+    lib.parscale_stack_bf16.argtypes = [pointer, size, pointer, size, pointer, pointer, size, pointer, pointer, pointer,
+                                        pointer, size, pointer, size, pointer, ctypes.c_int]
+    lib.parscale_stack_bf16.restype = None
     return lib
 
 
@@ -549,11 +557,12 @@ def decode_step(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> 
             or cos.shape[-1] != layout.head_dim or cos.shape[0] not in (1, rows)
             or not (cos.is_contiguous() and sin.is_contiguous()) or not (cos.is_cpu and sin.is_cpu)):
         return None
-    return _step(layout, hidden_states, kwargs.get("attention_mask"), cos, sin, cache, append)
+    return _step(layer, layout, hidden_states, kwargs.get("attention_mask"), embeddings, cache, append)
 
 
-def _step(layout: _Layout, hidden_states, mask, cos, sin, cache, append: bool) -> torch.Tensor:
+def _step(layer: nn.Module, layout: _Layout, hidden_states, mask, embeddings, cache, append: bool) -> torch.Tensor:
     """The stock layer's arithmetic in its order (see the module docstring); the checks are done."""
+    cos, sin = embeddings
     q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = layout.products
     libs, head_dim, rows = layout.libs, layout.head_dim, hidden_states.shape[0]
     threads = torch.get_num_threads()
@@ -563,7 +572,10 @@ def _step(layout: _Layout, hidden_states, mask, cos, sin, cache, append: bool) -
     if chain is not None and use_chain and append and not amx and prefix_attention.use_kernel:
         column = layer_cache.free_column(rows, chain.kv, head_dim, hidden_states.dtype)
         if column is not None:
-            return _chained(chain, hidden_states, mask, cos, sin, layer_cache, column, threads)
+            out = _chained(chain, hidden_states, mask, cos, sin, layer_cache, column, threads)
+            if chain.whole is not None and use_stack:  # the steps of a forward's layers as one call, from the next
+                decode_stack.record(layer, hidden_states, out, cache, mask, embeddings, column)
+            return out
     x = norms.rms_norm(hidden_states, *layout.norms[0], libs[2])
     qkv, gate_up = layout.groups
     if amx:
@@ -654,6 +666,11 @@ def _call(self, *args, **kwargs):
     found again after any hook is registered), no global hook, no autograd (so no checkpointing),
     not compiling, and a module compiled with `layer.compile()` takes its compiled call."""
     if len(args) == 1 and self.use_kernel and self._compiled_call_impl is None:
+        link = self.__dict__.get("_parscale_link")  # a stack's (`decode_stack`)
+        if link is not None and use_stack and use_chain:
+            out = decode_stack.step(link, args[0], kwargs)
+            if out is not None:
+                return out
         out = decode_step(self, args[0], kwargs)
         if out is not None:
             return out
@@ -678,6 +695,7 @@ def forget(model: nn.Module) -> None:
     so that no layout holds the replaced weights or is reused with a cache it was found for."""
     for module in model.modules():
         module.__dict__.pop("_parscale_plan", None)
+        decode_stack.forget(module)
 
 
 def enable(model: nn.Module, enabled: bool = True) -> int:

@@ -259,3 +259,22 @@ extern "C" void parscale_layer_bf16(const ParscaleLayer* c, const uint16_t* hidd
   (void)buf_row_stride, (void)buf_head_stride, (void)column, (void)mask, (void)mask_rows, (void)out, (void)threads;
 #endif
 }
+
+// The decode steps of a forward's layers in one call (`decode_stack`): layer i's one-call step
+// (parscale_layer_bf16) on layer i-1's output, layer 0's on `hidden`, all with the same position
+// (cos, sin), mask and cache column; layer i's keys and values into kbufs[i], vbufs[i] (its
+// cache layer's buffers, strides row_strides[i], head_strides[i]), its output into out + i rows
+// x H. The same calls with the same arguments as the layers' calls one by one, so the same bits.
+extern "C" void parscale_stack_bf16(const ParscaleLayer* const* layers, int64_t n_layers, const uint16_t* hidden,
+                                    int64_t rows, const uint16_t* cos, const uint16_t* sin, int64_t cs_stride,
+                                    uint16_t* const* kbufs, uint16_t* const* vbufs, const int64_t* row_strides,
+                                    const int64_t* head_strides, int64_t column, const float* mask, int64_t mask_rows,
+                                    uint16_t* out, int threads) {
+  const uint16_t* x = hidden;
+  for (int64_t i = 0; i < n_layers; ++i) {
+    uint16_t* y = out + i * rows * layers[i]->hidden;
+    parscale_layer_bf16(layers[i], x, rows, cos, sin, cs_stride, kbufs[i], vbufs[i], row_strides[i], head_strides[i],
+                        column, mask, mask_rows, y, threads);
+    x = y;
+  }
+}
