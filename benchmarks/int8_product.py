@@ -9,7 +9,7 @@ gate/up/down projections), multiplied by M rows, timed over all 48 in a row. Var
 float32 or bfloat16 activations; "int8 act." rounds them to int8 per row,
 `quantize_int8(activation_bits=8)`) and `torch_int8pack` (`torch._weight_int8pack_mm`, torch's CPU
 int8 weight-only kernel). Repetitions are interleaved (each round runs every variant once) and
-the table gives the best of the rounds, in ms. `--against REV` adds the same three kernels as
+the table gives the best of the rounds, in ms. `--against REV` adds the same kernels as
 they were at git revision REV (that revision's `kernels.py`, `quantize.py` and `csrc/`, rows
 marked `@REV`), so a kernel change is measured against its predecessor in one run. Writes
 benchmarks/results/int8_product.json.
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             f"bf16 @{args.against}": lambda x32, x16: [kernels_then.skinny_linear(x16, w, None, old) for w in w16],
             f"int8 (x bf16) @{args.against}": lambda x32, x16: [quantize_then.int8_linear(x16, q, s, None, old8)
                                                                 for q, s in q8],
+            f"int8 (x bf16, int8 act.) @{args.against}": lambda x32, x16: [
+                quantize_then.int8_linear(x16, q, s, None, old8, 8) for q, s in q8],
         })
     rows = [int(m) for m in args.rows.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
@@ -120,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.matrices} matrices of 2816 x 1024, "
           f"best of {args.reps} interleaved rounds, ms; int8 kernel path: {lib8.isa}")
     width = max(24, *(len(name) for name in variants))
+    digits = 1 if args.matrices >= 8 else 3  # one matrix takes tens of microseconds
     print(f"{'variant':<{width}} {'threads':>7} " + " ".join(f"{f'M={m}':>7}" for m in rows))
     for t in threads:
         for name in variants:
-            print(f"{name:<{width}} {t:>7} " + " ".join(f"{best[(name, t, m)]:>7.1f}" for m in rows))
+            print(f"{name:<{width}} {t:>7} " + " ".join(f"{best[(name, t, m)]:>7.{digits}f}" for m in rows))
     result = {"int8_isa": lib8.isa, "matrices": args.matrices, "reps": args.reps, "against": args.against,
               "best_ms": [{"variant": n, "threads": t, "rows": m, "ms": v} for (n, t, m), v in best.items()]}
     write_result(args.out, result, __file__, argv, machine)

@@ -90,16 +90,17 @@ def test_the_integer_path_is_exact_integer_arithmetic(lib, rows, k):
 
 
 @pytest.mark.parametrize("rows", [1, 4, 5, 8, 11, 16])
-@pytest.mark.parametrize("k", [15, 83, 130, 1024, 2100])
+@pytest.mark.parametrize("k", [15, 83, 130, 1024, 2100, 4200])
 def test_int8_activations_are_exact_integer_arithmetic(lib, rows, k):
     """`bits` 8 (W8A8): every path rounds x to int8 per row (step max|x_row| / 127) and sums the
-    integer products exactly (VNNI: vpdpbusd on x + 128, less 128 * sum(w); AVX2 and AVX-512
+    integer products exactly (VNNI: vpdpbusd on w + 128, less 128 * sum(x); AVX2 and AVX-512
     without VNNI: the int16 kernels; the plain C++ path: float32 sums of integers): float64 integer arithmetic up to float32's
-    rounding. 130 and 15 columns leave tails of the 64-byte steps, 11 rows a second chunk."""
+    rounding. 130 and 15 columns leave tails of the 64-byte steps, 11 rows a second chunk, 4200
+    columns two passes at 8 rows (x's 32 KB in L1; VNNI takes off sum(x) of each pass)."""
     gen = torch.Generator().manual_seed(k * rows)
     x, w = torch.randn(rows, k, generator=gen) * torch.logspace(-3, 3, rows)[:, None], torch.randn(21, k, generator=gen)
-    x[0, 0] = -x[0].abs().max() * 1.5  # the peak negative: -127, the smallest x + 128
-    x[-1, 1] = x[-1].abs().max() * 1.5  # the peak positive: 255 after the offset
+    x[0, 0] = -x[0].abs().max() * 1.5  # the peak negative: -127
+    x[-1, 1] = x[-1].abs().max() * 1.5  # the peak positive: 127
     q, scale = quantize.quantize_weight(w)
     got = quantize.int8_linear(x, q, scale, None, lib, 8).double()
     want, magnitude = _int16_reference(x, q, scale, top=127)
@@ -196,8 +197,8 @@ def test_the_integer_sums_do_not_overflow(lib, bits, rows):
     """9000 columns of the largest values: one int32 lane would hold 9000 / 16 * 2 * 32767 * 127
     = 4.7e9 > 2^31 on AVX2 (half that with AVX-512's 32 columns a step); the passes of at most
     2048 (AVX-512: 4096) columns keep every lane below 1.1e9. One row of x takes the longest
-    passes (x fits L1 whole), 6 rows shorter ones. With int8 activations (on VNNI x + 128 = 255
-    and 1) a lane holds 4.6e7."""
+    passes (x fits L1 whole), 6 rows shorter ones. With int8 activations (on VNNI w + 128 = 255
+    times 127 and -127) a lane holds 4.6e7."""
     x = torch.ones(rows, 9000)
     x[1::2] = -1
     q, scale = quantize.quantize_weight(torch.ones(5, 9000))

@@ -318,60 +318,102 @@ void chunk_i16(int64_t mc, const int16_t* x, int64_t len, int64_t ld, const int8
 // ---------------------------------------------------------------- 8-bit activations (AVX-512 VNNI)
 // With activations rounded to int8 (`bits` 8), vpdpbusd multiplies 64 bytes of weights with 64
 // of x and sums each four products into an int32 lane: twice vpdpwssd's 32 products, and the
-// weights are not widened first. Its first operand is unsigned, so x goes in as xq + 128
-// (1..255) and 128 * sum(w) is taken off again (the weight row's sums come from the same
-// instruction with a vector of ones, once per weight row and pass, shared by every row of x).
-// The integers are those of the int16 path with the same xq, summed exactly: the same results.
-// A lane adds at most 4 * 255 * 128 per 64 columns, so no pass can overflow it.
+// weights are not widened first. Its first operand is unsigned: the weights go in as w + 128
+// (0..255: the sign bit flipped, one vpxord per 64 weights) and x as it is (-127..127), so each
+// sum is dot(x, w) + 128 * sum(x), and 128 * sum(x) is taken off again, one sum per row of x and
+// pass shared by every weight row (`pass_sums`, summed once per call). The integers are those of the int16 path with the
+// same xq, summed exactly: the same results. A lane adds at most 4 * 255 * 127 per 64 columns,
+// so no pass can overflow it.
 // out[m * ldy] (+)= dot(x[m], w) for MC rows of x and one weight row: one weight row at a time,
 // so each thread reads one straight stream (the lines AHEAD bytes ahead requested as well), with two
-// sets of accumulators taking turns (2 * MC + 2 independent sums). On the 113 int8 matrices of
+// sets of accumulators taking turns (2 * MC independent sums). On the 113 int8 matrices of
 // the decode benchmark's model (Zen 5, 2 threads, best of 7 interleaved rounds) against the
 // int16 kernel with the same values: 8 rows 5.3 against 7.8 ms, 4 rows 4.5 against 5.0, 2 rows
 // 4.3 against 5.2, 1 row 4.3 against 4.5; two or more weight rows side by side (the int16
-// kernel's scheme) took 6.0 ms at 8 rows (all with 4 KB ahead then).
+// kernel's scheme) took 6.0 ms at 8 rows (all with 4 KB ahead then). x as xq + 128 and the
+// weight rows' sums from vpdpbusd with a vector of ones (two more vpdpbusd per 128 columns and
+// weight row, where 8 rows of x take 16: the arithmetic that bounds 8 rows) took 60.9 against
+// 55.6 us at 8 rows with the matrix in L2, 3.17 against 3.06 ms on the 48 matrices from memory.
 template <int MC>
-inline void row_u8(const uint8_t* x, int64_t len, int64_t ld, const int8_t* w, float* out, int64_t ldy, bool add) {
-  const __m512i ones = _mm512_set1_epi8(1);
-  __m512i a0[MC], a1[MC], s0 = _mm512_setzero_si512(), s1 = s0;
+inline void row_u8(const int8_t* x, int64_t len, int64_t ld, const int8_t* w, const int64_t* sums, int64_t lds,
+                   float* out, int64_t ldy, bool add) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // w ^ 0x80 = w + 128, unsigned
+  __m512i a0[MC], a1[MC];
   PARSCALE_UNROLL for (int m = 0; m < MC; ++m) a0[m] = a1[m] = _mm512_setzero_si512();
   int64_t k = 0;
   for (; k + 128 <= len; k += 128) {
     _mm_prefetch(reinterpret_cast<const char*>(w + k) + AHEAD, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w + k) + AHEAD + 64, _MM_HINT_T0);
-    const __m512i w0 = _mm512_loadu_si512(w + k), w1 = _mm512_loadu_si512(w + k + 64);
-    s0 = _mm512_dpbusd_epi32(s0, ones, w0);
-    s1 = _mm512_dpbusd_epi32(s1, ones, w1);
+    const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);
+    const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(w + k + 64), flip);
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m) {
-      a0[m] = _mm512_dpbusd_epi32(a0[m], _mm512_loadu_si512(x + m * ld + k), w0);
-      a1[m] = _mm512_dpbusd_epi32(a1[m], _mm512_loadu_si512(x + m * ld + k + 64), w1);
+      a0[m] = _mm512_dpbusd_epi32(a0[m], w0, _mm512_loadu_si512(x + m * ld + k));
+      a1[m] = _mm512_dpbusd_epi32(a1[m], w1, _mm512_loadu_si512(x + m * ld + k + 64));
     }
   }
-  for (; k < len; k += 64) {  // the tail, masked (zeros add nothing, to either sum)
+  for (; k < len; k += 64) {  // the tail, masked: x's zeros add nothing (and nothing to its sum)
     const __mmask64 mask = parscale::first64(len - k);
-    const __m512i w0 = _mm512_maskz_loadu_epi8(mask, w + k);
-    s0 = _mm512_dpbusd_epi32(s0, ones, w0);
+    const __m512i w0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + k), flip);
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m)
-      a0[m] = _mm512_dpbusd_epi32(a0[m], _mm512_maskz_loadu_epi8(mask, x + m * ld + k), w0);
+      a0[m] = _mm512_dpbusd_epi32(a0[m], w0, _mm512_maskz_loadu_epi8(mask, x + m * ld + k));
   }
-  const int64_t offset = 128 * hsum_i64(_mm512_add_epi32(s0, s1));
   PARSCALE_UNROLL for (int m = 0; m < MC; ++m)
-    out[m * ldy] = (add ? out[m * ldy] : 0.0f) + static_cast<float>(hsum_i64(_mm512_add_epi32(a0[m], a1[m])) - offset);
+    out[m * ldy] = (add ? out[m * ldy] : 0.0f) +
+                   static_cast<float>(hsum_i64(_mm512_add_epi32(a0[m], a1[m])) - 128 * sums[m * lds]);
 }
 
-void chunk_u8(int64_t mc, const uint8_t* x, int64_t len, int64_t ld, const int8_t* w, float* y, int64_t N,
-              int64_t n0, int64_t n1, bool add) {
+// sums: row m's sum of x over this pass at sums[m * lds].
+void chunk_u8(int64_t mc, const int8_t* x, int64_t len, int64_t ld, const int8_t* w, const int64_t* sums,
+              int64_t lds, float* y, int64_t N, int64_t n0, int64_t n1, bool add) {
   with_rows(mc, [&](auto m) {
-    for (int64_t n = n0; n < n1; ++n) row_u8<decltype(m)::value>(x, len, ld, w + n * ld, y + n, N, add);
+    for (int64_t n = n0; n < n1; ++n) row_u8<decltype(m)::value>(x, len, ld, w + n * ld, sums, lds, y + n, N, add);
   });
 }
 
-void run_u8(const uint8_t* xq, int64_t M, int64_t K, const int8_t* w, float* y, int64_t N, int64_t n0, int64_t n1) {
+// The passes of run_u8 over K for the rows m0 .. m0 + mc of x: x's bytes in L1.
+inline int64_t u8_step(int64_t mc, int64_t K) { return parscale::k_step(mc, sizeof(int8_t), K); }
+
+inline int64_t u8_passes(int64_t M, int64_t K) {  // the most passes of any chunk of rows (the first's)
+  const int64_t step = u8_step(std::min<int64_t>(CHUNK_M, M), K);
+  return (K + step - 1) / step;
+}
+
+// xb[0, n) = xq as bytes (|xq| <= 127), and their sum: 32 values a step (the serial part of a
+// call, before its parallel loop).
+int64_t bytes_and_sum(const int16_t* xq, int64_t n, int8_t* xb) {
+  const __m512i ones = _mm512_set1_epi16(1);
+  __m512i sum = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    const __m512i v = _mm512_loadu_si512(xq + k);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + k), _mm512_cvtepi16_epi8(v));
+    sum = _mm512_add_epi32(sum, _mm512_madd_epi16(v, ones));  // pairs of int16 into int32 lanes
+  }
+  int64_t total = _mm512_reduce_add_epi32(sum);  // a lane adds 2 * 127 per 32 values: no overflow
+  for (; k < n; ++k) {
+    xb[k] = static_cast<int8_t>(xq[k]);
+    total += xq[k];
+  }
+  return total;
+}
+
+// xb = xq as bytes, and sums[m * passes + p] = row m's sum of xq over run_u8's pass p.
+void pass_sums(const int16_t* xq, int64_t M, int64_t K, int8_t* xb, int64_t* sums, int64_t passes) {
   for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M) {
-    const int64_t mc = std::min<int64_t>(CHUNK_M, M - m0);
-    const int64_t step = parscale::k_step(mc, sizeof(uint8_t), K);  // x in L1
-    for (int64_t k0 = 0; k0 < K; k0 += step)
-      chunk_u8(mc, xq + m0 * K + k0, std::min(step, K - k0), K, w + k0, y + m0 * N, N, n0, n1, k0 > 0);
+    const int64_t mc = std::min<int64_t>(CHUNK_M, M - m0), step = u8_step(mc, K);
+    for (int64_t m = m0; m < m0 + mc; ++m)
+      for (int64_t k0 = 0, p = 0; k0 < K; k0 += step, ++p)
+        sums[m * passes + p] = bytes_and_sum(xq + m * K + k0, std::min(step, K - k0), xb + m * K + k0);
+  }
+}
+
+void run_u8(const int8_t* xb, const int64_t* sums, int64_t passes, int64_t M, int64_t K, const int8_t* w, float* y,
+            int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M) {
+    const int64_t mc = std::min<int64_t>(CHUNK_M, M - m0), step = u8_step(mc, K);
+    for (int64_t k0 = 0, p = 0; k0 < K; k0 += step, ++p)
+      chunk_u8(mc, xb + m0 * K + k0, std::min(step, K - k0), K, w + k0, sums + m0 * passes + p, passes, y + m0 * N,
+               N, n0, n1, k0 > 0);
   }
 }
 #endif
@@ -495,9 +537,13 @@ void int8_product(const float* x, int64_t M, int64_t K, int64_t G, const int8_t*
   if (quantize_rows(x, M, K, bits == 8 ? 127.0f : 32767.0f, xq.data(), xs.data())) {
 #ifdef PARSCALE_VNNI
     if (bits == 8) {
-      parscale::Buffer<uint8_t> xu(M * K);
-      for (int64_t i = 0; i < M * K; ++i) xu.data()[i] = static_cast<uint8_t>(xq.data()[i] + 128);
-      over_blocks([&](int64_t g, int64_t n0, int64_t n1) { run_u8(xu.data(), M, K, w[g], y + offsets[g], N[g], n0, n1); });
+      const int64_t passes = u8_passes(M, K);
+      parscale::Buffer<int8_t> xb(M * K);
+      std::vector<int64_t> sums(static_cast<size_t>(M * passes));
+      pass_sums(xq.data(), M, K, xb.data(), sums.data(), passes);
+      over_blocks([&](int64_t g, int64_t n0, int64_t n1) {
+        run_u8(xb.data(), sums.data(), passes, M, K, w[g], y + offsets[g], N[g], n0, n1);
+      });
       return;
     }
 #endif
