@@ -229,3 +229,20 @@ def test_switching_the_step_off_or_quantizing_drops_the_stack(tiny_factory, stac
     _generate(model, ids, mask, max_new_tokens=5)
     model.quantize_int8()
     assert not [m for m in model.modules() if "_parscale_link" in m.__dict__]
+
+
+def test_a_generation_over_leaves_no_cache_alive(tiny_factory, stack_runs):
+    """The stack stays on the model's layers between generations; it must not hold the last
+    cache or its buffers."""
+    import gc
+    import weakref
+
+    model = _model(tiny_factory, 2)
+    ids, mask = _batch(1)
+    cache = DynamicCache()
+    _generate(model, ids, mask, max_new_tokens=7, **{NEW_NAME: cache})
+    assert stack_runs[0] > 0
+    refs = [weakref.ref(cache)] + [weakref.ref(t) for layer in cache.layers for t in (layer.keys, *layer._buffers)]
+    del cache
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * len(refs)

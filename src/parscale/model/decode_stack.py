@@ -57,16 +57,22 @@ class _Trace:
 
 class _Link:
     """One layer of a stack: its plan, and its cache layer with the view of the buffers the
-    stack left (`keys`) and the free column while that is still its view."""
+    stack left (`keys`) and the free column while that is still its view. The cache layer and
+    the view are weak references: a model's stack must not keep its last cache alive."""
 
     __slots__ = ("layer", "plan", "index", "cache_layer", "keys", "column", "capacity")
 
     def __init__(self, layer, plan):
         self.layer, self.plan, self.index = layer, plan, plan.layout.index
-        self.cache_layer, self.keys, self.column, self.capacity = None, None, 0, 0
+        self.cache_layer = self.keys = _dead
+        self.column = self.capacity = 0
 
     def filled(self, length: int) -> None:
-        self.keys, self.column = self.cache_layer.filled(length)[0], length
+        self.keys, self.column = weakref.ref(self.cache_layer().filled(length)[0]), length
+
+
+def _dead():  # a weak reference that never held anything
+    return None
 
 
 class Stack:
@@ -84,7 +90,7 @@ class Stack:
         self.cache, self.hooks, self.training = weakref.ref(cache), RemovableHandle.next_id, layers[0].training
         self.column = 0  # the column of this step's keys and values
         self.next = 0  # the layer whose output waits to be taken (0: none)
-        self.outs = self.step_cache = self.mask = self.embeddings = self.version = None
+        self.outs = self.mask = self.embeddings = self.version = None  # this step's (while `next`)
 
     def refresh(self, i: int, cache_layer, rows: int) -> int | None:
         """The free column of a cache layer whose buffers or view changed since the stack's last
@@ -97,7 +103,8 @@ class Stack:
             keys, values = cache_layer._buffers
             self.kbufs[i], self.vbufs[i] = keys.data_ptr(), values.data_ptr()
             self.row_strides[i], self.head_strides[i] = keys.stride(0), keys.stride(1)
-            link.cache_layer, link.keys, link.column, link.capacity = cache_layer, cache_layer.keys, column, keys.shape[2]
+            link.cache_layer, link.keys = weakref.ref(cache_layer), weakref.ref(cache_layer.keys)
+            link.column, link.capacity = column, keys.shape[2]
         return column
 
 
@@ -165,7 +172,7 @@ def take(stack: Stack, i: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tens
     if stack.next != i:
         return None
     if (hidden is not stack.outs[i - 1] or hidden._version != stack.version
-            or kwargs.get(NEW_NAME, kwargs.get(OLD_NAME)) is not stack.step_cache
+            or kwargs.get(NEW_NAME, kwargs.get(OLD_NAME)) is not stack.cache()
             or kwargs.get("attention_mask") is not stack.mask or kwargs.get("position_embeddings") is not stack.embeddings
             or RemovableHandle.next_id != stack.hooks or torch.is_grad_enabled()):
         _drop(stack)
@@ -176,17 +183,16 @@ def take(stack: Stack, i: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tens
         stack.next = i + 1
     else:  # the chain's end: nothing of this step kept
         stack.next = 0
-        stack.outs = stack.step_cache = stack.mask = stack.embeddings = None
+        stack.outs = stack.mask = stack.embeddings = None
     return out
 
 
 def _drop(stack: Stack) -> None:
     """A layer was not called as the chain says, or the last step left the chain before its
     end: no more single calls for this cache (the layers not taken show the cache as it was)."""
-    if stack.step_cache is not None:
-        _local.refused = weakref.ref(stack.step_cache)
+    _local.refused = stack.cache
     stack.next = 0
-    stack.outs = stack.step_cache = stack.mask = stack.embeddings = None
+    stack.outs = stack.mask = stack.embeddings = None
     for link in stack.links:
         link.layer.__dict__.pop("_parscale_link", None)
 
@@ -219,7 +225,7 @@ def run(stack: Stack, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor | None
                 or not layer.use_kernel or layer._compiled_call_impl is not None):
             return None
         cache_layer = layers[link.index]
-        if cache_layer is link.cache_layer and cache_layer.keys is link.keys and link.column < link.capacity:
+        if cache_layer is link.cache_layer() and cache_layer.keys is link.keys() and link.column < link.capacity:
             free = link.column
         elif type(cache_layer) is GrowingLayer:
             free = stack.refresh(i, cache_layer, rows)
@@ -233,7 +239,7 @@ def run(stack: Stack, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor | None
     n = len(stack.links)
     outs = torch.empty((n, rows, 1, hidden.shape[2]), dtype=torch.bfloat16)
     stack.outs, stack.version = outs.unbind(0), outs._version
-    stack.step_cache, stack.mask, stack.embeddings, stack.column = cache, mask, embeddings, column
+    stack.mask, stack.embeddings, stack.column = mask, embeddings, column
     stack.lib.parscale_stack_bf16(
         stack.pointers, n, hidden.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), head_dim if cos.shape[0] > 1 else 0,
         stack.kbufs, stack.vbufs, stack.row_strides, stack.head_strides, column,
