@@ -246,3 +246,60 @@ def test_a_generation_over_leaves_no_cache_alive(tiny_factory, stack_runs):
     del cache
     gc.collect()
     assert [ref() for ref in refs] == [None] * len(refs)
+
+
+def test_two_threads_generating_with_one_model_get_their_own_tokens(tiny_factory, stack_runs):
+    """Each thread's stack is its own (a server's threads may share a model): generations in two
+    threads at once, each with its own cache, give each its tokens and logits alone."""
+    import sys
+    import threading
+
+    model = _model(tiny_factory, 2, layers=8)
+    prompts = [_batch(1), (torch.randint(2, 97, (1, 6), generator=torch.Generator().manual_seed(9)),
+                           torch.ones(1, 6, dtype=torch.long))]
+    kw = dict(max_new_tokens=24)
+    alone = [_generate(model, ids, mask, **kw) for ids, mask in prompts]
+    got, errors, start = [None, None], [], threading.Barrier(2)
+
+    def work(k: int) -> None:
+        try:
+            start.wait()
+            for _ in range(3):
+                got[k] = _generate(model, *prompts[k], **kw)
+                assert _equal(got[k], alone[k])
+        except BaseException as error:  # noqa: BLE001 (reported in the main thread)
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads take turns every few bytecodes
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    assert stack_runs[0] > 0
+
+
+def test_another_threads_call_leaves_a_stack_alone(tiny_factory, stack_runs):
+    """A stack belongs to the thread that recorded it: a layer called from another thread in the
+    middle of its step (emulated: the stack's state as after its first layer) takes its own step
+    and neither drops the stack nor touches its step."""
+    import threading
+
+    model = _model(tiny_factory, 2)
+    ids, mask = _batch(1)
+    _generate(model, ids, mask, max_new_tokens=6)
+    assert stack_runs[0] > 0
+    layer = model.model.layers[1]
+    stack, index = layer.__dict__["_parscale_link"]
+    stack.next, stack.outs = index, (torch.zeros(1), torch.zeros(1))  # as if layer 0 had just run it
+    got = []
+    thread = threading.Thread(target=lambda: got.append(decode_stack.step((stack, index), torch.zeros(2, 1, 32), {})))
+    thread.start()
+    thread.join()
+    assert got == [None] and stack.next == index and stack.outs is not None
+    assert all("_parscale_link" in m.__dict__ for m in model.model.layers)

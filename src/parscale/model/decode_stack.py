@@ -24,6 +24,10 @@ and are written again), and the cache takes no more single calls.
 Before running, `run` checks for every layer what `decode_layer.decode_step` checks for one
 (its plan, the cache layer, a free column, the same column in every layer); where anything
 differs the layers take their steps one by one, which records the chain again.
+
+A stack belongs to the thread that recorded it (chains are recorded per thread): a model shared
+by threads gives each its own stack in turn, and a layer called from another thread takes its
+own step, which touches nothing a stack holds.
 """
 from __future__ import annotations
 
@@ -88,6 +92,7 @@ class Stack:
         self.row_strides, self.head_strides = (ctypes.c_int64 * n)(), (ctypes.c_int64 * n)()
         self.lib, self.head_dim, self.hidden = self.links[0].plan.layout.libs[4], chains[0].head_dim, chains[0].layer.hidden
         self.cache, self.hooks, self.training = weakref.ref(cache), RemovableHandle.next_id, layers[0].training
+        self.thread = threading.get_ident()  # the one thread that uses it: its arrays and this step's state are shared
         self.column = 0  # the column of this step's keys and values
         self.next = 0  # the layer whose output waits to be taken (0: none)
         self.outs = self.mask = self.embeddings = self.version = None  # this step's (while `next`)
@@ -159,6 +164,8 @@ def step(link: tuple, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor | None
     """A layer of a stack is called (with `decode_layer.use_stack` and `use_chain` on): its output
     from the stack's one call, or None (then nothing was done and the layer takes its own step)."""
     stack, i = link
+    if stack.thread != threading.get_ident():  # another thread's (the layers' own steps touch nothing shared)
+        return None
     if i == 0:
         return run(stack, hidden, kwargs)
     return take(stack, i, hidden, kwargs)
