@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_decode_layer import _padded_batch  # ids of 6 tokens, the rows after the first left-padded
 from transformers import DynamicCache
 
 from parscale.model import decode_layer, decode_stack
@@ -51,14 +52,6 @@ def _model(tiny_factory, n_streams: int, layers: int = LAYERS):
     return model
 
 
-def _batch(batch: int):
-    ids = torch.randint(2, 97, (batch, 6), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(ids)
-    if batch > 1:
-        mask[1, :2] = mask[-1, :4] = 0  # left padding
-    return ids, mask
-
-
 def _generate(model, ids, mask, **kw):
     kw = dict(attention_mask=mask, do_sample=False, return_dict_in_generate=True, output_logits=True) | kw
     with torch.no_grad():
@@ -93,7 +86,7 @@ def test_stacked_steps_equal_the_steps_one_by_one_and_the_layers_own_forward(tin
     """Greedy tokens and every step's logits, bit for bit; the stack takes every step from the
     third decode step on (the first two record the chain)."""
     model = _model(tiny_factory, n_streams)
-    ids, mask = _batch(batch)
+    ids, mask = _padded_batch(batch)
     stacked, one_by_one, own, made = _three_ways(model, ids, mask, stack_runs, max_new_tokens=8)
     assert made == (7 - 2 if n_streams * batch <= 16 else 0)  # 7 decode steps; 24 rows: the layers' forward
     assert _equal(stacked, one_by_one) and _equal(stacked, own)
@@ -105,7 +98,7 @@ def test_beams_and_steps_past_the_cache_room_keep_the_stack(tiny_factory, stack_
     from parscale.model import kv_cache
 
     model = _model(tiny_factory, 2)
-    ids, mask = _batch(1)
+    ids, mask = _padded_batch(1)
     new_tokens = 6 + kv_cache.MIN_ROOM + 4  # past the room the prefill's buffers have
     stacked, one_by_one, own, made = _three_ways(model, ids, mask, stack_runs, max_new_tokens=new_tokens)
     assert _equal(stacked, one_by_one) and _equal(stacked, own)
@@ -157,7 +150,7 @@ def test_a_layer_called_otherwise_than_its_chain_gets_its_own_step(tiny_factory,
         return hidden
 
     model = _model(tiny_factory, 2)
-    ids, mask = _batch(3)
+    ids, mask = _padded_batch(3)
     with monkeypatch.context() as patch:
         _on_call(patch, model, act)
         stacked = _generate(model, ids, mask, max_new_tokens=9)
@@ -186,7 +179,7 @@ def test_a_forward_stopped_half_way_leaves_the_cache_as_the_layers_own_forward(t
         return hidden
 
     model = _model(tiny_factory, 2)
-    ids, mask = _batch(1)
+    ids, mask = _padded_batch(1)
     caches = {}
     for path in ("stack", "own"):
         decode_layer.enable(model, path == "stack")
@@ -208,7 +201,7 @@ def test_a_forward_stopped_half_way_leaves_the_cache_as_the_layers_own_forward(t
 
 def test_hidden_states_asked_for_are_the_layers_own(tiny_factory, stack_runs):
     model = _model(tiny_factory, 2)
-    ids, mask = _batch(3)
+    ids, mask = _padded_batch(3)
     kw = dict(max_new_tokens=6, output_hidden_states=True)
     stacked, _, own, _ = _three_ways(model, ids, mask, stack_runs, **kw)
     assert _equal(stacked, own)
@@ -218,7 +211,7 @@ def test_hidden_states_asked_for_are_the_layers_own(tiny_factory, stack_runs):
 
 def test_switching_the_step_off_or_quantizing_drops_the_stack(tiny_factory, stack_runs):
     model = _model(tiny_factory, 2)
-    ids, mask = _batch(1)
+    ids, mask = _padded_batch(1)
     _generate(model, ids, mask, max_new_tokens=5)
     assert stack_runs[0] == 2
     linked = [m for m in model.modules() if "_parscale_link" in m.__dict__]
@@ -238,7 +231,7 @@ def test_a_generation_over_leaves_no_cache_alive(tiny_factory, stack_runs):
     import weakref
 
     model = _model(tiny_factory, 2)
-    ids, mask = _batch(1)
+    ids, mask = _padded_batch(1)
     cache = DynamicCache()
     _generate(model, ids, mask, max_new_tokens=7, **{NEW_NAME: cache})
     assert stack_runs[0] > 0
@@ -255,7 +248,7 @@ def test_two_threads_generating_with_one_model_get_their_own_tokens(tiny_factory
     import threading
 
     model = _model(tiny_factory, 2, layers=8)
-    prompts = [_batch(1), (torch.randint(2, 97, (1, 6), generator=torch.Generator().manual_seed(9)),
+    prompts = [_padded_batch(1), (torch.randint(2, 97, (1, 6), generator=torch.Generator().manual_seed(9)),
                            torch.ones(1, 6, dtype=torch.long))]
     kw = dict(max_new_tokens=24)
     alone = [_generate(model, ids, mask, **kw) for ids, mask in prompts]
@@ -291,7 +284,7 @@ def test_another_threads_call_leaves_a_stack_alone(tiny_factory, stack_runs):
     import threading
 
     model = _model(tiny_factory, 2)
-    ids, mask = _batch(1)
+    ids, mask = _padded_batch(1)
     _generate(model, ids, mask, max_new_tokens=6)
     assert stack_runs[0] > 0
     layer = model.model.layers[1]
