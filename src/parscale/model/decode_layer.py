@@ -552,10 +552,7 @@ def decode_step(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> 
     # to it, no offloading): the step may append the keys and values itself
     append = (type(layers[layout.index]) is GrowingLayer and type(cache).update is _CACHE_UPDATE
               and not getattr(cache, "offloading", False))
-    cos, sin = embeddings
-    if (cos.dtype != dtype or sin.dtype != dtype or cos.shape != sin.shape or cos.dim() != 3 or cos.shape[1] != 1
-            or cos.shape[-1] != layout.head_dim or cos.shape[0] not in (1, rows)
-            or not (cos.is_contiguous() and sin.is_contiguous()) or not (cos.is_cpu and sin.is_cpu)):
+    if not prefix_attention.rotary_fits(*embeddings, dtype, layout.head_dim, rows):
         return None
     return _step(layer, layout, hidden_states, kwargs.get("attention_mask"), embeddings, cache, append)
 

@@ -214,16 +214,14 @@ def run(stack: Stack, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor | None
     cache = kwargs.get(NEW_NAME, kwargs.get(OLD_NAME))
     embeddings = kwargs.get("position_embeddings")
     if (cache is None or stack.cache() is not cache or RemovableHandle.next_id != stack.hooks or embeddings is None
-            or torch.is_grad_enabled() or type(hidden) is not torch.Tensor or not hidden.is_cpu
-            or hidden.dtype != torch.bfloat16 or hidden.dim() != 3 or hidden.shape[1] != 1
-            or hidden.shape[2] != stack.hidden or not hidden.is_contiguous() or hidden.shape[0] > _MAX_ROWS
-            or hidden.numel() > _MAX_VALUES or not prefix_attention.use_kernel or torch.compiler.is_compiling()):
+            or torch.is_grad_enabled() or not kernels.cpu_inference(hidden) or hidden.dtype != torch.bfloat16
+            or hidden.dim() != 3 or hidden.shape[1] != 1 or hidden.shape[2] != stack.hidden
+            or not hidden.is_contiguous() or hidden.shape[0] > _MAX_ROWS or hidden.numel() > _MAX_VALUES
+            or not prefix_attention.use_kernel):
         return None
     rows, head_dim = hidden.shape[0], stack.head_dim
     cos, sin = embeddings
-    if (cos.dtype != torch.bfloat16 or sin.dtype != torch.bfloat16 or cos.shape != sin.shape or cos.dim() != 3
-            or cos.shape[1] != 1 or cos.shape[-1] != head_dim or cos.shape[0] not in (1, rows)
-            or not (cos.is_contiguous() and sin.is_contiguous()) or not (cos.is_cpu and sin.is_cpu)):
+    if not prefix_attention.rotary_fits(cos, sin, torch.bfloat16, head_dim, rows):
         return None
     layers, column, training = cache.layers, None, stack.training
     for i, link in enumerate(stack.links):

@@ -310,6 +310,15 @@ def _decode_attention_kernel(query, key, value, mask, prefix_k, prefix_v, scalin
     return call_kernel(q, key, value, additive_mask(mask), prefix_k, prefix_v, scaling, lib)
 
 
+def rotary_fits(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype, head_dim: int, rows: int) -> bool:
+    """The rotary embedding's cos and sin as the decode step's rotary kernels read them
+    (`csrc/decode_attention.cpp`): [rows or 1, 1, head_dim] each, of x's dtype, contiguous, on
+    the CPU. One check for the layer's step (`decode_layer`) and the stack's (`decode_stack`)."""
+    return (cos.dtype == dtype and sin.dtype == dtype and cos.shape == sin.shape and cos.dim() == 3
+            and cos.shape[1] == 1 and cos.shape[-1] == head_dim and cos.shape[0] in (1, rows)
+            and cos.is_contiguous() and sin.is_contiguous() and cos.is_cpu and sin.is_cpu)
+
+
 def additive_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """The last query's row of the attention mask as the kernel reads it: float32 [rows or 1, L],
     0 or -inf (a bool mask) or the mask's own values (an additive one)."""
