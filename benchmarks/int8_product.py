@@ -1,13 +1,14 @@
 """The few-row products behind `quantize_int8()`: int8 candidates against the float32 and bfloat16 kernel.
 
     python benchmarks/int8_product.py [--rows 1,2,4,8] [--threads 1,2] [--reps 5] [--matrices 48]
-                                      [--against REV]
+                                      [--shape 2816x1024] [--against REV]
 
 The issue's workload: 48 weight matrices of 2816 x 1024 (as many as the 16-layer decode model's
 gate/up/down projections), multiplied by M rows, timed over all 48 in a row. Variants:
 `f32` and `bf16` (`kernels.skinny_linear`, the default decode path), `int8` (our int8 kernel,
 float32 or bfloat16 activations; "int8 act." rounds them to int8 per row,
-`quantize_int8(activation_bits=8)`) and `torch_int8pack` (`torch._weight_int8pack_mm`, torch's CPU
+`quantize_int8(activation_bits=8)`; "tiles": the weights in tiles of 16 rows, `quantize.tile_weight`,
+as `quantize_int8` stores them on AVX-512 VNNI, "rows" as [N, K]) and `torch_int8pack` (`torch._weight_int8pack_mm`, torch's CPU
 int8 weight-only kernel). Repetitions are interleaved (each round runs every variant once) and
 the table gives the best of the rounds, in ms. `--against REV` adds the same kernels as
 they were at git revision REV (that revision's `kernels.py`, `quantize.py` and `csrc/`, rows
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--matrices", type=int, default=48)
+    parser.add_argument("--shape", default="2816x1024", help="N x K of each matrix (1024x2816: a down projection)")
     parser.add_argument("--against", metavar="REV", help="also time the kernels of this git revision")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -73,16 +75,22 @@ def main(argv: list[str] | None = None) -> int:
         print("the kernels cannot be built here (no C++ compiler)", file=sys.stderr)
         return 1
     gen = torch.Generator().manual_seed(0)
-    w32 = [torch.randn(2816, 1024, generator=gen) * 0.02 for _ in range(args.matrices)]
+    n_out, k = (int(v) for v in args.shape.lower().split("x"))
+    w32 = [torch.randn(n_out, k, generator=gen) * 0.02 for _ in range(args.matrices)]
     w16 = [w.bfloat16() for w in w32]
     q8 = [quantize.quantize_weight(w) for w in w32]
     s16 = [s.bfloat16() for _, s in q8]
+    tiled = [(quantize.tile_weight(q), s) for q, s in q8]
     variants = {
         "f32": lambda x32, x16: [kernels.skinny_linear(x32, w, None, lib) for w in w32],
         "bf16": lambda x32, x16: [kernels.skinny_linear(x16, w, None, lib) for w in w16],
         "int8 (x f32)": lambda x32, x16: [quantize.int8_linear(x32, q, s, None, lib8) for q, s in q8],
-        "int8 (x bf16)": lambda x32, x16: [quantize.int8_linear(x16, q, s, None, lib8) for q, s in q8],
-        "int8 (x bf16, int8 act.)": lambda x32, x16: [quantize.int8_linear(x16, q, s, None, lib8, 8) for q, s in q8],
+        "int8 rows (x bf16)": lambda x32, x16: [quantize.int8_linear(x16, q, s, None, lib8) for q, s in q8],
+        "int8 tiles (x bf16)": lambda x32, x16: [quantize.int8_linear(x16, q, s, None, lib8) for q, s in tiled],
+        "int8 rows (x bf16, int8 act.)": lambda x32, x16: [quantize.int8_linear(x16, q, s, None, lib8, 8)
+                                                           for q, s in q8],
+        "int8 tiles (x bf16, int8 act.)": lambda x32, x16: [quantize.int8_linear(x16, q, s, None, lib8, 8)
+                                                            for q, s in tiled],
         "torch_int8pack (x f32)": lambda x32, x16: [torch._weight_int8pack_mm(x32, q, s) for q, s in q8],
         "torch_int8pack (x bf16)": lambda x32, x16: [torch._weight_int8pack_mm(x16, q, s) for (q, _), s in zip(q8, s16)],
     }
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in threads:
             torch.set_num_threads(t)
             for m in rows:
-                x32 = torch.randn(m, 1024, generator=gen)
+                x32 = torch.randn(m, k, generator=gen)
                 x16 = x32.bfloat16()
                 for name, run in variants.items():
                     if rep == 0:
@@ -119,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {rep + 1}/{args.reps} done", file=sys.stderr)
     machine = describe()
     print(header(machine))
-    print(f"{args.matrices} matrices of 2816 x 1024, "
+    print(f"{args.matrices} matrices of {n_out} x {k}, "
           f"best of {args.reps} interleaved rounds, ms; int8 kernel path: {lib8.isa}")
     width = max(24, *(len(name) for name in variants))
     digits = 1 if args.matrices >= 8 else 3  # one matrix takes tens of microseconds
@@ -127,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     for t in threads:
         for name in variants:
             print(f"{name:<{width}} {t:>7} " + " ".join(f"{best[(name, t, m)]:>7.{digits}f}" for m in rows))
-    result = {"int8_isa": lib8.isa, "matrices": args.matrices, "reps": args.reps, "against": args.against,
+    result = {"int8_isa": lib8.isa, "matrices": args.matrices, "shape": [n_out, k], "reps": args.reps,
+              "against": args.against,
               "best_ms": [{"variant": n, "threads": t, "rows": m, "ms": v} for (n, t, m), v in best.items()]}
     write_result(args.out, result, __file__, argv, machine)
     return 0

@@ -25,6 +25,13 @@ def lib(request):
     return build_or_skip(quantize.library, request.param, "int8 kernel", INT8_FLAGS[request.param])
 
 
+@pytest.fixture(params=["rows", "tiles"])
+def lay(request):
+    """The int8 weights in either layout the kernel reads: rows [N, K], or tiles of 16 rows
+    (`quantize.tile_weight`, what quantize_int8 stores on AVX-512 VNNI); every build takes both."""
+    return quantize.tile_weight if request.param == "tiles" else (lambda q: q)
+
+
 def _reference_dequantised(w: torch.Tensor) -> torch.Tensor:
     """Symmetric per-row int8 and back, written out here independently of `quantize`."""
     w = w.double()
@@ -55,14 +62,14 @@ def _int16_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_int8_product_matches_float64_with_dequantised_weights(lib, rows, with_bias):
+def test_int8_product_matches_float64_with_dequantised_weights(lib, rows, with_bias, lay):
     # K = 83: tails after the 16- and 8-wide loops; N = 19: rows left after the 8/4/2-row steps.
     gen = torch.Generator().manual_seed(rows)
     x, w, b = torch.randn(2, rows, 83, generator=gen), torch.randn(19, 83, generator=gen), torch.randn(19, generator=gen)
     w[3] = 0  # an all-zero row
     q, scale = quantize.quantize_weight(w)
     bias = b if with_bias else None
-    got = quantize.int8_linear(x, q, scale, bias, lib)
+    got = quantize.int8_linear(x, lay(q), scale, bias, lib)
     w_deq = _reference_dequantised(w)
     want = F.linear(x.double(), w_deq, b.double() if with_bias else None)
     assert got.shape == (2, rows, 19) and got.dtype == torch.float32
@@ -73,7 +80,7 @@ def test_int8_product_matches_float64_with_dequantised_weights(lib, rows, with_b
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 11])
 @pytest.mark.parametrize("k", [15, 16, 83, 1024, 2100, 4200])
-def test_the_integer_path_is_exact_integer_arithmetic(lib, rows, k):
+def test_the_integer_path_is_exact_integer_arithmetic(lib, rows, k, lay):
     """On the integer paths y is x's int16 values dotted exactly with the int8 weights: equal
     to float64 integer arithmetic up to float32's rounding of the result (K = 2100 crosses AVX2's
     2048-column passes, 4200 AVX-512's 4096, 15 and 83 leave tails, 11 rows make a second chunk
@@ -84,14 +91,14 @@ def test_the_integer_path_is_exact_integer_arithmetic(lib, rows, k):
     x, w = torch.randn(rows, k, generator=gen) * torch.logspace(-3, 3, rows)[:, None], torch.randn(21, k, generator=gen)
     x[0, 0] = -x[0].abs().max() * 1.5  # the peak negative: it must round to -32767, not -32768
     q, scale = quantize.quantize_weight(w)
-    got = quantize.int8_linear(x, q, scale, None, lib).double()
+    got = quantize.int8_linear(x, lay(q), scale, None, lib).double()
     want, magnitude = _int16_reference(x, q, scale)
     assert ((got - want).abs() <= 1e-6 * magnitude).all()  # float32 rounds the sums and the scales only
 
 
 @pytest.mark.parametrize("rows", [1, 4, 5, 8, 11, 16])
 @pytest.mark.parametrize("k", [15, 83, 130, 1024, 2100, 4200])
-def test_int8_activations_are_exact_integer_arithmetic(lib, rows, k):
+def test_int8_activations_are_exact_integer_arithmetic(lib, rows, k, lay):
     """`bits` 8 (W8A8): every path rounds x to int8 per row (step max|x_row| / 127) and sums the
     integer products exactly (VNNI: vpdpbusd on w + 128, less 128 * sum(x); AVX2 and AVX-512
     without VNNI: the int16 kernels; the plain C++ path: float32 sums of integers): float64 integer arithmetic up to float32's
@@ -102,12 +109,12 @@ def test_int8_activations_are_exact_integer_arithmetic(lib, rows, k):
     x[0, 0] = -x[0].abs().max() * 1.5  # the peak negative: -127
     x[-1, 1] = x[-1].abs().max() * 1.5  # the peak positive: 127
     q, scale = quantize.quantize_weight(w)
-    got = quantize.int8_linear(x, q, scale, None, lib, 8).double()
+    got = quantize.int8_linear(x, lay(q), scale, None, lib, 8).double()
     want, magnitude = _int16_reference(x, q, scale, top=127)
     assert ((got - want).abs() <= 1e-6 * magnitude).all()
 
 
-def test_int8_activations_give_the_same_bits_on_every_integer_path_and_row_count():
+def test_int8_activations_give_the_same_bits_on_every_integer_path_and_row_count(lay):
     """The integer paths sum the same int8 values exactly: equal bit for bit across paths (VNNI's
     vpdpbusd kernel and the int16 kernels), and all rows at once (a second chunk of rows at 11)
     equal each row alone."""
@@ -119,11 +126,11 @@ def test_int8_activations_give_the_same_bits_on_every_integer_path_and_row_count
     for rows, k in [(8, 83), (6, 1024), (11, 2100)]:
         x, w = torch.randn(rows, k, generator=gen), torch.randn(37, k, generator=gen)
         q, scale = quantize.quantize_weight(w)
-        outs = {isa: quantize.int8_linear(x, q, scale, None, lib, 8) for isa, lib in integer.items()}
+        outs = {isa: quantize.int8_linear(x, lay(q), scale, None, lib, 8) for isa, lib in integer.items()}
         first = next(iter(outs.values()))
         assert all(torch.equal(first, out) for out in outs.values()), (rows, k, sorted(outs))
         for lib in integer.values():
-            alone = torch.cat([quantize.int8_linear(x[i:i + 1], q, scale, None, lib, 8) for i in range(rows)])
+            alone = torch.cat([quantize.int8_linear(x[i:i + 1], lay(q), scale, None, lib, 8) for i in range(rows)])
             assert torch.equal(alone, first), (lib.isa, rows, k)
 
 
@@ -131,7 +138,7 @@ def test_int8_activations_give_the_same_bits_on_every_integer_path_and_row_count
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 6, 11])
 @pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16])
-def test_a_group_of_int8_products_equals_each_product_alone_bit_for_bit(lib, bits, dtype, rows, bias_dtype):
+def test_a_group_of_int8_products_equals_each_product_alone_bit_for_bit(lib, bits, dtype, rows, bias_dtype, lay):
     """`quantize.group_entry`: q, k and v (or gate and up) of one x in one call, x rounded once and
     one parallel loop, each output [rows, N] one after another, bit for bit the single entry's;
     sizes that leave partial blocks, one product without a bias, float32 or bfloat16 biases, a
@@ -145,13 +152,14 @@ def test_a_group_of_int8_products_equals_each_product_alone_bit_for_bit(lib, bit
         x[3, 0, 5] = float("nan")
     quantized = [quantize.quantize_weight(torch.randn(n, k, generator=gen)) for n in sizes]
     biases = [torch.randn(n, generator=gen).to(bias_dtype) for n in sizes[:2]] + [None]
-    alone = [quantize.int8_linear(x, q, s, b, lib, bits) for (q, s), b in zip(quantized, biases)]
+    alone = [quantize.int8_linear(x, lay(q), s, b, lib, bits) for (q, s), b in zip(quantized, biases)]
     out = torch.empty(rows * sum(sizes), dtype=dtype)
 
     def pointers(tensors):
         return (ctypes.c_void_p * 3)(*(t.data_ptr() if t is not None else None for t in tensors))
 
-    quantize.group_entry(lib, dtype)(x.data_ptr(), rows, k, 3, pointers([q for q, _ in quantized]),
+    tiled = [lay(q) for q, _ in quantized]
+    quantize.group_entry(lib, dtype, quantize.is_tiled(tiled[0]))(x.data_ptr(), rows, k, 3, pointers(tiled),
                                      pointers([s for _, s in quantized]), pointers(biases), out.data_ptr(),
                                      (ctypes.c_int64 * 3)(*sizes), 2, bits, int(bias_dtype == torch.bfloat16))
     for got, want in zip(out.split([rows * n for n in sizes]), alone):
@@ -160,7 +168,7 @@ def test_a_group_of_int8_products_equals_each_product_alone_bit_for_bit(lib, bit
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_a_bfloat16_bias_is_widened_exactly(lib, dtype, rows):
+def test_a_bfloat16_bias_is_widened_exactly(lib, dtype, rows, lay):
     """The kernel reads a bfloat16 bias as it is (a bfloat16 model's q/k/v biases, with no torch
     conversion per call): the output equals that of the same bias widened by torch beforehand,
     bit for bit, on every instruction path (`lib`)."""
@@ -169,12 +177,12 @@ def test_a_bfloat16_bias_is_widened_exactly(lib, dtype, rows):
     x = torch.randn(rows, 1, k, generator=gen).to(dtype)
     q, s = quantize.quantize_weight(torch.randn(n, k, generator=gen))
     bias = (torch.randn(n, generator=gen) * 3).to(torch.bfloat16)
-    got = quantize.int8_linear(x, q, s, bias, lib)
-    assert torch.equal(got, quantize.int8_linear(x, q, s, bias.float(), lib)), lib.isa
-    assert not torch.equal(got, quantize.int8_linear(x, q, s, None, lib))  # the bias is added at all
+    got = quantize.int8_linear(x, lay(q), s, bias, lib)
+    assert torch.equal(got, quantize.int8_linear(x, lay(q), s, bias.float(), lib)), lib.isa
+    assert not torch.equal(got, quantize.int8_linear(x, lay(q), s, None, lib))  # the bias is added at all
 
 
-def test_every_integer_path_gives_the_same_bits():
+def test_every_integer_path_gives_the_same_bits(lay):
     """The AVX2 path (vpmaddwd, 16 columns a step) and the AVX-512 paths (vpdpwssd or vpmaddwd,
     32 columns, masked tails) round x alike and sum exactly: their outputs must be equal bit for
     bit, whatever the rows, tails and passes (2048 columns on AVX2, 4096 with AVX-512)."""
@@ -186,14 +194,78 @@ def test_every_integer_path_gives_the_same_bits():
     for rows, k in [(1, 83), (3, 1024), (8, 2100), (11, 47)]:
         x, w = torch.randn(rows, k, generator=gen), torch.randn(37, k, generator=gen)
         q, scale = quantize.quantize_weight(w)
-        outs = {isa: quantize.int8_linear(x, q, scale, None, lib) for isa, lib in integer.items()}
+        outs = {isa: quantize.int8_linear(x, lay(q), scale, None, lib) for isa, lib in integer.items()}
         first = next(iter(outs.values()))
         assert all(torch.equal(first, out) for out in outs.values()), (rows, k, sorted(outs))
 
 
+def test_tile_weight_puts_four_columns_of_sixteen_rows_in_each_line():
+    """tile_weight against the layout written out as a loop: tile t, line l, row r, column c holds
+    q[16t + r, 4l + c], zeros past N and K; weight_rows gives any rows back."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (37, 83), generator=gen, dtype=torch.int8)
+    tiles = quantize.tile_weight(q)
+    assert tiles.shape == (3, 21, 16, 4) and tiles.dtype == torch.int8 and tiles.is_contiguous()
+    for t in range(3):
+        for line in range(21):
+            for r in range(16):
+                for c in range(4):
+                    n, k = 16 * t + r, 4 * line + c
+                    assert tiles[t, line, r, c] == (q[n, k] if n < 37 and k < 83 else 0), (t, line, r, c)
+    for n0, n1 in [(0, 37), (0, 16), (5, 20), (16, 32), (33, 37), (36, 37)]:
+        assert torch.equal(quantize.weight_rows(tiles, 83, n0, n1), q[n0:n1]), (n0, n1)
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_tiles_and_rows_give_the_same_bits_on_every_path(bits):
+    """Every build reads both layouts (VNNI multiplies the tiles, the others take them back to rows)
+    and sums each output exactly in int64 however its passes fall (the tiled int16 path adds
+    every 1024 columns, the rows' paths at their own lengths): the same bits for every layout,
+    path and row count. 37 outputs leave a partial tile and block; K = 2100 and 4200 cross the
+    passes, 83 leaves a partial line."""
+    libs = [lib for lib in (quantize.library(flags) for flags in INT8_FLAGS.values()) if lib is not None and lib.integer]
+    if not libs:
+        pytest.skip("no integer path builds on this CPU")
+    gen = torch.Generator().manual_seed(bits)
+    for rows, k in [(1, 83), (3, 1024), (8, 2100), (11, 4200), (16, 130)]:
+        x, w = torch.randn(rows, k, generator=gen) * 10, torch.randn(37, k, generator=gen)
+        q, scale = quantize.quantize_weight(w)
+        first = quantize.int8_linear(x, q, scale, None, libs[0], bits)
+        for lib in libs:
+            for weights in (q, quantize.tile_weight(q)):
+                got = quantize.int8_linear(x, weights, scale, None, lib, bits)
+                assert torch.equal(got, first), (lib.isa, rows, k, quantize.is_tiled(weights))
+
+
+def test_int8_activation_sums_do_not_overflow_past_65536_columns(lay):
+    """With int8 activations on tiles a lane adds 4 products of up to 255 * 127 per line; 70000
+    columns of them (2.3e9) would overflow int32 in one pass: the passes of 65536 columns keep
+    it exact."""
+    lib = quantize.library()
+    if lib is None:
+        pytest.skip("the int8 kernel does not build here")
+    x = torch.ones(2, 70000)
+    x[1] = -1
+    q, scale = quantize.quantize_weight(torch.ones(3, 70000))
+    got = quantize.int8_linear(x, lay(q), scale, None, lib, 8)
+    rtol = 0 if lib.integer else 1e-4
+    torch.testing.assert_close(got, torch.tensor([[70000.0] * 3, [-70000.0] * 3]), rtol=rtol, atol=0)
+
+
+def test_int8_linear_refuses_weights_of_another_shape():
+    lib = quantize.library()
+    if lib is None:
+        pytest.skip("the int8 kernel does not build here")
+    q, scale = quantize.quantize_weight(torch.randn(37, 83))
+    with pytest.raises(UserError, match=r"shape \(37, 83\) do not match 37 outputs of 84 inputs"):
+        quantize.int8_linear(torch.randn(2, 84), q, scale, None, lib)
+    with pytest.raises(UserError, match="do not match"):
+        quantize.int8_linear(torch.randn(2, 83), quantize.tile_weight(q)[:2], scale, None, lib)
+
+
 @pytest.mark.parametrize("bits", [16, 8])
 @pytest.mark.parametrize("rows", [1, 6])
-def test_the_integer_sums_do_not_overflow(lib, bits, rows):
+def test_the_integer_sums_do_not_overflow(lib, bits, rows, lay):
     """9000 columns of the largest values: one int32 lane would hold 9000 / 16 * 2 * 32767 * 127
     = 4.7e9 > 2^31 on AVX2 (half that with AVX-512's 32 columns a step); the passes of at most
     2048 (AVX-512: 4096) columns keep every lane below 1.1e9. One row of x takes the longest
@@ -202,7 +274,7 @@ def test_the_integer_sums_do_not_overflow(lib, bits, rows):
     x = torch.ones(rows, 9000)
     x[1::2] = -1
     q, scale = quantize.quantize_weight(torch.ones(5, 9000))
-    got = quantize.int8_linear(x, q, scale, None, lib, bits)
+    got = quantize.int8_linear(x, lay(q), scale, None, lib, bits)
     # (the plain C++ path adds 9000 products of 127 * 127 in float32: past 2^24, rounded)
     rtol = 1e-4 if bits == 8 and not lib.integer else 1e-6
     want = torch.tensor([[9000.0] * 5, [-9000.0] * 5] * 3)[:rows]
@@ -210,14 +282,14 @@ def test_the_integer_sums_do_not_overflow(lib, bits, rows):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_with_int8_activations_a_nan_propagates_and_the_other_rows_are_rounded(lib, bad):
+def test_with_int8_activations_a_nan_propagates_and_the_other_rows_are_rounded(lib, bad, lay):
     """A row with a NaN or an infinity cannot be rounded to integers: it propagates as in F.linear,
     and the call's other rows keep their int8 rounding."""
     gen = torch.Generator().manual_seed(6)
     x, w = torch.randn(6, 70, generator=gen), torch.randn(9, 70, generator=gen)
     x[2, 5] = bad
     q, scale = quantize.quantize_weight(w)
-    got = quantize.int8_linear(x, q, scale, None, lib, 8).double()
+    got = quantize.int8_linear(x, lay(q), scale, None, lib, 8).double()
     assert not torch.isfinite(got[2]).any()
     others = [0, 1, 3, 4, 5]
     want, magnitude = _int16_reference(x[others], q, scale, top=127)
@@ -225,12 +297,12 @@ def test_with_int8_activations_a_nan_propagates_and_the_other_rows_are_rounded(l
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_a_nan_or_infinity_propagates_as_in_f_linear(lib, bad):
+def test_a_nan_or_infinity_propagates_as_in_f_linear(lib, bad, lay):
     gen = torch.Generator().manual_seed(5)
     x, w = torch.randn(3, 40, generator=gen), torch.randn(6, 40, generator=gen)
     x[1, 7] = bad
     q, scale = quantize.quantize_weight(w)
-    got = quantize.int8_linear(x, q, scale, None, lib)
+    got = quantize.int8_linear(x, lay(q), scale, None, lib)
     want = F.linear(x.double(), _reference_dequantised(w))
     assert torch.equal(torch.isnan(got[1]), torch.isnan(want[1])) and not torch.isfinite(got[1]).any()
     if not torch.isnan(want[1]).any():  # an infinity: the same signs
@@ -238,25 +310,25 @@ def test_a_nan_or_infinity_propagates_as_in_f_linear(lib, bad):
     torch.testing.assert_close(got[[0, 2]].double(), want[[0, 2]], rtol=1e-5, atol=1e-5)  # other rows: float32 path
 
 
-def test_bfloat16_activations_give_bfloat16_rounded_once(lib):
+def test_bfloat16_activations_give_bfloat16_rounded_once(lib, lay):
     gen = torch.Generator().manual_seed(7)
     x, w = torch.randn(3, 83, generator=gen).bfloat16(), torch.randn(21, 83, generator=gen)
     q, scale = quantize.quantize_weight(w)
-    got = quantize.int8_linear(x, q, scale, None, lib)
+    got = quantize.int8_linear(x, lay(q), scale, None, lib)
     exact = F.linear(x.double(), _reference_dequantised(w))
     assert got.dtype == torch.bfloat16
     assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5).all()
 
 
 @pytest.mark.parametrize("rows", [1, 8])
-def test_bfloat16_in_and_out_round_as_torch_rounds(lib, rows):
+def test_bfloat16_in_and_out_round_as_torch_rounds(lib, rows, lay):
     """bfloat16 x is widened and y rounded in C++: bit for bit the float32 entry's result
     rounded by torch (truncating, or ties broken the wrong way, differs in about half)."""
     gen = torch.Generator().manual_seed(rows)
     x, w, b = torch.randn(rows, 83, generator=gen).bfloat16(), torch.randn(21, 83, generator=gen), torch.randn(21, generator=gen)
     q, scale = quantize.quantize_weight(w)
-    got = quantize.int8_linear(x, q, scale, b, lib)
-    want = quantize.int8_linear(x.float(), q, scale, b, lib).bfloat16()
+    got = quantize.int8_linear(x, lay(q), scale, b, lib)
+    want = quantize.int8_linear(x.float(), lay(q), scale, b, lib).bfloat16()
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 

@@ -173,8 +173,8 @@ def rotary_append(key: torch.Tensor, value: torch.Tensor, heads: int, cos: torch
 
 
 def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
-    """(True for the float kernel or None for int8, weight or int8 weight, scale, bias, the int8
-    activations' bits) of a linear
+    """(True for the float kernel or None for int8, weight or int8 weight (rows or tiles), scale,
+    bias, the int8 activations' bits, (outputs, inputs)) of a linear
     layer that is one of the fast kernels' (the float kernel with weights of x's dtype, or int8),
     switched on, without hooks (a stream adapter's), its tensors plain and on the CPU; else None."""
     if _hooked(linear) or not getattr(linear, "use_kernel", False):
@@ -184,14 +184,17 @@ def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
         weight, bias = linear.weight, linear.bias
         plain = all(t is None or (type(t) in kernels._PLAIN and t.is_cpu) for t in (weight, bias))
         if plain and kernels.takes_weights(weight, bias, dtype):
-            return True, weight, None, bias, None  # True: the float kernel (`_layout` puts its C function here)
+            return True, weight, None, bias, None, tuple(weight.shape)  # True: the float kernel (`_layout` puts its C function here)
     elif kind is quantize.Int8Linear and not linear.training:
         buffers = linear._buffers
         weight, scale, bias = buffers["qweight"], buffers["scale"], linear.bias
         if (weight.is_cpu and weight.dtype == torch.int8 and weight.is_contiguous() and scale.dtype == torch.float32
                 and scale.is_contiguous() and (bias is None or (bias.is_cpu and bias.is_contiguous()
                                                                 and bias.dtype in (torch.float32, torch.bfloat16)))):
-            return None, weight, scale, bias, linear.activation_bits
+            dims = (linear.out_features, linear.in_features)
+            want = quantize.tiled_shape(*dims) if quantize.is_tiled(weight) else dims
+            if tuple(weight.shape) == want and scale.shape == (dims[0],):
+                return None, weight, scale, bias, linear.activation_bits, dims
     return None
 
 
@@ -210,15 +213,14 @@ def _product(args: tuple, x: torch.Tensor, libs, threads: int) -> torch.Tensor:
     or `quantize.int8_linear` would call (`kernels.io_entry`, `quantize.io_entry`) called
     directly (their Python around the call is 1.5-3.5 us, seven products per layer and step),
     or `skinny_linear` itself where the AMX tiles may take the rows."""
-    entry, weight, scale, bias, bits = args
+    entry, weight, scale, bias, bits, (n_out, k) = args
     rows = x.shape[0]
-    n_out, k = weight.shape
     if scale is None and x.dtype == torch.bfloat16 and kernels._use_amx(libs[0], rows, k, n_out):
         return kernels.skinny_linear(x, weight, bias, libs[0])  # its AMX tiles
     out = torch.empty((rows, 1, n_out), dtype=x.dtype)
     if scale is not None:  # int8: float32 scales, a float32 or bfloat16 bias (the kernel widens it)
         entry(x.data_ptr(), rows, k, weight.data_ptr(), scale.data_ptr(), bias.data_ptr() if bias is not None else None,
-              out.data_ptr(), n_out, threads, bits, quantize.bias_bf16(bias))
+              out.data_ptr(), n_out, threads, bits, quantize.bias_bf16(bias), int(quantize.is_tiled(weight)))
         return out
     entry(x.data_ptr(), rows, k, weight.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
           n_out, threads)
@@ -372,19 +374,19 @@ def _group(products: tuple, libs: tuple, dtype: torch.dtype) -> _Group | None:
     """The group of `products` (`_product_args` with their entries) where all are the float
     kernel's, or all int8 with the same activations' bits and biases of one dtype, with one
     input size; else None."""
-    kinds = {(args[2] is None, args[4]) for args in products}
+    kinds = {(args[2] is None, args[4], args[1].dim()) for args in products}  # float or int8, bits, layout
     bias_dtypes = {args[3].dtype for args in products if args[3] is not None}
-    if (len(kinds) != 1 or len({args[1].shape[1] for args in products}) != 1 or len(products) > kernels.MAX_GROUP
+    if (len(kinds) != 1 or len({args[5][1] for args in products}) != 1 or len(products) > kernels.MAX_GROUP
             or len(bias_dtypes) > 1):
         return None
     weights, biases = [args[1] for args in products], [args[3] for args in products]
-    sizes = tuple(w.shape[0] for w in weights)
+    sizes = tuple(args[5][0] for args in products)
     common = dict(weights=_pointers(weights), sizes=(ctypes.c_int64 * len(sizes))(*sizes), splits=sizes,
-                  k=weights[0].shape[1])
+                  k=products[0][5][1])
     if products[0][2] is None:  # float
         return _Group(kernels.group_entry(libs[0], dtype), scales=None, biases=_pointers(biases), bias_bf16=0,
                       bits=None, **common)
-    return _Group(quantize.group_entry(libs[1], dtype), scales=_pointers([args[2] for args in products]),
+    return _Group(quantize.group_entry(libs[1], dtype, quantize.is_tiled(weights[0])), scales=_pointers([args[2] for args in products]),
                   biases=_pointers(biases), bias_bf16=int(bias_dtypes == {torch.bfloat16}), bits=products[0][4],
                   **common)
 
@@ -456,7 +458,7 @@ def _layout(layer: nn.Module, dtype: torch.dtype) -> _Layout | None:
     if head_dim % 2:
         return None
     if prefix is None:  # one stream without a prefix: empty ones (the keys' heads from k_proj's rows)
-        empty = torch.empty(1, products[1][1].shape[0] // head_dim, 0, head_dim, dtype=dtype)
+        empty = torch.empty(1, products[1][5][0] // head_dim, 0, head_dim, dtype=dtype)
         prefix = (empty, empty)
     libs = _libraries(any(args[0] is None for args in products))
     if libs is None:
@@ -504,7 +506,7 @@ def _chain(products: tuple, groups: tuple, norm_args: tuple, scaling: float, pre
         norm=_address(entry(libs[2], "rms_norm")), rotary=_address(entry(libs[3], "rotary")),
         append=_address(entry(libs[3], "rotary_append")), attention=_address(entry(libs[3], "decode_attention")),
         scaling=scaling, qkv=_c_product(qkv), o=o, gate_up=_c_product(gate_up), down=down,
-        prefix_k=prefix_k.data_ptr(), prefix_v=prefix_v.data_ptr(), hidden=products[0][1].shape[1],
+        prefix_k=prefix_k.data_ptr(), prefix_v=prefix_v.data_ptr(), hidden=products[0][5][1],
         heads=qkv.splits[0] // head_dim, kv=qkv.splits[1] // head_dim, head_dim=head_dim, n_prefix=prefix_k.shape[2],
         n_streams=prefix_k.shape[0])
     for i, (weight, eps) in enumerate(norm_args):
@@ -543,7 +545,7 @@ def decode_step(layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> 
     layout = plan.layout
     if layout is None:
         return None
-    if layout.head_norms is not None and rows * layout.products[0][1].shape[0] > norms.MAX_VALUES:
+    if layout.head_norms is not None and rows * layout.products[0][5][0] > norms.MAX_VALUES:
         return None  # the q norm's own forward would take torch's path for that many values
     layers = getattr(cache, "layers", None)
     if layers is None or layout.index >= len(layers) or type(layers[layout.index]) not in _CACHE_LAYERS:

@@ -10,7 +10,12 @@ the prefixes and the aggregation MLP keep their dtype).
 Decoding with few rows on the CPU takes `csrc/int8_linear.cpp`, the skinny kernel's scheme (built
 at first use like `kernels`): on AVX2 and AVX-512, integer products of int8 weights with the
 activations rounded to int16 per row (AVX-512 VNNI's vpdpwssd where the CPU has it); in plain
-C++, or for a row holding a NaN or an infinity, int8 widened to float32.
+C++, or for a row holding a NaN or an infinity, int8 widened to float32. On a CPU with AVX-512
+VNNI the int8 weights are stored in tiles of 16 output rows (`tile_weight`): each 64-byte line
+holds four columns of 16 rows, so that one multiply-add takes a line and four values of a row
+of x and sums straight into the 16 outputs; with 8 rows of x (P = 8) the products then read
+their weights as fast as with one (csrc/int8_linear.cpp has the numbers). `qweight` is then 4-D
+([ceil(N / 16), ceil(K / 4), 16, 4]); `Int8Linear.weight` and `weight_rows` give rows either way.
 `quantize_int8(..., activation_bits=8)` rounds the activations to int8 per row instead, on
 every path (W8A8, dynamic per token): AVX-512 VNNI's vpdpbusd then does 64 multiply-adds per
 instruction on the weights as they lie, twice the int16 path's, for the many rows of many
@@ -56,11 +61,12 @@ def library(flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for fn in (lib.parscale_int8_f32, lib.parscale_int8_bf16):
-        # x, M, K, weight, scale, bias, y, N, threads, bits, bias_bf16
+        # x, M, K, weight, scale, bias, y, N, threads, bits, bias_bf16, tiled
         fn.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int]
+                       ctypes.c_int, ctypes.c_int]
         fn.restype = None
-    for fn in (lib.parscale_int8_group_f32, lib.parscale_int8_group_bf16):
+    for fn in (lib.parscale_int8_group_f32, lib.parscale_int8_group_bf16, lib.parscale_int8_group_tiled_f32,
+               lib.parscale_int8_group_tiled_bf16):
         # x, M, K, G, weights[G], scales[G], biases[G], y, N[G], threads, bits, bias_bf16
         fn.argtypes = [pointer, size, size, size, pointer, pointer, pointer, pointer, pointer, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int]
@@ -68,18 +74,22 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.parscale_int8_isa.restype = ctypes.c_int
     lib.isa = {5: "avx512-vnni", 4: "avx512-int16", 3: "avx2-int16", 0: "generic"}[lib.parscale_int8_isa()]
     lib.integer = lib.isa != "generic"  # x rounded to int16 per row, exact integer sums (csrc/int8_linear.cpp)
+    lib.parscale_int8_tiles.restype = ctypes.c_int
+    lib.tiles = bool(lib.parscale_int8_tiles())  # multiplies tiled weights as they lie (others untile them)
     return lib
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 lib: ctypes.CDLL, bits: int = 16) -> torch.Tensor:
-    """`F.linear(x, qweight * scale[:, None], bias)` by the kernel, in x's dtype; x on the CPU,
-    float32 or bfloat16 (widened to float32), qweight [N, K] int8, scale [N] float32. `bits` 8
-    rounds x to int8 per row first (`round_activations`), 16 to int16 on the integer paths."""
-    n_out, k = qweight.shape
+    """`F.linear(x, W * scale[:, None], bias)` by the kernel, in x's dtype; x on the CPU, float32
+    or bfloat16 (widened to float32), qweight the int8 W as rows [N, K] or in tiles
+    (`tile_weight`), scale [N] float32. `bits` 8 rounds x to int8 per row first
+    (`round_activations`), 16 to int16 on the integer paths."""
+    n_out, k = scale.numel(), x.shape[-1]
     if scale.dtype != torch.float32 or qweight.dtype != torch.int8:  # the kernel reads 4-byte scales, 1-byte weights
         raise UserError(f"the int8 kernel takes int8 weights and float32 scales, got {qweight.dtype} and {scale.dtype}; "
                         "cast the model before quantize_int8(), or keep Int8Linear's scales float32")
+    check_layout(qweight, n_out, k)
     bfloat16 = x.dtype == torch.bfloat16  # then widened and rounded in C++, not by two torch calls
     rows = x if bfloat16 else x.float()
     rows = rows if rows.is_contiguous() else rows.contiguous()  # M K in memory (see kernels.skinny_linear)
@@ -88,8 +98,51 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     fn = io_entry(lib, torch.bfloat16 if bfloat16 else torch.float32)
     fn(rows.data_ptr(), rows.numel() // k, k, qweight.data_ptr(), scale.data_ptr(),
        bias.data_ptr() if bias is not None else None, out.data_ptr(), n_out, torch.get_num_threads(), bits,
-       bias_bf16(bias))
+       bias_bf16(bias), int(is_tiled(qweight)))
     return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------- the weights' two layouts
+TILE_ROWS, TILE_COLUMNS = 16, 4  # a tile's rows, and the columns of each in one 64-byte line
+
+
+def is_tiled(qweight: torch.Tensor) -> bool:
+    return qweight.dim() == 4
+
+
+def tiled_shape(n_out: int, k: int) -> tuple[int, int, int, int]:
+    return (-(-n_out // TILE_ROWS), -(-k // TILE_COLUMNS), TILE_ROWS, TILE_COLUMNS)
+
+
+def check_layout(qweight: torch.Tensor, n_out: int, k: int) -> None:
+    """A UserError unless qweight holds N = n_out rows of K = k columns, as rows or in tiles."""
+    want = tiled_shape(n_out, k) if is_tiled(qweight) else (n_out, k)
+    if tuple(qweight.shape) != want or not qweight.is_contiguous():
+        raise UserError(f"int8 weights of shape {tuple(qweight.shape)} do not match {n_out} outputs of {k} inputs "
+                        f"(expected a contiguous {want}); quantize the layer with quantize_int8() rather than "
+                        "setting qweight by hand")
+
+
+def tile_weight(q: torch.Tensor) -> torch.Tensor:
+    """int8 rows [N, K] as tiles [ceil(N / 16), ceil(K / 4), 16, 4]: tile t's line l holds
+    columns 4l .. 4l + 3 of its rows 16t .. 16t + 15, zeros past N and K. The layout the AVX-512
+    VNNI kernel multiplies (csrc/int8_linear.cpp, "weights in tiles")."""
+    n_out, k = q.shape
+    padded = F.pad(q, (0, -k % TILE_COLUMNS, 0, -n_out % TILE_ROWS))
+    tiles, lines = padded.shape[0] // TILE_ROWS, padded.shape[1] // TILE_COLUMNS
+    return padded.view(tiles, TILE_ROWS, lines, TILE_COLUMNS).transpose(1, 2).contiguous()
+
+
+def weight_rows(qweight: torch.Tensor, k: int, n0: int = 0, n1: int | None = None) -> torch.Tensor:
+    """Rows n0 .. n1 of the int8 weights [n1 - n0, k], from either layout (k: the input size,
+    which tiles pad)."""
+    if not is_tiled(qweight):
+        return qweight[n0:n1]
+    n1 = qweight.shape[0] * TILE_ROWS if n1 is None else n1
+    first = n0 // TILE_ROWS
+    block = qweight[first:-(-n1 // TILE_ROWS)]
+    rows = block.transpose(1, 2).reshape(block.shape[0] * TILE_ROWS, -1)
+    return rows[n0 - first * TILE_ROWS:n1 - first * TILE_ROWS, :k]
 
 
 def kernel_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -108,17 +161,20 @@ def bias_bf16(bias: torch.Tensor | None) -> int:
 
 def io_entry(lib: ctypes.CDLL, dtype: torch.dtype):
     """The C function for x and y of `dtype` (float32 or bfloat16; int8 weights, float32 scales,
-    a float32 or bfloat16 bias as its last argument says: `kernel_bias`, `bias_bf16`).
+    a float32 or bfloat16 bias as its next to last argument says: `kernel_bias`, `bias_bf16`;
+    the last is 1 for tiled weights).
     `decode_layer` calls it directly too."""
     return lib.parscale_int8_bf16 if dtype == torch.bfloat16 else lib.parscale_int8_f32
 
 
-def group_entry(lib: ctypes.CDLL, dtype: torch.dtype):
+def group_entry(lib: ctypes.CDLL, dtype: torch.dtype, tiled: bool = False):
     """The C function for a group of int8 products of the same x in one call (x rounded once, one
     parallel loop; each output bit for bit its product alone): `fn(x, M, K, G, weights, scales,
     biases, y, N, threads, bits, bias_bf16)` with ctypes arrays of G pointers (float32 scales;
     biases all float32, or all bfloat16 with bias_bf16 1) and sizes, the outputs [M, N[g]] one
-    after another in y. `decode_layer` calls it."""
+    after another in y; `tiled` for weights in tiles (all of the group's). `decode_layer` calls it."""
+    if tiled:
+        return lib.parscale_int8_group_tiled_bf16 if dtype == torch.bfloat16 else lib.parscale_int8_group_tiled_f32
     return lib.parscale_int8_group_bf16 if dtype == torch.bfloat16 else lib.parscale_int8_group_f32
 
 
@@ -148,8 +204,13 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
-def dequantize(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The float32 weights an int8 layer stands for: q * scale, per row."""
+def dequantize(qweight: torch.Tensor, scale: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """The float32 weights an int8 layer stands for: q * scale, per row (k: the input size, needed
+    for tiled weights)."""
+    if is_tiled(qweight):
+        if k is None:
+            raise UserError("dequantize() of tiled int8 weights needs the input size k; use Int8Linear.weight")
+        qweight = weight_rows(qweight, k, 0, scale.numel())
     return qweight.float() * scale[:, None]
 
 
@@ -163,8 +224,9 @@ def dequantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     float32 and rounded once (as `kernels.upcast_linear`: the stock bfloat16 GEMM is several
     times slower there)."""
     upcast = x.dtype == torch.bfloat16 and x.device.type == "cpu" and kernels.slow_bfloat16_gemm()
-    return kernels.blocked_linear(x, lambda n0, n1: dequantize(qweight[n0:n1], scale[n0:n1]), qweight.shape[0], bias,
-                                  torch.float32 if upcast else x.dtype)
+    k = x.shape[-1]
+    return kernels.blocked_linear(x, lambda n0, n1: dequantize(weight_rows(qweight, k, n0, n1), scale[n0:n1]),
+                                  scale.numel(), bias, torch.float32 if upcast else x.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -181,12 +243,14 @@ class Int8Linear(nn.Module):
     use_kernel: bool = True
     activation_bits: int = 16
 
-    def __init__(self, linear: nn.Linear, activation_bits: int = 16) -> None:
+    def __init__(self, linear: nn.Linear, activation_bits: int = 16, tiled: bool | None = None) -> None:
         super().__init__()
         self.activation_bits = activation_bits
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype = linear.weight.dtype
         q, scale = quantize_weight(linear.weight)
+        if tiled if tiled is not None else tiles_pay(linear.weight.device):
+            q = tile_weight(q)
         self.register_buffer("qweight", q.to(linear.weight.device))
         self.register_buffer("scale", scale.to(linear.weight.device))
         self.bias = linear.bias  # the same Parameter, in its dtype (or None)
@@ -194,7 +258,7 @@ class Int8Linear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return dequantize(self.qweight, self.scale).to(self.dtype)
+        return dequantize(self.qweight, self.scale, self.in_features).to(self.dtype)
 
     def _apply(self, fn, recurse: bool = True):
         """`model.to(torch.bfloat16)`, `.half()`, `.cuda()`: the scales follow the device but stay
@@ -208,7 +272,9 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         activations = ", int8 activations" if self.activation_bits == 8 else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8{activations}"
+        tiles = ", tiled" if is_tiled(self.qweight) else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int8{activations}{tiles}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))):
@@ -228,13 +294,25 @@ class Int8Linear(nn.Module):
                 and 0 < x.numel() <= MAX_ROWS * self.in_features)
 
 
-def quantize_int8(module: nn.Module, skip: set[str] | frozenset[str] = frozenset(), activation_bits: int = 16) -> int:
+def tiles_pay(device: torch.device) -> bool:
+    """Whether int8 weights on `device` are stored in tiles: on the CPU where the kernel multiplies
+    them as they lie (AVX-512 VNNI)."""
+    if torch.device(device).type != "cpu":
+        return False
+    lib = library()
+    return lib is not None and lib.tiles
+
+
+def quantize_int8(module: nn.Module, skip: set[str] | frozenset[str] = frozenset(), activation_bits: int = 16,
+                  tiled: bool | None = None) -> int:
     """Replace the plain `nn.Linear`/`SkinnyLinear` layers of `module` by `Int8Linear`, in place.
 
     Layers whose qualified name is in `skip`, or that lie under such a name, are left alone,
     as are Linear subclasses other than the decode kernel's (adapter or quantized layers).
     `activation_bits` 8 also rounds the layers' inputs to int8 per row (see the module
-    docstring). Returns the float weight bytes replaced minus the int8 bytes that took their place.
+    docstring). `tiled` stores the int8 weights in tiles (True) or rows (False); by default in
+    tiles where the CPU kernel multiplies them so (`tiles_pay`). Returns the float weight bytes
+    replaced minus the int8 bytes that took their place.
     """
     check_activation_bits(activation_bits)
     def skipped(name: str) -> bool:
@@ -246,7 +324,7 @@ def quantize_int8(module: nn.Module, skip: set[str] | frozenset[str] = frozenset
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        replacement = Int8Linear(linear, activation_bits)
+        replacement = Int8Linear(linear, activation_bits, tiled)
         before = linear.weight.numel() * linear.weight.element_size()
         saved += before - replacement.qweight.numel() - replacement.scale.numel() * 4
         setattr(parent, attr, replacement)

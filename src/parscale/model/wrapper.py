@@ -205,14 +205,16 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         for attention in self.attention_modules():  # read by prefix_attention.plain_attention
             attention.parscale_fast_decode = enabled
 
-    def quantize_int8(self, activation_bits: int = 16) -> "ParScaleForCausalLM":
+    def quantize_int8(self, activation_bits: int = 16, tiled: bool | None = None) -> "ParScaleForCausalLM":
         """Weight-only int8 for CPU decoding (opt-in; see `quantize`): the backbone's Linear layers
         and the lm_head (unless tied to the embeddings) get int8 weights with per-row float32
         scales; the prefixes, the aggregation MLP and the stream adapters keep their dtype. Inference only, and the
         model can no longer be saved (save before, quantize after loading). `activation_bits=8`
         rounds those layers' inputs to int8 per row too (W8A8, dynamic per token): the int8
         products of many streams run about twice as many multiply-adds per instruction on
-        AVX-512 VNNI, at a measured accuracy cost (benchmarks/README.md). Returns the model."""
+        AVX-512 VNNI, at a measured accuracy cost (benchmarks/README.md). `tiled`: the int8 weights'
+        layout (`quantize.quantize_int8`; by default tiles where the CPU kernel multiplies them so).
+        Returns the model."""
         quantize.check_activation_bits(activation_bits)
         embedding = self.get_input_embeddings().weight
         skip = {name for name, m in self.named_modules() if name.endswith("aggregate_layer")}
@@ -223,7 +225,7 @@ class ParScaleForCausalLM(PreTrainedModel, GenerationMixin):
         lora = stream_lora.installed(self) if self.parscale_config.stream_lora_rank else []
         if lora:  # the stream adapters move to the int8 projections, in float
             stream_lora.install(self, [], 0.0)
-        saved = quantize.quantize_int8(self, skip=skip, activation_bits=activation_bits)
+        saved = quantize.quantize_int8(self, skip=skip, activation_bits=activation_bits, tiled=tiled)
         decode_layer.forget(self)  # a decode step's cached layout names the float layers
         if lora:
             stream_lora.install(self, lora, self.parscale_config.stream_lora_scale)
