@@ -184,7 +184,8 @@ def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
         weight, bias = linear.weight, linear.bias
         plain = all(t is None or (type(t) in kernels._PLAIN and t.is_cpu) for t in (weight, bias))
         if plain and kernels.takes_weights(weight, bias, dtype):
-            return True, weight, None, bias, None, tuple(weight.shape)  # True: the float kernel (`_layout` puts its C function here)
+            # True: the float kernel (`_layout` puts its C function here)
+            return True, weight, None, bias, None, tuple(weight.shape)
     elif kind is quantize.Int8Linear and not linear.training:
         buffers = linear._buffers
         weight, scale, bias = buffers["qweight"], buffers["scale"], linear.bias
@@ -386,9 +387,9 @@ def _group(products: tuple, libs: tuple, dtype: torch.dtype) -> _Group | None:
     if products[0][2] is None:  # float
         return _Group(kernels.group_entry(libs[0], dtype), scales=None, biases=_pointers(biases), bias_bf16=0,
                       bits=None, **common)
-    return _Group(quantize.group_entry(libs[1], dtype, quantize.is_tiled(weights[0])), scales=_pointers([args[2] for args in products]),
-                  biases=_pointers(biases), bias_bf16=int(bias_dtypes == {torch.bfloat16}), bits=products[0][4],
-                  **common)
+    return _Group(quantize.group_entry(libs[1], dtype, quantize.is_tiled(weights[0])),
+                  scales=_pointers([args[2] for args in products]), biases=_pointers(biases),
+                  bias_bf16=int(bias_dtypes == {torch.bfloat16}), bits=products[0][4], **common)
 
 
 def _grouped(group: _Group, x: torch.Tensor, libs, threads: int) -> list[torch.Tensor]:

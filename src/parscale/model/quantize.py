@@ -13,8 +13,8 @@ activations rounded to int16 per row (AVX-512 VNNI's vpdpwssd where the CPU has 
 C++, or for a row holding a NaN or an infinity, int8 widened to float32. On a CPU with AVX-512
 VNNI the int8 weights are stored in tiles of 16 output rows (`tile_weight`): each 64-byte line
 holds four columns of 16 rows, so that one multiply-add takes a line and four values of a row
-of x and sums straight into the 16 outputs; with 8 rows of x (P = 8) the products then read
-their weights as fast as with one (csrc/int8_linear.cpp has the numbers). `qweight` is then 4-D
+of x and sums straight into the 16 outputs; with 8 rows of x (P = 8) the products then take
+1.2-1.4x the time of one row, where rows took 1.4-2.4x (benchmarks/README.md has the numbers). `qweight` is then 4-D
 ([ceil(N / 16), ceil(K / 4), 16, 4]); `Int8Linear.weight` and `weight_rows` give rows either way.
 `quantize_int8(..., activation_bits=8)` rounds the activations to int8 per row instead, on
 every path (W8A8, dynamic per token): AVX-512 VNNI's vpdpbusd then does 64 multiply-adds per

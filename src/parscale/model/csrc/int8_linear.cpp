@@ -25,7 +25,8 @@
 // - AVX-512 and AVX2 when the integer path cannot run (a NaN or an infinity in x): int8
 //   widened to float32 in registers (sign-extend, convert), float32 sums of exact integers times x.
 // - plain C++ (the compiler vectorises it).
-// The scales are applied once per output at the end.
+// The scales are applied once per output at the end. The weights come as rows [N, K] or, where
+// AVX-512 VNNI multiplies them so, in tiles of 16 rows (the section "weights in tiles" below).
 //
 // Why not torch's own CPU kernel, torch._weight_int8pack_mm (torch 2.13): on the 48 matrices of
 // 2816 x 1024 (benchmarks/int8_product.py, one thread, best of 5) it took 35/43/44/81 ms for
