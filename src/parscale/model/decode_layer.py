@@ -193,8 +193,7 @@ def _product_args(linear: nn.Module, dtype: torch.dtype) -> tuple | None:
                 and scale.is_contiguous() and (bias is None or (bias.is_cpu and bias.is_contiguous()
                                                                 and bias.dtype in (torch.float32, torch.bfloat16)))):
             dims = (linear.out_features, linear.in_features)
-            want = quantize.tiled_shape(*dims) if quantize.is_tiled(weight) else dims
-            if tuple(weight.shape) == want and scale.shape == (dims[0],):
+            if tuple(weight.shape) == quantize.layout_shape(weight, *dims) and scale.shape == (dims[0],):
                 return None, weight, scale, bias, linear.activation_bits, dims
     return None
 

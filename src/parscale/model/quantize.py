@@ -114,9 +114,14 @@ def tiled_shape(n_out: int, k: int) -> tuple[int, int, int, int]:
     return (-(-n_out // TILE_ROWS), -(-k // TILE_COLUMNS), TILE_ROWS, TILE_COLUMNS)
 
 
+def layout_shape(qweight: torch.Tensor, n_out: int, k: int) -> tuple[int, ...]:
+    """The shape qweight must have to hold N = n_out rows of K = k columns in its layout."""
+    return tiled_shape(n_out, k) if is_tiled(qweight) else (n_out, k)
+
+
 def check_layout(qweight: torch.Tensor, n_out: int, k: int) -> None:
     """A UserError unless qweight holds N = n_out rows of K = k columns, as rows or in tiles."""
-    want = tiled_shape(n_out, k) if is_tiled(qweight) else (n_out, k)
+    want = layout_shape(qweight, n_out, k)
     if tuple(qweight.shape) != want or not qweight.is_contiguous():
         raise UserError(f"int8 weights of shape {tuple(qweight.shape)} do not match {n_out} outputs of {k} inputs "
                         f"(expected a contiguous {want}); quantize the layer with quantize_int8() rather than "

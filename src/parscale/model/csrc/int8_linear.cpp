@@ -480,10 +480,11 @@ void run_i16(const int16_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t* 
 // `row_u8` loads 64 bytes of x per row and line, and sums its lanes per weight row). The int16
 // path widens half a line (8 rows x 4 columns) at a time and multiplies it with four int16 of x
 // broadcast as one 64-bit value by vpdpwssd: lanes 2i and 2i + 1 then hold output i's two halves.
-// Each thread reads a tile as one straight stream. Measured on Zen 5 (benchmarks/README.md, a
-// scratch build: 48 matrices from memory, 2 threads, ms per matrix): int16 path 8 rows 0.073 ->
-// 0.055 (2816 x 1024) and 0.111 -> 0.056 (1024 x 2816), as fast as one row; int8 activations 8
-// rows 0.060 -> 0.055 and 0.073 -> 0.052; one row the same or faster.
+// Each thread reads a tile as one straight stream. Measured on Zen 5 (benchmarks/int8_product.py,
+// 48 matrices from memory, 2 threads, bfloat16 x, ms): 8 rows of the int16 path 4.3 -> 3.5 (2816 x
+// 1024) and 5.7 -> 3.7 (1024 x 2816) against rows, of int8 activations 3.3 -> 2.9 and 4.4 -> 3.1;
+// 8 rows now take 1.2-1.4x one row's time (1.4-2.4x in rows). In the decode benchmark's model int8
+// P = 8 took 16.8% less, P = 1 the same (benchmarks/README.md).
 //
 // The products are written in inline assembly: with the intrinsics GCC 12 copied each
 // accumulator to another register after every multiply-add (the intrinsic's result is a new
@@ -698,34 +699,29 @@ void int8_product(const float* x, int64_t M, int64_t K, int64_t G, const int8_t*
     untile(w[g], K, n0, n1, buffer.data());
     return buffer.data();
   };
-  // The parallel loop over the blocks of weight rows of all G: `rows(g, n0, n1)` puts the
-  // unscaled sums of outputs n0 .. n1 of product g for every row of x into y, then the scales
-  // and bias go on while in cache. Guided, as in skinny_linear.cpp (which says why): on the 113
+  // The parallel loop over the blocks of weight rows of all G: `block(g, n0, n1)` computes
+  // outputs n0 .. n1 of product g for every row of x, the scales and bias put on while in cache. Guided, as in skinny_linear.cpp (which says why): on the 113
   // int8 matrices of the decode benchmark's model (Zen 5, 2 threads, best of 7) 1 row 3.78
   // against 4.22 ms, 8 rows 6.78 against 7.45, than with runs of 4 blocks.
   const int64_t blocks = group.blocks();
-  auto over_blocks = [&](auto rows) {
+  auto over_blocks = [&](auto block) {
 #pragma omp parallel for schedule(guided) num_threads(threads)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t g = group.product(b);
       const int64_t n0 = (b - group.start[g]) * BLOCK_N, n1 = std::min(N[g], n0 + BLOCK_N);
-      rows(g, n0, n1);
-      for (int64_t m = 0; m < M; ++m) finish(g, m, n0, n1, xs[m]);
+      block(g, n0, n1);
     }
   };
 #ifdef PARSCALE_INT16
   // The integer paths: `sums(g, n0, n1, acc)` puts the exact sums of the block into acc
-  // [M][BLOCK_N] (int64), rounded to float32 into y here.
+  // [M][BLOCK_N] (int64), rounded to float32 into y by `finish_sums`.
   auto over_integer_blocks = [&](auto sums) {
-#pragma omp parallel for schedule(guided) num_threads(threads)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t g = group.product(b);
-      const int64_t n0 = (b - group.start[g]) * BLOCK_N, n1 = std::min(N[g], n0 + BLOCK_N);
+    over_blocks([&](int64_t g, int64_t n0, int64_t n1) {
       thread_local std::vector<int64_t> acc;
       acc.resize(static_cast<size_t>(M * BLOCK_N));
       sums(g, n0, n1, acc.data());
       for (int64_t m = 0; m < M; ++m) finish_sums(g, m, n0, n1, xs[m], acc.data() + m * BLOCK_N);
-    }
+    });
   };
   parscale::Buffer<int16_t> xq(M * K);
   if (quantize_rows(x, M, K, bits == 8 ? 127.0f : 32767.0f, xq.data(), xs.data())) {
@@ -780,6 +776,7 @@ void int8_product(const float* x, int64_t M, int64_t K, int64_t G, const int8_t*
     const int8_t* rows = rows_of(g, n0, n1);
     for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M)
       chunk(std::min<int64_t>(CHUNK_M, M - m0), x + m0 * K, K, rows, y + offsets[g] + m0 * N[g] + n0, N[g], 0, n1 - n0);
+    for (int64_t m = 0; m < M; ++m) finish(g, m, n0, n1, xs[m]);
   });
 }
 
