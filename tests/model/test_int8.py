@@ -135,6 +135,37 @@ def test_int8_activations_give_the_same_bits_on_every_integer_path_and_row_count
 
 
 @pytest.mark.parametrize("bits", [16, 8])
+def test_bfloat16_x_is_rounded_as_the_float32_widening_of_it(lib, bits, lay):
+    """The kernel rounds bfloat16 x to integers as it lies (widened in registers, no float32 copy):
+    the same integers as from x widened to float32 first, so the bfloat16 call's outputs are the
+    float32 call's rounded to bfloat16, bit for bit (K with a partial vector at the end, 8 rows
+    with a zero row)."""
+    gen = torch.Generator().manual_seed(bits)
+    x = (torch.randn(8, 83, generator=gen) * 3).bfloat16()
+    x[5] = 0
+    q, scale = quantize.quantize_weight(torch.randn(21, 83, generator=gen))
+    bias = torch.randn(21, generator=gen)
+    got = quantize.int8_linear(x, lay(q), scale, bias.bfloat16(), lib, bits)
+    want = quantize.int8_linear(x.float(), lay(q), scale, bias.bfloat16().float(), lib, bits)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_bfloat16_x_with_a_nan_or_infinity_takes_the_float32_path(lib, bad, lay):
+    """A bfloat16 row that cannot be rounded to integers sends the call to the float32 path, which
+    widens x there: the row propagates as in F.linear, the others are F.linear's of the
+    dequantised weights to bfloat16's precision."""
+    gen = torch.Generator().manual_seed(7)
+    x, w = torch.randn(3, 40, generator=gen).bfloat16(), torch.randn(6, 40, generator=gen)
+    x[1, 7] = bad
+    q, scale = quantize.quantize_weight(w)
+    got = quantize.int8_linear(x, lay(q), scale, None, lib)
+    want = F.linear(x.double(), _reference_dequantised(w))
+    assert got.dtype == torch.bfloat16 and not torch.isfinite(got[1]).any()
+    torch.testing.assert_close(got[[0, 2]].double(), want[[0, 2]], rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("bits", [16, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 6, 11])
 @pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16])
