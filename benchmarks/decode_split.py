@@ -2,7 +2,7 @@
 the norms, and everything else (the eager work around them and `generate`'s own per-step work).
 
     python benchmarks/decode_split.py [--dtype bfloat16] [--P 1,8] [--int8] [--w8a8] [--own-layer] [--reps 3]
-                                      [--threads 2] [--no-parts] [--min-read 0]
+                                      [--threads 2] [--no-parts] [--around] [--min-read 0]
 
 The model of `benchmarks/decode.py` (random weights, 16 layers, hidden 1024, 64-token prompt,
 32 new tokens, batch 1). The four parts are timed by wrapping their Python entry points
@@ -19,6 +19,15 @@ where a bfloat16 forward's layers take their one-call steps in a single C call (
 both measured in the same round, their order alternating from round to round. `--no-parts`
 leaves the parts out (the columns "chained" and "stacked" only). `--min-read GB/S` waits before
 each round (up to 20 minutes) until the read bandwidth is at least that.
+`--around` adds a second table: the default (stacked) step's time outside its kernels, from the
+same clock around `decode_stack.run` (every layer's step in one C call: "layers"), the later
+layers' checks (`decode_stack.take`), the backbone's own forward less those ("backbone": the
+rotary table, the mask, transformers' per-layer loop and decorators), the aggregation, the head
+(the lm_head's product), our wrapper's forward less all of these ("wrapper") and `generate`'s
+loop less the forward ("generate"); a step there is generating new tokens + 1 less generating 3,
+over new tokens - 2, so that only steps that take the stacked call count: the first two record
+the chain, and with the default 32 new tokens the cache (room for 32 tokens past the 64-token
+prompt) does not grow, which would record it again.
 Rounds are interleaved over the rows; the table gives medians, in ms per token. Each round also
 measures the read bandwidth (torch's sum of 256 MiB): on a machine whose memory is shared with
 other work it moves, and the products' share with it. `--own-layer` adds a row KEY-own per
@@ -100,6 +109,62 @@ def split_step(model, prompt: torch.Tensor, new_tokens: int, spent: dict[str, fl
     return row
 
 
+AROUND = ("step", "layers", "checks", "backbone", "aggregation", "head", "wrapper", "generate")
+
+
+def around_step(model, prompt: torch.Tensor, new_tokens: int, spent: dict[str, float]) -> dict[str, float]:
+    """ms per stacked decode step, split into the C call of every layer and what lies around it
+    (`--around`): (generate new_tokens + 1) less (generate 3), over new_tokens - 2, so the first
+    two steps of each generate, which record the chain, fall out."""
+    from parscale.model import decode_stack
+
+    clocked: dict[str, float] = {}
+
+    def clock(owner, name: str, part: str):
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                clocked[part] = clocked.get(part, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+        return inner
+
+    # instance attributes shadow the modules' forward (nn.Module.__call__ calls self.forward); the
+    # module functions are put back after the run
+    originals = [(decode_stack, "run", clock(decode_stack, "run", "layers")),
+                 (decode_stack, "take", clock(decode_stack, "take", "checks"))]
+    for owner, part in ((model, "forward"), (model.model, "backbone"), (model.get_output_embeddings(), "head")):
+        clock(owner, "forward", part)
+
+    def run(tokens: int) -> tuple[float, dict[str, float]]:
+        spent.clear()
+        clocked.clear()
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return time.perf_counter() - start, {**clocked, "aggregation": spent.get("aggregation", 0.0)}
+
+    try:
+        with torch.no_grad():
+            long, a = run(new_tokens + 1)
+            short, b = run(3)
+    finally:
+        for owner, name, inner in originals:
+            setattr(owner, name, inner)
+        for owner in (model, model.model, model.get_output_embeddings()):
+            del owner.forward
+    steps = new_tokens - 2
+    per = {k: (a.get(k, 0.0) - b.get(k, 0.0)) / steps * 1e3 for k in set(a) | set(b)}
+    row = {"step": (long - short) / steps * 1e3, **{k: per.get(k, 0.0) for k in ("layers", "checks", "aggregation", "head")}}
+    row["backbone"] = per.get("backbone", 0.0) - row["layers"] - row["checks"]
+    row["wrapper"] = per.get("forward", 0.0) - per.get("backbone", 0.0) - row["aggregation"] - row["head"]
+    row["generate"] = row["step"] - per.get("forward", 0.0)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
@@ -114,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-parts", action="store_true", help="only the columns chained and stacked")
+    parser.add_argument("--around", action="store_true",
+                        help="also split the default step into its one C call and the work around it")
     parser.add_argument("--min-read", type=float, default=0.0,
                         help="GB/s: wait before each round until the read bandwidth is at least this")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.around and args.new_tokens < 4:
+        parser.error("--around counts the steps after the first two: give --new-tokens 4 or more")
     torch.set_num_threads(args.threads)
     streams = [int(p) for p in args.P.split(",")]
     models = build(args.layers, DTYPES[args.dtype], streams, plain=False)  # "P1", "P8", ...: the same weights
@@ -130,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     spent: dict[str, float] = {}
     instrument(spent)
     prompt = torch.randint(0, 32000, (1, 64), generator=torch.Generator().manual_seed(0))
-    for model in models.values():  # warm-up: kernel builds, first-call dispatch
+    for key, model in models.items():  # warm-up: kernel builds, first-call dispatch
         with torch.no_grad():
             model.generate(prompt, max_new_tokens=2, do_sample=False)
+        if args.around and not key.endswith("-own"):  # once before the rounds: a model's first came out
+            # shorter than its kernels' time alone (a negative "backbone"), before this warm-up
+            around_step(model, prompt, args.new_tokens, spent)
     rows: dict[str, list[dict[str, float]]] = {key: [] for key in models}
+    around: dict[str, list[dict[str, float]]] = {key: [] for key in models if not key.endswith("-own")}
     reads = []
     nan = float("nan")
     for rep in range(args.reps):
@@ -153,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 row[column] = nan if own else split_step(model, prompt, args.new_tokens, spent)["step"]
             decode_layer.use_stack = True
             rows[key].append(row)
+            if args.around and not own:
+                around[key].append(around_step(model, prompt, args.new_tokens, spent))
         print(f"round {rep + 1}/{args.reps} done (read {reads[-1] / 1e9:.0f} GB/s)", file=sys.stderr)
     machine = describe()
     columns = ("step", *PARTS, "other", "chained", "stacked")
@@ -164,8 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':<9} " + " ".join(f"{c:>11}" for c in columns))
     for key, row in medians.items():
         print(f"{key:<9} " + " ".join(f"{row[c]:>11.2f}" for c in columns))
+    around_medians = {key: {c: statistics.median(r[c] for r in runs) for c in AROUND}
+                      for key, runs in around.items() if runs}
+    if around_medians:
+        print("the default step and what lies around its one C call, ms per token:")
+        print(f"{'model':<9} " + " ".join(f"{c:>11}" for c in AROUND))
+        for key, row in around_medians.items():
+            print(f"{key:<9} " + " ".join(f"{row[c]:>11.3f}" for c in AROUND))
     result = {"dtype": args.dtype, "threads": args.threads, "layers": args.layers, "new_tokens": args.new_tokens,
-              "reps": args.reps, "median_ms": medians, "rounds_ms": rows, "read_bandwidths": reads}
+              "reps": args.reps, "median_ms": medians, "rounds_ms": rows, "read_bandwidths": reads,
+              **({"around_median_ms": around_medians, "around_rounds_ms": around} if around_medians else {})}
     write_result(args.out, result, __file__, argv, machine)
     return 0
 
