@@ -158,7 +158,8 @@ def around_step(model, prompt: torch.Tensor, new_tokens: int, spent: dict[str, f
             del owner.forward
     steps = new_tokens - 2
     per = {k: (a.get(k, 0.0) - b.get(k, 0.0)) / steps * 1e3 for k in set(a) | set(b)}
-    row = {"step": (long - short) / steps * 1e3, **{k: per.get(k, 0.0) for k in ("layers", "checks", "aggregation", "head")}}
+    row = {"step": (long - short) / steps * 1e3,
+           **{k: per.get(k, 0.0) for k in ("layers", "checks", "aggregation", "head")}}
     row["backbone"] = per.get("backbone", 0.0) - row["layers"] - row["checks"]
     row["wrapper"] = per.get("forward", 0.0) - per.get("backbone", 0.0) - row["aggregation"] - row["head"]
     row["generate"] = row["step"] - per.get("forward", 0.0)
