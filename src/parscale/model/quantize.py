@@ -14,8 +14,9 @@ C++, or for a row holding a NaN or an infinity, int8 widened to float32. On a CP
 VNNI the int8 weights are stored in tiles of 16 output rows (`tile_weight`): each 64-byte line
 holds four columns of 16 rows, so that one multiply-add takes a line and four values of a row
 of x and sums straight into the 16 outputs; with 8 rows of x (P = 8) the products then take
-1.2-1.4x the time of one row, where rows took 1.4-2.4x (benchmarks/README.md has the numbers). `qweight` is then 4-D
-([ceil(N / 16), ceil(K / 4), 16, 4]); `Int8Linear.weight` and `weight_rows` give rows either way.
+1.2-1.4x the time of one row, where rows took 1.4-2.4x (benchmarks/README.md has the numbers).
+`qweight` is then 4-D ([ceil(N / 16), ceil(K / 4), 16, 4]); `Int8Linear.weight` and
+`weight_rows` give rows either way.
 `quantize_int8(..., activation_bits=8)` rounds the activations to int8 per row instead, on
 every path (W8A8, dynamic per token): AVX-512 VNNI's vpdpbusd then does 64 multiply-adds per
 instruction on the weights as they lie, twice the int16 path's, for the many rows of many
@@ -82,7 +83,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 lib: ctypes.CDLL, bits: int = 16) -> torch.Tensor:
     """`F.linear(x, W * scale[:, None], bias)` by the kernel, in x's dtype; x on the CPU, float32
-    or bfloat16 (widened to float32), qweight the int8 W as rows [N, K] or in tiles
+    or bfloat16 (rounded to integers as it is; widened to float32 only on the float32 path, for a
+    row with a NaN or an infinity), qweight the int8 W as rows [N, K] or in tiles
     (`tile_weight`), scale [N] float32. `bits` 8 rounds x to int8 per row first
     (`round_activations`), 16 to int16 on the integer paths."""
     n_out, k = scale.numel(), x.shape[-1]

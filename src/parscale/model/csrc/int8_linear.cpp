@@ -72,6 +72,7 @@ constexpr int64_t CHUNK_M = 8;  // rows of x per pass over a block of weight row
 // 1 row 3.97 against 4.22 ms, 2 rows 3.84 against 4.30, 4 rows 4.65 against 5.02, 8 rows 6.29
 // against 6.70; int8 activations 1 row 3.23 against 3.34; 16 KB no better than 8.
 constexpr int64_t AHEAD = 8192;
+constexpr int64_t TILE_ROWS = 16, TILE_LINE = 64;  // tiled weights: rows per tile, bytes per line (4 columns)
 #ifdef PARSCALE_AVX512
 constexpr int64_t BLOCK_N = 32;  // weight rows per block of the parallel loop (skinny_linear.cpp says why)
 #else
@@ -533,7 +534,6 @@ inline __m512i dot_w16(__m512i acc, __m512i w, __m512i x) {  // acc + the sums o
   return acc;
 }
 
-constexpr int64_t TILE_ROWS = 16;
 // Lines per int32 pass: a lane adds 4 products of at most 255 * 127 per line with int8 activations
 // (16384 lines: 2.1e9 < 2^31), 2 of at most 32767 * 127 on the int16 path (256 lines: 2.13e9).
 constexpr int64_t U8_PASS = 16384, I16_PASS = 256;
@@ -620,7 +620,7 @@ void run_tiles(const void* x, int bits, const int64_t* sums, int64_t M, int64_t 
                int64_t n1, int64_t* acc, int64_t ldo) {
   const int64_t lines = ldx / 4;
   for (int64_t t0 = n0; t0 < n1; t0 += TILE_ROWS) {
-    const int8_t* tile = w + (t0 / TILE_ROWS) * lines * 64;
+    const int8_t* tile = w + (t0 / TILE_ROWS) * lines * TILE_LINE;
     for (int64_t m0 = 0; m0 < M; m0 += CHUNK_M) {
       const int64_t mc = std::min<int64_t>(CHUNK_M, M - m0);
       int64_t* out = acc + m0 * ldo + (t0 - n0);
@@ -664,8 +664,8 @@ void quantize_rows_float(const float* x, int64_t M, int64_t K, float* xq, float*
 void untile(const int8_t* w, int64_t K, int64_t n0, int64_t n1, int8_t* rows) {
   const int64_t lines = (K + 3) / 4;
   for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* tile = w + (n / 16) * lines * 64 + (n % 16) * 4;
-    for (int64_t k = 0; k < K; ++k) rows[(n - n0) * K + k] = tile[(k / 4) * 64 + k % 4];
+    const int8_t* tile = w + (n / TILE_ROWS) * lines * TILE_LINE + (n % TILE_ROWS) * 4;
+    for (int64_t k = 0; k < K; ++k) rows[(n - n0) * K + k] = tile[(k / 4) * TILE_LINE + k % 4];
   }
 }
 
