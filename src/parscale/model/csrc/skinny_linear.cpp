@@ -79,10 +79,18 @@ inline __m512bh bf16x32(const uint16_t* p, __mmask32 mask) {  // 32 bfloat16 val
 
 // out[m * ldy] (+)= dot(x[m], w) for MC rows of x and one weight row, read straight through
 // (rows_per_step says when and why): U steps unrolled, so MC * U independent accumulators hide
-// the multiply-add latency. From two rows of x on, the weights 2 KB ahead are asked for (a
-// block's rows lie one after another, so near the end of a row this reaches into the next):
-// with that much arithmetic per line the hardware prefetcher alone fell behind (bfloat16, 2
-// rows 9.0 -> 7.6 ms, 4 rows 9.7 -> 8.1 on the 48 matrices of 2816 x 1024, Zen 5, 2 threads).
+// the multiply-add latency. From two rows of x on, the weights `row_ahead` bytes ahead are asked
+// for (a block's rows lie one after another, so near the end of a row this reaches into the
+// next): with that much arithmetic per line the hardware prefetcher alone fell behind
+// (bfloat16, 2 rows 9.0 -> 7.6 ms, 4 rows 9.7 -> 8.1 on the 48 matrices of 2816 x 1024, Zen 5,
+// 2 threads, 2 KB ahead). float32 weights ask 3 KB ahead: on the 113 matrices of the decode
+// benchmark's model at 4 rows (Zen 5, 2 threads, memory at 77 GB/s, medians of 7 interleaved
+// rounds) 14.48 ms with 2 KB, 13.92 with 3 KB, 14.28 with 4 KB (3 rows: 13.73, 13.50, 13.26; 2
+// rows the same); on its 16 down projections (K = 2816, passes of 2048 + 768 columns) 4.10,
+// 3.59, 3.58 ms (6 and 8 KB: 4.03, 4.07); in the model float32 P = 4 16.73 -> 16.16 ms/token
+// (faster in 7 of 7 rounds), P = 1 the same.
+template <typename WT>
+constexpr int64_t row_ahead() { return sizeof(WT) == 4 ? 3072 : 2048; }
 template <int MC, typename XT, typename WT>
 inline void row_at_a_time(const XT* x, int64_t len, int64_t ld, const WT* w, float* out, int64_t ldy, bool add) {
   constexpr bool dot = sizeof(XT) == 2;  // bfloat16 x and weights: vdpbf16ps, 32 columns a step
@@ -96,7 +104,7 @@ inline void row_at_a_time(const XT* x, int64_t len, int64_t ld, const WT* w, flo
   PARSCALE_UNROLL for (int u = 0; u < U; ++u)
     PARSCALE_UNROLL for (int m = 0; m < MC; ++m) acc[u][m] = _mm512_setzero_ps();
   auto step = [&](__m512* a, int64_t k, int64_t n) {  // columns k .. k + n (n <= S) into a[0 .. MC)
-    if constexpr (MC > 1) _mm_prefetch(reinterpret_cast<const char*>(w + k) + 2048, _MM_HINT_T0);
+    if constexpr (MC > 1) _mm_prefetch(reinterpret_cast<const char*>(w + k) + row_ahead<WT>(), _MM_HINT_T0);
 #ifdef PARSCALE_BF16DOT
     if constexpr (dot) {
       const __mmask32 mask = parscale::first32(n);
