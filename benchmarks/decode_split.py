@@ -58,28 +58,36 @@ RESULTS = Path(__file__).resolve().parent / "results" / "decode_split.json"
 PARTS = ("products", "attention", "aggregation", "norm")
 
 
+def clock(owner, name: str, part: str, into: dict[str, float], inside: set[str]):
+    """Replace `owner.name` by a wrapper that adds its wall time to `into[part]`; a call made while
+    `part` is being timed (an entry point called by another of the same part) is not counted
+    twice. Returns the original, for putting back."""
+    inner = getattr(owner, name)
+
+    @functools.wraps(inner)
+    def timed(*args, **kwargs):
+        if part in inside:
+            return inner(*args, **kwargs)
+        inside.add(part)
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            inside.discard(part)
+            into[part] = into.get(part, 0.0) + time.perf_counter() - start
+
+    setattr(owner, name, timed)
+    return inner
+
+
 def instrument(spent: dict[str, float]) -> None:
     """Wrap each part's entry point so that its wall time adds up in `spent` (for this process)."""
     from parscale.model import aggregation, decode_layer, kernels, norms, prefix_attention, quantize
 
-    inside: set[str] = set()  # parts being timed now: an entry point called by another is not counted twice
+    inside: set[str] = set()  # parts being timed now
 
     def wrap(owner, name: str, part: str) -> None:
-        inner = getattr(owner, name)
-
-        @functools.wraps(inner)
-        def timed(*args, **kwargs):
-            if part in inside:
-                return inner(*args, **kwargs)
-            inside.add(part)
-            start = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                inside.discard(part)
-                spent[part] = spent.get(part, 0.0) + time.perf_counter() - start
-
-        setattr(owner, name, timed)
+        clock(owner, name, part, spent, inside)
 
     wrap(kernels, "skinny_linear", "products")
     wrap(quantize, "int8_linear", "products")
@@ -119,26 +127,13 @@ def around_step(model, prompt: torch.Tensor, new_tokens: int, spent: dict[str, f
     from parscale.model import decode_stack
 
     clocked: dict[str, float] = {}
-
-    def clock(owner, name: str, part: str):
-        inner = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                clocked[part] = clocked.get(part, 0.0) + time.perf_counter() - start
-
-        setattr(owner, name, timed)
-        return inner
-
+    inside: set[str] = set()
     # instance attributes shadow the modules' forward (nn.Module.__call__ calls self.forward); the
     # module functions are put back after the run
-    originals = [(decode_stack, "run", clock(decode_stack, "run", "layers")),
-                 (decode_stack, "take", clock(decode_stack, "take", "checks"))]
+    originals = [(decode_stack, "run", clock(decode_stack, "run", "layers", clocked, inside)),
+                 (decode_stack, "take", clock(decode_stack, "take", "checks", clocked, inside))]
     for owner, part in ((model, "forward"), (model.model, "backbone"), (model.get_output_embeddings(), "head")):
-        clock(owner, "forward", part)
+        clock(owner, "forward", part, clocked, inside)
 
     def run(tokens: int) -> tuple[float, dict[str, float]]:
         spent.clear()
