@@ -13,19 +13,9 @@ TORCH  := torch==2.13.0
 SERVE_VENV  := .venv-serve
 SERVE_BIN   := $(SERVE_VENV)/bin
 SERVE_STAMP := $(SERVE_VENV)/.installed
-# Disk .venv takes once installed (measured: 1.9 GB, pip's unpacking on top; tools/serve_env.py
-# checks .venv-serve's own). A full disk otherwise shows up minutes into pip as an OSError; this
-# says it first.
+# Disk .venv takes once installed (measured: 1.9 GB, pip's unpacking on top), checked first by
+# tools/disk_check.py (tools/serve_env.py checks .venv-serve's own the same way).
 VENV_GB  := 2.5
-define DISK_CHECK
-import shutil, sys
-need, where = float(sys.argv[1]), sys.argv[2]
-free = shutil.disk_usage(".").free / 1e9
-if free < need:
-    sys.exit(f"error: setting up {where} needs about {need:g} GB of free disk and {free:.1f} GB are "
-             f"free here; free some space (old clones' .venv and .venv-serve: make clean) and rerun")
-endef
-export DISK_CHECK
 
 .PHONY: install serve-install test demo clean
 
@@ -37,7 +27,7 @@ $(BIN)/python:
 # pip's own progress (no -q): the first set-up downloads torch and the extras (minutes: 3 min 56 s
 # measured from a fresh clone with an empty pip cache on a shared 2-core machine).
 $(STAMP): pyproject.toml | $(BIN)/python
-	@$(PYTHON) -c "$$DISK_CHECK" $(VENV_GB) $(VENV)
+	@$(PYTHON) tools/disk_check.py $(VENV_GB) $(VENV)
 	@echo "== setting up $(VENV) (1/2): $(TORCH), the CPU build"
 	$(BIN)/pip install --progress-bar on $(TORCH)
 	@echo "== setting up $(VENV) (2/2): parscale and its extras"

